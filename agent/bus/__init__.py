@@ -1,0 +1,1 @@
+"""AMQP bus: envelope, transport, RPC, orchestrator client (later issues)."""

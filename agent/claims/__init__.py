@@ -1,0 +1,1 @@
+"""Durable claim ledger and true host state (topology - usage - claims)."""

@@ -1,0 +1,261 @@
+"""Agent configuration: an INI file (`/etc/compute-agent/compute-agent.conf`) read into frozen,
+validated dataclasses. Every bad value raises ConfigError naming `[section] option`, so the daemon
+refuses to start with a clear message instead of failing later.
+
+Option names follow Nova's where the meaning is the same, so operators can carry values over.
+"""
+
+from __future__ import annotations
+
+import configparser
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/compute-agent/compute-agent.conf")
+
+
+def parse_cpu_set(text: str) -> frozenset[int]:
+    """Parse a CPU set like "0-3,^2,8" (Nova/libvirt syntax) into ids."""
+    include: set[int] = set()
+    exclude: set[int] = set()
+    for raw in text.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        target = include
+        if part.startswith("^"):
+            target, part = exclude, part[1:].strip()
+        if "-" in part:
+            lo_s, _, hi_s = part.partition("-")
+            lo, hi = int(lo_s), int(hi_s)  # ValueError -> caller
+            if lo > hi or hi - lo > 1 << 16:
+                raise ValueError(f"bad range {raw.strip()!r}")
+            target.update(range(lo, hi + 1))
+        else:
+            target.add(int(part))
+    if any(c < 0 or c > 1 << 20 for c in include | exclude):
+        raise ValueError("CPU id out of range")
+    return frozenset(include - exclude)
+
+
+def format_cpu_set(cpus: frozenset[int] | set[int] | tuple[int, ...] | list[int]) -> str:
+    """Render CPU ids as a compact range string ("0-3,8"), the inverse of parse_cpu_set."""
+    ids = sorted(set(cpus))
+    out: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeConfig:
+    """[compute]: what the operator sets aside and how much may be overcommitted."""
+
+    cpu_dedicated_set: frozenset[int] | None = None
+    cpu_shared_set: frozenset[int] | None = None
+    reserved_host_memory_mb: int = 512
+    # "NODE:SIZE_KB:COUNT" entries, Nova's reserved_huge_pages in a compact form
+    reserved_huge_pages: tuple[tuple[int, int, int], ...] = ()
+    cpu_allocation_ratio: float = 4.0
+    ram_allocation_ratio: float = 1.0
+    placement_preference: Literal["spread", "pack"] = "spread"
+
+
+@dataclass(frozen=True, slots=True)
+class LibvirtConfig:
+    """[libvirt]: the connection and every live-migration tunable."""
+
+    connection_uri: str = "qemu:///system"
+    live_migration_permit_auto_converge: bool = False
+    live_migration_permit_post_copy: bool = False
+    live_migration_bandwidth_mib: int = 0  # 0 = unlimited
+    live_migration_downtime_ms: int = 500  # target max downtime
+    live_migration_downtime_steps: int = 10
+    live_migration_downtime_delay_s: int = 75  # per GiB of RAM, between steps
+    live_migration_completion_timeout_s: int = 800  # per GiB of RAM; 0 = none
+    live_migration_timeout_action: Literal["abort", "force_complete"] = "abort"
+    live_migration_auto_converge_initial: int = 20  # percent throttle
+    live_migration_auto_converge_increment: int = 10
+    live_migration_post_copy_bandwidth_mib: int = 0  # 0 = unlimited
+    live_migration_poll_interval_s: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimsConfig:
+    """[claims]: the durable destination ledger."""
+
+    state_dir: Path = Path("/var/lib/compute-agent")
+    claim_ttl_s: int = 300  # held claim never started -> expired
+    migrating_timeout_s: int = 1800  # migrating with no progress report -> expired
+    retention_s: int = 7 * 24 * 3600  # terminal claims kept for audit
+    reconcile_interval_s: int = 60
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
+    claims: ClaimsConfig = field(default_factory=ClaimsConfig)
+    host: str | None = None  # [DEFAULT] host: name published on the bus; default = hostname
+    log_level: str = "INFO"
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def conv(text: str) -> int:
+        value = int(text.strip())
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} not in [{lo}, {hi}]")
+        return value
+
+    return conv
+
+
+def _float_range(lo: float, hi: float) -> Callable[[str], float]:
+    def conv(text: str) -> float:
+        value = float(text.strip())
+        if not math.isfinite(value) or not lo < value <= hi:
+            raise ValueError(f"{value} not in ({lo}, {hi}]")
+        return value
+
+    return conv
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def conv(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return conv
+
+
+def _reserved_pages(text: str) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        node, size, count = (int(x) for x in item.split(":"))
+        if node < 0 or size <= 0 or count < 0:
+            raise ValueError(f"bad entry {item!r} (want NODE:SIZE_KB:COUNT)")
+        out.append((node, size, count))
+    return tuple(out)
+
+
+_BIG = 1 << 31
+_CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
+    "compute": {
+        "cpu_dedicated_set": parse_cpu_set,
+        "cpu_shared_set": parse_cpu_set,
+        "reserved_host_memory_mb": _int_range(0, _BIG),
+        "reserved_huge_pages": _reserved_pages,
+        "cpu_allocation_ratio": _float_range(0.0, 1000.0),
+        "ram_allocation_ratio": _float_range(0.0, 1000.0),
+        "placement_preference": _choice("spread", "pack"),
+    },
+    "libvirt": {
+        "connection_uri": str.strip,
+        "live_migration_permit_auto_converge": parse_bool,
+        "live_migration_permit_post_copy": parse_bool,
+        "live_migration_bandwidth_mib": _int_range(0, 1 << 20),
+        "live_migration_downtime_ms": _int_range(100, 1 << 20),
+        "live_migration_downtime_steps": _int_range(1, 1000),
+        "live_migration_downtime_delay_s": _int_range(1, 1 << 20),
+        "live_migration_completion_timeout_s": _int_range(0, 1 << 20),
+        "live_migration_timeout_action": _choice("abort", "force_complete"),
+        "live_migration_auto_converge_initial": _int_range(1, 99),
+        "live_migration_auto_converge_increment": _int_range(1, 99),
+        "live_migration_post_copy_bandwidth_mib": _int_range(0, 1 << 20),
+        "live_migration_poll_interval_s": _float_range(0.0, 60.0),
+    },
+    "claims": {
+        "state_dir": lambda s: Path(s.strip()),
+        "claim_ttl_s": _int_range(1, _BIG),
+        "migrating_timeout_s": _int_range(1, _BIG),
+        "retention_s": _int_range(0, _BIG),
+        "reconcile_interval_s": _int_range(1, _BIG),
+    },
+}
+_SECTION_TYPES = {"compute": ComputeConfig, "libvirt": LibvirtConfig, "claims": ClaimsConfig}
+
+
+def load_config(path: str | Path | None = None, *, text: str | None = None) -> AgentConfig:
+    """Read the config file (or `text`); a missing default file means all defaults."""
+    parser = configparser.ConfigParser(interpolation=None)
+    source = "<text>"
+    try:
+        if text is not None:
+            parser.read_string(text, source=source)
+        else:
+            cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+            source = str(cfg_path)
+            if not cfg_path.exists():
+                if path is not None:
+                    raise ConfigError(f"{cfg_path}: config file not found")
+                return AgentConfig()
+            with open(cfg_path, encoding="utf-8") as fh:
+                parser.read_file(fh, source=source)
+    except configparser.Error as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {exc}") from None
+
+    sections: dict[str, Any] = {}
+    for name, kind in _SECTION_TYPES.items():
+        values: dict[str, Any] = {}
+        if parser.has_section(name):
+            known = {f.name for f in fields(kind)}
+            for option, raw in parser.items(name, raw=True):
+                if option in parser.defaults():
+                    continue
+                if option not in known:
+                    raise ConfigError(f"{source}: [{name}] {option}: unknown option")
+                try:
+                    values[option] = _CONVERTERS[name][option](raw)
+                except (ValueError, TypeError) as exc:
+                    raise ConfigError(f"{source}: [{name}] {option} = {raw!r}: {exc}") from None
+        sections[name] = kind(**values)
+
+    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"upgrade_levels", "workarounds", "bus"}
+    if extra:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(extra))}")
+    defaults = parser.defaults()
+    log_level = defaults.get("log_level", "INFO").strip().upper()
+    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"{source}: [DEFAULT] log_level = {log_level!r}: not a log level")
+    compute = sections["compute"]
+    if compute.cpu_dedicated_set and compute.cpu_shared_set and compute.cpu_dedicated_set & compute.cpu_shared_set:
+        both = format_cpu_set(compute.cpu_dedicated_set & compute.cpu_shared_set)
+        raise ConfigError(f"{source}: [compute] cpu_dedicated_set and cpu_shared_set overlap on {both}")
+    return AgentConfig(
+        compute=compute,
+        libvirt=sections["libvirt"],
+        claims=sections["claims"],
+        host=(defaults.get("host") or "").strip() or None,
+        log_level=log_level,
+    )

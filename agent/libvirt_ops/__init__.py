@@ -1,0 +1,1 @@
+"""libvirt edge: connections, domain XML read/rewrite, migration policy, migration runner."""

@@ -1,0 +1,222 @@
+"""Host NUMA topology: the immutable facts discovery found (see shared/formats.md, Host topology).
+
+JSON goes through a msgspec schema first, so shape and type errors come back with a path
+(`$.cells[0].cpus[2]`) instead of a KeyError; semantic checks (siblings within the cell, sorted
+ids, ...) follow in `HostTopology.from_json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import msgspec
+
+from agent.errors import InvalidHostState
+
+SMALL_PAGE_KB = 4
+
+
+@dataclass(frozen=True, slots=True)
+class PagePool:
+    """Pages of one size on one cell: `total` configured, `free` available right now."""
+
+    size_kb: int
+    total: int
+    free: int
+
+    @property
+    def free_mb(self) -> int:
+        return self.free * self.size_kb // 1024
+
+    @property
+    def total_mb(self) -> int:
+        return self.total * self.size_kb // 1024
+
+
+@dataclass(frozen=True, slots=True)
+class NumaCell:
+    """One NUMA node. `cpus` are its online CPUs; a memory-only node has none."""
+
+    id: int
+    cpus: frozenset[int]
+    siblings: tuple[tuple[int, ...], ...]
+    memory_kb: int
+    pages: tuple[PagePool, ...] = ()
+    distances: Mapping[int, int] = field(default_factory=dict)
+
+    def page_pool(self, size_kb: int) -> PagePool | None:
+        for pool in self.pages:
+            if pool.size_kb == size_kb:
+                return pool
+        return None
+
+    @property
+    def hugepage_sizes_kb(self) -> tuple[int, ...]:
+        return tuple(sorted(p.size_kb for p in self.pages if p.size_kb != SMALL_PAGE_KB))
+
+    def sibling_group(self, cpu: int) -> tuple[int, ...]:
+        for group in self.siblings:
+            if cpu in group:
+                return group
+        return (cpu,)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "cpus": sorted(self.cpus),
+            "siblings": [list(g) for g in self.siblings],
+            "memory_kb": self.memory_kb,
+            "pages": [{"size_kb": p.size_kb, "total": p.total, "free": p.free} for p in self.pages],
+            "distances": {str(k): v for k, v in sorted(self.distances.items())},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HostTopology:
+    hostname: str
+    cells: tuple[NumaCell, ...]
+    online_cpus: frozenset[int]
+    offline_cpus: frozenset[int] = frozenset()
+    isolated_cpus: frozenset[int] = frozenset()
+
+    def cell(self, cell_id: int) -> NumaCell:
+        for c in self.cells:
+            if c.id == cell_id:
+                return c
+        raise KeyError(cell_id)
+
+    @property
+    def cell_ids(self) -> tuple[int, ...]:
+        return tuple(c.id for c in self.cells)
+
+    def cell_of_cpu(self, cpu: int) -> NumaCell | None:
+        for c in self.cells:
+            if cpu in c.cpus:
+                return c
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hostname": self.hostname,
+            "cells": [c.to_json() for c in self.cells],
+            "online_cpus": sorted(self.online_cpus),
+            "offline_cpus": sorted(self.offline_cpus),
+            "isolated_cpus": sorted(self.isolated_cpus),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> "HostTopology":
+        doc = decode_schema(data, TopologyDoc, InvalidHostState)
+        return topology_from_doc(doc)
+
+
+# --- wire schema (shared/formats.md); extra keys are ignored by msgspec by default ---------------
+
+_NonNeg = msgspec.Meta(ge=0)
+_Count = msgspec.Meta(ge=0, le=1 << 48)  # absurd sizes are refused, not overflowed later
+
+
+class PageDoc(msgspec.Struct, frozen=True):
+    size_kb: int
+    total: int
+    free: int
+
+
+class CellDoc(msgspec.Struct, frozen=True):
+    id: int
+    cpus: list[int]
+    memory_kb: int
+    siblings: list[list[int]] | None = None
+    pages: list[PageDoc] = []
+    distances: dict[str, int] = {}
+
+
+class TopologyDoc(msgspec.Struct, frozen=True):
+    cells: list[CellDoc]
+    hostname: str = ""
+    online_cpus: list[int] | None = None
+    offline_cpus: list[int] = []
+    isolated_cpus: list[int] = []
+
+
+def decode_schema(data: Any, schema: type, error: type[Exception]) -> Any:
+    """Convert already-parsed JSON (or bytes/str) into a schema struct, mapping errors to `error`."""
+    try:
+        if isinstance(data, (bytes, str)):
+            return msgspec.json.decode(data, type=schema)
+        return msgspec.convert(data, type=schema)
+    except msgspec.ValidationError as exc:
+        raise error(f"invalid {schema.__name__.removesuffix('Doc').lower()} document: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise error(f"not valid JSON: {exc}") from None
+
+
+def _check_ids(values: Iterable[int], what: str) -> frozenset[int]:
+    out = frozenset(values)
+    for v in out:
+        if v < 0 or v > 1 << 20:
+            raise InvalidHostState(f"{what}: id {v} out of range")
+    return out
+
+
+def topology_from_doc(doc: TopologyDoc) -> HostTopology:
+    cells: list[NumaCell] = []
+    seen_cells: set[int] = set()
+    seen_cpus: set[int] = set()
+    for i, c in enumerate(doc.cells):
+        where = f"cells[{i}] (id {c.id})"
+        if c.id in seen_cells:
+            raise InvalidHostState(f"{where}: duplicate cell id")
+        seen_cells.add(c.id)
+        cpus = _check_ids(c.cpus, f"{where}.cpus")
+        if cpus & seen_cpus:
+            raise InvalidHostState(f"{where}: CPUs {sorted(cpus & seen_cpus)} belong to two cells")
+        seen_cpus |= cpus
+        if c.memory_kb < 0 or c.memory_kb > 1 << 50:
+            raise InvalidHostState(f"{where}.memory_kb: {c.memory_kb} out of range")
+        if c.siblings is None:
+            siblings = tuple((cpu,) for cpu in sorted(cpus))
+        else:
+            groups = [tuple(sorted(g)) for g in c.siblings if g]
+            flat = [cpu for g in groups for cpu in g]
+            if len(flat) != len(set(flat)):
+                raise InvalidHostState(f"{where}.siblings: a CPU appears in two groups")
+            if set(flat) != set(cpus):
+                raise InvalidHostState(
+                    f"{where}.siblings: groups cover {sorted(set(flat))}, cell has {sorted(cpus)}"
+                )
+            siblings = tuple(sorted(groups))
+        pages = []
+        sizes = set()
+        for p in c.pages:
+            if p.size_kb <= 0 or p.size_kb > 1 << 30 or p.size_kb in sizes:
+                raise InvalidHostState(f"{where}.pages: bad or duplicate size_kb {p.size_kb}")
+            if not (0 <= p.free <= p.total <= 1 << 48):
+                raise InvalidHostState(
+                    f"{where}.pages[{p.size_kb}]: need 0 <= free ({p.free}) <= total ({p.total})"
+                )
+            sizes.add(p.size_kb)
+            pages.append(PagePool(p.size_kb, p.total, p.free))
+        try:
+            distances = {int(k): int(v) for k, v in c.distances.items()}
+        except ValueError:
+            raise InvalidHostState(f"{where}.distances: keys must be cell ids") from None
+        cells.append(
+            NumaCell(
+                id=c.id,
+                cpus=cpus,
+                siblings=siblings,
+                memory_kb=c.memory_kb,
+                pages=tuple(sorted(pages, key=lambda p: p.size_kb)),
+                distances=distances,
+            )
+        )
+    online = _check_ids(doc.online_cpus, "online_cpus") if doc.online_cpus is not None else frozenset(seen_cpus)
+    return HostTopology(
+        hostname=doc.hostname,
+        cells=tuple(sorted(cells, key=lambda c: c.id)),
+        online_cpus=online,
+        offline_cpus=_check_ids(doc.offline_cpus, "offline_cpus"),
+        isolated_cpus=_check_ids(doc.isolated_cpus, "isolated_cpus"),
+    )
