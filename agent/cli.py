@@ -43,7 +43,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:
-    from agent.numa.discovery import discover
+    from agent.numa.capabilities import discover
 
     caps_xml = None
     if args.capabilities:
@@ -64,7 +64,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
     console = Console()
     table = Table(title=f"NUMA topology of {topology.hostname}")
-    for col in ("cell", "CPUs", "SMT groups", "memory", "hugepages (free/total)", "distances"):
+    for col in ("cell", "CPUs", "cores", "memory", "hugepages (free/total)", "distances"):
         table.add_column(col)
     for cell in topology.cells:
         pages = ", ".join(
