@@ -1,0 +1,608 @@
+"""Fit an instance request onto a host: `fit(request, state) -> Placement | NoFit`.
+
+Pure, no I/O. Resource semantics come from `agent.numa.state` (`HostState.resources(cell)`); this
+module only decides *where* things go.
+
+Algorithm (exact and polynomial, no enumeration of cell orderings):
+
+1. Per host cell, derive once (lazily) what its free dedicated CPUs offer under the thread policy:
+   ``prefer`` = number of free dedicated CPUs, ``require`` = threads of whole free SMT cores (cores
+   with >= 2 threads, all of them free dedicated CPUs), ``isolate`` = number of fully free cores
+   (every thread of the sibling group is a free dedicated CPU).
+2. Per pair (guest cell i, host cell j) decide feasibility independently: dedicated vCPUs (+ the
+   isolated emulator CPU for guest cell 0) against the policy capacity, floating vCPUs against
+   ``floating_capacity``, memory against the page size the request asks for (the page size per pair is
+   a function of the pair: the largest that fits for LARGE/ANY). Resources of different host cells are
+   independent and guest cells go to distinct host cells, so the pair questions are independent.
+   Guest cells of the same shape (CPUs needed, floating vCPUs, memory) share one row of answers.
+3. Bipartite matching (Kuhn's augmenting paths) tells whether every guest cell can get a distinct
+   host cell; if not, a Hall violator (a set of guest cells with too few usable host cells) is reported.
+4. A min-cost assignment (Hungarian algorithm, O(n^2 m)) picks the matching: cost = rank of the
+   host cell's free resources, i.e. of the pair key (free dedicated CPUs - floating capacity for
+   floating-only instances -, free MiB of the page size chosen for the pair); spread: most free first,
+   pack: least free first; ties broken by host cell id (lower first, guest cells in host-id order). The host-level ``reserved_memory_mb`` constraint is on the sum of small-page MiB the
+   instance puts on the host. That sum is fixed for small/explicit/large requests; with ``any`` it
+   depends on the pairs (small pages are used on a pair only when no hugepage size fits there). If
+   the preferred assignment breaks the budget, a second assignment minimises small-page MiB first
+   (preference second); when even the minimum breaks the budget nothing fits. This is exact.
+5. Only for the chosen pairs are actual CPU ids selected (deterministic, lowest ids first).
+
+Interpretations (documented here because the issue text leaves them open):
+
+* ``reserved_memory_mb`` budget: pinned instances (any dedicated vCPU) must keep
+  ``sum(small_free_mb) - instance_small_mb >= reserved_memory_mb``; floating-only instances use the
+  overcommitted pool: ``sum(small_floating_mb) - instance_small_mb >= reserved_memory_mb`` (otherwise
+  ``ram_allocation_ratio`` could never take effect). An instance with no small-page memory at all
+  (hugepages only) is never refused by this rule, even on a host already below its reservation.
+* An explicit page size of 4 KiB is treated like ``small``.
+* Floating vCPUs float over the host cell's whole ``shared_cpus`` as CellResources reports it, even
+  when the dedicated and shared sets overlap (configure disjoint sets for ``mixed``, as Nova requires).
+* With an isolated emulator thread, the emulator takes the CPU the thread policy would pick after the
+  vCPUs' CPUs (prefer: next thread in packing order; require: next thread of a whole free SMT core;
+  isolate: first thread of the next fully free core, whose siblings are reserved too).
+* vCPUs are mapped in ascending vCPU id order to the chosen CPUs sorted by (core, thread), where a
+  core is ordered by its lowest CPU id and a thread by its position in the sibling group.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Sequence
+
+from agent.errors import InvalidInput, InvalidRequest
+from agent.numa.placement import CellPlacement, NoFit, Placement
+from agent.numa.request import (
+    EmulatorThreadsPolicy,
+    GuestCell,
+    InstanceRequest,
+    PageSizeKind,
+    ThreadPolicy,
+)
+from agent.numa.state import CellResources, HostState
+from agent.numa.topology import SMALL_PAGE_KB
+
+Preference = Literal["spread", "pack"]
+
+__all__ = ["fit", "Preference", "pagesize_name"]
+
+
+def pagesize_name(size_kb: int) -> str:
+    """Human name of a page size: 4KiB, 2MiB, 1GiB."""
+    if size_kb % (1024 * 1024) == 0:
+        return f"{size_kb // (1024 * 1024)}GiB"
+    if size_kb % 1024 == 0:
+        return f"{size_kb // 1024}MiB"
+    return f"{size_kb}KiB"
+
+
+# --- per host cell CPU view ----------------------------------------------------------------------
+
+
+class _HostCell:
+    """What one host cell offers, derived from its CellResources. Everything but the counts the
+    pair checks need is computed lazily: only matched host cells ever need their cores listed."""
+
+    __slots__ = ("idx", "id", "res", "free", "n_free", "_caps", "_cores", "_shared", "hugepage_sizes_desc")
+
+    def __init__(self, idx: int, res: CellResources) -> None:
+        self.idx = idx
+        self.id = res.cell.id
+        self.res = res
+        self.free = res.dedicated_cpus
+        self.n_free = len(self.free)
+        self._caps: tuple[int, int] | None = None
+        self._cores: list[tuple[tuple[int, ...], tuple[int, ...]]] | None = None
+        self._shared: tuple[int, ...] | None = None
+        fp = res.free_pages
+        self.hugepage_sizes_desc = tuple(sorted((s for s in fp if s != SMALL_PAGE_KB), reverse=True)) if fp else ()
+
+    def _groups(self) -> list[tuple[int, ...]] | tuple[tuple[int, ...], ...]:
+        groups = self.res.cell.siblings
+        if self.n_free:
+            stray = self.free.difference(*groups)  # only for hand-built topologies: 1-thread cores
+            if stray:
+                return sorted(list(groups) + [(c,) for c in stray])
+        return groups
+
+    @property
+    def shared_sorted(self) -> tuple[int, ...]:
+        if self._shared is None:
+            self._shared = tuple(sorted(self.res.shared_cpus))
+        return self._shared
+
+    @property
+    def cores(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(sibling group, its free dedicated threads) for groups with a free thread, by first CPU."""
+        if self._cores is None:
+            free = self.free
+            contains = free.__contains__
+            self._cores = [(g, ft) for g in self._groups() if (ft := tuple(filter(contains, g)))] if free else []
+        return self._cores
+
+    def capacity(self, policy: ThreadPolicy) -> int:
+        if policy is ThreadPolicy.PREFER:
+            return self.n_free
+        if self._caps is None:
+            if not self.n_free:
+                self._caps = (0, 0)
+            else:
+                sup = self.free.issuperset
+                whole = [g for g in self._groups() if sup(g)]
+                self._caps = (sum(len(g) for g in whole if len(g) >= 2), len(whole))
+        return self._caps[0] if policy is ThreadPolicy.REQUIRE else self._caps[1]
+
+    def select(self, policy: ThreadPolicy, count: int) -> tuple[list[tuple[int, int, int]], set[int]]:
+        """Pick `count` CPUs under `policy`: a list of (cpu, core_first_id, thread_pos) in selection
+        order, and the set of CPUs reserved (isolate siblings). Assumes capacity(policy) >= count."""
+        picked: list[tuple[int, int, int]] = []
+        reserved: set[int] = set()
+        if count <= 0:
+            return picked, reserved
+        if policy is ThreadPolicy.PREFER:
+            buckets: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+            for gf in self.cores:
+                k = len(gf[1])
+                if k in buckets:
+                    buckets[k].append(gf)
+                else:
+                    buckets[k] = [gf]
+            for k in sorted(buckets, reverse=True):
+                for group, ft in buckets[k]:
+                    first = group[0]
+                    for cpu in ft:
+                        picked.append((cpu, first, group.index(cpu)))
+                        if len(picked) == count:
+                            return picked, reserved
+        elif policy is ThreadPolicy.REQUIRE:
+            sup = self.free.issuperset
+            for group in self._groups():
+                if len(group) >= 2 and sup(group):
+                    first = group[0]
+                    for pos, cpu in enumerate(group):
+                        picked.append((cpu, first, pos))
+                        if len(picked) == count:
+                            return picked, reserved
+        else:  # ISOLATE
+            sup = self.free.issuperset
+            for group in self._groups():
+                if sup(group):
+                    picked.append((group[0], group[0], 0))
+                    reserved.update(group[1:])
+                    if len(picked) == count:
+                        return picked, reserved
+        raise AssertionError("select() called beyond capacity")  # pragma: no cover
+
+
+# --- per pair feasibility ------------------------------------------------------------------------
+
+
+class _PairFit(NamedTuple):
+    pagesize_kb: int
+    small_mb: int  # small-page MiB this pair puts on the host (for reserved_memory_mb)
+    free_mem_mb: int  # free MiB of the chosen page size on the host cell (for spread/pack)
+
+
+class _Fitter:
+    def __init__(self, request: InstanceRequest, state: HostState) -> None:
+        self.request = request
+        self.state = state
+        self.hosts = [_HostCell(k, state.resources(c.id)) for k, c in enumerate(state.topology.cells)]
+        self.pinned = request.is_pinned or any(g.dedicated_vcpus for g in request.cells)
+        self.emu_isolate = request.emulator_threads is EmulatorThreadsPolicy.ISOLATE
+        self.policy = request.thread_policy
+        ps = request.page_size
+        if ps is None or ps.kind is PageSizeKind.SMALL or (ps.kind is PageSizeKind.EXPLICIT and ps.size_kb == SMALL_PAGE_KB):
+            self.page_kind = PageSizeKind.SMALL
+            self.page_size = SMALL_PAGE_KB
+        else:
+            self.page_kind = ps.kind
+            self.page_size = ps.size_kb or 0
+
+    # how many dedicated CPUs guest cell i needs from its host cell
+    def cpus_needed(self, g: GuestCell) -> int:
+        return len(g.dedicated_vcpus) + (1 if self.emu_isolate and g.id == self.request.cells[0].id else 0)
+
+    def small_avail(self, h: _HostCell) -> int:
+        return h.res.small_free_mb if self.pinned else h.res.small_floating_mb
+
+    def _huge_ok(self, h: _HostCell, size: int, mem_kb: int) -> bool:
+        free = h.res.free_pages.get(size)
+        return free is not None and mem_kb % size == 0 and free * size >= mem_kb
+
+    def memory(self, g: GuestCell, h: _HostCell) -> _PairFit | None:
+        mem = g.memory_mb
+        kind = self.page_kind
+        if kind is PageSizeKind.SMALL:
+            avail = self.small_avail(h)
+            return _PairFit(SMALL_PAGE_KB, mem, avail) if avail >= mem else None
+        mem_kb = mem * 1024
+        if kind is PageSizeKind.EXPLICIT:
+            size = self.page_size
+            if self._huge_ok(h, size, mem_kb):
+                return _PairFit(size, 0, h.res.free_pages[size] * size // 1024)
+            return None
+        for size in h.hugepage_sizes_desc:
+            if self._huge_ok(h, size, mem_kb):
+                return _PairFit(size, 0, h.res.free_pages[size] * size // 1024)
+        if kind is PageSizeKind.ANY:
+            avail = self.small_avail(h)
+            if avail >= mem:
+                return _PairFit(SMALL_PAGE_KB, mem, avail)
+        return None
+
+    def pair(self, g: GuestCell, h: _HostCell) -> _PairFit | None:
+        need = self.cpus_needed(g)
+        if need > h.capacity(self.policy):
+            return None
+        n_float = len(g.vcpus) - len(g.dedicated_vcpus)
+        if n_float > 0 and (n_float > h.res.floating_capacity or not h.shared_sorted):
+            return None
+        return self.memory(g, h)
+
+    def pair_reasons(self, g: GuestCell, h: _HostCell) -> list[str]:
+        """Why guest cell g does not fit host cell h (empty if it does)."""
+        out: list[str] = []
+        gid = g.id
+        need = self.cpus_needed(g)
+        emu = " + 1 isolated emulator CPU" if need != len(g.dedicated_vcpus) else ""
+        cap = h.capacity(self.policy)
+        if need > cap:
+            nd = len(g.dedicated_vcpus)
+            if self.policy is ThreadPolicy.PREFER:
+                out.append(f"{cap} free dedicated CPUs < {nd} vCPUs{emu} of guest cell {gid}")
+            elif self.policy is ThreadPolicy.REQUIRE:
+                if not any(len(grp) >= 2 for grp in h.res.cell.siblings):
+                    out.append(f"no SMT siblings (thread policy require) for {nd} vCPUs{emu} of guest cell {gid}")
+                else:
+                    out.append(
+                        f"{cap} free threads on whole free SMT cores < {nd} vCPUs{emu} of guest cell {gid}"
+                        " (thread policy require)"
+                    )
+            else:
+                out.append(f"{cap} fully free cores < {nd} vCPUs{emu} of guest cell {gid} (thread policy isolate)")
+        n_float = len(g.vcpus) - len(g.dedicated_vcpus)
+        if n_float > 0:
+            if not h.shared_sorted:
+                out.append(f"no shared CPUs for {n_float} floating vCPUs of guest cell {gid}")
+            elif n_float > h.res.floating_capacity:
+                out.append(
+                    f"room for {h.res.floating_capacity} more floating vCPUs (cpu_allocation_ratio "
+                    f"{self.state.cpu_allocation_ratio:g}) < {n_float} of guest cell {gid}"
+                )
+        if self.memory(g, h) is None:
+            out.append(self._memory_reason(g, h))
+        return out
+
+    def _memory_reason(self, g: GuestCell, h: _HostCell) -> str:
+        mem = g.memory_mb
+        mem_kb = mem * 1024
+        gid = g.id
+        parts: list[str] = []
+
+        def huge(size: int) -> str:
+            name = pagesize_name(size)
+            if size not in h.res.free_pages:
+                return f"no {name} pages"
+            if mem_kb % size:
+                return f"{mem} MiB of guest cell {gid} is not a multiple of {name}"
+            need = mem_kb // size
+            return f"{name} pages: {h.res.free_pages[size]} free < {need} needed by guest cell {gid}"
+
+        def small() -> str:
+            what = "free small-page MiB" if self.pinned else "small-page MiB (ram_allocation_ratio applied)"
+            return f"{self.small_avail(h)} {what} < {mem} MiB of guest cell {gid}"
+
+        kind = self.page_kind
+        if kind is PageSizeKind.SMALL:
+            return small()
+        if kind is PageSizeKind.EXPLICIT:
+            return huge(self.page_size)
+        if not h.hugepage_sizes_desc:
+            parts.append(f"no hugepages for guest cell {gid}")
+        else:
+            parts.extend(huge(s) for s in h.hugepage_sizes_desc)
+        if kind is PageSizeKind.ANY:
+            parts.append(small())
+        return "; ".join(parts)
+
+
+# --- matching ------------------------------------------------------------------------------------
+
+
+def _kuhn(adj: Sequence[Sequence[int]], m: int) -> tuple[list[int], list[int]]:
+    """Maximum bipartite matching. Returns (match_of_guest, match_of_host) with -1 for unmatched."""
+    n = len(adj)
+    mg = [-1] * n
+    mh = [-1] * m
+
+    def augment(i: int, seen: list[bool]) -> bool:
+        for j in adj[i]:
+            if not seen[j]:
+                seen[j] = True
+                if mh[j] < 0 or augment(mh[j], seen):
+                    mg[i] = j
+                    mh[j] = i
+                    return True
+        return False
+
+    for i in range(n):
+        augment(i, [False] * m)
+    return mg, mh
+
+
+def _hall_violator(adj: Sequence[Sequence[int]], mg: list[int], mh: list[int]) -> tuple[list[int], list[int]]:
+    """From an unmatched guest cell, the guest cells and host cells reachable by alternating paths:
+    |guests| > |hosts| and the guests only fit those hosts (König/Hall)."""
+    start = mg.index(-1)
+    guests = {start}
+    hosts: set[int] = set()
+    stack = [start]
+    while stack:
+        i = stack.pop()
+        for j in adj[i]:
+            if j not in hosts:
+                hosts.add(j)
+                k = mh[j]
+                if k >= 0 and k not in guests:
+                    guests.add(k)
+                    stack.append(k)
+    return sorted(guests), sorted(hosts)
+
+
+def _hungarian(cost: Sequence[Sequence[int]], m: int) -> list[int]:
+    """Min-cost assignment of n rows to distinct columns of an n x m integer matrix (n <= m).
+    Returns the column of each row. Classic O(n^2 m) potentials algorithm."""
+    n = len(cost)
+    inf = float("inf")
+    u = [0] * (n + 1)
+    v = [0] * (m + 1)
+    p = [0] * (m + 1)  # p[j]: row (1-based) assigned to column j
+    way = [0] * (m + 1)
+    for i in range(1, n + 1):
+        p[0] = i
+        j0 = 0
+        minv = [inf] * (m + 1)
+        used = [False] * (m + 1)
+        while True:
+            used[j0] = True
+            i0 = p[j0]
+            row = cost[i0 - 1]
+            ui0 = u[i0]
+            delta = inf
+            j1 = 0
+            for j in range(1, m + 1):
+                if not used[j]:
+                    cur = row[j - 1] - ui0 - v[j]
+                    if cur < minv[j]:
+                        minv[j] = cur
+                        way[j] = j0
+                    if minv[j] < delta:
+                        delta = minv[j]
+                        j1 = j
+            for j in range(m + 1):
+                if used[j]:
+                    u[p[j]] += delta
+                    v[j] -= delta
+                else:
+                    minv[j] -= delta
+            j0 = j1
+            if p[j0] == 0:
+                break
+        while True:
+            j1 = way[j0]
+            p[j0] = p[j1]
+            j0 = j1
+            if j0 == 0:
+                break
+    out = [-1] * n
+    for j in range(1, m + 1):
+        if p[j]:
+            out[p[j] - 1] = j - 1
+    return out
+
+
+def _join_ids(ids: Sequence[int]) -> str:
+    s = [str(x) for x in ids]
+    if len(s) == 1:
+        return s[0]
+    return ", ".join(s[:-1]) + " and " + s[-1]
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def _validate(request: InstanceRequest) -> None:
+    if not request.cells:
+        raise InvalidRequest("instance request has no guest NUMA cells", ("hw:numa_nodes",))
+    seen: set[int] = set()
+    for k, g in enumerate(request.cells):
+        if g.id != k:
+            raise InvalidRequest(f"guest cell ids must be 0..{len(request.cells) - 1} in order", ("hw:numa_nodes",))
+        if g.vcpus & seen:
+            raise InvalidRequest(f"vCPUs {sorted(g.vcpus & seen)} are in two guest cells", ("hw:numa_cpus",))
+        seen |= g.vcpus
+        if not g.dedicated_vcpus <= g.vcpus:
+            raise InvalidRequest(f"guest cell {k}: dedicated vCPUs not among its vCPUs", ("hw:cpu_dedicated_mask",))
+        if g.memory_mb < 0:
+            raise InvalidRequest(f"guest cell {k}: negative memory", ("hw:numa_mem",))
+    ps = request.page_size
+    if ps is not None and ps.kind is PageSizeKind.EXPLICIT and (ps.size_kb or 0) <= 0:
+        raise InvalidRequest("page size must be a positive number of KiB", ("hw:mem_page_size",))
+
+
+def fit(request: InstanceRequest, state: HostState, *, preference: Preference = "spread") -> Placement | NoFit:
+    """Place `request` on `state`, or say per host cell why it cannot be placed."""
+    if preference not in ("spread", "pack"):
+        raise InvalidInput(f"preference must be 'spread' or 'pack', not {preference!r}")
+    _validate(request)
+    f = _Fitter(request, state)
+    guests = request.cells
+    hosts = f.hosts
+    n, m = len(guests), len(hosts)
+
+    # per-pair feasibility
+    # guest cells with the same shape (CPUs needed, floating vCPUs, memory) share one row
+    rows: dict[tuple[int, int, int], list[_PairFit | None]] = {}
+    pairs: list[list[_PairFit | None]] = []
+    for g in guests:
+        shape = (f.cpus_needed(g), len(g.vcpus) - len(g.dedicated_vcpus), g.memory_mb)
+        row = rows.get(shape)
+        if row is None:
+            row = rows[shape] = [f.pair(g, h) for h in hosts]
+        pairs.append(row)
+    adj = [[j for j in range(m) if pairs[i][j] is not None] for i in range(n)]
+
+    if n > m or any(not a for a in adj):
+        return _no_fit(f, pairs, None)
+    mg, mh = _kuhn(adj, m)
+    if -1 in mg:
+        return _no_fit(f, pairs, _hall_violator(adj, mg, mh))
+
+    # host-level small-page budget (reserved_memory_mb)
+    if f.pinned:
+        small_pool = sum(h.res.small_free_mb for h in hosts)
+    else:
+        small_pool = sum(h.res.small_floating_mb for h in hosts)
+    # (clamped at 0: an instance that puts no small-page memory on the host is never blocked by it)
+    budget = max(0, small_pool - state.reserved_memory_mb)
+
+    # preference cost: rank pairs by (free dedicated CPUs, free MiB of the chosen page size)
+    # (floating-only instances rank by floating capacity instead of free dedicated CPUs)
+    cpu_free = [h.n_free if f.pinned else h.res.floating_capacity for h in hosts]
+    keys = sorted({(cpu_free[j], pairs[i][j].free_mem_mb) for i in range(n) for j in adj[i]})  # type: ignore[union-attr]
+    rank = {k: r for r, k in enumerate(keys)}
+    top = len(keys) - 1
+    # tie break, below one rank step: lower host cell ids first, then guest cells in host-id order
+    # (minimising sum (n-1-i)*j over a fixed set of host cells pairs them in ascending order)
+    k_id = n * n * m + 1
+    w = n * (m * k_id + n * m) + 1
+    pref = [[0] * m for _ in range(n)]
+    for i in range(n):
+        for j in adj[i]:
+            pf = pairs[i][j]
+            r = rank[(cpu_free[j], pf.free_mem_mb)]  # type: ignore[union-attr]
+            r = top - r if preference == "spread" else r
+            pref[i][j] = r * w + j * k_id + (n - 1 - i) * j
+    max_pref = (top + 1) * w  # > any single pref entry
+    infeasible = max_pref * (n + 1)
+    cost = [[pref[i][j] if pairs[i][j] is not None else infeasible for j in range(m)] for i in range(n)]
+    assign = _hungarian(cost, m)
+
+    def small_of(a: list[int]) -> int:
+        return sum(pairs[i][a[i]].small_mb for i in range(n))  # type: ignore[union-attr]
+
+    if small_of(assign) > budget:
+        # minimise small-page MiB first, preference second (exact for the budget constraint)
+        if f.page_kind is PageSizeKind.ANY:
+            big = max_pref * (n + 1)
+            infeasible2 = big * (sum(g.memory_mb for g in guests) + 2)
+            cost2 = [
+                [big * pairs[i][j].small_mb + pref[i][j] if pairs[i][j] is not None else infeasible2 for j in range(m)]  # type: ignore[union-attr]
+                for i in range(n)
+            ]
+            assign = _hungarian(cost2, m)
+        used = small_of(assign)
+        if used > budget:
+            return _reserved_no_fit(f, pairs, used, small_pool, budget)
+
+    return _build(f, assign, pairs)
+
+
+def _build(f: _Fitter, assign: list[int], pairs: list[list[_PairFit | None]]) -> Placement:
+    request, state = f.request, f.state
+    cells: list[CellPlacement] = []
+    emulator: tuple[int, ...] = ()
+    all_pins: set[int] = set()
+    for i, g in enumerate(request.cells):
+        h = f.hosts[assign[i]]
+        pf = pairs[i][assign[i]]
+        assert pf is not None
+        need = f.cpus_needed(g)
+        picked, reserved = h.select(f.policy, need)
+        if need != len(g.dedicated_vcpus):  # guest cell 0 with an isolated emulator thread
+            emulator = (picked[-1][0],)
+            picked = picked[:-1]
+        picked.sort(key=lambda t: (t[1], t[2]))
+        pins: dict[int, tuple[int, ...]] = {}
+        for v, (cpu, _, _) in zip(sorted(g.dedicated_vcpus), picked):
+            pins[v] = (cpu,)
+            all_pins.add(cpu)
+        floating = g.vcpus - g.dedicated_vcpus
+        if floating:
+            shared = h.shared_sorted
+            for v in floating:
+                pins[v] = shared
+            all_pins.update(shared)
+        cells.append(
+            CellPlacement(
+                guest_cell=g.id,
+                host_cell=h.id,
+                vcpus=tuple(sorted(g.vcpus)),
+                cpu_pins=pins,
+                memory_mb=g.memory_mb,
+                pagesize_kb=pf.pagesize_kb,
+                dedicated_vcpus=frozenset(g.dedicated_vcpus),
+                reserved_cpus=frozenset(reserved),
+            )
+        )
+    if f.emu_isolate:
+        return Placement(cells=tuple(cells), emulator_pins=emulator, emulator_isolated=True)
+    if state.cpu_shared_set:
+        emulator = tuple(sorted(state.cpu_shared_set))
+    else:
+        emulator = tuple(sorted(all_pins))
+    return Placement(cells=tuple(cells), emulator_pins=emulator, emulator_isolated=False)
+
+
+def _cell_lines(f: _Fitter, pairs: list[list[_PairFit | None]]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for j, h in enumerate(f.hosts):
+        reasons: list[str] = []
+        fits: list[int] = []
+        for i, g in enumerate(f.request.cells):
+            if pairs[i][j] is None:
+                reasons.extend(f.pair_reasons(g, h))
+            else:
+                fits.append(g.id)
+        line = "; ".join(reasons)
+        if fits:
+            ok = f"guest cell{'s' if len(fits) > 1 else ''} {_join_ids(fits)} would fit"
+            line = f"{line}; {ok}" if line else ok
+        out[h.id] = f"host cell {h.id}: {line}"
+    return out
+
+
+def _no_fit(
+    f: _Fitter, pairs: list[list[_PairFit | None]], violator: tuple[list[int], list[int]] | None
+) -> NoFit:
+    cell_reasons = _cell_lines(f, pairs)
+    lines = list(cell_reasons.values())
+    n, m = len(f.request.cells), len(f.hosts)
+    if m == 0:
+        lines.append("the host has no NUMA cells")
+    elif n > m:
+        lines.append(f"{n} guest cells need distinct host cells but the host has only {m}")
+    nowhere = [g.id for i, g in enumerate(f.request.cells) if all(p is None for p in pairs[i])]
+    if nowhere and m:
+        lines.append(f"guest cell{'s' if len(nowhere) > 1 else ''} {_join_ids(nowhere)} fit{'s' if len(nowhere) == 1 else ''} no host cell")
+    if violator is not None:
+        gs, hs = violator
+        host_ids = [f.hosts[j].id for j in hs]
+        lines.append(
+            f"guest cells {_join_ids(gs)} {'both' if len(gs) == 2 else 'all'} only fit host "
+            f"cell{'s' if len(host_ids) > 1 else ''} {_join_ids(host_ids)}"
+        )
+    return NoFit(reason="\n".join(lines), cell_reasons=cell_reasons)
+
+
+def _reserved_no_fit(
+    f: _Fitter, pairs: list[list[_PairFit | None]], used: int, pool: int, budget: int
+) -> NoFit:
+    cell_reasons = _cell_lines(f, pairs)
+    lines = list(cell_reasons.values())
+    what = "free small-page" if f.pinned else "small-page (ram_allocation_ratio applied)"
+    lines.append(
+        f"every guest cell fits a host cell, but the instance needs at least {used} MiB of small-page "
+        f"memory and the host has {pool} MiB {what} memory, {f.state.reserved_memory_mb} MiB of which "
+        f"is reserved (reserved_memory_mb)"
+    )
+    return NoFit(reason="\n".join(lines), cell_reasons=cell_reasons)

@@ -1,0 +1,213 @@
+"""Independent checks of the fitting rules, for tests: `check_placement` validates a Placement against
+the rules without using agent.numa.fit, and `brute_force_fits` decides fit/no-fit by trying every
+ordering of host cells (fine for <= 4 host cells). Only `HostState.resources()` is shared with the
+fitter: it fixes the resource semantics (free dedicated CPUs, shared CPUs, floating capacity, free
+hugepages, small-page MiB)."""
+
+from __future__ import annotations
+
+import itertools
+
+from agent.numa.placement import Placement
+from agent.numa.request import EmulatorThreadsPolicy, InstanceRequest, PageSizeKind, ThreadPolicy
+from agent.numa.state import CellResources, HostState
+
+
+def _pinned(request: InstanceRequest) -> bool:
+    return request.is_pinned or any(c.dedicated_vcpus for c in request.cells)
+
+
+def _page_kind(request: InstanceRequest) -> tuple[str, int | None]:
+    ps = request.page_size
+    if ps is None or ps.kind is PageSizeKind.SMALL or (ps.kind is PageSizeKind.EXPLICIT and ps.size_kb == 4):
+        return "small", 4
+    if ps.kind is PageSizeKind.EXPLICIT:
+        return "explicit", ps.size_kb
+    return ps.kind.value, None
+
+
+def _small_avail(request: InstanceRequest, res: CellResources) -> int:
+    return res.small_free_mb if _pinned(request) else res.small_floating_mb
+
+
+def _huge_fits(res: CellResources, size: int, mem_mb: int) -> bool:
+    if size not in res.free_pages:
+        return False
+    kb = mem_mb * 1024
+    return kb % size == 0 and res.free_pages[size] * size >= kb
+
+
+def expected_pagesize(request: InstanceRequest, res: CellResources, mem_mb: int) -> int | None:
+    """The page size the rules pick for `mem_mb` on this host cell, or None if no size fits."""
+    kind, size = _page_kind(request)
+    if kind == "small":
+        return 4 if _small_avail(request, res) >= mem_mb else None
+    if kind == "explicit":
+        assert size is not None
+        return size if _huge_fits(res, size, mem_mb) else None
+    huge = sorted((s for s in res.free_pages if s != 4), reverse=True)
+    for s in huge:
+        if _huge_fits(res, s, mem_mb):
+            return s
+    if kind == "any" and _small_avail(request, res) >= mem_mb:
+        return 4
+    return None
+
+
+def _cores(res: CellResources) -> list[tuple[int, ...]]:
+    groups = [tuple(g) for g in res.cell.siblings]
+    covered = {c for g in groups for c in g}
+    groups += [(c,) for c in res.dedicated_cpus - covered]
+    return groups
+
+
+def policy_capacity(policy: ThreadPolicy, res: CellResources) -> int:
+    free = res.dedicated_cpus
+    cores = _cores(res)
+    if policy is ThreadPolicy.PREFER:
+        return len(free)
+    if policy is ThreadPolicy.REQUIRE:
+        return sum(len(g) for g in cores if len(g) >= 2 and all(c in free for c in g))
+    return sum(1 for g in cores if all(c in free for c in g))
+
+
+def pair_fits(request: InstanceRequest, state: HostState, guest: int, host_cell: int) -> int | None:
+    """Naive per-pair check: the page size if guest cell `guest` fits host cell `host_cell`."""
+    g = request.cells[guest]
+    res = state.resources(host_cell)
+    need = len(g.dedicated_vcpus)
+    if guest == 0 and request.emulator_threads is EmulatorThreadsPolicy.ISOLATE:
+        need += 1
+    if need > policy_capacity(request.thread_policy, res):
+        return None
+    n_float = len(g.vcpus - g.dedicated_vcpus)
+    if n_float and (n_float > res.floating_capacity or not res.shared_cpus):
+        return None
+    return expected_pagesize(request, res, g.memory_mb)
+
+
+def small_budget(request: InstanceRequest, state: HostState) -> int:
+    rs = state.all_resources()
+    pool = sum(r.small_free_mb for r in rs) if _pinned(request) else sum(r.small_floating_mb for r in rs)
+    # an instance without small-page memory is never blocked by reserved_memory_mb
+    return max(0, pool - state.reserved_memory_mb)
+
+
+def brute_force_fits(request: InstanceRequest, state: HostState) -> bool:
+    host_ids = [c.id for c in state.topology.cells]
+    n = len(request.cells)
+    budget = small_budget(request, state)
+    table = {(i, h): pair_fits(request, state, i, h) for i in range(n) for h in host_ids}
+    for perm in itertools.permutations(host_ids, n):
+        sizes = [table[(i, h)] for i, h in enumerate(perm)]
+        if any(s is None for s in sizes):
+            continue
+        small = sum(request.cells[i].memory_mb for i, s in enumerate(sizes) if s == 4)
+        if small <= budget:
+            return True
+    return False
+
+
+def check_placement(request: InstanceRequest, state: HostState, placement: Placement) -> None:
+    """Assert that `placement` obeys every fitting rule for `request` on `state`."""
+    assert placement.fits is True
+    n = len(request.cells)
+    assert sorted(c.guest_cell for c in placement.cells) == list(range(n)), "each guest cell placed once"
+    hosts = [c.host_cell for c in placement.cells]
+    assert len(set(hosts)) == n, f"guest cells share a host cell: {hosts}"
+    host_ids = {c.id for c in state.topology.cells}
+    assert set(hosts) <= host_ids
+    policy = request.thread_policy
+    used: set[int] = set()  # every host CPU the instance takes exclusively
+    small_total = 0
+    emu_isolate = request.emulator_threads is EmulatorThreadsPolicy.ISOLATE
+    vcpu_union: set[int] = set()
+
+    def take(cpu: int, what: str) -> None:
+        assert cpu not in used, f"host CPU {cpu} used twice ({what})"
+        used.add(cpu)
+
+    for cp in placement.cells:
+        g = request.cells[cp.guest_cell]
+        res = state.resources(cp.host_cell)
+        free = res.dedicated_cpus
+        cores = _cores(res)
+        core_of = {c: grp for grp in cores for c in grp}
+        assert set(cp.vcpus) == set(g.vcpus) and list(cp.vcpus) == sorted(g.vcpus)
+        assert cp.dedicated_vcpus == g.dedicated_vcpus
+        assert set(cp.cpu_pins) == set(g.vcpus)
+        assert cp.memory_mb == g.memory_mb
+        ded_cpus = []
+        for v in sorted(g.dedicated_vcpus):
+            pin = cp.cpu_pins[v]
+            assert len(pin) == 1, f"dedicated vCPU {v} pinned to {pin}"
+            cpu = pin[0]
+            assert cpu in free, f"vCPU {v} on {cpu}, not a free dedicated CPU of cell {cp.host_cell}"
+            take(cpu, f"vCPU {v}")
+            ded_cpus.append(cpu)
+            vcpu_union.add(cpu)
+        floating = g.vcpus - g.dedicated_vcpus
+        for v in floating:
+            assert tuple(cp.cpu_pins[v]) == tuple(sorted(res.shared_cpus)), f"floating vCPU {v}"
+            vcpu_union.update(cp.cpu_pins[v])
+        if floating:
+            assert res.shared_cpus
+            assert len(floating) <= res.floating_capacity, "cpu_allocation_ratio exceeded"
+        # thread policy
+        for cpu in ded_cpus:
+            grp = core_of[cpu]
+            if policy is ThreadPolicy.REQUIRE:
+                assert len(grp) >= 2 and all(c in free for c in grp), f"require: {cpu} not on a whole free SMT core"
+            elif policy is ThreadPolicy.ISOLATE:
+                assert all(c in free for c in grp), f"isolate: core of {cpu} not fully free"
+                for sib in grp:
+                    if sib != cpu:
+                        assert sib in cp.reserved_cpus, f"isolate: sibling {sib} of {cpu} not reserved"
+        if policy is ThreadPolicy.ISOLATE:
+            per_core: dict[tuple[int, ...], int] = {}
+            for cpu in ded_cpus:
+                per_core[core_of[cpu]] = per_core.get(core_of[cpu], 0) + 1
+            assert all(k == 1 for k in per_core.values()), "isolate: two vCPUs on one core"
+        else:
+            assert not cp.reserved_cpus, "reserved CPUs without thread policy isolate"
+        if policy is ThreadPolicy.ISOLATE:
+            owners = set(ded_cpus)
+            if emu_isolate and cp.guest_cell == 0 and placement.emulator_pins:
+                owners.add(placement.emulator_pins[0])
+            siblings = {s for c in owners if c in core_of for s in core_of[c] if s != c}
+            assert set(cp.reserved_cpus) == siblings, "isolate: reserved CPUs are not exactly the siblings"
+        for cpu in cp.reserved_cpus:
+            assert cpu in free
+            take(cpu, "reserved sibling")
+        # memory
+        want = expected_pagesize(request, res, g.memory_mb)
+        assert want is not None, f"guest cell {g.id} memory does not fit host cell {cp.host_cell}"
+        assert cp.pagesize_kb == want, f"page size {cp.pagesize_kb} != expected {want}"
+        if want == 4:
+            small_total += g.memory_mb
+    # emulator threads
+    if emu_isolate:
+        assert placement.emulator_isolated
+        assert len(placement.emulator_pins) == 1
+        cpu = placement.emulator_pins[0]
+        c0 = placement.cell_for_guest(0)
+        res = state.resources(c0.host_cell)
+        free = res.dedicated_cpus
+        assert cpu in free, "isolated emulator CPU must be a free dedicated CPU of guest cell 0's host cell"
+        take(cpu, "emulator")
+        grp = {c: g for g in _cores(res) for c in g}[cpu]
+        if policy is ThreadPolicy.REQUIRE:
+            assert len(grp) >= 2 and all(c in free for c in grp)
+        elif policy is ThreadPolicy.ISOLATE:
+            assert all(c in free for c in grp)
+            for sib in grp:
+                if sib != cpu:
+                    assert sib in c0.reserved_cpus
+    else:
+        assert not placement.emulator_isolated
+        if state.cpu_shared_set:
+            assert placement.emulator_pins == tuple(sorted(state.cpu_shared_set))
+        else:
+            assert placement.emulator_pins == tuple(sorted(vcpu_union))
+    # host-level small-page budget
+    assert small_total <= small_budget(request, state), "reserved_memory_mb violated"
