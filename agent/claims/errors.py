@@ -1,0 +1,86 @@
+"""Typed errors of the claim ledger (see agent.errors for the conventions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.errors import AgentError, InvalidInput
+
+
+class LedgerError(AgentError):
+    """The ledger file cannot be used (I/O, permissions, an unexpected SQLite failure)."""
+
+    code = "ledger_error"
+
+
+class UnknownClaim(InvalidInput):
+    """No claim has this migration id."""
+
+    code = "unknown_claim"
+
+    def __init__(self, migration_id: str) -> None:
+        super().__init__(f"no claim for migration {migration_id!r}")
+        self.migration_id = migration_id
+
+
+class ClaimConflict(InvalidInput):
+    """A claim with this migration id exists for a different request or source host."""
+
+    code = "claim_conflict"
+
+
+class IllegalTransition(InvalidInput):
+    """The claim's current state does not allow the asked transition."""
+
+    code = "illegal_transition"
+
+    def __init__(self, migration_id: str, from_state: str, to_state: str, why: str = "") -> None:
+        msg = f"claim {migration_id!r}: cannot go from {from_state} to {to_state}"
+        if why:
+            msg = f"{msg} ({why})"
+        super().__init__(msg)
+        self.migration_id = migration_id
+        self.from_state = from_state
+        self.to_state = to_state
+
+
+class NoFitError(AgentError):
+    """The request does not fit the host's current state (live claims included)."""
+
+    code = "no_fit"
+
+    def __init__(self, reason: str, nofit: object | None = None) -> None:
+        super().__init__(f"does not fit: {reason}")
+        self.reason = reason
+        self.nofit = nofit
+
+
+class LedgerSchemaTooNew(LedgerError):
+    """The ledger file was written by a newer agent; this one will not touch it."""
+
+    code = "ledger_schema_too_new"
+
+    def __init__(self, path: Path, found: int, supported: int) -> None:
+        super().__init__(
+            f"{path}: ledger schema version {found} is newer than this agent supports ({supported}); "
+            "refusing to open it (upgrade the agent or restore a matching ledger)"
+        )
+        self.path = path
+        self.found = found
+        self.supported = supported
+
+
+class LedgerCorrupt(LedgerError):
+    """The ledger file failed its integrity check or is not a SQLite database.
+
+    The damaged files were renamed to `moved_to` (never deleted) before this was raised.
+    """
+
+    code = "ledger_corrupt"
+
+    def __init__(self, path: Path, detail: str, moved_to: Path | None) -> None:
+        where = f"; moved aside to {moved_to}" if moved_to is not None else ""
+        super().__init__(f"{path}: ledger is corrupt: {detail}{where}")
+        self.path = path
+        self.detail = detail
+        self.moved_to = moved_to

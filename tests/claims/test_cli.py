@@ -1,0 +1,87 @@
+"""`compute-agent claims list|show|release` (agent/claims/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import pytest
+
+from agent.claims.cli import add_claims_parser, run_claims
+from agent.claims.ledger import Ledger
+
+from tests.claims.helpers import request, state_fn, topology
+
+FN = state_fn(topology())
+
+
+def run(argv, ) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="compute-agent")
+    sub = parser.add_subparsers(dest="command")
+    add_claims_parser(sub)
+    args = parser.parse_args(argv)
+    out, err = io.StringIO(), io.StringIO()
+    code = args.func(args, out, err)
+    assert args.func is run_claims
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    with Ledger.open(tmp_path) as led:
+        led.claim("mig-1", request(2, 512), "src-a", 300, FN)
+        led.claim("mig-2", request(2, 512), "src-b", 300, FN)
+        led.start("mig-2")
+    return tmp_path
+
+
+def test_list_table_and_json(state_dir):
+    code, out, _ = run(["claims", "--state-dir", str(state_dir), "list"])
+    assert code == 0 and "mig-1" in out and "mig-2" in out and "migrating" in out
+    code, out, _ = run(["claims", "list", "--state-dir", str(state_dir), "--json"])
+    docs = json.loads(out)
+    assert code == 0 and [d["migration_id"] for d in docs] == ["mig-1", "mig-2"]
+    assert docs[0]["placement"]["fits"] is True and docs[0]["state"] == "held"
+    code, out, _ = run(["claims", "--json", "--state-dir", str(state_dir), "list", "--state", "migrating"])
+    assert [d["migration_id"] for d in json.loads(out)] == ["mig-2"]
+
+
+def test_show(state_dir):
+    code, out, _ = run(["claims", "--state-dir", str(state_dir), "show", "mig-2"])
+    assert code == 0 and "transitions" in out and "src-b" in out
+    code, out, _ = run(["claims", "--state-dir", str(state_dir), "--json", "show", "mig-2"])
+    doc = json.loads(out)
+    assert [t["to"] for t in doc["transitions"]] == ["held", "migrating"]
+
+
+def test_release_and_exit_codes(state_dir):
+    code, out, _ = run(["claims", "--state-dir", str(state_dir), "release", "mig-1", "--reason", "stuck"])
+    assert code == 0 and "released" in out
+    with Ledger.open(state_dir) as led:
+        c = led.get("mig-1")
+        assert c.state.value == "released" and c.reason == "operator: stuck"
+    code, _, err = run(["claims", "--state-dir", str(state_dir), "show", "nope"])
+    assert code == 4 and "nope" in err
+    code, _, err = run(["claims", "--state-dir", str(state_dir), "release", "bad id!"])
+    assert code == 2
+    with Ledger.open(state_dir) as led:
+        led.confirm("mig-2")
+    code, _, err = run(["claims", "--state-dir", str(state_dir), "release", "mig-2"])
+    assert code == 2 and "confirmed" in err  # illegal transition
+
+
+def test_missing_ledger_is_not_created(tmp_path):
+    empty = tmp_path / "none"
+    code, out, _ = run(["claims", "--state-dir", str(empty), "--json", "list"])
+    assert code == 0 and json.loads(out) == []
+    code, _, _ = run(["claims", "--state-dir", str(empty), "show", "x"])
+    assert code == 4
+    assert not empty.exists()
+
+
+def test_corrupt_ledger_reports_error(tmp_path):
+    (tmp_path / "ledger.db").write_bytes(b"garbage" * 500)
+    code, _, err = run(["claims", "--state-dir", str(tmp_path), "list"])
+    assert code == 1 and "corrupt" in err
+    assert list(tmp_path.glob("ledger.db.corrupt-*"))
