@@ -10,10 +10,13 @@ Algorithm (exact and polynomial, no enumeration of cell orderings):
    with >= 2 threads, all of them free dedicated CPUs), ``isolate`` = number of fully free cores
    (every thread of the sibling group is a free dedicated CPU).
 2. Per pair (guest cell i, host cell j) decide feasibility independently: dedicated vCPUs (+ the
-   isolated emulator CPU for guest cell 0) against the policy capacity, floating vCPUs against
-   ``floating_capacity``, memory against the page size the request asks for (the page size per pair is
-   a function of the pair: the largest that fits for LARGE/ANY). Resources of different host cells are
-   independent and guest cells go to distinct host cells, so the pair questions are independent.
+   isolated emulator CPU for guest cell 0) against the policy capacity, floating vCPUs against the
+   room left on the host cell's shared CPUs (minus the instance's own CPUs there when the dedicated
+   and shared pools overlap, see Interpretations), memory against the page size the request asks for
+   (the page size per pair is a function of the pair: the largest that fits for LARGE/ANY). Resources
+   of different host cells are independent, guest cells go to distinct host cells, and the CPUs a
+   guest cell takes on a host cell are a deterministic function of the pair (step 5), so the pair
+   questions are independent.
    Guest cells of the same shape (CPUs needed, floating vCPUs, memory) share one row of answers.
 3. Bipartite matching (Kuhn's augmenting paths) tells whether every guest cell can get a distinct
    host cell; if not, a Hall violator (a set of guest cells with too few usable host cells) is reported.
@@ -25,18 +28,36 @@ Algorithm (exact and polynomial, no enumeration of cell orderings):
    depends on the pairs (small pages are used on a pair only when no hugepage size fits there). If
    the preferred assignment breaks the budget, a second assignment minimises small-page MiB first
    (preference second); when even the minimum breaks the budget nothing fits. This is exact.
-5. Only for the chosen pairs are actual CPU ids selected (deterministic, lowest ids first).
+5. Only for the chosen pairs are actual CPU ids selected (deterministic, lowest ids first); the
+   one exception is step 2 for a guest cell with floating vCPUs on a host cell whose shared and
+   free dedicated CPUs overlap, which needs the same selection to know the floating pool.
 
 Interpretations (documented here because the issue text leaves them open):
 
-* ``reserved_memory_mb`` budget: pinned instances (any dedicated vCPU) must keep
-  ``sum(small_free_mb) - instance_small_mb >= reserved_memory_mb``; floating-only instances use the
-  overcommitted pool: ``sum(small_floating_mb) - instance_small_mb >= reserved_memory_mb`` (otherwise
-  ``ram_allocation_ratio`` could never take effect). An instance with no small-page memory at all
-  (hugepages only) is never refused by this rule, even on a host already below its reservation.
-* An explicit page size of 4 KiB is treated like ``small``.
-* Floating vCPUs float over the host cell's whole ``shared_cpus`` as CellResources reports it, even
-  when the dedicated and shared sets overlap (configure disjoint sets for ``mixed``, as Nova requires).
+* Memory overcommit follows Nova: only an instance that asks for no page size at all
+  (``page_size is None``) and pins nothing (cpu_policy ``shared``, no dedicated vCPU) may use the
+  overcommitted small-page pool ``small_floating_mb`` (``ram_allocation_ratio`` applied). Any page
+  size request (``small``, an explicit 4 KiB, ``any`` falling back to small pages) or any dedicated
+  vCPU means ``small_free_mb``: no overcommit.
+* ``reserved_memory_mb`` budget, same split: an instance that may overcommit must keep
+  ``sum(small_floating_mb) - instance_small_mb >= reserved_memory_mb`` (otherwise
+  ``ram_allocation_ratio`` could never take effect), every other instance
+  ``sum(small_free_mb) - instance_small_mb >= reserved_memory_mb``. An instance with no small-page
+  memory at all (hugepages only) is never refused by this rule, even on a host already below its
+  reservation.
+* An explicit page size of 4 KiB is treated like ``small`` (small pages, no overcommit).
+* Floating vCPUs of a guest cell float over the host cell's ``shared_cpus`` minus every CPU the
+  instance pins or reserves on that host cell (its dedicated vCPUs' CPUs, isolate-reserved siblings,
+  the isolated emulator CPU). That only removes anything when the dedicated and shared pools overlap
+  (e.g. neither ``cpu_dedicated_set`` nor ``cpu_shared_set`` configured) and the instance is mixed
+  (or has an isolated emulator CPU next to floating vCPUs); it keeps the dedicated guarantee. The
+  pair then fits only if that reduced pool is non-empty and the guest cell's floating vCPUs are at
+  most ``int(len(reduced pool) * cpu_allocation_ratio)`` minus the cell's existing floating vCPUs
+  (``CellResources.floating_capacity`` counts the whole shared set, so it is not used there). The
+  CPUs excluded are those step 5 selects for the pair (deterministic), so the pair question stays
+  independent and the matching exact; the fitter computes that selection during the pair checks
+  only for such pairs. The emulator threads with ``share`` and no ``cpu_shared_set`` float over the
+  union of the vCPUs' pins, i.e. of the reduced pools and the dedicated CPUs.
 * With an isolated emulator thread, the emulator takes the CPU the thread policy would pick after the
   vCPUs' CPUs (prefer: next thread in packing order; require: next thread of a whole free SMT core;
   isolate: first thread of the next fully free core, whose siblings are reserved too).
@@ -81,7 +102,10 @@ class _HostCell:
     """What one host cell offers, derived from its CellResources. Everything but the counts the
     pair checks need is computed lazily: only matched host cells ever need their cores listed."""
 
-    __slots__ = ("idx", "id", "res", "free", "n_free", "_caps", "_cores", "_shared", "hugepage_sizes_desc")
+    __slots__ = (
+        "idx", "id", "res", "free", "n_free", "_caps", "_cores", "_shared", "_overlap", "_taken",
+        "hugepage_sizes_desc",
+    )
 
     def __init__(self, idx: int, res: CellResources) -> None:
         self.idx = idx
@@ -92,6 +116,8 @@ class _HostCell:
         self._caps: tuple[int, int] | None = None
         self._cores: list[tuple[tuple[int, ...], tuple[int, ...]]] | None = None
         self._shared: tuple[int, ...] | None = None
+        self._overlap: int | None = None
+        self._taken: dict[int, frozenset[int]] = {}
         fp = res.free_pages
         self.hugepage_sizes_desc = tuple(sorted((s for s in fp if s != SMALL_PAGE_KB), reverse=True)) if fp else ()
 
@@ -108,6 +134,28 @@ class _HostCell:
         if self._shared is None:
             self._shared = tuple(sorted(self.res.shared_cpus))
         return self._shared
+
+    @property
+    def overlap(self) -> int:
+        """Whether a floating vCPU's shared CPUs include free dedicated CPUs: 0 = no (disjoint
+        pools), 2 = every free dedicated CPU is a shared CPU too (e.g. no CPU sets configured),
+        1 = some are."""
+        if self._overlap is None:
+            shared = self.res.shared_cpus
+            if shared.isdisjoint(self.free):
+                self._overlap = 0
+            else:
+                self._overlap = 2 if self.free <= shared else 1
+        return self._overlap
+
+    def taken(self, policy: ThreadPolicy, count: int) -> frozenset[int]:
+        """Every CPU `select(policy, count)` takes: the picked CPUs and the reserved siblings.
+        (The fitter uses one policy per host cell view, so `count` is the cache key.)"""
+        t = self._taken.get(count)
+        if t is None:
+            picked, reserved = self.select(policy, count)
+            t = self._taken[count] = frozenset([p[0] for p in picked]).union(reserved)
+        return t
 
     @property
     def cores(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -187,6 +235,10 @@ class _Fitter:
         self.state = state
         self.hosts = [_HostCell(k, state.resources(c.id)) for k, c in enumerate(state.topology.cells)]
         self.pinned = request.is_pinned or any(g.dedicated_vcpus for g in request.cells)
+        # Nova's memory overcommit: only an instance that asks for no page size at all and pins
+        # nothing may use the ram_allocation_ratio pool (small_floating_mb); everything else,
+        # hw:mem_page_size=small / 4 KiB / any included, gets the free small-page MiB.
+        self.overcommit_ok = request.page_size is None and not self.pinned
         self.emu_isolate = request.emulator_threads is EmulatorThreadsPolicy.ISOLATE
         self.policy = request.thread_policy
         ps = request.page_size
@@ -202,7 +254,26 @@ class _Fitter:
         return len(g.dedicated_vcpus) + (1 if self.emu_isolate and g.id == self.request.cells[0].id else 0)
 
     def small_avail(self, h: _HostCell) -> int:
-        return h.res.small_free_mb if self.pinned else h.res.small_floating_mb
+        return h.res.small_floating_mb if self.overcommit_ok else h.res.small_free_mb
+
+    def floating_room(self, g: GuestCell, h: _HostCell, need: int) -> tuple[int, int, int]:
+        """(CPUs the floating vCPUs of g may float over on h, how many more floating vCPUs h
+        accepts, how many of h's shared CPUs the instance itself takes there). The instance's own
+        CPUs on h (dedicated vCPUs, isolate-reserved siblings, the isolated emulator CPU: exactly
+        what `select(policy, need)` takes) are excluded; they can only be shared CPUs too when the
+        dedicated and shared pools overlap. Assumes need <= capacity(policy)."""
+        res = h.res
+        overlap = h.overlap if need else 0
+        if overlap:
+            if overlap == 2 and self.policy is not ThreadPolicy.ISOLATE:
+                excluded = need  # prefer/require take exactly `need` free CPUs, all of them shared
+            else:
+                excluded = len(h.taken(self.policy, need) & res.shared_cpus)
+            if excluded:
+                pool = len(res.shared_cpus) - excluded
+                used = self.state.cell_usage(h.id).floating_vcpus
+                return pool, int(pool * self.state.cpu_allocation_ratio) - used, excluded
+        return len(res.shared_cpus), res.floating_capacity, 0
 
     def _huge_ok(self, h: _HostCell, size: int, mem_kb: int) -> bool:
         free = h.res.free_pages.get(size)
@@ -234,8 +305,10 @@ class _Fitter:
         if need > h.capacity(self.policy):
             return None
         n_float = len(g.vcpus) - len(g.dedicated_vcpus)
-        if n_float > 0 and (n_float > h.res.floating_capacity or not h.shared_sorted):
-            return None
+        if n_float > 0:
+            pool, room, _ = self.floating_room(g, h, need)
+            if not pool or n_float > room:
+                return None
         return self.memory(g, h)
 
     def pair_reasons(self, g: GuestCell, h: _HostCell) -> list[str]:
@@ -261,12 +334,16 @@ class _Fitter:
                 out.append(f"{cap} fully free cores < {nd} vCPUs{emu} of guest cell {gid} (thread policy isolate)")
         n_float = len(g.vcpus) - len(g.dedicated_vcpus)
         if n_float > 0:
-            if not h.shared_sorted:
-                out.append(f"no shared CPUs for {n_float} floating vCPUs of guest cell {gid}")
-            elif n_float > h.res.floating_capacity:
+            # the instance's own CPUs can be excluded only where its dedicated CPUs fit at all
+            pool, room, excluded = self.floating_room(g, h, need if need <= cap else 0)
+            own = f" once the {excluded} CPUs the instance pins there are excluded" if excluded else ""
+            if not pool:
+                left = " left" if excluded else ""
+                out.append(f"no shared CPUs{left} for {n_float} floating vCPUs of guest cell {gid}{own}")
+            elif n_float > room:
                 out.append(
-                    f"room for {h.res.floating_capacity} more floating vCPUs (cpu_allocation_ratio "
-                    f"{self.state.cpu_allocation_ratio:g}) < {n_float} of guest cell {gid}"
+                    f"room for {max(0, room)} more floating vCPUs (cpu_allocation_ratio "
+                    f"{self.state.cpu_allocation_ratio:g}{own}) < {n_float} of guest cell {gid}"
                 )
         if self.memory(g, h) is None:
             out.append(self._memory_reason(g, h))
@@ -288,7 +365,7 @@ class _Fitter:
             return f"{name} pages: {h.res.free_pages[size]} free < {need} needed by guest cell {gid}"
 
         def small() -> str:
-            what = "free small-page MiB" if self.pinned else "small-page MiB (ram_allocation_ratio applied)"
+            what = "small-page MiB (ram_allocation_ratio applied)" if self.overcommit_ok else "free small-page MiB"
             return f"{self.small_avail(h)} {what} < {mem} MiB of guest cell {gid}"
 
         kind = self.page_kind
@@ -458,10 +535,10 @@ def fit(request: InstanceRequest, state: HostState, *, preference: Preference = 
         return _no_fit(f, pairs, _hall_violator(adj, mg, mh))
 
     # host-level small-page budget (reserved_memory_mb)
-    if f.pinned:
-        small_pool = sum(h.res.small_free_mb for h in hosts)
-    else:
+    if f.overcommit_ok:
         small_pool = sum(h.res.small_floating_mb for h in hosts)
+    else:
+        small_pool = sum(h.res.small_free_mb for h in hosts)
     # (clamped at 0: an instance that puts no small-page memory on the host is never blocked by it)
     budget = max(0, small_pool - state.reserved_memory_mb)
 
@@ -518,6 +595,7 @@ def _build(f: _Fitter, assign: list[int], pairs: list[list[_PairFit | None]]) ->
         assert pf is not None
         need = f.cpus_needed(g)
         picked, reserved = h.select(f.policy, need)
+        mine = {p[0] for p in picked}.union(reserved)  # every CPU the instance takes on h
         if need != len(g.dedicated_vcpus):  # guest cell 0 with an isolated emulator thread
             emulator = (picked[-1][0],)
             picked = picked[:-1]
@@ -529,6 +607,8 @@ def _build(f: _Fitter, assign: list[int], pairs: list[list[_PairFit | None]]) ->
         floating = g.vcpus - g.dedicated_vcpus
         if floating:
             shared = h.shared_sorted
+            if h.overlap and not mine.isdisjoint(h.res.shared_cpus):
+                shared = tuple(c for c in shared if c not in mine)
             for v in floating:
                 pins[v] = shared
             all_pins.update(shared)
@@ -599,7 +679,7 @@ def _reserved_no_fit(
 ) -> NoFit:
     cell_reasons = _cell_lines(f, pairs)
     lines = list(cell_reasons.values())
-    what = "free small-page" if f.pinned else "small-page (ram_allocation_ratio applied)"
+    what = "small-page (ram_allocation_ratio applied)" if f.overcommit_ok else "free small-page"
     lines.append(
         f"every guest cell fits a host cell, but the instance needs at least {used} MiB of small-page "
         f"memory and the host has {pool} MiB {what} memory, {f.state.reserved_memory_mb} MiB of which "

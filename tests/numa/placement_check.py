@@ -2,7 +2,15 @@
 the rules without using agent.numa.fit, and `brute_force_fits` decides fit/no-fit by trying every
 ordering of host cells (fine for <= 4 host cells). Only `HostState.resources()` is shared with the
 fitter: it fixes the resource semantics (free dedicated CPUs, shared CPUs, floating capacity, free
-hugepages, small-page MiB)."""
+hugepages, small-page MiB).
+
+Rules checked here that are easy to get wrong:
+
+* memory overcommit (``small_floating_mb``, and the same pool for ``reserved_memory_mb``) only for
+  an instance with no page size request and nothing pinned; everyone else gets ``small_free_mb``;
+* floating vCPUs float over the host cell's shared CPUs minus every CPU the instance takes on that
+  host cell (dedicated vCPUs, reserved siblings, isolated emulator CPU). Which CPUs those are is the
+  fitter's deterministic selection rule, re-implemented independently in `expected_taken`."""
 
 from __future__ import annotations
 
@@ -26,8 +34,13 @@ def _page_kind(request: InstanceRequest) -> tuple[str, int | None]:
     return ps.kind.value, None
 
 
+def overcommit_ok(request: InstanceRequest) -> bool:
+    """Nova: only an instance asking for no page size and pinning nothing overcommits memory."""
+    return request.page_size is None and not _pinned(request)
+
+
 def _small_avail(request: InstanceRequest, res: CellResources) -> int:
-    return res.small_free_mb if _pinned(request) else res.small_floating_mb
+    return res.small_floating_mb if overcommit_ok(request) else res.small_free_mb
 
 
 def _huge_fits(res: CellResources, size: int, mem_mb: int) -> bool:
@@ -71,6 +84,36 @@ def policy_capacity(policy: ThreadPolicy, res: CellResources) -> int:
     return sum(1 for g in cores if all(c in free for c in g))
 
 
+def expected_taken(policy: ThreadPolicy, res: CellResources, count: int) -> set[int]:
+    """The CPUs (picked + reserved siblings) the selection rule takes for `count` CPUs (the dedicated
+    vCPUs plus the isolated emulator CPU) on this host cell. Assumes the policy capacity suffices.
+    prefer: cores with the most free dedicated threads first (ties: lower first CPU), their free
+    threads in order; require: whole free SMT cores in order; isolate: the first thread of each fully
+    free core in order, the other threads reserved."""
+    if count <= 0:
+        return set()
+    free = res.dedicated_cpus
+    cores = sorted(_cores(res))
+    if policy is ThreadPolicy.ISOLATE:
+        whole = [g for g in cores if all(c in free for c in g)]
+        return {c for g in whole[:count] for c in g}
+    if policy is ThreadPolicy.REQUIRE:
+        order = [c for g in cores if len(g) >= 2 and all(c in free for c in g) for c in g]
+    else:
+        ranked = sorted(cores, key=lambda g: -sum(1 for c in g if c in free))
+        order = [c for g in ranked for c in g if c in free]
+    assert len(order) >= count
+    return set(order[:count])
+
+
+def floating_pool(state: HostState, res: CellResources, mine: set[int]) -> tuple[frozenset[int], int]:
+    """What floating vCPUs may float over on this host cell once the instance's own CPUs there
+    (`mine`) are excluded, and how many more floating vCPUs that pool accepts."""
+    pool = res.shared_cpus - mine
+    room = int(len(pool) * state.cpu_allocation_ratio) - state.cell_usage(res.cell.id).floating_vcpus
+    return pool, room
+
+
 def pair_fits(request: InstanceRequest, state: HostState, guest: int, host_cell: int) -> int | None:
     """Naive per-pair check: the page size if guest cell `guest` fits host cell `host_cell`."""
     g = request.cells[guest]
@@ -81,14 +124,16 @@ def pair_fits(request: InstanceRequest, state: HostState, guest: int, host_cell:
     if need > policy_capacity(request.thread_policy, res):
         return None
     n_float = len(g.vcpus - g.dedicated_vcpus)
-    if n_float and (n_float > res.floating_capacity or not res.shared_cpus):
-        return None
+    if n_float:
+        pool, room = floating_pool(state, res, expected_taken(request.thread_policy, res, need))
+        if not pool or n_float > room:
+            return None
     return expected_pagesize(request, res, g.memory_mb)
 
 
 def small_budget(request: InstanceRequest, state: HostState) -> int:
     rs = state.all_resources()
-    pool = sum(r.small_free_mb for r in rs) if _pinned(request) else sum(r.small_floating_mb for r in rs)
+    pool = sum(r.small_floating_mb for r in rs) if overcommit_ok(request) else sum(r.small_free_mb for r in rs)
     # an instance without small-page memory is never blocked by reserved_memory_mb
     return max(0, pool - state.reserved_memory_mb)
 
@@ -122,6 +167,7 @@ def check_placement(request: InstanceRequest, state: HostState, placement: Place
     small_total = 0
     emu_isolate = request.emulator_threads is EmulatorThreadsPolicy.ISOLATE
     vcpu_union: set[int] = set()
+    floating_pins: dict[int, tuple[int, ...]] = {}
 
     def take(cpu: int, what: str) -> None:
         assert cpu not in used, f"host CPU {cpu} used twice ({what})"
@@ -146,13 +192,26 @@ def check_placement(request: InstanceRequest, state: HostState, placement: Place
             take(cpu, f"vCPU {v}")
             ded_cpus.append(cpu)
             vcpu_union.add(cpu)
+        # every CPU the instance takes on this host cell: vCPUs, reserved siblings, isolated emulator
+        mine = set(ded_cpus) | set(cp.reserved_cpus)
+        n_sel = len(ded_cpus)
+        if emu_isolate and cp.guest_cell == 0 and placement.emulator_pins:
+            mine.add(placement.emulator_pins[0])
+            n_sel += 1
+        assert mine == expected_taken(policy, res, n_sel), (
+            f"CPUs taken on host cell {cp.host_cell} {sorted(mine)} are not the selection rule's"
+        )
         floating = g.vcpus - g.dedicated_vcpus
+        pool, room = floating_pool(state, res, mine)
         for v in floating:
-            assert tuple(cp.cpu_pins[v]) == tuple(sorted(res.shared_cpus)), f"floating vCPU {v}"
+            assert tuple(cp.cpu_pins[v]) == tuple(sorted(pool)), (
+                f"floating vCPU {v} on {cp.cpu_pins[v]}, expected the shared CPUs minus the instance's own"
+            )
             vcpu_union.update(cp.cpu_pins[v])
+            floating_pins[v] = tuple(cp.cpu_pins[v])
         if floating:
-            assert res.shared_cpus
-            assert len(floating) <= res.floating_capacity, "cpu_allocation_ratio exceeded"
+            assert pool, "floating vCPUs without a shared CPU"
+            assert len(floating) <= room, "cpu_allocation_ratio exceeded"
         # thread policy
         for cpu in ded_cpus:
             grp = core_of[cpu]
@@ -209,5 +268,8 @@ def check_placement(request: InstanceRequest, state: HostState, placement: Place
             assert placement.emulator_pins == tuple(sorted(state.cpu_shared_set))
         else:
             assert placement.emulator_pins == tuple(sorted(vcpu_union))
+    # the dedicated guarantee: no floating vCPU may run on a CPU the instance takes exclusively
+    for v, pin in floating_pins.items():
+        assert used.isdisjoint(pin), f"floating vCPU {v} floats over exclusive CPUs {sorted(used & set(pin))}"
     # host-level small-page budget
     assert small_total <= small_budget(request, state), "reserved_memory_mb violated"

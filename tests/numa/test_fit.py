@@ -270,6 +270,99 @@ def test_dedicated_and_shared_sets():
     nofit(req((3, 1024)), st_)  # only 2 CPUs in the dedicated set
 
 
+def test_mixed_floating_vcpus_exclude_own_dedicated_cpus():
+    # no cpu_dedicated_set / cpu_shared_set: the pools overlap; floating vCPUs must not float over the
+    # CPUs the instance pinned to its dedicated vCPUs
+    st_ = host(cell(0, [0, 1, 2, 3]))
+    p = placed(req((3, 1024, 2), policy=CpuPolicy.MIXED), st_)
+    c = p.cells[0]
+    assert [c.cpu_pins[0], c.cpu_pins[1], c.cpu_pins[2]] == [(0,), (1,), (2, 3)]
+    assert p.emulator_pins == (0, 1, 2, 3)  # share, no cpu_shared_set: union of the vCPU pins
+    # other CPUs pinned already (by other instances) are gone from both pools anyway
+    p = placed(req((3, 1024, 1), policy=CpuPolicy.MIXED), host(cell(0, [0, 1, 2, 3], pinned=[0])))
+    assert p.cells[0].cpu_pins[0] == (1,) and p.cells[0].cpu_pins[1] == (2, 3)
+
+
+def test_mixed_floating_vcpus_exclude_reserved_siblings_and_emulator():
+    st_ = host(cell(0, SMT8, smt=True))
+    p = placed(req((3, 1024, 1), policy=CpuPolicy.MIXED, threads=ThreadPolicy.ISOLATE), st_)
+    c = p.cells[0]
+    assert pins(p) == [0] and c.reserved_cpus == frozenset({4})
+    assert c.cpu_pins[1] == c.cpu_pins[2] == (1, 2, 3, 5, 6, 7)
+    p = placed(
+        req((3, 1024, 1), policy=CpuPolicy.MIXED, threads=ThreadPolicy.ISOLATE, emulator=EmulatorThreadsPolicy.ISOLATE),
+        st_,
+    )
+    c = p.cells[0]
+    assert pins(p) == [0] and p.emulator_pins == (1,) and c.reserved_cpus == frozenset({4, 5})
+    assert c.cpu_pins[1] == (2, 3, 6, 7)
+    # emulator isolate only: guest cell 0 pins the emulator CPU, its floating vCPUs avoid it
+    p = placed(req((3, 1024, 2), policy=CpuPolicy.MIXED, emulator=EmulatorThreadsPolicy.ISOLATE), host(cell(0, [0, 1, 2, 3])))
+    assert pins(p) == [0, 1] and p.emulator_pins == (2,) and p.cells[0].cpu_pins[2] == (3,)
+
+
+def test_mixed_floating_capacity_counts_the_reduced_pool():
+    # 4 CPUs, ratio 1.0: the whole shared set would take 4 floating vCPUs, minus 2 dedicated only 2
+    st_ = host(cell(0, [0, 1, 2, 3]), cpu_allocation_ratio=1.0)
+    placed(req((4, 1024, 2), policy=CpuPolicy.MIXED), st_)
+    r = nofit(req((5, 1024, 2), policy=CpuPolicy.MIXED), st_)
+    assert "room for 2 more floating vCPUs (cpu_allocation_ratio 1 once the 2 CPUs the instance pins there" in r.reason
+    # existing floating vCPUs of the cell count against the reduced pool: int(2 * 4.0) - 7 = 1
+    st2 = host(cell(0, [0, 1, 2, 3], floating_vcpus=7), cpu_allocation_ratio=4.0)
+    placed(req((3, 1024, 2), policy=CpuPolicy.MIXED), st2)
+    nofit(req((4, 1024, 2), policy=CpuPolicy.MIXED), st2)
+    # with an existing load above the reduced capacity nothing floating fits (whole set: 16 - 9 = 7)
+    st3 = host(cell(0, [0, 1, 2, 3], floating_vcpus=9), cpu_allocation_ratio=4.0)
+    r = nofit(req((3, 1024, 2), policy=CpuPolicy.MIXED), st3)
+    assert "room for 0 more floating vCPUs" in r.reason
+    placed(req((3, 1024), policy=CpuPolicy.SHARED), st3)  # no exclusion for a floating-only instance
+
+
+def test_mixed_floating_needs_a_cpu_left_after_exclusion():
+    # all 4 CPUs go to dedicated vCPUs: no CPU left for the floating one (before: it floated over them)
+    st_ = host(cell(0, [0, 1, 2, 3]))
+    r = nofit(req((5, 1024, 4), policy=CpuPolicy.MIXED), st_)
+    assert "no shared CPUs left for 1 floating vCPUs of guest cell 0" in r.reason
+    placed(req((4, 1024, 3), policy=CpuPolicy.MIXED), st_)
+    # the isolated emulator CPU counts too
+    nofit(req((4, 1024, 3), policy=CpuPolicy.MIXED, emulator=EmulatorThreadsPolicy.ISOLATE), st_)
+    # and so do isolate-reserved siblings: 2 cores, 1 dedicated vCPU takes a whole core
+    st2 = host(cell(0, [0, 1, 2, 3], smt=True), cpu_allocation_ratio=1.0)
+    placed(req((3, 1024, 1), policy=CpuPolicy.MIXED, threads=ThreadPolicy.ISOLATE), st2)
+    nofit(req((4, 1024, 1), policy=CpuPolicy.MIXED, threads=ThreadPolicy.ISOLATE), st2)
+    placed(req((4, 1024, 1), policy=CpuPolicy.MIXED, threads=ThreadPolicy.PREFER), st2)
+
+
+def test_mixed_exclusion_partial_overlap_of_configured_sets():
+    # dedicated set 0-3, shared set 2-5: only 2 and 3 are in both pools
+    st_ = host(cell(0, list(range(6))), cpu_dedicated_set=[0, 1, 2, 3], cpu_shared_set=[2, 3, 4, 5], cpu_allocation_ratio=1.0)
+    p = placed(req((4, 1024, 3), policy=CpuPolicy.MIXED), st_)
+    assert pins(p) == [0, 1, 2] and p.cells[0].cpu_pins[3] == (3, 4, 5)
+    nofit(req((7, 1024, 3), policy=CpuPolicy.MIXED), st_)  # 4 floating > 3 left
+    # disjoint sets: nothing to exclude
+    st2 = host(cell(0, list(range(6))), cpu_dedicated_set=[0, 1, 2], cpu_shared_set=[3, 4, 5], cpu_allocation_ratio=1.0)
+    p = placed(req((6, 1024, 3), policy=CpuPolicy.MIXED), st2)
+    assert p.cells[0].cpu_pins[3] == (3, 4, 5)
+
+
+def test_mixed_exclusion_decides_the_matching():
+    # guest cell 0 (2 dedicated + 3 floating) fits host cell 0 only under the old rule (4 shared CPUs);
+    # with its own 2 CPUs excluded, 2 remain (ratio 1.0) < 3: it must take host cell 1, and guest
+    # cell 1 (3 dedicated + 1 floating: 1 CPU left, enough) host cell 0, against the tie break (the
+    # assignment costs are equal; lower host cell ids go to lower guest cells).
+    st_ = host(cell(0, [0, 1, 2, 3]), cell(1, list(range(4, 10))), cpu_allocation_ratio=1.0)
+    r = req((5, 1024, 2), (4, 1024, 3), policy=CpuPolicy.MIXED)
+    for pref in ("spread", "pack"):
+        p = placed(r, st_, preference=pref)
+        assert p.cell_for_guest(0).host_cell == 1 and p.cell_for_guest(1).host_cell == 0
+        assert p.cell_for_guest(0).cpu_pins[4] == (6, 7, 8, 9)
+        assert p.cell_for_guest(1).cpu_pins[8] == (3,)
+    # with host cell 1 too small for guest cell 0 as well, nothing fits
+    small = host(cell(0, [0, 1, 2, 3]), cell(1, [4, 5, 6, 7]), cpu_allocation_ratio=1.0)
+    r2 = nofit(r, small)
+    assert "guest cell 0 fits no host cell" in r2.reason
+
+
 def test_floating_overcommit_with_cpu_allocation_ratio():
     st_ = host(cell(0, [0, 1, 2, 3]), cpu_dedicated_set=[2, 3], cpu_shared_set=[0, 1], cpu_allocation_ratio=4.0)
     p = placed(req((8, 1024), policy=CpuPolicy.SHARED), st_)
@@ -289,6 +382,48 @@ def test_ram_allocation_ratio_only_for_floating_guests():
     placed(req((2, 1024)), st_)
     r = nofit(req((2, 1025)), st_)
     assert "1024 free small-page MiB < 1025 MiB" in r.reason
+
+
+def test_ram_overcommit_only_without_page_size_request():
+    # Nova: hw:mem_page_size=small (or 4 KiB, or any falling back to small pages) means no overcommit
+    st_ = host(cell(0, [0, 1, 2, 3], small_mb=4096, small_free_mb=1024), ram_allocation_ratio=1.5)
+    placed(req((2, 3072), policy=CpuPolicy.SHARED), st_)  # no page size: overcommit allowed
+    for page in (SMALL, PageSizeWish(PageSizeKind.EXPLICIT, 4), ANY):
+        p = placed(req((2, 1024), policy=CpuPolicy.SHARED, page=page), st_)
+        assert p.cells[0].pagesize_kb == 4
+        r = nofit(req((2, 1025), policy=CpuPolicy.SHARED, page=page), st_)
+        assert "1024 free small-page MiB < 1025 MiB" in r.reason, r.reason
+
+
+def test_ram_overcommit_never_for_mixed_instances():
+    st_ = host(cell(0, [0, 1, 2, 3], small_mb=4096, small_free_mb=1024), ram_allocation_ratio=1.5)
+    placed(req((2, 1024, 1), policy=CpuPolicy.MIXED), st_)
+    r = nofit(req((2, 1025, 1), policy=CpuPolicy.MIXED), st_)
+    assert "1024 free small-page MiB < 1025 MiB" in r.reason
+    # the floating-only instance next to it may use the overcommitted pool
+    placed(req((2, 3072), policy=CpuPolicy.SHARED), st_)
+
+
+def test_reserved_memory_pool_follows_overcommit_rule():
+    # 2048 MiB small pages free per cell, ram ratio 2.0: 4096 MiB overcommitted pool per cell
+    cells = (cell(0, [0, 1], small_mb=2048), cell(1, [2, 3], small_mb=2048))
+    st_ = host(*cells, ram_allocation_ratio=2.0, reserved_memory_mb=6144)
+    # no page size, floating only: budget 8192 - 6144 = 2048
+    placed(req((1, 1024), (1, 1024), policy=CpuPolicy.SHARED), st_)
+    r = nofit(req((1, 1024), (1, 1025), policy=CpuPolicy.SHARED), st_)
+    assert "8192 MiB small-page (ram_allocation_ratio applied) memory" in r.reason
+    # a page size request (or a dedicated vCPU) uses the free pool: 4096 - 6144 < 0, no room at all
+    for r_ in (
+        req((1, 16), policy=CpuPolicy.SHARED, page=SMALL),
+        req((1, 16), policy=CpuPolicy.SHARED, page=PageSizeWish(PageSizeKind.EXPLICIT, 4)),
+        req((1, 16)),
+        req((2, 16, 1), policy=CpuPolicy.MIXED),
+    ):
+        r = nofit(r_, st_)
+        assert "4096 MiB free small-page memory, 6144 MiB of which is reserved" in r.reason, r.reason
+    st2 = host(*cells, ram_allocation_ratio=2.0, reserved_memory_mb=2048)
+    placed(req((1, 1024), (1, 1024), policy=CpuPolicy.SHARED, page=SMALL), st2)
+    nofit(req((1, 1024), (1, 1025), policy=CpuPolicy.SHARED, page=SMALL), st2)
 
 
 def test_memory_only_cpuless_cell():
@@ -539,9 +674,10 @@ def host_states(draw: st.DrawFn, roomy: bool = False) -> HostState:
         )
     doc: dict[str, Any] = {"hostname": "h", "cells": cells}
     if all_cpus and not roomy and draw(st.integers(0, 2)) == 0:
-        roles = draw(st.lists(st.sampled_from(["d", "d", "d", "s", "-"]), min_size=len(all_cpus), max_size=len(all_cpus)))
-        doc["cpu_dedicated_set"] = [c for c, r in zip(all_cpus, roles) if r == "d"]
-        doc["cpu_shared_set"] = [c for c, r in zip(all_cpus, roles) if r == "s"]
+        # "b": in both sets (overlapping pools, where mixed instances exclude their own CPUs)
+        roles = draw(st.lists(st.sampled_from(["d", "d", "d", "s", "b", "-"]), min_size=len(all_cpus), max_size=len(all_cpus)))
+        doc["cpu_dedicated_set"] = [c for c, r in zip(all_cpus, roles) if r in "db"]
+        doc["cpu_shared_set"] = [c for c, r in zip(all_cpus, roles) if r in "sb"]
     doc["reserved_memory_mb"] = draw(st.sampled_from([0, 0, 0, 512, 2048, 6000]))
     if draw(st.booleans()):
         doc["reserved_pages"] = {str(draw(st.integers(0, n_cells - 1))): {"2048": draw(st.sampled_from([64, 256]))}}
