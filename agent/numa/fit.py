@@ -10,9 +10,10 @@ Algorithm (exact and polynomial, no enumeration of cell orderings):
    with >= 2 threads, all of them free dedicated CPUs), ``isolate`` = number of fully free cores
    (every thread of the sibling group is a free dedicated CPU).
 2. Per pair (guest cell i, host cell j) decide feasibility independently: dedicated vCPUs (+ the
-   isolated emulator CPU for guest cell 0) against the policy capacity, floating vCPUs against the
-   room left on the host cell's shared CPUs (minus the instance's own CPUs there when the dedicated
-   and shared pools overlap, see Interpretations), memory against the page size the request asks for
+   isolated emulator CPU for guest cell 0) against the policy capacity, the host cell's floating
+   vCPUs (its existing ones plus the guest cell's) against the room left on its shared CPUs (minus
+   the instance's own CPUs there when the dedicated and shared pools overlap, see Interpretations),
+   memory against the page size the request asks for
    (the page size per pair is a function of the pair: the largest that fits for LARGE/ANY). Resources
    of different host cells are independent, guest cells go to distinct host cells, and the CPUs a
    guest cell takes on a host cell are a deterministic function of the pair (step 5), so the pair
@@ -29,8 +30,9 @@ Algorithm (exact and polynomial, no enumeration of cell orderings):
    the preferred assignment breaks the budget, a second assignment minimises small-page MiB first
    (preference second); when even the minimum breaks the budget nothing fits. This is exact.
 5. Only for the chosen pairs are actual CPU ids selected (deterministic, lowest ids first); the
-   one exception is step 2 for a guest cell with floating vCPUs on a host cell whose shared and
-   free dedicated CPUs overlap, which needs the same selection to know the floating pool.
+   one exception is step 2 on a host cell that has floating vCPUs (existing ones or the guest
+   cell's) and whose shared and free dedicated CPUs overlap, which needs the same selection to know
+   what is left of the floating pool.
 
 Interpretations (documented here because the issue text leaves them open):
 
@@ -49,15 +51,30 @@ Interpretations (documented here because the issue text leaves them open):
 * Floating vCPUs of a guest cell float over the host cell's ``shared_cpus`` minus every CPU the
   instance pins or reserves on that host cell (its dedicated vCPUs' CPUs, isolate-reserved siblings,
   the isolated emulator CPU). That only removes anything when the dedicated and shared pools overlap
-  (e.g. neither ``cpu_dedicated_set`` nor ``cpu_shared_set`` configured) and the instance is mixed
-  (or has an isolated emulator CPU next to floating vCPUs); it keeps the dedicated guarantee. The
-  pair then fits only if that reduced pool is non-empty and the guest cell's floating vCPUs are at
-  most ``int(len(reduced pool) * cpu_allocation_ratio)`` minus the cell's existing floating vCPUs
-  (``CellResources.floating_capacity`` counts the whole shared set, so it is not used there). The
-  CPUs excluded are those step 5 selects for the pair (deterministic), so the pair question stays
-  independent and the matching exact; the fitter computes that selection during the pair checks
-  only for such pairs. The emulator threads with ``share`` and no ``cpu_shared_set`` float over the
-  union of the vCPUs' pins, i.e. of the reduced pools and the dedicated CPUs.
+  (e.g. neither ``cpu_dedicated_set`` nor ``cpu_shared_set`` configured); it keeps the dedicated
+  guarantee. The emulator threads with ``share`` and no ``cpu_shared_set`` float over the union of
+  the vCPUs' pins, i.e. of the reduced pools and the dedicated CPUs.
+* No floating starvation. The CPUs the instance takes exclusively on a host cell leave that cell's
+  shared pool for good, also for the floating vCPUs already running there (they float over every
+  shared CPU, so pinning one of them shrinks their pool). So on every host cell the instance uses,
+  with ``remaining`` = ``shared_cpus`` minus the instance's CPUs there (as above), a pair fits only if
+  ``existing + new <= int(len(remaining) * cpu_allocation_ratio)`` and, when ``existing + new > 0``,
+  ``remaining`` is non-empty (``existing`` = the cell's floating vCPUs, ``CellUsage.floating_vcpus``;
+  ``new`` = the guest cell's floating vCPUs). This applies to dedicated-only guest cells too: a
+  dedicated vCPU, reserved sibling or isolated emulator CPU that would push the cell's existing
+  floating vCPUs beyond the ratio (or leave them no CPU) makes the pair infeasible. A cell the
+  instance takes no shared CPU from and puts no floating vCPU on is not checked (its pool does not
+  change): an instance is never refused because a cell was over its ratio already (e.g. a lowered
+  ``cpu_allocation_ratio``), only for making it worse there. Without exclusion the rule is the
+  plain ``new <= CellResources.floating_capacity`` (which counts the whole shared set), so it
+  changes nothing for disjoint ``cpu_dedicated_set`` / ``cpu_shared_set``.
+  The CPUs excluded are those step 5 selects for the pair (deterministic, the thread policy's order),
+  so the pair question stays independent and the matching exact. The fitter computes that selection
+  during the pair checks only on host cells with floating vCPUs (existing or new) whose shared and
+  free dedicated CPUs overlap. Deliberately simple: it does not try other CPU selections to spare
+  the shared pool (e.g. free dedicated CPUs outside ``cpu_shared_set`` when the sets only partly
+  overlap, or a different core), so it can answer no-fit where a different choice of CPUs on the
+  same host cell would fit. "Exact" means exact for this deterministic selection.
 * With an isolated emulator thread, the emulator takes the CPU the thread policy would pick after the
   vCPUs' CPUs (prefer: next thread in packing order; require: next thread of a whole free SMT core;
   isolate: first thread of the next fully free core, whose siblings are reserved too).
@@ -103,14 +120,15 @@ class _HostCell:
     pair checks need is computed lazily: only matched host cells ever need their cores listed."""
 
     __slots__ = (
-        "idx", "id", "res", "free", "n_free", "_caps", "_cores", "_shared", "_overlap", "_taken",
-        "hugepage_sizes_desc",
+        "idx", "id", "res", "free", "n_free", "existing", "_caps", "_cores", "_shared", "_overlap",
+        "_taken", "hugepage_sizes_desc",
     )
 
-    def __init__(self, idx: int, res: CellResources) -> None:
+    def __init__(self, idx: int, res: CellResources, existing: int = 0) -> None:
         self.idx = idx
         self.id = res.cell.id
         self.res = res
+        self.existing = existing  # floating vCPUs already on the cell (CellUsage.floating_vcpus)
         self.free = res.dedicated_cpus
         self.n_free = len(self.free)
         self._caps: tuple[int, int] | None = None
@@ -233,7 +251,10 @@ class _Fitter:
     def __init__(self, request: InstanceRequest, state: HostState) -> None:
         self.request = request
         self.state = state
-        self.hosts = [_HostCell(k, state.resources(c.id)) for k, c in enumerate(state.topology.cells)]
+        self.hosts = [
+            _HostCell(k, state.resources(c.id), state.cell_usage(c.id).floating_vcpus)
+            for k, c in enumerate(state.topology.cells)
+        ]
         self.pinned = request.is_pinned or any(g.dedicated_vcpus for g in request.cells)
         # Nova's memory overcommit: only an instance that asks for no page size at all and pins
         # nothing may use the ram_allocation_ratio pool (small_floating_mb); everything else,
@@ -256,12 +277,15 @@ class _Fitter:
     def small_avail(self, h: _HostCell) -> int:
         return h.res.small_floating_mb if self.overcommit_ok else h.res.small_free_mb
 
-    def floating_room(self, g: GuestCell, h: _HostCell, need: int) -> tuple[int, int, int]:
-        """(CPUs the floating vCPUs of g may float over on h, how many more floating vCPUs h
-        accepts, how many of h's shared CPUs the instance itself takes there). The instance's own
-        CPUs on h (dedicated vCPUs, isolate-reserved siblings, the isolated emulator CPU: exactly
-        what `select(policy, need)` takes) are excluded; they can only be shared CPUs too when the
-        dedicated and shared pools overlap. Assumes need <= capacity(policy)."""
+    def floating_room(self, h: _HostCell, need: int) -> tuple[int, int, int]:
+        """(CPUs floating vCPUs may float over on h once the instance is there, how many more
+        floating vCPUs that pool accepts on top of the cell's existing ones - negative when the
+        instance's own CPUs would already starve the existing ones -, how many of h's shared CPUs
+        the instance itself takes there). The instance's own CPUs on h (dedicated vCPUs,
+        isolate-reserved siblings, the isolated emulator CPU: exactly what `select(policy, need)`
+        takes) are excluded; they can only be shared CPUs too when the dedicated and shared pools
+        overlap. Without exclusion this is `floating_capacity` (clamped at 0: a cell already over its
+        ratio is not the instance's doing). Assumes need <= capacity(policy)."""
         res = h.res
         overlap = h.overlap if need else 0
         if overlap:
@@ -271,9 +295,18 @@ class _Fitter:
                 excluded = len(h.taken(self.policy, need) & res.shared_cpus)
             if excluded:
                 pool = len(res.shared_cpus) - excluded
-                used = self.state.cell_usage(h.id).floating_vcpus
-                return pool, int(pool * self.state.cpu_allocation_ratio) - used, excluded
+                return pool, int(pool * self.state.cpu_allocation_ratio) - h.existing, excluded
         return len(res.shared_cpus), res.floating_capacity, 0
+
+    def floating_ok(self, h: _HostCell, need: int, n_float: int) -> bool:
+        """The no-starvation rule (module doc): after the instance takes its CPUs on h, the rest of
+        h's shared pool holds the existing floating vCPUs plus the guest cell's `n_float`."""
+        if not (n_float or (need and h.existing)):
+            return True  # fast path: nothing would float on h, or the instance takes no CPU there
+        pool, room, _ = self.floating_room(h, need)
+        # room < 0 only when the instance shrinks the pool below what already floats there
+        # (that includes an emptied pool: int(0 * ratio) - existing < 0)
+        return n_float <= room and (pool > 0 or not n_float)
 
     def _huge_ok(self, h: _HostCell, size: int, mem_kb: int) -> bool:
         free = h.res.free_pages.get(size)
@@ -304,11 +337,8 @@ class _Fitter:
         need = self.cpus_needed(g)
         if need > h.capacity(self.policy):
             return None
-        n_float = len(g.vcpus) - len(g.dedicated_vcpus)
-        if n_float > 0:
-            pool, room, _ = self.floating_room(g, h, need)
-            if not pool or n_float > room:
-                return None
+        if not self.floating_ok(h, need, len(g.vcpus) - len(g.dedicated_vcpus)):
+            return None
         return self.memory(g, h)
 
     def pair_reasons(self, g: GuestCell, h: _HostCell) -> list[str]:
@@ -333,18 +363,32 @@ class _Fitter:
             else:
                 out.append(f"{cap} fully free cores < {nd} vCPUs{emu} of guest cell {gid} (thread policy isolate)")
         n_float = len(g.vcpus) - len(g.dedicated_vcpus)
+        ratio = self.state.cpu_allocation_ratio
         if n_float > 0:
             # the instance's own CPUs can be excluded only where its dedicated CPUs fit at all
-            pool, room, excluded = self.floating_room(g, h, need if need <= cap else 0)
+            pool, room, excluded = self.floating_room(h, need if need <= cap else 0)
             own = f" once the {excluded} CPUs the instance pins there are excluded" if excluded else ""
+            there = f", {h.existing} floating vCPUs already there" if excluded and h.existing else ""
             if not pool:
                 left = " left" if excluded else ""
                 out.append(f"no shared CPUs{left} for {n_float} floating vCPUs of guest cell {gid}{own}")
             elif n_float > room:
                 out.append(
                     f"room for {max(0, room)} more floating vCPUs (cpu_allocation_ratio "
-                    f"{self.state.cpu_allocation_ratio:g}{own}) < {n_float} of guest cell {gid}"
+                    f"{ratio:g}{own}{there}) < {n_float} of guest cell {gid}"
                 )
+        elif need <= cap and h.existing and not self.floating_ok(h, need, 0):
+            pool, room, excluded = self.floating_room(h, need)
+            left = (
+                f"only {pool} shared CPUs (room for {int(pool * ratio)} floating vCPUs at "
+                f"cpu_allocation_ratio {ratio:g})"
+                if pool
+                else "no shared CPU"
+            )
+            out.append(
+                f"the {excluded} shared CPUs guest cell {gid} would pin there leave {left} to the "
+                f"{h.existing} floating vCPUs already on the cell"
+            )
         if self.memory(g, h) is None:
             out.append(self._memory_reason(g, h))
         return out

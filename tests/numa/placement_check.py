@@ -10,7 +10,13 @@ Rules checked here that are easy to get wrong:
   an instance with no page size request and nothing pinned; everyone else gets ``small_free_mb``;
 * floating vCPUs float over the host cell's shared CPUs minus every CPU the instance takes on that
   host cell (dedicated vCPUs, reserved siblings, isolated emulator CPU). Which CPUs those are is the
-  fitter's deterministic selection rule, re-implemented independently in `expected_taken`."""
+  fitter's deterministic selection rule, re-implemented independently in `expected_taken`;
+* no floating starvation: on a host cell where the instance takes shared CPUs or puts floating
+  vCPUs, what is left of the shared pool must hold the cell's existing floating vCPUs plus the
+  instance's (``existing + new <= int(len(left) * cpu_allocation_ratio)``, and a non-empty pool when
+  anything floats there). The oracle applies it with the same deterministic selection the fitter
+  uses (the fitter does not try other selections), and `check_placement` checks it on the CPUs the
+  placement actually takes."""
 
 from __future__ import annotations
 
@@ -114,6 +120,20 @@ def floating_pool(state: HostState, res: CellResources, mine: set[int]) -> tuple
     return pool, room
 
 
+def starves(state: HostState, res: CellResources, mine: set[int], n_float: int) -> bool:
+    """Whether taking `mine` on this host cell and adding `n_float` floating vCPUs there leaves the
+    cell's floating vCPUs (existing + new) without enough shared CPUs. A cell whose shared pool the
+    instance does not touch and gets no floating vCPU is not judged (an over-full cell is not the
+    instance's doing)."""
+    if not n_float and res.shared_cpus.isdisjoint(mine):
+        return False
+    left = res.shared_cpus - mine
+    floating = state.cell_usage(res.cell.id).floating_vcpus + n_float
+    if floating and not left:
+        return True
+    return floating > int(len(left) * state.cpu_allocation_ratio)
+
+
 def pair_fits(request: InstanceRequest, state: HostState, guest: int, host_cell: int) -> int | None:
     """Naive per-pair check: the page size if guest cell `guest` fits host cell `host_cell`."""
     g = request.cells[guest]
@@ -124,10 +144,8 @@ def pair_fits(request: InstanceRequest, state: HostState, guest: int, host_cell:
     if need > policy_capacity(request.thread_policy, res):
         return None
     n_float = len(g.vcpus - g.dedicated_vcpus)
-    if n_float:
-        pool, room = floating_pool(state, res, expected_taken(request.thread_policy, res, need))
-        if not pool or n_float > room:
-            return None
+    if starves(state, res, expected_taken(request.thread_policy, res, need), n_float):
+        return None
     return expected_pagesize(request, res, g.memory_mb)
 
 
@@ -212,6 +230,10 @@ def check_placement(request: InstanceRequest, state: HostState, placement: Place
         if floating:
             assert pool, "floating vCPUs without a shared CPU"
             assert len(floating) <= room, "cpu_allocation_ratio exceeded"
+        assert not starves(state, res, mine, len(floating)), (
+            f"host cell {cp.host_cell}: the instance's CPUs there {sorted(mine)} leave too few shared CPUs"
+            f" for the cell's floating vCPUs"
+        )
         # thread policy
         for cpu in ded_cpus:
             grp = core_of[cpu]
@@ -271,5 +293,21 @@ def check_placement(request: InstanceRequest, state: HostState, placement: Place
     # the dedicated guarantee: no floating vCPU may run on a CPU the instance takes exclusively
     for v, pin in floating_pins.items():
         assert used.isdisjoint(pin), f"floating vCPU {v} floats over exclusive CPUs {sorted(used & set(pin))}"
+    # no starvation, counted from what the placement takes as a whole (independent of `mine` above):
+    # every host cell whose shared pool loses a CPU or gains floating vCPUs must still hold them all
+    exclusive = placement.pinned_cpus
+    assert exclusive == used, "Placement.pinned_cpus is not what the cells and emulator take"
+    for cid in host_ids:
+        res = state.resources(cid)
+        new = sum(len(c.vcpus) - len(c.dedicated_vcpus) for c in placement.cells if c.host_cell == cid)
+        taken_shared = res.shared_cpus & exclusive
+        if not new and not taken_shared:
+            continue
+        left = res.shared_cpus - exclusive
+        total = state.cell_usage(cid).floating_vcpus + new
+        assert total <= int(len(left) * state.cpu_allocation_ratio), (
+            f"host cell {cid}: {total} floating vCPUs on {len(left)} shared CPUs left (ratio exceeded)"
+        )
+        assert left or not total, f"host cell {cid}: floating vCPUs left without a shared CPU"
     # host-level small-page budget
     assert small_total <= small_budget(request, state), "reserved_memory_mb violated"

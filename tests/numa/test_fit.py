@@ -363,6 +363,115 @@ def test_mixed_exclusion_decides_the_matching():
     assert "guest cell 0 fits no host cell" in r2.reason
 
 
+# --- no floating starvation: the instance's CPUs must leave room for the cell's floating vCPUs ------
+
+
+def test_dedicated_pinning_refused_when_it_starves_existing_floating_vcpus():
+    # no CPU sets: the pools overlap. 4 CPUs, ratio 1.0, 4 floating vCPUs already: pinning any CPU
+    # would leave 4 floating vCPUs on 3 shared CPUs
+    full = host(cell(0, [0, 1, 2, 3], floating_vcpus=4), cpu_allocation_ratio=1.0)
+    r = nofit(req((1, 1024)), full)
+    assert "the 1 shared CPUs guest cell 0 would pin there leave only 3 shared CPUs" in r.reason
+    assert "4 floating vCPUs already on the cell" in r.reason
+    # 3 floating vCPUs: one CPU may go, not two
+    st_ = host(cell(0, [0, 1, 2, 3], floating_vcpus=3), cpu_allocation_ratio=1.0)
+    assert pins(placed(req((1, 1024)), st_)) == [0]
+    nofit(req((2, 1024)), st_)
+    # an empty pool is refused whatever the ratio: 1 floating vCPU, both CPUs asked for
+    st2 = host(cell(0, [0, 1], floating_vcpus=1), cpu_allocation_ratio=4.0)
+    placed(req((1, 1024)), st2)
+    r = nofit(req((2, 1024)), st2)
+    assert "leave no shared CPU to the 1 floating vCPUs already on the cell" in r.reason
+    # without floating vCPUs on the cell every CPU may be pinned
+    placed(req((2, 1024)), host(cell(0, [0, 1]), cpu_allocation_ratio=4.0))
+
+
+def test_starvation_counts_reserved_siblings_and_isolated_emulator():
+    # SMT [0,2] [1,3], ratio 1.0, 2 floating vCPUs: isolate takes 0 and reserves 2 -> 2 left, fits;
+    # with 3 floating vCPUs isolate is refused while prefer (takes only CPU 0) still fits
+    st_ = host(cell(0, [0, 1, 2, 3], smt=True, floating_vcpus=2), cpu_allocation_ratio=1.0)
+    p = placed(req((1, 1024), threads=ThreadPolicy.ISOLATE), st_)
+    assert pins(p) == [0] and p.cells[0].reserved_cpus == frozenset({2})
+    st3 = host(cell(0, [0, 1, 2, 3], smt=True, floating_vcpus=3), cpu_allocation_ratio=1.0)
+    nofit(req((1, 1024), threads=ThreadPolicy.ISOLATE), st3)
+    placed(req((1, 1024), threads=ThreadPolicy.PREFER), st3)
+    # the isolated emulator CPU leaves the pool too
+    st4 = host(cell(0, [0, 1, 2, 3], floating_vcpus=2), cpu_allocation_ratio=1.0)
+    placed(req((2, 1024)), st4)
+    placed(req((1, 1024), emulator=EmulatorThreadsPolicy.ISOLATE), st4)
+    nofit(req((2, 1024), emulator=EmulatorThreadsPolicy.ISOLATE), st4)
+
+
+def test_mixed_counts_existing_and_own_floating_vcpus_on_the_reduced_pool():
+    # 6 CPUs, ratio 1.0, 2 floating vCPUs already; 2 dedicated leave 4 shared CPUs: 2 more floating fit
+    st_ = host(cell(0, list(range(6)), floating_vcpus=2), cpu_allocation_ratio=1.0)
+    p = placed(req((4, 1024, 2), policy=CpuPolicy.MIXED), st_)
+    assert p.cells[0].cpu_pins[2] == (2, 3, 4, 5)
+    r = nofit(req((5, 1024, 2), policy=CpuPolicy.MIXED), st_)
+    assert "2 floating vCPUs already there) < 3 of guest cell 0" in r.reason
+
+
+def test_starvation_fits_where_enough_shared_cpus_remain():
+    # host cell 0 has more free CPUs (spread would pick it) but its floating vCPUs need all its
+    # shared CPUs; host cell 1 has room left after pinning: the matching takes host cell 1
+    st_ = host(
+        cell(0, list(range(8)), floating_vcpus=16),
+        cell(1, list(range(8, 12)), floating_vcpus=4),
+        cpu_allocation_ratio=2.0,
+    )
+    for pref in ("spread", "pack"):
+        p = placed(req((2, 1024)), st_, preference=pref)
+        assert p.cells[0].host_cell == 1 and pins(p) == [8, 9]  # 4 floating on 2 CPUs at ratio 2.0
+    nofit(req((3, 1024)), st_)
+    # two guest cells: only one can go to host cell 1, the other has nowhere to go
+    nofit(req((1, 1024), (2, 1024)), st_)
+    # a floating-only instance does not shrink the pool: only the ratio counts (room 16 - 16 = 0 on
+    # host cell 0, 8 - 4 = 4 on host cell 1)
+    assert placed(req((4, 1024), policy=CpuPolicy.SHARED), st_).cells[0].host_cell == 1
+    nofit(req((5, 1024), policy=CpuPolicy.SHARED), st_)
+
+
+def test_starvation_rule_leaves_disjoint_cpu_sets_alone():
+    # configured, disjoint sets: pinning never touches the shared pool; even a cell already above its
+    # ratio (e.g. after lowering cpu_allocation_ratio) takes dedicated vCPUs
+    for floating in (0, 2, 5):
+        st_ = host(
+            cell(0, [0, 1, 2, 3], floating_vcpus=floating),
+            cpu_dedicated_set=[2, 3], cpu_shared_set=[0, 1], cpu_allocation_ratio=1.0,
+        )
+        assert pins(placed(req((2, 1024)), st_)) == [2, 3]
+        assert pins(placed(req((1, 1024), threads=ThreadPolicy.ISOLATE, emulator=EmulatorThreadsPolicy.ISOLATE), st_)) == [2]
+        if floating < 2:
+            placed(req((3, 1024, 2), policy=CpuPolicy.MIXED), st_)
+        else:  # the mixed instance's own floating vCPU would make it worse
+            nofit(req((3, 1024, 2), policy=CpuPolicy.MIXED), st_)
+    # partly overlapping sets, cell already over its ratio: CPUs outside the shared set are fine,
+    # taking a shared one is not
+    over = host(
+        cell(0, [0, 1, 2, 3], floating_vcpus=3),
+        cpu_dedicated_set=[0, 1, 2], cpu_shared_set=[2, 3], cpu_allocation_ratio=1.0,
+    )
+    assert pins(placed(req((2, 1024)), over)) == [0, 1]
+    nofit(req((3, 1024)), over)
+
+
+def test_starvation_uses_the_deterministic_selection_only():
+    # deliberate limitation: prefer takes the lowest free dedicated CPU (0), which is shared; CPU 1
+    # (dedicated only) would have left both shared CPUs to the 2 floating vCPUs, but the fitter does
+    # not search other selections, and the oracle agrees (nofit() checks brute_force_fits)
+    st_ = host(
+        cell(0, [0, 1, 2, 3], floating_vcpus=2),
+        cpu_dedicated_set=[0, 1], cpu_shared_set=[0, 3], cpu_allocation_ratio=1.0,
+    )
+    nofit(req((1, 1024)), st_)
+    # with room for one floating vCPU less it fits, on CPU 0
+    st1 = host(
+        cell(0, [0, 1, 2, 3], floating_vcpus=1),
+        cpu_dedicated_set=[0, 1], cpu_shared_set=[0, 3], cpu_allocation_ratio=1.0,
+    )
+    assert pins(placed(req((1, 1024)), st1)) == [0]
+
+
 def test_floating_overcommit_with_cpu_allocation_ratio():
     st_ = host(cell(0, [0, 1, 2, 3]), cpu_dedicated_set=[2, 3], cpu_shared_set=[0, 1], cpu_allocation_ratio=4.0)
     p = placed(req((8, 1024), policy=CpuPolicy.SHARED), st_)
