@@ -1,0 +1,774 @@
+"""Unit tests of the migration runner + monitor, against a scripted fake domain (no libvirtd).
+
+The policy and XML-rewrite functions are replaced by small fakes so these tests pin down the
+runner alone; the real ones are exercised on the testbed (test_migration_testbed.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from dataclasses import dataclass, replace
+
+import libvirt
+import pytest
+
+from agent.config import LibvirtConfig
+from agent.errors import InvalidRequest
+from agent.libvirt_ops import migration as mig
+from agent.libvirt_ops.connection import lookup_domain, open_connection
+from agent.libvirt_ops.errors import (
+    DomainNotFound,
+    LibvirtConnectionError,
+    MigrationAbortRefused,
+    MigrationError,
+    NoMigrationInProgress,
+)
+from agent.numa.placement import CellPlacement, Placement
+from agent.numa.request import (
+    CpuPolicy,
+    EmulatorThreadsPolicy,
+    GuestCell,
+    InstanceRequest,
+    MigrationWishes,
+    ThreadPolicy,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+UUID = "6f1f5a62-8d4e-4c55-9a53-2f1c8d7e0a11"
+TARGET = mig.MigrationTarget(uri="qemu+tcp://dest/system", migrate_uri="tcp://dest", host="dest")
+PLACEMENT = Placement(
+    cells=(
+        CellPlacement(
+            guest_cell=0, host_cell=0, vcpus=(0,), cpu_pins={0: (0,)}, memory_mb=512, pagesize_kb=4,
+            dedicated_vcpus=frozenset({0}),
+        ),
+    )
+)
+
+
+def make_request(post_copy=None, auto_converge=None) -> InstanceRequest:
+    return InstanceRequest(
+        uuid=UUID,
+        vcpus=1,
+        memory_mb=512,
+        cells=(GuestCell(0, frozenset({0}), 512, frozenset({0})),),
+        cpu_policy=CpuPolicy.DEDICATED,
+        thread_policy=ThreadPolicy.PREFER,
+        emulator_threads=EmulatorThreadsPolicy.SHARE,
+        page_size=None,
+        migration=MigrationWishes(auto_converge=auto_converge, post_copy=post_copy),
+    )
+
+
+# --- fakes ------------------------------------------------------------------------------------------
+
+
+class FakeError(libvirt.libvirtError):
+    def __init__(self, msg: str, code: int = libvirt.VIR_ERR_INTERNAL_ERROR) -> None:
+        Exception.__init__(self, msg)
+        self._code, self._msg = code, msg
+
+    def get_error_code(self) -> int:
+        return self._code
+
+    def get_error_message(self) -> str:
+        return self._msg
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def sleep(self, dt: float) -> None:
+        self.t += dt
+        if self.t > 100_000:
+            raise RuntimeError("fake clock ran away: the monitor never ended")
+
+
+def stats(remaining_mib: int, iteration: int = 1, total_mib: int = 512, throttle: int = 0, dirty: int = 0) -> dict:
+    return {
+        "type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
+        "memory_total": total_mib * MiB,
+        "memory_processed": (total_mib - remaining_mib) * MiB,
+        "memory_remaining": remaining_mib * MiB,
+        "memory_iteration": iteration,
+        "memory_dirty_rate": dirty,
+        "auto_converge_throttle": throttle,
+    }
+
+
+class FakeDomain:
+    """A source domain whose migration job follows a script.
+
+    script: stats dicts returned by successive jobStats() polls; when exhausted, `end` happens:
+    "complete", "fail" (migrateToURI3 raises) or "hang" (the last stats forever).
+    After migrateStartPostCopy: `postcopy_script`, then `postcopy_end`. After suspend():
+    `paused_script`, then `paused_end`.
+    """
+
+    def __init__(self, script, end="complete", *, postcopy_script=(), postcopy_end="complete",
+                 paused_script=(), paused_end="complete", memory_mib=512, clock=None,
+                 completed_stats=None) -> None:
+        self.uuid, self.dom_name = UUID, "vm1"
+        self.state_ = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
+        self.script, self.end = list(script), end
+        self.postcopy_script, self.postcopy_end = list(postcopy_script), postcopy_end
+        self.paused_script, self.paused_end = list(paused_script), paused_end
+        self.memory_kib = memory_mib * 1024
+        self.clock = clock
+        self.completed_stats = completed_stats
+        self.calls: list[tuple] = []
+        self.downtimes: list[tuple[float, int]] = []
+        self._release = threading.Event()
+        self._error: BaseException | None = None
+        self.finished = False
+        self.gone = False
+        self.mode = "precopy"
+        self.migrate_args = None
+
+    # identity
+    def name(self):
+        return self.dom_name
+
+    def UUIDString(self):
+        return self.uuid
+
+    def state(self, flags=0):
+        if self.gone:
+            raise FakeError("domain gone", libvirt.VIR_ERR_NO_DOMAIN)
+        return list(self.state_)
+
+    def isPersistent(self):
+        return True
+
+    def isActive(self):
+        return self.state_[0] in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED)
+
+    def maxMemory(self):
+        return self.memory_kib
+
+    def XMLDesc(self, flags=0):
+        self.calls.append(("XMLDesc", flags))
+        return "<domain><name>vm1</name></domain>" + ("<!--inactive-->" if flags & libvirt.VIR_DOMAIN_XML_INACTIVE else "")
+
+    # the job
+    def migrateToURI3(self, uri, params, flags):
+        self.calls.append(("migrateToURI3", uri, flags))
+        self.migrate_args = (uri, params, flags)
+        self._release.wait(30)
+        if self._error is not None:
+            raise self._error
+        self.gone = True
+        return 0
+
+    def _finish(self, error=None):
+        self.finished = True
+        self._error = error
+        self._release.set()
+
+    def jobStats(self, flags=0):
+        self.calls.append(("jobStats", flags))
+        if flags & libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED:
+            if self.completed_stats is None:
+                raise FakeError("domain gone", libvirt.VIR_ERR_NO_DOMAIN)
+            return dict(self.completed_stats)
+        if self.finished:
+            return {"type": libvirt.VIR_DOMAIN_JOB_NONE}
+        if self.mode == "postcopy":
+            script, end = self.postcopy_script, self.postcopy_end
+        elif self.mode == "paused":
+            script, end = self.paused_script, self.paused_end
+        else:
+            script, end = self.script, self.end
+        if script:
+            self.last = script.pop(0)
+            return dict(self.last)
+        if end == "hang":
+            return dict(self.last)
+        if end == "fail":
+            self._finish(FakeError("qemu unexpectedly closed the migration stream", libvirt.VIR_ERR_OPERATION_FAILED))
+        else:
+            self._finish()
+        return {"type": libvirt.VIR_DOMAIN_JOB_NONE}
+
+    def migrateSetMaxDowntime(self, ms, flags=0):
+        self.calls.append(("migrateSetMaxDowntime", ms))
+        self.downtimes.append((self.clock() if self.clock else 0.0, ms))
+        return 0
+
+    def abortJob(self):
+        self.calls.append(("abortJob",))
+        self._finish(FakeError("operation aborted: migration out job: canceled by client", libvirt.VIR_ERR_OPERATION_ABORTED))
+        return 0
+
+    def migrateStartPostCopy(self, flags=0):
+        self.calls.append(("migrateStartPostCopy",))
+        self.mode = "postcopy"
+        self.state_ = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)
+        return 0
+
+    def suspend(self):
+        self.calls.append(("suspend",))
+        self.mode = "paused"
+        self.state_ = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
+        return 0
+
+    def resume(self):
+        self.calls.append(("resume",))
+        self.state_ = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)
+        return 0
+
+    def names(self):
+        return [c[0] for c in self.calls]
+
+
+class FakeConn:
+    def __init__(self, *domains, uri="fake:///source") -> None:
+        self.domains = list(domains)
+        self.closed = 0
+        self.uri = uri
+
+    def getURI(self):
+        return self.uri
+
+    def lookupByName(self, name):
+        for d in self.domains:
+            if d.name() == name:
+                return d
+        raise FakeError(f"no domain with matching name '{name}'", libvirt.VIR_ERR_NO_DOMAIN)
+
+    def lookupByUUIDString(self, uuid):
+        for d in self.domains:
+            if d.UUIDString() == uuid:
+                return d
+        raise FakeError(f"no domain with matching uuid '{uuid}'", libvirt.VIR_ERR_NO_DOMAIN)
+
+    def close(self):
+        self.closed += 1
+        return 0
+
+
+class DestConn(FakeConn):
+    """Destination connection whose domains appear once `when()` is true (e.g. the job finished)."""
+
+    def __init__(self, when, *domains) -> None:
+        super().__init__(*domains)
+        self.when = when
+
+    def lookupByUUIDString(self, uuid):
+        if not self.when():
+            raise FakeError(f"no domain with matching uuid '{uuid}'", libvirt.VIR_ERR_NO_DOMAIN)
+        return super().lookupByUUIDString(uuid)
+
+
+class DestDomain:
+    def __init__(self, active=False, persistent=True) -> None:
+        self.active, self.persistent, self.undefined = active, persistent, False
+        self.completed = {"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 42, "memory_total": 512 * MiB}
+
+    def name(self):
+        return "vm1"
+
+    def UUIDString(self):
+        return UUID
+
+    def isActive(self):
+        return self.active
+
+    def isPersistent(self):
+        return self.persistent
+
+    def undefine(self):
+        self.undefined = True
+
+    def jobStats(self, flags=0):
+        return dict(self.completed)
+
+
+# --- fake policy module -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakePolicy:
+    auto_converge: bool
+    post_copy: bool
+    reason: str
+
+
+@pytest.fixture
+def fake_policy(monkeypatch):
+    """Replace agent.libvirt_ops.policy (being written elsewhere) and the XML rewriter."""
+    mod = types.ModuleType("agent.libvirt_ops.policy")
+    seen = {}
+
+    def decide_policy(wishes, cfg, *, domain_paused):
+        seen["paused"] = domain_paused
+        if wishes.auto_converge and wishes.post_copy:
+            raise InvalidRequest("both migration features asked", ["compute:live_migration_post_copy"])
+        return FakePolicy(bool(wishes.auto_converge), bool(wishes.post_copy), "metadata")
+
+    def migration_flags(policy):
+        flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+        if policy.post_copy:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if policy.auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        return flags
+
+    def migration_params(policy, *, dest_xml, persistent_xml, migrate_uri, cfg):
+        return {"destination_xml": dest_xml, "persistent_xml": persistent_xml, "migrate_uri": migrate_uri}
+
+    mod.decide_policy, mod.migration_flags, mod.migration_params = decide_policy, migration_flags, migration_params
+    mod.MigrationPolicy = FakePolicy
+    monkeypatch.setitem(sys.modules, "agent.libvirt_ops.policy", mod)
+    import agent.libvirt_ops.domain_xml as dx
+
+    monkeypatch.setattr(dx, "rewrite_for_placement", lambda xml, placement: xml + "<!--rewritten-->", raising=False)
+    return seen
+
+
+def cfg(**kw) -> LibvirtConfig:
+    base = dict(
+        live_migration_poll_interval_s=0.5,
+        live_migration_downtime_ms=400,
+        live_migration_downtime_steps=4,
+        live_migration_downtime_delay_s=1,
+        live_migration_completion_timeout_s=0,
+    )
+    base.update(kw)
+    return LibvirtConfig(**base)
+
+
+def connector(source, dest=None):
+    """connect(uri): the source FakeConn for its URI (the runner's job connection), else `dest`."""
+    dest = dest if dest is not None else FakeConn(uri=TARGET.uri)
+
+    def connect(uri):
+        return source if uri == source.getURI() else dest
+
+    return connect
+
+
+def runner_for(dom, config, dest_conn=None, clock=None):
+    clock = clock or dom.clock or Clock()
+    src = FakeConn(dom)
+    return mig.MigrationRunner(src, config, clock=clock, sleep=clock.sleep, connect=connector(src, dest_conn))
+
+
+# --- schedules ----------------------------------------------------------------------------------------
+
+
+def test_downtime_steps_matches_novas_linear_schedule():
+    c = LibvirtConfig(live_migration_downtime_ms=400, live_migration_downtime_steps=10, live_migration_downtime_delay_s=30)
+    steps = mig.downtime_steps(c, 3 * 1024)
+    assert steps == [(90.0 * i, ms) for i, ms in enumerate([40, 76, 112, 148, 184, 220, 256, 292, 328, 364, 400])]
+
+
+def test_downtime_steps_count_at_least_one_gib():
+    c = LibvirtConfig(live_migration_downtime_ms=500, live_migration_downtime_steps=2, live_migration_downtime_delay_s=75)
+    assert mig.downtime_steps(c, 256) == [(0.0, 250), (75.0, 375), (150.0, 500)]
+    assert mig.downtime_for(mig.downtime_steps(c, 256), 74.9) == 250
+    assert mig.downtime_for(mig.downtime_steps(c, 256), 75.0) == 375
+    assert mig.downtime_for(mig.downtime_steps(c, 256), 1e9) == 500
+
+
+def test_completion_timeout_per_gib_min_one():
+    assert mig.completion_timeout_s(LibvirtConfig(live_migration_completion_timeout_s=800), 256) == 800
+    assert mig.completion_timeout_s(LibvirtConfig(live_migration_completion_timeout_s=800), 4096) == 3200
+    assert mig.completion_timeout_s(LibvirtConfig(live_migration_completion_timeout_s=0), 4096) is None
+
+
+def test_progress_from_stats():
+    p = mig.progress_from_stats(stats(128, iteration=3, throttle=30, dirty=2500), phase="precopy",
+                                max_downtime_ms=100, elapsed_s=1.23456)
+    assert p.percent == 75.0
+    assert (p.memory_total, p.memory_remaining, p.memory_processed) == (512 * MiB, 128 * MiB, 384 * MiB)
+    assert (p.iteration, p.throttle_pct, p.dirty_rate_pps, p.max_downtime_ms) == (3, 30, 2500, 100)
+    assert p.elapsed_s == 1.235
+    # processed only (no remaining key), clamped to 100
+    assert mig.progress_from_stats({"memory_total": 100, "memory_processed": 250}, phase="precopy",
+                                   max_downtime_ms=0, elapsed_s=0).percent == 100.0
+    assert mig.progress_from_stats({}, phase="postcopy", max_downtime_ms=0, elapsed_s=0).percent == 0.0
+
+
+def test_convergence_tracker():
+    t = mig.ConvergenceTracker()
+    # first pass: never judged
+    assert not any(t.observe(1, r * MiB) for r in (500, 400, 300, 200, 100))
+    # iteration 2 and 3 with the same dirty set -> stalled when iteration 4 begins
+    assert not t.observe(2, 64 * MiB)
+    assert not t.observe(2, 30 * MiB)
+    assert not t.observe(3, 63 * MiB)
+    assert t.observe(4, 64 * MiB)
+    assert "not converging" in t.why
+    # converging: the dirty set halves every iteration
+    t = mig.ConvergenceTracker()
+    assert not any(t.observe(i, (256 >> i) * MiB) for i in range(2, 9))
+
+
+# --- runs -------------------------------------------------------------------------------------------
+
+
+def test_completed_run_reports_progress_and_steps_downtime(fake_policy):
+    clock = Clock()
+    script = [stats(512 - 40 * i, iteration=1) for i in range(12)]  # 12 polls = 6 s
+    dom = FakeDomain(script, "complete", clock=clock)
+    dest = DestDomain(active=True)
+    seen = []
+    outcome = runner_for(dom, cfg(), DestConn(lambda: dom.finished, dest), clock).run("vm1", TARGET, PLACEMENT, make_request(), seen.append)
+    assert outcome.status == "completed", outcome.reason
+    assert outcome.downtime_ms == 42  # completed stats from the destination
+    assert outcome.final_stats["downtime"] == 42
+    assert not outcome.switched_to_postcopy
+    # 400 ms in 4 steps, 1 s x 1 GiB apart: 100, 175, 250, 325, 400
+    assert dom.downtimes == [(0.0, 100), (1.0, 175), (2.0, 250), (3.0, 325), (4.0, 400)]
+    assert [p.percent for p in seen[:3]] == [0.0, pytest.approx(7.81), pytest.approx(15.62)]
+    assert all(p.phase == "precopy" for p in seen)
+    assert seen[-1].max_downtime_ms == 400
+    uri, params, flags = dom.migrate_args
+    assert uri == TARGET.uri and params["migrate_uri"] == "tcp://dest"
+    assert params["destination_xml"].endswith("<!--rewritten-->")
+    assert "<!--inactive-->" in params["persistent_xml"]  # persistent XML from the inactive definition
+    assert "abortJob" not in dom.names() and "suspend" not in dom.names()
+
+
+def test_completion_timeout_action_abort(fake_policy, caplog):
+    clock = Clock()
+    dom = FakeDomain([stats(64, iteration=2 + i) for i in range(4)], "hang", clock=clock)
+    caplog.set_level("INFO", logger="compute_agent.migration")
+    outcome = runner_for(dom, cfg(live_migration_completion_timeout_s=3), clock=clock).run(
+        "vm1", TARGET, PLACEMENT, make_request()
+    )
+    assert outcome.status == "aborted"
+    assert "completion timeout" in outcome.reason
+    assert dom.names().count("abortJob") == 1
+    assert "suspend" not in dom.names() and "migrateStartPostCopy" not in dom.names()
+    assert 3.0 < outcome.elapsed_s < 4.5
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert outcome.downtime_ms is None
+    text = caplog.text
+    assert "policy auto_converge=False post_copy=False" in text
+    assert "action abort" in text and "aborting the job" in text and "aborted" in text
+
+
+def test_completion_timeout_force_complete_without_postcopy_pauses(fake_policy):
+    clock = Clock()
+    dom = FakeDomain([stats(64, iteration=2)] * 10, "hang", paused_script=[stats(10, iteration=9)], clock=clock)
+    seen = []
+    outcome = runner_for(
+        dom, cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete"), clock=clock
+    ).run("vm1", TARGET, PLACEMENT, make_request(), seen.append)
+    assert outcome.status == "completed"
+    assert dom.names().count("suspend") == 1
+    assert "migrateStartPostCopy" not in dom.names() and "resume" not in dom.names()
+    assert not outcome.switched_to_postcopy
+    assert seen[-1].phase == "paused-precopy"
+
+
+def test_force_complete_pause_is_undone_when_the_migration_fails(fake_policy):
+    clock = Clock()
+    dom = FakeDomain([stats(64, iteration=2)] * 10, "hang", paused_script=[stats(30, iteration=9)],
+                     paused_end="fail", clock=clock)
+    outcome = runner_for(
+        dom, cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete"), clock=clock
+    ).run("vm1", TARGET, PLACEMENT, make_request())
+    assert outcome.status == "failed"
+    assert "qemu unexpectedly closed" in outcome.reason and f"libvirt error {libvirt.VIR_ERR_OPERATION_FAILED}" in outcome.reason
+    assert dom.names().index("suspend") < dom.names().index("resume")
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_completion_timeout_force_complete_with_postcopy_switches(fake_policy):
+    clock = Clock()
+    # remaining keeps shrinking a little (so the stall trigger does not fire first)
+    script = [stats(500 - 30 * i, iteration=1) for i in range(10)]
+    dom = FakeDomain(script, "hang", postcopy_script=[stats(100, iteration=3), stats(20, iteration=3)], clock=clock)
+    seen = []
+    outcome = runner_for(
+        dom, cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete"), clock=clock
+    ).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True), seen.append)
+    assert outcome.status == "completed"
+    assert outcome.switched_to_postcopy
+    assert dom.names().count("migrateStartPostCopy") == 1 and "suspend" not in dom.names()
+    assert seen[-1].phase == "postcopy"
+    assert dom.migrate_args[2] & libvirt.VIR_MIGRATE_POSTCOPY
+
+
+def test_postcopy_armed_switches_when_not_converging(fake_policy, caplog):
+    clock = Clock()
+    caplog.set_level("INFO", logger="compute_agent.migration")
+    script = [stats(r, iteration=1) for r in (400, 300, 200, 100)]
+    script += [stats(64, iteration=2), stats(40, iteration=2), stats(64, iteration=3), stats(30, iteration=3),
+               stats(64, iteration=4)]
+    dom = FakeDomain(script, "hang", postcopy_script=[stats(30, iteration=4)], clock=clock)
+    outcome = runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
+    assert outcome.status == "completed" and outcome.switched_to_postcopy
+    # switched on the first poll of iteration 4, i.e. the 9th poll
+    assert [n for n in dom.names() if n in ("jobStats", "migrateStartPostCopy")].index("migrateStartPostCopy") == 9
+    assert "not converging" in caplog.text and "switching to post-copy" in caplog.text
+
+
+def test_postcopy_armed_but_converging_stays_precopy(fake_policy):
+    clock = Clock()
+    script = [stats(r, iteration=1) for r in (400, 200)] + [stats(64 >> i, iteration=2 + i) for i in range(6)]
+    dom = FakeDomain(script, "complete", clock=clock)
+    outcome = runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
+    assert outcome.status == "completed" and not outcome.switched_to_postcopy
+    assert "migrateStartPostCopy" not in dom.names()
+
+
+def test_no_postcopy_policy_never_switches(fake_policy):
+    clock = Clock()
+    dom = FakeDomain([stats(64, iteration=2 + i) for i in range(8)], "complete", clock=clock)
+    outcome = runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request(auto_converge=True))
+    assert outcome.status == "completed" and "migrateStartPostCopy" not in dom.names()
+    assert dom.migrate_args[2] & libvirt.VIR_MIGRATE_AUTO_CONVERGE
+
+
+def test_abort_is_refused_in_postcopy(fake_policy):
+    clock = Clock()
+    dom = FakeDomain([stats(300, iteration=1)] * 3, "hang", postcopy_script=[stats(100, iteration=3)] * 3, clock=clock)
+    runner = runner_for(dom, cfg(), clock=clock)
+    errors, actions = [], []
+
+    def on_progress(p):
+        if p.elapsed_s >= 1.0 and not actions:
+            actions.append(runner.force_complete())
+        elif p.phase == "postcopy":
+            try:
+                runner.abort()
+            except MigrationAbortRefused as exc:
+                errors.append(exc)
+
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True), on_progress)
+    assert actions == ["postcopy"]
+    assert errors and "post-copy" in str(errors[0]) and errors[0].code == "migration_abort_refused"
+    assert "abortJob" not in dom.names()
+    assert outcome.status == "completed" and outcome.switched_to_postcopy
+
+
+def test_abort_from_another_thread(fake_policy):
+    dom = FakeDomain([stats(300, iteration=1)], "hang")
+    gate = threading.Event()
+    real_clock = Clock()
+
+    def sleep(dt):
+        real_clock.sleep(dt)
+        gate.set()
+        threading.Event().wait(0.01)
+
+    src = FakeConn(dom)
+    runner = mig.MigrationRunner(src, cfg(), clock=real_clock, sleep=sleep, connect=connector(src))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(o=runner.run("vm1", TARGET, PLACEMENT, make_request())))
+    t.start()
+    assert gate.wait(10)
+    runner.abort()
+    t.join(10)
+    assert result["o"].status == "aborted" and "aborted on request" in result["o"].reason
+    with pytest.raises(NoMigrationInProgress):
+        runner.abort()
+    with pytest.raises(NoMigrationInProgress):
+        runner.force_complete()
+
+
+def test_force_complete_on_request_without_postcopy_pauses_then_resumes_on_failure(fake_policy):
+    clock = Clock()
+    dom = FakeDomain([stats(300, iteration=1)] * 5, "hang", paused_script=[stats(50, iteration=2)], paused_end="fail",
+                     clock=clock)
+    runner = runner_for(dom, cfg(), clock=clock)
+    actions = []
+    phases = []
+
+    def on_progress(p):
+        phases.append(p.phase)
+        if p.elapsed_s >= 1.0 and not actions:
+            actions.append(runner.force_complete())
+
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(auto_converge=True), on_progress)
+    assert actions == ["paused"]
+    assert "paused-precopy" in phases
+    assert outcome.status == "failed"
+    assert dom.names().count("resume") == 1
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_policy_conflict_refused_before_any_migration_call(fake_policy):
+    dom = FakeDomain([stats(10)], "complete")
+    with pytest.raises(InvalidRequest):
+        runner_for(dom, cfg()).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True, auto_converge=True))
+    assert dom.calls == []  # not even the XML was read, no job
+
+
+def test_domain_not_found_is_typed(fake_policy):
+    dom = FakeDomain([], "complete")
+    with pytest.raises(DomainNotFound) as ei:
+        runner_for(dom, cfg()).run("nope", TARGET, PLACEMENT, make_request())
+    assert ei.value.libvirt_code == libvirt.VIR_ERR_NO_DOMAIN and ei.value.code == "domain_not_found"
+    with pytest.raises(DomainNotFound):
+        lookup_domain(FakeConn(dom), "00000000-0000-0000-0000-000000000000")
+    assert lookup_domain(FakeConn(dom), UUID) is dom
+
+
+def test_xml_read_failure_is_wrapped(fake_policy):
+    dom = FakeDomain([], "complete")
+
+    def boom(flags=0):
+        raise FakeError("internal error: cannot format", libvirt.VIR_ERR_INTERNAL_ERROR)
+
+    dom.XMLDesc = boom
+    with pytest.raises(MigrationError) as ei:
+        runner_for(dom, cfg()).run("vm1", TARGET, PLACEMENT, make_request())
+    assert ei.value.libvirt_code == libvirt.VIR_ERR_INTERNAL_ERROR
+    assert "cannot format" in str(ei.value)
+    assert not isinstance(ei.value, libvirt.libvirtError)
+
+
+def test_running_copy_on_destination_refused(fake_policy):
+    dom = FakeDomain([], "complete")
+    with pytest.raises(MigrationError, match="already running on dest"):
+        runner_for(dom, cfg(), FakeConn(DestDomain(active=True))).run("vm1", TARGET, PLACEMENT, make_request())
+    assert "migrateToURI3" not in dom.names()
+
+
+def test_failure_cleans_leftover_inactive_definition(fake_policy):
+    clock = Clock()
+    dest = DestDomain(active=False)
+    dest_conn = FakeConn()  # empty at start: the leftover appears during the migration
+    dom = FakeDomain([stats(300)] * 2, "fail", clock=clock)
+    real_js = dom.jobStats
+
+    def js(flags=0):
+        if len(dom.script) == 0 and dest not in dest_conn.domains:
+            dest_conn.domains.append(dest)
+        return real_js(flags)
+
+    dom.jobStats = js
+    outcome = runner_for(dom, cfg(), dest_conn, clock).run("vm1", TARGET, PLACEMENT, make_request())
+    assert outcome.status == "failed"
+    assert dest.undefined
+
+
+def test_failure_keeps_preexisting_and_running_destination_domains(fake_policy):
+    clock = Clock()
+    dest = DestDomain(active=False)  # defined before the migration started: not ours to remove
+    dom = FakeDomain([stats(300)] * 2, "fail", clock=clock)
+    outcome = runner_for(dom, cfg(), FakeConn(dest), clock).run("vm1", TARGET, PLACEMENT, make_request())
+    assert outcome.status == "failed" and not dest.undefined
+
+    dest2 = DestDomain(active=False)
+    conn2 = FakeConn()
+    dom2 = FakeDomain([stats(300)] * 2, "fail", clock=Clock())
+    real_js = dom2.jobStats
+
+    def js(flags=0):
+        if not dom2.script and dest2 not in conn2.domains:
+            dest2.active = True
+            conn2.domains.append(dest2)
+        return real_js(flags)
+
+    dom2.jobStats = js
+    outcome = runner_for(dom2, cfg(), conn2).run("vm1", TARGET, PLACEMENT, make_request())
+    assert outcome.status == "failed" and not dest2.undefined
+    assert "running copy" in outcome.reason
+
+
+def test_progress_callback_errors_do_not_break_the_migration(fake_policy):
+    clock = Clock()
+    dom = FakeDomain([stats(100)] * 3, "complete", clock=clock)
+
+    def bad(_p):
+        raise RuntimeError("listener bug")
+
+    assert runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request(), bad).status == "completed"
+
+
+def test_unreachable_destination_is_a_typed_connection_error(fake_policy):
+    dom = FakeDomain([], "complete")
+    runner = mig.MigrationRunner(FakeConn(dom), cfg(), clock=Clock(), sleep=Clock().sleep)
+    bad = replace(TARGET, uri="qemu+tcp://127.0.0.1:1/system")
+    with pytest.raises(LibvirtConnectionError) as ei:
+        runner.run("vm1", bad, PLACEMENT, make_request())
+    assert ei.value.uri == bad.uri and ei.value.libvirt_code is not None
+    assert "migrateToURI3" not in dom.names()
+
+
+def test_open_connection_wraps_errors():
+    with pytest.raises(LibvirtConnectionError) as ei:
+        open_connection("bogus+nothing:///x")
+    assert ei.value.libvirt_code is not None and "bogus" in str(ei.value)
+    conn = open_connection("test:///default")
+    try:
+        assert conn.lookupByName("test").name() == "test"
+    finally:
+        conn.close()
+
+
+def test_real_libvirt_error_from_test_driver_becomes_a_failed_outcome(fake_policy):
+    """The test:///default driver cannot migrate: the libvirtError must come back as an outcome."""
+    conn = open_connection("test:///default")
+    try:
+        runner = mig.MigrationRunner(conn, cfg(), clock=Clock(), sleep=lambda s: threading.Event().wait(0.01),
+                                     connect=lambda uri: open_connection(uri) if uri == conn.getURI() else FakeConn())
+        outcome = runner.run("test", TARGET, PLACEMENT, make_request())
+    finally:
+        conn.close()
+    assert outcome.status == "failed"
+    assert "libvirt error" in outcome.reason
+
+
+def test_one_run_at_a_time(fake_policy):
+    dom = FakeDomain([stats(300)], "hang")
+    gate = threading.Event()
+    clock = Clock()
+
+    def sleep(dt):
+        clock.sleep(dt)
+        gate.set()
+        threading.Event().wait(0.01)
+
+    src = FakeConn(dom)
+    runner = mig.MigrationRunner(src, cfg(), clock=clock, sleep=sleep, connect=connector(src))
+    t = threading.Thread(target=runner.run, args=("vm1", TARGET, PLACEMENT, make_request()))
+    t.start()
+    assert gate.wait(10)
+    with pytest.raises(MigrationError, match="already running"):
+        runner.run("vm1", TARGET, PLACEMENT, make_request())
+    runner.abort()
+    t.join(10)
+
+
+def test_final_stats_from_the_job_completed_event(fake_policy):
+    """With events, the JOB_COMPLETED statistics of the source job (real downtime) win."""
+    clock = Clock()
+    dom = FakeDomain([stats(100)] * 2, "complete", clock=clock)
+
+    class EventConn(FakeConn):
+        def domainEventRegisterAny(self, d, event_id, cb, opaque):
+            assert event_id == libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED
+            real_finish = dom._finish
+
+            def finish(error=None):
+                if error is None:
+                    cb(self, d, {"downtime": 7, "memory_total": 512 * MiB, "time_elapsed": 1234}, opaque)
+                real_finish(error)
+
+            dom._finish = finish
+            return 17
+
+        def domainEventDeregisterAny(self, cb_id):
+            self.deregistered = cb_id
+
+    src = EventConn(dom)
+    runner = mig.MigrationRunner(src, cfg(), clock=clock, sleep=clock.sleep, connect=connector(src))
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request())
+    assert outcome.status == "completed"
+    assert outcome.downtime_ms == 7 and outcome.final_stats["time_elapsed"] == 1234
+    assert src.deregistered == 17 and src.closed >= 1
