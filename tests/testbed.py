@@ -1,0 +1,337 @@
+"""Helpers for tests that run against the real-libvirt testbed (scripts/testbed).
+
+Typical use::
+
+    from tests.testbed import ensure_testbed, guest_xml, define_and_start, wait_guest_ready
+
+    h1, h2 = ensure_testbed(2)
+    define_and_start(h1, guest_xml("g1", vcpu_pins={0: [1]}))
+    wait_guest_ready(h1, "g1")
+
+The `libvirt` Python binding (PyPI: libvirt-python) is imported lazily so
+that importing this module never fails; helpers that talk to libvirt need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+from xml.sax.saxutils import escape, quoteattr
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "testbed")
+STATE = os.environ.get("COMPUTE_AGENT_TESTBED_DIR", "/var/tmp/compute-agent-testbed")
+NET = os.environ.get("COMPUTE_AGENT_TESTBED_NET", "127.0.0")
+IMAGE_DIR = os.path.join(STATE, "image")
+KERNEL = os.path.join(IMAGE_DIR, "vmlinuz")
+INITRD = os.path.join(IMAGE_DIR, "initrd.gz")
+READY_LINE = "TESTBED-GUEST-READY"
+TICK_LINE = "TESTBED-GUEST-TICK"
+# path of the console log *inside* a host's namespace; {name} is the domain.
+# /var/log/libvirt is per host, so after a migration the destination writes
+# to its own copy (host.log_dir on the outside).
+CONSOLE_LOG_IN_NS = "/var/log/libvirt/qemu/{name}.console.log"
+
+
+@dataclasses.dataclass(frozen=True)
+class TestbedHost:
+    __test__ = False  # not a pytest test class
+
+    index: int
+    name: str  # hostname inside the host's UTS namespace, e.g. "tb-host1"
+    uri: str  # "qemu+tcp://127.0.0.2/system"
+    address: str  # "127.0.0.2"
+    migration_uri: str  # "tcp://127.0.0.2"
+    log_dir: str  # outside view of the host's /var/log/libvirt
+    state_dir: str  # STATE/hostN
+
+    def console_log(self, domain: str) -> str:
+        """Outside path of a domain's serial console log on this host
+        (for domains whose XML uses the default console_log)."""
+        return os.path.join(self.log_dir, "qemu", "%s.console.log" % domain)
+
+    def connect(self):
+        return _libvirt().open(self.uri)
+
+
+_QUIET = False
+
+
+def _libvirt():
+    """Import libvirt; silence its default print-every-error-to-stderr
+    handler once (errors still raise libvirt.libvirtError)."""
+    global _QUIET
+    import libvirt  # noqa: PLC0415
+
+    if not _QUIET:
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        _QUIET = True
+    return libvirt
+
+
+def host(i: int) -> TestbedHost:
+    addr = "%s.%d" % (NET, i + 1)
+    hd = os.path.join(STATE, "host%d" % i)
+    return TestbedHost(
+        index=i,
+        name="tb-host%d" % i,
+        uri="qemu+tcp://%s/system" % addr,
+        address=addr,
+        migration_uri="tcp://%s" % addr,
+        log_dir=os.path.join(hd, "log"),
+        state_dir=hd,
+    )
+
+
+def testbed_available() -> Tuple[bool, str]:
+    """(True, "") when this machine can run the testbed, else (False, reason)."""
+    if os.geteuid() != 0:
+        return False, "testbed needs root (namespaces, bind mounts, libvirtd)"
+    if not os.path.exists(SCRIPT):
+        return False, "scripts/testbed not found"
+    missing = [
+        b
+        for b in ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "unshare")
+        if not shutil.which(b, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    ]
+    if missing:
+        return False, "missing binaries: %s (run scripts/testbed up 2 once to install)" % ", ".join(missing)
+    try:
+        import libvirt  # noqa: F401, PLC0415
+    except ImportError:
+        return False, "python module 'libvirt' missing (pip install libvirt-python)"
+    return True, ""
+
+
+testbed_available.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
+
+
+def ensure_testbed(n: int = 2) -> List[TestbedHost]:
+    """Run `scripts/testbed up n` (idempotent) and return hosts 1..n."""
+    r = subprocess.run(
+        [SCRIPT, "up", str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900
+    )
+    if r.returncode != 0:
+        raise RuntimeError("scripts/testbed up %d failed (rc=%d):\n%s%s" % (n, r.returncode, r.stdout, r.stderr))
+    return [host(i) for i in range(1, n + 1)]
+
+
+def _cpuset(cpus: Sequence[int] | str) -> str:
+    if isinstance(cpus, str):
+        return cpus
+    return ",".join(str(c) for c in cpus)
+
+
+def guest_xml(
+    name: str,
+    *,
+    vcpus: int = 1,
+    memory_mib: int = 256,
+    vcpu_pins: Optional[Dict[int, Sequence[int]]] = None,
+    emulator_pins: Optional[Sequence[int]] = None,
+    numa_cells: Optional[Sequence[Tuple[Sequence[int] | str, int]]] = None,
+    numatune_nodeset: Optional[str] = None,
+    numatune_mode: str = "strict",
+    memnodes: Optional[Dict[int, str]] = None,
+    dirty_mb: int = 0,
+    dirty_rate_mbps: int = 0,
+    dirty_wpp: int = 512,
+    tick_s: int = 5,
+    console_log: Optional[str] = None,
+    uuid: Optional[str] = None,
+    extra_cmdline: str = "",
+) -> str:
+    """TCG (type='qemu') domain XML booting the testbed kernel + initramfs.
+
+    vcpu_pins: {vcpu: [host cpus]} -> <vcpupin>; emulator_pins -> <emulatorpin>.
+    numa_cells: [(guest cpus, memory MiB)] -> <cpu><numa><cell id=i .../>.
+    numatune_nodeset -> <numatune><memory mode=numatune_mode nodeset=.../>;
+    memnodes: {cellid: nodeset} -> <memnode cellid=.. mode=strict nodeset=../>.
+    dirty_mb / dirty_rate_mbps / dirty_wpp go to the guest's dirtier (see
+    scripts/testbed.d/dirtier.c; rate -1 = unthrottled, 0 = fill once then
+    idle; dirty_wpp = 64-bit words rewritten per 4 KiB page, 512 = whole page).
+    console_log: path *inside the host namespace* (default
+    /var/log/libvirt/qemu/NAME.console.log, i.e. host.console_log(NAME) outside).
+    """
+    console_log = console_log or CONSOLE_LOG_IN_NS.format(name=name)
+    cmdline = (
+        "console=ttyS0 quiet loglevel=1 panic=-1 tsc=reliable no_timer_check "
+        "mitigations=off nokaslr tb_name=%s dirty_mb=%d dirty_rate_mbps=%d dirty_wpp=%d tick_s=%d %s"
+        % (name, dirty_mb, dirty_rate_mbps, dirty_wpp, tick_s, extra_cmdline)
+    ).strip()
+    parts = ["<domain type='qemu'>", "  <name>%s</name>" % escape(name)]
+    if uuid:
+        parts.append("  <uuid>%s</uuid>" % uuid)
+    parts += [
+        "  <memory unit='MiB'>%d</memory>" % memory_mib,
+        "  <currentMemory unit='MiB'>%d</currentMemory>" % memory_mib,
+        "  <vcpu placement='static'>%d</vcpu>" % vcpus,
+    ]
+    if vcpu_pins or emulator_pins:
+        parts.append("  <cputune>")
+        for v, cpus in sorted((vcpu_pins or {}).items()):
+            parts.append("    <vcpupin vcpu='%d' cpuset='%s'/>" % (v, _cpuset(cpus)))
+        if emulator_pins:
+            parts.append("    <emulatorpin cpuset='%s'/>" % _cpuset(emulator_pins))
+        parts.append("  </cputune>")
+    if numatune_nodeset or memnodes:
+        parts.append("  <numatune>")
+        if numatune_nodeset:
+            parts.append("    <memory mode=%s nodeset=%s/>" % (quoteattr(numatune_mode), quoteattr(numatune_nodeset)))
+        for cell, nodeset in sorted((memnodes or {}).items()):
+            parts.append("    <memnode cellid='%d' mode='strict' nodeset=%s/>" % (cell, quoteattr(nodeset)))
+        parts.append("  </numatune>")
+    parts += [
+        "  <os>",
+        "    <type arch='x86_64' machine='pc'>hvm</type>",
+        "    <kernel>%s</kernel>" % escape(KERNEL),
+        "    <initrd>%s</initrd>" % escape(INITRD),
+        "    <cmdline>%s</cmdline>" % escape(cmdline),
+        "  </os>",
+        "  <features><acpi/></features>",
+    ]
+    if numa_cells:
+        parts.append("  <cpu mode='custom' match='exact' check='none'>")
+        parts.append("    <model fallback='allow'>qemu64</model>")
+        parts.append("    <numa>")
+        for idx, (cpus, mem) in enumerate(numa_cells):
+            parts.append("      <cell id='%d' cpus='%s' memory='%d' unit='MiB'/>" % (idx, _cpuset(cpus), mem))
+        parts.append("    </numa>")
+        parts.append("  </cpu>")
+    parts += [
+        "  <clock offset='utc'/>",
+        "  <on_poweroff>destroy</on_poweroff>",
+        "  <on_reboot>restart</on_reboot>",
+        "  <on_crash>destroy</on_crash>",
+        "  <devices>",
+        "    <emulator>/usr/bin/qemu-system-x86_64</emulator>",
+        "    <serial type='file'>",
+        "      <source path=%s append='on'/>" % quoteattr(console_log),
+        "      <target port='0'/>",
+        "    </serial>",
+        "    <console type='file'>",
+        "      <source path=%s append='on'/>" % quoteattr(console_log),
+        "      <target type='serial' port='0'/>",
+        "    </console>",
+        "    <memballoon model='none'/>",
+        "  </devices>",
+        "</domain>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def define_and_start(host: TestbedHost, xml: str) -> str:
+    """Define `xml` persistently on `host` and start it; returns the domain name."""
+    conn = host.connect()
+    try:
+        dom = conn.defineXML(xml)
+        name = dom.name()
+        log = _console_log_outside(host, xml)
+        if log and os.path.exists(log):
+            os.unlink(log)  # so wait_guest_ready only sees this boot
+        dom.create()
+        return name
+    finally:
+        conn.close()
+
+
+def _console_log_outside(host: TestbedHost, xml: str) -> Optional[str]:
+    m = re.search(r"<serial type='file'>\s*<source path=(['\"])(.*?)\1", xml)
+    if not m:
+        return None
+    path = m.group(2)
+    if path.startswith("/var/log/libvirt/"):
+        return os.path.join(host.log_dir, path[len("/var/log/libvirt/") :])
+    return path
+
+
+def wait_console_line(host: TestbedHost, name: str, pattern: str, timeout: float = 60, after: int = 0) -> str:
+    """Wait until the console log of `name` on `host` has a line containing
+    `pattern` (at byte offset >= after); returns that line."""
+    path = host.console_log(name)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(path, "rb") as f:
+                f.seek(after)
+                for raw in f.read().decode("utf-8", "replace").splitlines():
+                    if pattern in raw:
+                        return raw.strip()
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("no %r in %s after %.0fs" % (pattern, path, timeout))
+        time.sleep(0.2)
+
+
+def wait_guest_ready(host: TestbedHost, name: str, timeout: float = 60) -> str:
+    """Wait for the guest's readiness line on its serial console; returns it."""
+    return wait_console_line(host, name, READY_LINE, timeout)
+
+
+def live_xml(host: TestbedHost, name: str) -> str:
+    conn = host.connect()
+    try:
+        return conn.lookupByName(name).XMLDesc(0)
+    finally:
+        conn.close()
+
+
+def persistent_xml(host: TestbedHost, name: str) -> str:
+    libvirt = _libvirt()
+    conn = host.connect()
+    try:
+        return conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    finally:
+        conn.close()
+
+
+def destroy_domain(host: TestbedHost, name: str) -> None:
+    """Destroy (if running) and undefine domain `name` on `host`; no error if absent."""
+    libvirt = _libvirt()
+    conn = host.connect()
+    try:
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return
+        try:
+            if dom.isActive():
+                dom.destroy()
+        except libvirt.libvirtError:
+            pass
+        try:
+            dom.undefineFlags(0)
+        except libvirt.libvirtError:
+            pass
+    finally:
+        conn.close()
+
+
+def destroy_all(host: TestbedHost, prefix: Optional[str] = None) -> None:
+    """Destroy and undefine every domain on `host` (test cleanup); with
+    `prefix`, only domains whose name starts with it.  Without a prefix this
+    also kills the guests of any other test run sharing the testbed."""
+    libvirt = _libvirt()
+    conn = host.connect()
+    try:
+        for dom in conn.listAllDomains(0):
+            if prefix is not None and not dom.name().startswith(prefix):
+                continue
+            try:
+                if dom.isActive():
+                    dom.destroy()
+            except libvirt.libvirtError:
+                pass
+            try:
+                if dom.isPersistent():
+                    dom.undefineFlags(0)
+            except libvirt.libvirtError:
+                pass
+    finally:
+        conn.close()
