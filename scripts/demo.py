@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from agent.claims.hoststate import host_state_fn  # noqa: E402
@@ -143,12 +144,12 @@ def main() -> int:
         runner = MigrationRunner(src_conn, cfg)
         outcome = runner.run("demo-vm", MigrationTarget(h2.uri, h2.migration_uri, h2.name), claim.placement,
                              request, on_progress)
-        console.print(f"policy: {outcome.policy.reason}")
+        console.print(f"policy: {escape(outcome.policy.reason)}")
         colour = "green" if outcome.status == "completed" else "red"
         console.print(
             f"outcome: [{colour}]{outcome.status}[/] in {outcome.elapsed_s:.1f}s, "
             f"downtime {outcome.downtime_ms} ms, post-copy {'yes' if outcome.switched_to_postcopy else 'no'}, "
-            f"max throttle {outcome.max_throttle_pct}%  {outcome.reason}"
+            f"max throttle {outcome.max_throttle_pct}%  {escape(outcome.reason)}"
         )
         if outcome.status == "completed":
             ledger.confirm(migration_id, "domain runs on the destination")
@@ -171,7 +172,7 @@ def main() -> int:
             )
         console.print(table)
         final = ledger.get(migration_id)
-        console.print(f"claim {migration_id}: {final.state} ({final.reason})")
+        console.print(f"claim {migration_id}: {final.state} ({escape(final.reason or '')})")
         ok = outcome.status == "completed"
     finally:
         ledger.close()

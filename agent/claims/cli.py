@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+# Reasons are free text (operators, libvirt messages like "[libvirt] ..."): never rich markup.
+from rich.markup import escape
+
 from agent.claims.errors import UnknownClaim
 from agent.claims.ledger import LEDGER_FILE, Claim, ClaimState, Ledger, Transition
 from agent.config import format_cpu_set, load_config
@@ -89,7 +92,7 @@ def _print_list(claims: list[Claim], out: TextIO) -> None:
         table.add_row(
             c.migration_id, c.instance_uuid, c.source_host, c.state.value,
             ",".join(map(str, c.placement.host_nodeset)), format_cpu_set(c.placement.pinned_cpus) or "-",
-            _memory(c), _when(c.expires_at, now) if c.is_live else "-", c.reason or "",
+            _memory(c), _when(c.expires_at, now) if c.is_live else "-", escape(c.reason or ""),
         )
     Console(file=out, width=200).print(table)
 
@@ -107,7 +110,7 @@ def _print_show(claim: Claim, transitions: list[Transition], out: TextIO) -> Non
         ("instance", claim.instance_uuid), ("source host", claim.source_host), ("state", claim.state.value),
         ("created", _when(claim.created_at, now)), ("updated", _when(claim.updated_at, now)),
         ("expires", _when(claim.expires_at, now) if claim.is_live else "-"), ("ttl", f"{claim.ttl_s:g}s"),
-        ("reason", claim.reason or ""), ("pinned CPUs", format_cpu_set(claim.placement.pinned_cpus) or "-"),
+        ("reason", escape(claim.reason or "")), ("pinned CPUs", format_cpu_set(claim.placement.pinned_cpus) or "-"),
         ("emulator", format_cpu_set(claim.placement.emulator_pins)
          + (" (isolated)" if claim.placement.emulator_isolated else "")),
     ]
@@ -125,7 +128,7 @@ def _print_show(claim: Claim, transitions: list[Transition], out: TextIO) -> Non
     for col in ("at", "from", "to", "reason"):
         hist.add_column(col)
     for t in transitions:
-        hist.add_row(_when(t.at, now), t.from_state.value if t.from_state else "-", t.to_state.value, t.reason or "")
+        hist.add_row(_when(t.at, now), t.from_state.value if t.from_state else "-", t.to_state.value, escape(t.reason or ""))
     console.print(hist)
 
 

@@ -85,3 +85,18 @@ def test_corrupt_ledger_reports_error(tmp_path):
     code, _, err = run(["claims", "--state-dir", str(tmp_path), "list"])
     assert code == 1 and "corrupt" in err
     assert list(tmp_path.glob("ledger.db.corrupt-*"))
+
+
+def test_reasons_are_shown_verbatim_not_as_markup(tmp_path):
+    """A release reason like "[libvirt] ..." or "[bold]x" is printed as typed."""
+    import io
+
+    from agent.claims.cli import _print_show
+    from tests.claims.helpers import open_ledger, request, state_fn, topology
+
+    with open_ledger(tmp_path) as ledger:
+        ledger.claim("m-esc", request(), "src", 300, state_fn(topology()))
+        ledger.release("m-esc", "[libvirt] live_migration_permit_post_copy=false [bold]x")
+        out = io.StringIO()
+        _print_show(ledger.get("m-esc"), ledger.transitions("m-esc"), out)
+    assert "[libvirt] live_migration_permit_post_copy=false [bold]x" in out.getvalue()
