@@ -1,7 +1,8 @@
 """`compute-agent` command line.
 
 Exit codes: 0 success, 2 invalid input (the error on stderr), 3 "does not fit" (fit), 4 not found,
-1 anything unexpected (logged with its traceback, never silent).
+1 the agent could not do it (libvirt unreachable, ledger unusable, ...; the typed error on stderr)
+or an unexpected bug (logged with its traceback, never silent).
 """
 
 from __future__ import annotations
@@ -136,6 +137,73 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return EXIT_OK if result.fits else EXIT_NOFIT
 
 
+# --- host-state ---------------------------------------------------------------------------------
+
+
+def _cmd_host_state(args: argparse.Namespace) -> int:
+    """This host's true state: topology - config reservations - domains - live claims."""
+    from agent.claims.errors import LedgerError
+    from agent.claims.hoststate import compute_host_state
+    from agent.claims.ledger import Ledger
+    from agent.config import load_config
+    from agent.libvirt_ops.connection import connection
+    from agent.libvirt_ops.inventory import read_domains
+    from agent.numa.capabilities import discover
+
+    cfg = load_config(args.config)
+    uri = args.connection or cfg.libvirt.connection_uri
+    with connection(uri, readonly=True) as conn:
+        inventory = read_domains(conn)
+        caps_xml = conn.getCapabilities() if args.cross_check else None
+    topology, differences = discover(sysfs_root=args.sysfs_root, capabilities_xml=caps_xml)
+    state_dir = Path(args.state_dir) if args.state_dir else cfg.claims.state_dir
+    try:
+        with Ledger.open(state_dir, create=False) as ledger:
+            claims = ledger.live_claims()
+    except LedgerError as exc:
+        if (state_dir / "ledger.db").exists():
+            raise
+        log.info("no claim ledger in %s (%s): counting no claims", state_dir, exc)
+        claims = []
+    report = compute_host_state(topology, inventory.domains, claims, cfg.compute)
+    problems = list(inventory.unreadable) + list(report.overlaps) + list(report.notes) + differences
+    if args.json:
+        doc = report.state.to_json()
+        doc["live_claims"] = [c.migration_id for c in claims]
+        doc["unbound_memory_mb"] = report.unbound_memory_mb
+        doc["problems"] = problems
+        _print_json(doc)
+        return EXIT_OK
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from agent.config import format_cpu_set
+
+    table = Table(title=f"free resources of {topology.hostname} "
+                        f"({len(inventory.domains)} domains, {len(claims)} live claims)")
+    for col in ("cell", "pinned", "free dedicated", "shared", "floating room", "small MiB free", "hugepages free"):
+        table.add_column(col)
+    for res in report.state.all_resources():
+        usage = report.state.cell_usage(res.cell.id)
+        table.add_row(
+            str(res.cell.id),
+            format_cpu_set(usage.pinned_cpus) or "-",
+            format_cpu_set(res.dedicated_cpus) or "-",
+            format_cpu_set(res.shared_cpus) or "-",
+            str(res.floating_capacity),
+            str(res.small_free_mb),
+            ", ".join(f"{_page_label(s)}: {n}" for s, n in sorted(res.free_pages.items())) or "-",
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"reserved host memory: {report.state.reserved_memory_mb} MiB; "
+                  f"memory not bound to a cell: {report.unbound_memory_mb} MiB")
+    for line in problems:
+        console.print(f"[yellow]warning:[/yellow] {escape(line)}")
+    return EXIT_OK
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 
@@ -146,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"compute-agent {__version__}")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument("--config", metavar="FILE", help="agent config (default /etc/compute-agent/compute-agent.conf)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("discover", help="print this host's NUMA topology")
@@ -161,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preference", choices=("spread", "pack"), default="spread")
     p.add_argument("--json", action="store_true", help="Placement JSON as in formats.md")
     p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("host-state", help="this host's free resources: topology - reservations - domains - claims")
+    p.add_argument("--connection", metavar="URI", help="libvirt URI (default: [libvirt] connection_uri)")
+    p.add_argument("--state-dir", metavar="DIR", help="claim ledger directory (default: [claims] state_dir)")
+    p.add_argument("--sysfs-root", default="/sys", metavar="DIR")
+    p.add_argument("--cross-check", action="store_true", help="compare sysfs with libvirt capabilities")
+    p.add_argument("--json", action="store_true", help="Host state JSON as in formats.md, plus problems")
+    p.set_defaults(func=_cmd_host_state)
 
     try:
         from agent.claims.cli import add_claims_parser

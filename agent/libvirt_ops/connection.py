@@ -16,13 +16,22 @@ from agent.libvirt_ops.errors import DomainNotFound, LibvirtConnectionError, Lib
 LOG = logging.getLogger("compute_agent.libvirt")
 
 
+_quiet = False
+
+
 def _libvirt() -> Any:
+    global _quiet
     try:
         import libvirt  # noqa: PLC0415
     except ImportError as exc:  # pragma: no cover - depends on the host
         raise LibvirtConnectionError(
             "python module 'libvirt' is missing (install libvirt-python)", libvirt_message=str(exc)
         ) from None
+    if not _quiet:
+        # libvirt prints every error to stderr by default; ours are raised as typed errors and
+        # logged once, so its own copy is noise in journald and on the terminal.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        _quiet = True
     return libvirt
 
 
