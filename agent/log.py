@@ -28,8 +28,18 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(f"<{priority}>{line}" for line in text.splitlines() or [""])
 
 
-def under_journald() -> bool:
-    return bool(os.environ.get("JOURNAL_STREAM"))
+def under_journald(stream=None) -> bool:
+    """True when `stream` (default stderr) is the journald stream systemd gave us: JOURNAL_STREAM
+    names its device:inode, so a child whose stderr was redirected elsewhere gets plain lines."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat((stream if stream is not None else sys.stderr).fileno())
+    except (AttributeError, OSError, ValueError):  # not a real file (tests, StringIO)
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
 
 
 def setup_logging(level: str | int = "INFO", *, stream=None) -> None:
@@ -39,7 +49,7 @@ def setup_logging(level: str | int = "INFO", *, stream=None) -> None:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     handler = logging.StreamHandler(stream)
-    if under_journald():
+    if under_journald(stream):
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -105,3 +105,16 @@ def test_bad_config_is_a_clean_error(capsys, tmp_path):
     cfg.write_text("[compute]\ncpu_allocation_ratio = lots\n")
     rc, _, err = run(capsys, "--config", str(cfg), "host-state", "--connection", "test:///default")
     assert rc == 2 and "[compute] cpu_allocation_ratio" in err
+
+
+def test_bad_log_level_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--log-level", "bogus", "discover"])
+    assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_hostname_with_markup_is_printed_verbatim(capsys):
+    rc, out, _ = run(capsys, "discover", "--sysfs-root", str(FIXTURES / "sysfs" / "single_no_smt"),
+                     "--hostname", "[/oops]")
+    assert rc == 0 and "[/oops]" in out

@@ -306,6 +306,7 @@ def _answering(host: str, port: int = 16509) -> bool:
         return False
 
 
+@pytest.mark.testbed
 def test_host_traits_real_testbed() -> None:
     libvirt = pytest.importorskip("libvirt")
     if not _answering("127.0.0.2"):
