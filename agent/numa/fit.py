@@ -24,8 +24,9 @@ Algorithm (exact and polynomial, no enumeration of cell orderings):
 4. A min-cost assignment (Hungarian algorithm, O(n^2 m)) picks the matching: cost = rank of the
    host cell's free resources, i.e. of the pair key (free dedicated CPUs - floating capacity for
    floating-only instances -, free MiB of the page size chosen for the pair); spread: most free first,
-   pack: least free first; ties broken by host cell id (lower first, guest cells in host-id order). The host-level ``reserved_memory_mb`` constraint is on the sum of small-page MiB the
-   instance puts on the host. That sum is fixed for small/explicit/large requests; with ``any`` it
+   pack: least free first; ties broken by host cell id (lower first, guest cells in host-id order).
+   The host-level ``reserved_memory_mb`` + ``unbound_memory_mb`` constraint is on the sum of
+   small-page MiB the instance puts on the host. That sum is fixed for small/explicit/large requests; with ``any`` it
    depends on the pairs (small pages are used on a pair only when no hugepage size fits there). If
    the preferred assignment breaks the budget, a second assignment minimises small-page MiB first
    (preference second); when even the minimum breaks the budget nothing fits. This is exact.
@@ -36,17 +37,26 @@ Algorithm (exact and polynomial, no enumeration of cell orderings):
 
 Interpretations (documented here because the issue text leaves them open):
 
+* KNOWN LIMITATION (not fixed): a plain shared instance without NUMA (no ``hw:numa_nodes``, no
+  pinning, no page size; Nova gives it no NUMA topology and lets it float over the whole host) is
+  parsed into one implicit guest cell (``InstanceRequest.numa_implicit``) and placed in ONE host
+  cell like any other guest cell: its floating vCPUs float over that host cell's shared CPUs only
+  and all its memory must fit that host cell. It is refused when no single host cell has room,
+  even if the host as a whole does. The fitter does not look at ``numa_implicit``.
+
 * Memory overcommit follows Nova: only an instance that asks for no page size at all
   (``page_size is None``) and pins nothing (cpu_policy ``shared``, no dedicated vCPU) may use the
   overcommitted small-page pool ``small_floating_mb`` (``ram_allocation_ratio`` applied). Any page
   size request (``small``, an explicit 4 KiB, ``any`` falling back to small pages) or any dedicated
   vCPU means ``small_free_mb``: no overcommit.
-* ``reserved_memory_mb`` budget, same split: an instance that may overcommit must keep
-  ``sum(small_floating_mb) - instance_small_mb >= reserved_memory_mb`` (otherwise
-  ``ram_allocation_ratio`` could never take effect), every other instance
-  ``sum(small_free_mb) - instance_small_mb >= reserved_memory_mb``. An instance with no small-page
-  memory at all (hugepages only) is never refused by this rule, even on a host already below its
-  reservation.
+* Host-level small-page budget, same split: an instance that may overcommit must keep
+  ``sum(small_floating_mb) - instance_small_mb >= reserved_memory_mb + unbound_memory_mb``
+  (otherwise ``ram_allocation_ratio`` could never take effect), every other instance
+  ``sum(small_free_mb) - instance_small_mb >= reserved_memory_mb + unbound_memory_mb``.
+  ``HostState.unbound_memory_mb`` is small-page memory of domains bound to no single cell (no
+  numatune): it is counted on no cell, so it can only be taken from the host-wide sum. An instance
+  with no small-page memory at all (hugepages only) is never refused by this rule, even on a host
+  already below its reservation.
 * An explicit page size of 4 KiB is treated like ``small`` (small pages, no overcommit).
 * Floating vCPUs of a guest cell float over the host cell's ``shared_cpus`` minus every CPU the
   instance pins or reserves on that host cell (its dedicated vCPUs' CPUs, isolate-reserved siblings,
@@ -578,13 +588,13 @@ def fit(request: InstanceRequest, state: HostState, *, preference: Preference = 
     if -1 in mg:
         return _no_fit(f, pairs, _hall_violator(adj, mg, mh))
 
-    # host-level small-page budget (reserved_memory_mb)
+    # host-level small-page budget (reserved_memory_mb, unbound_memory_mb)
     if f.overcommit_ok:
         small_pool = sum(h.res.small_floating_mb for h in hosts)
     else:
         small_pool = sum(h.res.small_free_mb for h in hosts)
     # (clamped at 0: an instance that puts no small-page memory on the host is never blocked by it)
-    budget = max(0, small_pool - state.reserved_memory_mb)
+    budget = max(0, small_pool - state.reserved_memory_mb - state.unbound_memory_mb)
 
     # preference cost: rank pairs by (free dedicated CPUs, free MiB of the chosen page size)
     # (floating-only instances rank by floating capacity instead of free dedicated CPUs)
@@ -648,7 +658,7 @@ def _build(f: _Fitter, assign: list[int], pairs: list[list[_PairFit | None]]) ->
         for v, (cpu, _, _) in zip(sorted(g.dedicated_vcpus), picked):
             pins[v] = (cpu,)
             all_pins.add(cpu)
-        floating = g.vcpus - g.dedicated_vcpus
+        floating = g.floating_vcpus
         if floating:
             shared = h.shared_sorted
             if h.overlap and not mine.isdisjoint(h.res.shared_cpus):
@@ -724,9 +734,15 @@ def _reserved_no_fit(
     cell_reasons = _cell_lines(f, pairs)
     lines = list(cell_reasons.values())
     what = "small-page (ram_allocation_ratio applied)" if f.overcommit_ok else "free small-page"
+    state = f.state
+    taken = f"{state.reserved_memory_mb} MiB of which is reserved (reserved_memory_mb)"
+    if state.unbound_memory_mb:
+        taken += (
+            f" and {state.unbound_memory_mb} MiB used by domains not bound to any cell "
+            f"(unbound_memory_mb)"
+        )
     lines.append(
         f"every guest cell fits a host cell, but the instance needs at least {used} MiB of small-page "
-        f"memory and the host has {pool} MiB {what} memory, {f.state.reserved_memory_mb} MiB of which "
-        f"is reserved (reserved_memory_mb)"
+        f"memory and the host has {pool} MiB {what} memory, {taken}"
     )
     return NoFit(reason="\n".join(lines), cell_reasons=cell_reasons)

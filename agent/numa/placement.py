@@ -13,6 +13,16 @@ from agent.errors import InvalidInput
 from agent.numa.topology import decode_schema
 
 
+# Bounds Placement.from_json accepts (the same ranges the host state documents accept).
+MAX_ID = 1 << 20  # CPU, vCPU and cell ids
+MAX_MEMORY_MB = 1 << 40
+MAX_PAGESIZE_KB = 1 << 30
+
+
+def _ids_ok(ids: Any) -> bool:
+    return all(0 <= i <= MAX_ID for i in ids)
+
+
 @dataclass(frozen=True, slots=True)
 class CellPlacement:
     guest_cell: int
@@ -89,17 +99,53 @@ class Placement:
 
     @classmethod
     def from_json(cls, data: Any) -> "Placement":
+        """Read a placement document (ours, e.g. from a domain's agent metadata). Anything a fitter
+        placement could not contain raises InvalidInput naming the field, so a bad document is
+        rejected here instead of breaking whoever counts its usage."""
         doc = decode_schema(data, PlacementDoc, InvalidInput)
         if not doc.fits:
             raise InvalidInput("placement document says fits=false: there is no placement to read")
         cells = []
+        seen_guest: set[int] = set()
+        seen_vcpus: set[int] = set()
         for c in doc.cells:
+            where = f"placement cell {c.guest_cell}"
+            if not (0 <= c.guest_cell <= MAX_ID):
+                raise InvalidInput(f"{where}.guest_cell: {c.guest_cell} out of range")
+            if c.guest_cell in seen_guest:
+                raise InvalidInput(f"{where}.guest_cell: guest cell {c.guest_cell} placed twice")
+            seen_guest.add(c.guest_cell)
+            if not (0 <= c.host_cell <= MAX_ID):
+                raise InvalidInput(f"{where}.host_cell: {c.host_cell} out of range")
+            if not (0 <= c.memory_mb <= MAX_MEMORY_MB):
+                raise InvalidInput(f"{where}.memory_mb: {c.memory_mb} out of range (0..{MAX_MEMORY_MB})")
+            if not (0 < c.pagesize_kb <= MAX_PAGESIZE_KB):
+                raise InvalidInput(f"{where}.pagesize_kb: {c.pagesize_kb} out of range (1..{MAX_PAGESIZE_KB})")
+            vcpus = set(c.vcpus)
+            if len(vcpus) != len(c.vcpus):
+                raise InvalidInput(f"{where}.vcpus: duplicate vCPU ids")
+            if any(not (0 <= v <= MAX_ID) for v in vcpus):
+                raise InvalidInput(f"{where}.vcpus: vCPU ids must be in 0..{MAX_ID}")
+            if vcpus & seen_vcpus:
+                raise InvalidInput(f"{where}.vcpus: vCPUs {sorted(vcpus & seen_vcpus)} are in two guest cells")
+            seen_vcpus |= vcpus
             try:
                 pins = {int(k): tuple(sorted(v)) for k, v in c.cpu_pins.items()}
             except ValueError:
-                raise InvalidInput(f"placement cell {c.guest_cell}: cpu_pins keys must be vCPU ids") from None
-            if set(pins) != set(c.vcpus):
-                raise InvalidInput(f"placement cell {c.guest_cell}: cpu_pins must map exactly its vcpus")
+                raise InvalidInput(f"{where}: cpu_pins keys must be vCPU ids") from None
+            if set(pins) != vcpus:
+                raise InvalidInput(f"{where}: cpu_pins must map exactly its vcpus")
+            for v, pin in pins.items():
+                if not pin:
+                    raise InvalidInput(f"{where}.cpu_pins[{v}]: empty list of host CPUs")
+                if not _ids_ok(pin):
+                    raise InvalidInput(f"{where}.cpu_pins[{v}]: host CPU ids must be in 0..{MAX_ID}")
+            if not _ids_ok(c.reserved_cpus):
+                raise InvalidInput(f"{where}.reserved_cpus: host CPU ids must be in 0..{MAX_ID}")
+            if c.dedicated_vcpus is not None and not set(c.dedicated_vcpus) <= vcpus:
+                raise InvalidInput(
+                    f"{where}.dedicated_vcpus: {sorted(set(c.dedicated_vcpus) - vcpus)} not among its vcpus"
+                )
             dedicated = (
                 frozenset(c.dedicated_vcpus)
                 if c.dedicated_vcpus is not None
@@ -117,6 +163,8 @@ class Placement:
                     reserved_cpus=frozenset(c.reserved_cpus),
                 )
             )
+        if not _ids_ok(doc.emulator_pins):
+            raise InvalidInput(f"placement emulator_pins: host CPU ids must be in 0..{MAX_ID}")
         return cls(
             cells=tuple(sorted(cells, key=lambda c: c.guest_cell)),
             emulator_pins=tuple(sorted(doc.emulator_pins)),

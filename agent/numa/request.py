@@ -94,7 +94,9 @@ class InstanceRequest:
     emulator_threads: EmulatorThreadsPolicy
     page_size: PageSizeWish | None  # None = not asked: small pages, overcommit allowed if floating
     migration: MigrationWishes = MigrationWishes()
-    numa_implicit: bool = False  # no hw:numa_nodes: the agent made one cell itself
+    # no hw:numa_nodes: the agent made one cell itself. Still fitted into one host cell like any
+    # cell (known limitation, see parse_request); informational only.
+    numa_implicit: bool = False
 
     @property
     def is_pinned(self) -> bool:
@@ -657,9 +659,13 @@ def parse_request(doc: Any) -> InstanceRequest:
         pinned = frozenset()
 
     # Nova builds a NUMA topology only for hw:numa_nodes, pinning, a page size (or vPMEM); a plain
-    # shared instance gets none and may float over the whole host. KNOWN LIMITATION: we always make
-    # at least one cell, so such an instance is modelled as one implicit cell (numa_implicit=True)
-    # and the fitter must treat that cell as "anywhere" rather than as a real NUMA constraint.
+    # shared instance gets none and may float over the whole host. KNOWN LIMITATION (not fixed): we
+    # always make at least one cell, so such an instance is modelled as one implicit cell
+    # (numa_implicit=True) and the fitter treats it like any other guest cell: the instance is
+    # placed in ONE host cell (its vCPUs float over that cell's shared CPUs only and all its memory
+    # must fit that cell), never spread over the whole host. So it can be refused on a host whose
+    # cells are each too small although the host as a whole has room. numa_implicit only records
+    # that the cell was not asked for; the fitter does not look at it.
     implicit = nodes is None
     count = nodes or 1
 

@@ -7,12 +7,19 @@ report and the CLI all count the same way:
   `used_pages` is what domains and claims hold by our own accounting. What may be promised is
   ``min(free, total - used_pages) - reserved_pages``: a running domain shows up in both numbers
   and is counted once; a claim not yet backed by a running QEMU lowers only the second one.
-* Small-page memory. The 4 KiB pool when the cell reports it; otherwise MemTotal minus hugepage
-  memory, minus what `used_memory_mb` says is used beyond hugepages. (`used_memory_mb` counts
-  memory of every page size, like Nova's memory_usage.) Pinned guests never overcommit: they get
-  the free small-page MiB. Floating guests may use ``small_total * ram_allocation_ratio - used``.
+* Small-page memory. The 4 KiB pool when the cell reports it (free = ``min(free, total -
+  used_pages[4]) - reserved_pages[4]``, like any pool). Otherwise, by our own accounting only:
+  total = MemTotal minus the memory of every hugepage pool; used = ``used_memory_mb`` minus the
+  hugepage memory domains and claims hold (``sum(used_pages[size] * size)`` over hugepage sizes),
+  i.e. what they use beyond hugepages. (`used_memory_mb` counts memory of every page size, like
+  Nova's memory_usage.) The kernel's hugepage free counts play no part in that branch: hugepages
+  taken by something other than a domain are already outside the total, and a claim's hugepages
+  not yet backed by QEMU are not small-page memory. Pinned guests never overcommit: they get the
+  free small-page MiB. Floating guests may use ``small_total * ram_allocation_ratio - used``.
 * `reserved_memory_mb` is per host and taken from small-page memory: an instance's small-page
-  memory must leave that much free across the host.
+  memory must leave that much free across the host. `unbound_memory_mb` (small-page memory of
+  domains bound to no single cell, e.g. no numatune) is counted on no cell and taken from the same
+  host-wide sum: the two together must stay free.
 * CPUs. Dedicated vCPUs use `cpu_dedicated_set` (default: every online CPU) minus pinned CPUs.
   Floating vCPUs use the cell's `cpu_shared_set` CPUs (default: every online CPU not pinned),
   at most ``len(shared) * cpu_allocation_ratio`` floating vCPUs per cell.
@@ -22,8 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
-
-import msgspec
 
 from agent.errors import InvalidHostState
 from agent.numa.topology import (
@@ -65,9 +70,6 @@ class CellResources:
     small_free_mb: int  # small-page MiB a pinned (no-overcommit) guest may take
     small_floating_mb: int  # small-page MiB a floating guest may take (ram ratio applied)
 
-    def free_threads_of_core(self, group: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(c for c in group if c in self.dedicated_cpus)
-
 
 @dataclass(frozen=True, slots=True)
 class HostState:
@@ -79,6 +81,9 @@ class HostState:
     reserved_pages: Mapping[int, Mapping[int, int]] = field(default_factory=dict)  # cell -> size -> n
     cpu_allocation_ratio: float = DEFAULT_CPU_ALLOCATION_RATIO
     ram_allocation_ratio: float = DEFAULT_RAM_ALLOCATION_RATIO
+    # Host-level small-page MiB used by domains but bound to no single cell (no numatune):
+    # counted on no cell, taken from the host-wide small-page budget like reserved_memory_mb.
+    unbound_memory_mb: int = 0
 
     def cell_usage(self, cell_id: int) -> CellUsage:
         return self.usage.get(cell_id, EMPTY_USAGE)
@@ -88,11 +93,6 @@ class HostState:
 
     def all_resources(self) -> tuple[CellResources, ...]:
         return tuple(cell_resources(self, c) for c in self.topology.cells)
-
-    @property
-    def small_free_mb_total(self) -> int:
-        """Small-page MiB free for pinned guests on the whole host, before `reserved_memory_mb`."""
-        return sum(r.small_free_mb for r in self.all_resources())
 
     def to_json(self) -> dict[str, Any]:
         doc = self.topology.to_json()
@@ -107,6 +107,7 @@ class HostState:
         if self.cpu_shared_set is not None:
             doc["cpu_shared_set"] = sorted(self.cpu_shared_set)
         doc["reserved_memory_mb"] = self.reserved_memory_mb
+        doc["unbound_memory_mb"] = self.unbound_memory_mb
         doc["reserved_pages"] = {
             str(c): {str(s): n for s, n in sorted(sizes.items())}
             for c, sizes in sorted(self.reserved_pages.items())
@@ -135,12 +136,10 @@ def cell_resources(state: HostState, cell: NumaCell) -> CellResources:
     reserved = state.reserved_pages.get(cell.id, {})
     free_pages: dict[int, int] = {}
     huge_total_kb = 0
-    huge_used_kb = 0
     for pool in cell.pages:
         if pool.size_kb == SMALL_PAGE_KB:
             continue
         huge_total_kb += pool.total * pool.size_kb
-        huge_used_kb += (pool.total - pool.free) * pool.size_kb
         promisable = min(pool.free, pool.total - usage.used_pages.get(pool.size_kb, 0))
         free_pages[pool.size_kb] = max(0, promisable - reserved.get(pool.size_kb, 0))
 
@@ -151,8 +150,13 @@ def cell_resources(state: HostState, cell: NumaCell) -> CellResources:
         small_free = min(small.free, small.total - accounted_used) - reserved.get(SMALL_PAGE_KB, 0)
         small_free_mb = max(0, small_free) * SMALL_PAGE_KB // 1024
     else:
+        # No 4 KiB pool: small-page memory is what hugepage pools leave of MemTotal, and what domains
+        # and claims use of it is our own accounting only: used_memory_mb (every page size) minus the
+        # hugepages they hold (used_pages). The kernel's hugepage usage is not mixed in: it also
+        # counts hugepages of non-domains (already outside small_total_mb) and misses claims.
+        our_huge_used_kb = sum(n * size for size, n in usage.used_pages.items() if size != SMALL_PAGE_KB)
+        small_used_mb = max(0, usage.used_memory_mb - our_huge_used_kb // 1024)
         small_total_mb = max(0, (cell.memory_kb - huge_total_kb) // 1024)
-        small_used_mb = max(0, usage.used_memory_mb - huge_used_kb // 1024)
         small_free_mb = max(0, small_total_mb - small_used_mb)
     small_used_mb_now = small_total_mb - small_free_mb
     small_floating_mb = max(0, int(small_total_mb * state.ram_allocation_ratio) - small_used_mb_now)
@@ -182,6 +186,7 @@ class HostStateDoc(TopologyDoc, frozen=True):
     cpu_dedicated_set: list[int] | None = None
     cpu_shared_set: list[int] | None = None
     reserved_memory_mb: int = 0
+    unbound_memory_mb: int = 0
     reserved_pages: dict[str, dict[str, int]] = {}
     cpu_allocation_ratio: float = DEFAULT_CPU_ALLOCATION_RATIO
     ram_allocation_ratio: float = DEFAULT_RAM_ALLOCATION_RATIO
@@ -229,17 +234,16 @@ def host_state_from_doc(doc: HostStateDoc) -> HostState:
             raise InvalidHostState(f"{ratio_name}: {ratio} must be > 0 and <= 1000")
     if not (0 <= doc.reserved_memory_mb <= 1 << 40):
         raise InvalidHostState(f"reserved_memory_mb: {doc.reserved_memory_mb} out of range")
+    if not (0 <= doc.unbound_memory_mb <= 1 << 40):
+        raise InvalidHostState(f"unbound_memory_mb: {doc.unbound_memory_mb} out of range")
     return HostState(
         topology=topology,
         usage=usage,
         cpu_dedicated_set=frozenset(doc.cpu_dedicated_set) if doc.cpu_dedicated_set is not None else None,
         cpu_shared_set=frozenset(doc.cpu_shared_set) if doc.cpu_shared_set is not None else None,
         reserved_memory_mb=doc.reserved_memory_mb,
+        unbound_memory_mb=doc.unbound_memory_mb,
         reserved_pages=reserved_pages,
         cpu_allocation_ratio=doc.cpu_allocation_ratio,
         ram_allocation_ratio=doc.ram_allocation_ratio,
     )
-
-
-def encode_json(obj: Any) -> bytes:
-    return msgspec.json.encode(obj)

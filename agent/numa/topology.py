@@ -26,10 +26,6 @@ class PagePool:
     free: int
 
     @property
-    def free_mb(self) -> int:
-        return self.free * self.size_kb // 1024
-
-    @property
     def total_mb(self) -> int:
         return self.total * self.size_kb // 1024
 
@@ -50,10 +46,6 @@ class NumaCell:
             if pool.size_kb == size_kb:
                 return pool
         return None
-
-    @property
-    def hugepage_sizes_kb(self) -> tuple[int, ...]:
-        return tuple(sorted(p.size_kb for p in self.pages if p.size_kb != SMALL_PAGE_KB))
 
     def sibling_group(self, cpu: int) -> tuple[int, ...]:
         for group in self.siblings:

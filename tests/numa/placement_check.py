@@ -6,8 +6,9 @@ hugepages, small-page MiB).
 
 Rules checked here that are easy to get wrong:
 
-* memory overcommit (``small_floating_mb``, and the same pool for ``reserved_memory_mb``) only for
-  an instance with no page size request and nothing pinned; everyone else gets ``small_free_mb``;
+* memory overcommit (``small_floating_mb``, and the same pool for the host-level budget
+  ``reserved_memory_mb`` + ``unbound_memory_mb``) only for an instance with no page size request
+  and nothing pinned; everyone else gets ``small_free_mb``;
 * floating vCPUs float over the host cell's shared CPUs minus every CPU the instance takes on that
   host cell (dedicated vCPUs, reserved siblings, isolated emulator CPU). Which CPUs those are is the
   fitter's deterministic selection rule, re-implemented independently in `expected_taken`;
@@ -152,8 +153,9 @@ def pair_fits(request: InstanceRequest, state: HostState, guest: int, host_cell:
 def small_budget(request: InstanceRequest, state: HostState) -> int:
     rs = state.all_resources()
     pool = sum(r.small_floating_mb for r in rs) if overcommit_ok(request) else sum(r.small_free_mb for r in rs)
-    # an instance without small-page memory is never blocked by reserved_memory_mb
-    return max(0, pool - state.reserved_memory_mb)
+    # reserved_memory_mb and the small-page memory of domains bound to no cell (unbound_memory_mb)
+    # come off the host-wide sum; an instance without small-page memory is never blocked by them
+    return max(0, pool - state.reserved_memory_mb - state.unbound_memory_mb)
 
 
 def brute_force_fits(request: InstanceRequest, state: HostState) -> bool:
@@ -310,4 +312,4 @@ def check_placement(request: InstanceRequest, state: HostState, placement: Place
         )
         assert left or not total, f"host cell {cid}: floating vCPUs left without a shared CPU"
     # host-level small-page budget
-    assert small_total <= small_budget(request, state), "reserved_memory_mb violated"
+    assert small_total <= small_budget(request, state), "reserved_memory_mb / unbound_memory_mb violated"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import InvalidRequest
+from agent.errors import InvalidHostState, InvalidRequest
 from agent.numa.fit import fit
 from agent.numa.placement import NoFit, Placement
 from agent.numa.request import (
@@ -535,6 +535,21 @@ def test_reserved_memory_pool_follows_overcommit_rule():
     nofit(req((1, 1024), (1, 1025), policy=CpuPolicy.SHARED, page=SMALL), st2)
 
 
+def test_plain_shared_instance_without_numa_is_placed_in_one_host_cell_known_limitation():
+    # B9, documented limitation (request.py / fit.py docstring): no hw:numa_nodes, no pinning, no
+    # page size -> one implicit guest cell, fitted into ONE host cell (Nova would float it over
+    # the whole host). Refused when no single cell has room although the host as a whole does.
+    from agent.numa.request import parse_request
+
+    r = parse_request({"uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a12", "vcpus": 4, "memory_mb": 6144})
+    assert r.numa_implicit and len(r.cells) == 1 and not r.is_pinned
+    two = host(cell(0, [0, 1], small_mb=4096), cell(1, [2, 3], small_mb=4096), cpu_allocation_ratio=1.0)
+    nofit(r, two)  # 8 GiB and 4 CPUs on the host, but 4 GiB / 2 CPUs per cell
+    p = placed(r, host(cell(0, [0, 1, 2, 3], small_mb=8192), cell(1, [4, 5], small_mb=1024)))
+    assert [c.host_cell for c in p.cells] == [0]
+    assert all(p.cells[0].cpu_pins[v] == (0, 1, 2, 3) for v in range(4))
+
+
 def test_memory_only_cpuless_cell():
     st_ = host(cell(0, [0, 1]), cell(1, [], small_mb=65536))
     p = placed(req((2, 1024)), st_)
@@ -614,6 +629,50 @@ def test_reserved_memory_mb_is_per_host_small_pages():
     st2 = host(cell(0, [0, 1], small_mb=1024, pages={2048: (1024, 1024)}), reserved_memory_mb=1024)
     placed(req((1, 2048), page=P2M), st2)
     nofit(req((1, 16)), st2)
+
+
+def test_unbound_memory_mb_is_taken_from_the_host_small_page_budget():
+    # one 8 GiB cell, kernel says all free (guest RAM of an unbound domain not touched yet), but a
+    # domain without numatune already uses 6 GiB of small pages somewhere on the host
+    st_ = host(cell(0, [0, 1, 2, 3], small_mb=8192), unbound_memory_mb=6144)
+    assert st_.unbound_memory_mb == 6144
+    placed(req((1, 2048)), st_)
+    r = nofit(req((1, 6144)), st_)  # pinned, no overcommit: 6144 > 8192 - 6144
+    assert "unbound_memory_mb" in r.reason and "6144 MiB used by domains not bound" in r.reason
+    # adds up with reserved_memory_mb
+    st2 = host(cell(0, [0, 1, 2, 3], small_mb=8192), unbound_memory_mb=4096, reserved_memory_mb=2048)
+    placed(req((1, 2048)), st2)
+    nofit(req((1, 2049)), st2)
+    # the overcommit pool (plain shared instance, no page size) is reduced the same way
+    st3 = host(cell(0, [0, 1, 2, 3], small_mb=8192), unbound_memory_mb=6144, ram_allocation_ratio=1.5)
+    placed(req((1, 6144), policy=CpuPolicy.SHARED), st3)  # 12288 - 6144 >= 6144
+    nofit(req((1, 6145), policy=CpuPolicy.SHARED), st3)
+    # hugepage-only instances are not blocked by it
+    st4 = host(cell(0, [0, 1], small_mb=1024, pages={2048: (1024, 1024)}), unbound_memory_mb=99999)
+    placed(req((1, 2048), page=P2M), st4)
+    nofit(req((1, 16)), st4)
+
+
+def test_unbound_memory_mb_with_any_forces_hugepages():
+    cells = (
+        cell(0, [0, 1], small_mb=2048, pinned=[0], pages={GiB_KB: (1, 1)}),
+        cell(1, [2, 3, 4, 5], small_mb=2048),
+    )
+    assert placed(req((1, 1024), page=ANY), host(*cells)).cells[0].host_cell == 1
+    p = placed(req((1, 1024), page=ANY), host(*cells, unbound_memory_mb=1500, reserved_memory_mb=2000))
+    assert p.cells[0].host_cell == 0 and p.cells[0].pagesize_kb == GiB_KB
+
+
+def test_unbound_memory_mb_json_round_trip_and_range():
+    st_ = host(cell(0, [0, 1]), unbound_memory_mb=3072)
+    doc = st_.to_json()
+    assert doc["unbound_memory_mb"] == 3072
+    assert HostState.from_json(doc) == st_
+    absent = host(cell(0, [0, 1]))
+    assert absent.unbound_memory_mb == 0 and absent.to_json()["unbound_memory_mb"] == 0
+    for bad in (-1, 1 << 41, "12", 1.5):
+        with pytest.raises(InvalidHostState):
+            host(cell(0, [0, 1]), unbound_memory_mb=bad)
 
 
 def test_reserved_memory_with_any_forces_hugepage_cell():
@@ -796,7 +855,14 @@ def host_states(draw: st.DrawFn, roomy: bool = False) -> HostState:
     if draw(st.integers(0, 2)) == 0:
         # a reservation close to what is free, so that reserved_memory_mb decides between page sizes
         slack = draw(st.sampled_from([0, 256, 512, 1024, 1536, 2048, 3072]))
-        state = dataclasses.replace(state, reserved_memory_mb=max(0, state.small_free_mb_total - slack))
+        state = dataclasses.replace(state, reserved_memory_mb=max(0, sum(r.small_free_mb for r in state.all_resources()) - slack))
+    if draw(st.integers(0, 2)) == 0:
+        # part of the host-level budget taken by domains bound to no cell instead
+        unbound = draw(st.sampled_from([256, 1024, 4096]))
+        moved = draw(st.sampled_from([0, min(unbound, state.reserved_memory_mb)]))
+        state = dataclasses.replace(
+            state, unbound_memory_mb=unbound, reserved_memory_mb=state.reserved_memory_mb - moved
+        )
     return state
 
 
