@@ -96,7 +96,7 @@ def lookup_domain(conn: Any, name_or_uuid: str) -> Any:
 
 
 _event_loop_lock = threading.Lock()
-_event_loop_thread: threading.Thread | None = None
+_event_loop_state: bool | None = None  # None: not tried yet; True: running; False: unavailable
 
 
 def ensure_event_loop() -> bool:
@@ -107,16 +107,16 @@ def ensure_event_loop() -> bool:
     domain is gone by the time migrateToURI3 returns). Returns False if it cannot be set up (e.g.
     another event loop implementation was registered first); callers then do without events.
     """
-    global _event_loop_thread
+    global _event_loop_state
     libvirt = _libvirt()
     with _event_loop_lock:
-        if _event_loop_thread is not None:
-            return _event_loop_thread.is_alive()
+        if _event_loop_state is not None:
+            return _event_loop_state
         try:
             libvirt.virEventRegisterDefaultImpl()
         except libvirt.libvirtError as exc:
             LOG.warning("cannot register libvirt's event loop: %s", exc)
-            _event_loop_thread = threading.Thread(target=lambda: None)  # remembered as unavailable
+            _event_loop_state = False
             return False
 
         def loop() -> None:
@@ -126,6 +126,6 @@ def ensure_event_loop() -> bool:
                 except libvirt.libvirtError as exc:  # pragma: no cover - keep the loop alive
                     LOG.warning("libvirt event loop iteration failed: %s", exc)
 
-        _event_loop_thread = threading.Thread(target=loop, name="libvirt-events", daemon=True)
-        _event_loop_thread.start()
+        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+        _event_loop_state = True
         return True

@@ -13,11 +13,23 @@
    - switch to post-copy when the policy armed it and pre-copy is not converging
      (``ConvergenceTracker``: see "Post-copy switch trigger" below);
 4. build the ``MigrationOutcome``; on failure make sure the VM still runs on the source (resume it
-   if *we* paused it) and that nothing of it is left defined on the destination.
+   if *we* paused it) and that nothing of it is left defined on the destination -- unless the job
+   really was in post-copy (seen in the domain state while it ran, or the source's state after the
+   failure is a post-copy one): the guest's memory is split then, both sides are left to the
+   operator. A post-copy *request* alone does not count: libvirt accepts migrateStartPostCopy at
+   once but switches at the next iteration, and the job may fail before that.
+   ``switched_to_postcopy`` reports observed post-copy only.
+
+Each poll makes one ``jobStats()`` and one ``state()`` call. A completion-timeout action that
+failed (abortJob refused, switch to post-copy / pause failed) is retried on the next poll; after
+_MAX_FORCE_COMPLETE_FAILURES failed force-completes the timeout aborts the job instead.
 
 ``abort()`` and ``force_complete()`` may be called from another thread while ``run()`` is in
 progress. Abort is refused (``MigrationAbortRefused``) once post-copy has been requested or is
-running: the guest already executes on the destination then.
+running: the guest already executes on the destination then. A failed abortJob raises
+MigrationError and changes nothing, unless libvirt has no job: then the job already ended ("too
+late", returns quietly) or has not started yet (the abort is done on the first active poll).
+``force_complete()`` raises MigrationError when the switch to post-copy (or the pause) failed.
 
 Post-copy switch trigger (only when the policy armed post-copy): pre-copy is "not converging" when,
 after the first full pass over RAM (``memory_iteration >= 2``), the dirty set left at the start of
@@ -35,13 +47,14 @@ import threading
 import time
 import uuid as _uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import libvirt
 
 from agent.config import LibvirtConfig
 from agent.errors import AgentError
 from agent.libvirt_ops.connection import close_quietly, ensure_event_loop, lookup_domain, open_connection
+from agent.libvirt_ops.domain_xml import rewrite_for_placement
 from agent.libvirt_ops.errors import (
     LibvirtConnectionError,
     MigrationAbortRefused,
@@ -49,11 +62,9 @@ from agent.libvirt_ops.errors import (
     NoMigrationInProgress,
     libvirt_error_details,
 )
+from agent.libvirt_ops.policy import MigrationPolicy, decide_policy, migration_flags, migration_params
 from agent.numa.placement import Placement
-from agent.numa.request import InstanceRequest
-
-if TYPE_CHECKING:  # pragma: no cover
-    from agent.libvirt_ops.policy import MigrationPolicy
+from agent.numa.request import InstanceRequest, parse_request
 
 LOG = logging.getLogger("compute_agent.migration")
 
@@ -65,7 +76,33 @@ NOT_CONVERGING_MIN_SHRINK = 0.10
 # how long (real seconds) to wait for migrateToURI3 to return once the job is seen finished
 _FINISH_WAIT_S = 30.0
 
+# a failed force-complete (switch to post-copy / pause) at the completion timeout is retried on the
+# next polls; after this many failures the timeout falls back to aborting the job
+_MAX_FORCE_COMPLETE_FAILURES = 3
+
+# source lifecycle event details (event SUSPENDED) sent when the job switched to post-copy
+_POSTCOPY_SUSPEND_DETAILS = (
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY,
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY_FAILED,
+)
+# jobStats key: pages the destination requested during post-copy (> 0 proves the switch happened)
+_POSTCOPY_REQS = libvirt.VIR_DOMAIN_JOB_MEMORY_POSTCOPY_REQS
+
+_UNREAD: Any = object()  # "the caller did not read the domain state"
+
 _ACTIVE_JOB_TYPES = (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
+# (state, reason) pairs of a domain whose migration is in post-copy, or failed in post-copy (the
+# guest's memory is then split between the hosts). libvirt accepts migrateStartPostCopy at once but
+# switches at the next iteration: only these states (or observing one while the job ran) mean that
+# the switch really happened.
+_POSTCOPY_STATES = frozenset(
+    (
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY),
+        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED),
+        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY),
+        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED),
+    )
+)
 
 
 # --- value types ----------------------------------------------------------------------------------
@@ -101,7 +138,7 @@ class MigrationOutcome:
     status: Status
     reason: str
     final_stats: Mapping[str, int | float]
-    policy: "MigrationPolicy"
+    policy: MigrationPolicy
     elapsed_s: float
     downtime_ms: int | None
     switched_to_postcopy: bool
@@ -228,12 +265,17 @@ class _Job:
     domain_paused_at_start: bool
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
-    postcopy_requested: bool = False
-    in_postcopy: bool = False
+    postcopy_requested: bool = False  # migrateStartPostCopy succeeded (libvirt switches later)
+    in_postcopy: bool = False  # post-copy observed in the domain state: the switch happened
     paused_by_us: bool = False
-    abort_requested: bool = False
+    seen_active: bool = False  # the monitor has seen libvirt's job active
+    abort_requested: bool = False  # set only once abortJob() succeeded
     abort_reason: str = ""
-    timeout_fired: bool = False
+    abort_pending: str = ""  # abort() came before libvirt started the job: abort on the first active poll
+    timeout_fired: bool = False  # the completion-timeout action was carried out
+    force_failures: int = 0  # failed force-complete attempts at the completion timeout
+    last_switch_error: str = ""  # libvirt's message for the last failed migrateStartPostCopy
+    last_force_error: str = ""
     # final statistics delivered by the JOB_COMPLETED event on the job connection
     event_stats: dict[str, Any] | None = None
     event_seen: threading.Event = field(default_factory=threading.Event)
@@ -241,6 +283,8 @@ class _Job:
 
     @property
     def postcopy(self) -> bool:
+        """Post-copy requested or running: abort is refused and no pre-copy tuning is done. Not
+        proof that the switch happened (see `in_postcopy`)."""
         return self.postcopy_requested or self.in_postcopy
 
 
@@ -303,7 +347,7 @@ class MigrationRunner:
         NoMigrationInProgress when there is nothing to abort."""
         with self._lock:
             job = self._require_job("abort")
-            self._refresh_postcopy(job)
+            self._note_postcopy(job, self._read_state(job))
             if job.postcopy:
                 raise MigrationAbortRefused(
                     f"migration of {job.name} is in post-copy: the guest already runs on the destination, "
@@ -314,7 +358,10 @@ class MigrationRunner:
     def force_complete(self) -> str:
         """Make the running migration finish now: switch to post-copy when the policy armed it,
         else pause the guest so pre-copy completes. Returns the action taken
-        ("postcopy", "paused", or "none" when already in post-copy / already paused)."""
+        ("postcopy", "paused", or "none" when already in post-copy / already paused).
+
+        Raises MigrationError when the switch to post-copy (or the pause) failed: nothing was
+        done then, the job goes on in pre-copy."""
         with self._lock:
             job = self._require_job("force_complete")
             return self._force_complete(job, "force-complete requested")
@@ -329,12 +376,7 @@ class MigrationRunner:
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None,
     ) -> MigrationOutcome:
-        from agent.libvirt_ops.domain_xml import rewrite_for_placement  # noqa: PLC0415
-        from agent.libvirt_ops.policy import decide_policy, migration_flags, migration_params  # noqa: PLC0415
-
         if not isinstance(request, InstanceRequest):
-            from agent.numa.request import parse_request  # noqa: PLC0415
-
             request = parse_request(request)  # InvalidRequest before any libvirt call
 
         cfg = self._cfg
@@ -381,7 +423,7 @@ class MigrationRunner:
         dest_preexisting = self._check_destination(target, uuid, name)
 
         job = _Job(dom=dom, name=name, uuid=uuid, policy=policy, domain_paused_at_start=paused)
-        job_conn, job_dom, event_id = self._job_connection(job)
+        job_conn, job_dom, event_ids = self._job_connection(job)
         with self._lock:
             self._job = job
         worker = threading.Thread(
@@ -409,7 +451,7 @@ class MigrationRunner:
                 worker.join(60.0)
             with self._lock:
                 self._job = None
-            if event_id is not None:
+            for event_id in event_ids:
                 try:
                     job_conn.domainEventDeregisterAny(event_id)
                 except libvirt.libvirtError:
@@ -417,9 +459,9 @@ class MigrationRunner:
             close_quietly(job_conn)
         return self._outcome(job, target, policy, last_stats, max_throttle, elapsed, dest_preexisting)
 
-    def _job_connection(self, job: _Job) -> tuple[Any, Any, int | None]:
+    def _job_connection(self, job: _Job) -> tuple[Any, Any, list[int]]:
         """A connection of its own for the blocking migrateToURI3 call, the domain on it, and the
-        id of its JOB_COMPLETED event callback (None without events).
+        ids of its event callbacks (JOB_COMPLETED, LIFECYCLE; none without events).
 
         Monitor calls (jobStats, migrateSetMaxDowntime, abortJob, ...) issued on the connection
         that is blocked in migrateToURI3 were seen to hang for good with libvirt 9.0 (remote
@@ -427,6 +469,8 @@ class MigrationRunner:
         The JOB_COMPLETED event carries the final statistics (with the real downtime) of the
         source's job: with VIR_MIGRATE_UNDEFINE_SOURCE the source domain is gone afterwards, and
         after a post-copy migration the destination has no completed statistics either.
+        The LIFECYCLE event SUSPENDED/POSTCOPY is the source's word that the switch to post-copy
+        happened: a post-copy phase shorter than a poll interval is not seen in the polled state.
         """
         try:
             uri = self._conn.getURI()
@@ -439,21 +483,32 @@ class MigrationRunner:
         except libvirt.libvirtError as exc:
             close_quietly(conn)
             raise MigrationError.from_libvirt(f"looking up {job.name} on a job connection", exc) from None
-        event_id = None
+        event_ids: list[int] = []
         if events and hasattr(conn, "domainEventRegisterAny"):
             def on_completed(_conn: Any, _dom: Any, params: Any, opaque: _Job) -> None:
                 opaque.event_stats = dict(params or {})
                 opaque.event_seen.set()
 
+            def on_lifecycle(_conn: Any, _dom: Any, event: int, detail: int, opaque: _Job) -> None:
+                if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED and detail in _POSTCOPY_SUSPEND_DETAILS:
+                    opaque.in_postcopy = True  # a one-way flag: no lock needed (event loop thread)
+
             try:
-                event_id = conn.domainEventRegisterAny(
-                    dom, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, on_completed, job
+                event_ids.append(
+                    conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, on_completed, job)
                 )
                 job.event_registered = True
             except libvirt.libvirtError as exc:
                 _code, message = libvirt_error_details(exc)
                 self._log.info("migration %s: no JOB_COMPLETED events: %s", job.name, message)
-        return conn, dom, event_id
+            try:
+                event_ids.append(
+                    conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, job)
+                )
+            except libvirt.libvirtError as exc:
+                _code, message = libvirt_error_details(exc)
+                self._log.info("migration %s: no lifecycle events: %s", job.name, message)
+        return conn, dom, event_ids
 
     def _migrate_worker(self, job: _Job, dom: Any, dest_uri: str, params: dict, flags: int) -> None:
         try:
@@ -474,7 +529,6 @@ class MigrationRunner:
         interval = self._cfg.live_migration_poll_interval_s
         tracker = ConvergenceTracker()
         last_stats: dict[str, Any] = {}
-        seen_active = False
         downtime_ms: int | None = None
         max_throttle = 0
         while not job.done.is_set():
@@ -482,26 +536,33 @@ class MigrationRunner:
             elapsed = self._clock() - start
             active = stats is not None and stats.get("type") in _ACTIVE_JOB_TYPES
             if active:
-                seen_active = True
                 last_stats = dict(stats)
                 max_throttle = max(max_throttle, int(stats.get("auto_converge_throttle", 0) or 0))
                 with self._lock:
-                    phase = self._phase(job)
+                    job.seen_active = True
+                    state = self._read_state(job)  # the poll's only dom.state() call
+                    self._note_postcopy(job, state)
+                    if job.abort_pending and not job.postcopy and not job.abort_requested:
+                        reason, job.abort_pending = job.abort_pending, ""
+                        try:
+                            self._abort(job, reason)
+                        except MigrationError as exc:
+                            self._log.error("migration %s: %s", job.name, exc)
                     if not job.postcopy and not job.abort_requested:
                         downtime_ms = self._step_downtime(job, steps, elapsed, downtime_ms)
                         try:
                             if timeout is not None and elapsed > timeout and not job.timeout_fired:
-                                job.timeout_fired = True
-                                self._timeout_action(job, timeout, elapsed)
+                                # False (or MigrationError): not carried out, retried on the next poll
+                                job.timeout_fired = self._timeout_action(job, timeout, elapsed, state)
                             elif job.policy.post_copy and tracker.observe(
                                 int(stats.get("memory_iteration", 0) or 0),
                                 int(stats.get("memory_remaining", 0) or 0),
                             ):
                                 self._log.info("migration %s: %s", job.name, tracker.why)
-                                self._switch_to_postcopy(job, "not converging")
+                                self._switch_to_postcopy(job, "not converging")  # retried next poll if it fails
                         except MigrationError as exc:  # keep monitoring: the job is still running
                             self._log.error("migration %s: %s", job.name, exc)
-                    phase = self._phase(job) if job.postcopy else phase
+                    phase = self._phase(job, state)
                 if on_progress is not None:
                     progress = progress_from_stats(
                         stats, phase=phase, max_downtime_ms=downtime_ms or 0, elapsed_s=elapsed
@@ -510,7 +571,7 @@ class MigrationRunner:
                         on_progress(progress)
                     except Exception:  # noqa: BLE001 - a broken listener must not break the migration
                         self._log.exception("migration %s: progress callback failed", job.name)
-            elif seen_active:
+            elif job.seen_active:
                 # the job is over on the source: migrateToURI3 returns shortly
                 if job.done.wait(_FINISH_WAIT_S):
                     break
@@ -532,32 +593,32 @@ class MigrationRunner:
 
     # -- decisions (called with self._lock held) -------------------------------------------------
 
-    def _phase(self, job: _Job) -> Phase:
-        self._refresh_postcopy(job)
-        if job.in_postcopy or job.postcopy_requested:
-            return "postcopy"
-        try:
-            state, _ = job.dom.state()
-        except libvirt.libvirtError:
-            return "precopy"
-        return "paused-precopy" if state == libvirt.VIR_DOMAIN_PAUSED else "precopy"
-
-    def _refresh_postcopy(self, job: _Job) -> None:
-        """Learn from the domain state whether the job is in post-copy (also when someone else
-        switched it, e.g. `virsh migrate-postcopy`): jobStats has no phase before libvirt 10."""
-        if job.in_postcopy:
-            return
+    def _read_state(self, job: _Job) -> tuple[int, int] | None:
+        """The domain's (state, reason), None when it cannot be read."""
         try:
             state, reason = job.dom.state()
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as exc:
+            code, message = libvirt_error_details(exc)
+            self._log.debug("migration %s: reading the domain state failed: %s (libvirt error %s)",
+                            job.name, message, code)
+            return None
+        return int(state), int(reason)
+
+    def _phase(self, job: _Job, state: tuple[int, int] | None) -> Phase:
+        if job.in_postcopy:
+            return "postcopy"
+        if job.paused_by_us or (state is not None and state[0] == libvirt.VIR_DOMAIN_PAUSED):
+            return "paused-precopy"
+        return "precopy"
+
+    def _note_postcopy(self, job: _Job, state: tuple[int, int] | None) -> None:
+        """Learn from the domain state whether the job is in post-copy (also when someone else
+        switched it, e.g. `virsh migrate-postcopy`): jobStats has no phase before libvirt 10."""
+        if job.in_postcopy or state is None:
             return
-        if (state, reason) in (
-            (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY),
-            (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY),
-            (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED),
-        ):
-            if not job.postcopy_requested:
-                self._log.info("migration %s: the job is in post-copy (domain state %s/%s)", job.name, state, reason)
+        if state in _POSTCOPY_STATES:
+            self._log.info("migration %s: the job is in post-copy (domain state %s/%s)%s", job.name, state[0],
+                           state[1], "" if job.postcopy_requested else ", switched by someone else")
             job.in_postcopy = True
 
     def _step_downtime(
@@ -574,42 +635,83 @@ class MigrationRunner:
             self._log.warning("migration %s: could not set max downtime %d ms: %s", job.name, wanted, message)
         return wanted
 
-    def _timeout_action(self, job: _Job, timeout: float, elapsed: float) -> None:
+    def _timeout_action(self, job: _Job, timeout: float, elapsed: float, state: tuple[int, int] | None) -> bool:
+        """Carry out the completion-timeout action. True once done; False or MigrationError when
+        it was not (the monitor retries on the next poll). A force-complete that failed
+        _MAX_FORCE_COMPLETE_FAILURES times falls back to aborting the job."""
         action = self._cfg.live_migration_timeout_action
         self._log.warning(
             "migration %s: not completed after %.1f s (completion timeout %.0f s): action %s",
             job.name, elapsed, timeout, action,
         )
-        if action == "force_complete":
-            self._force_complete(job, f"completion timeout {timeout:.0f}s")
-        else:
-            self._abort(job, f"completion timeout: not completed within {timeout:.0f}s")
+        abort_reason = f"completion timeout: not completed within {timeout:.0f}s"
+        if action == "force_complete" and job.force_failures < _MAX_FORCE_COMPLETE_FAILURES:
+            try:
+                self._force_complete(job, f"completion timeout {timeout:.0f}s", state)
+                return True
+            except MigrationError as exc:
+                job.force_failures += 1
+                job.last_force_error = str(exc)
+                if job.force_failures < _MAX_FORCE_COMPLETE_FAILURES:
+                    self._log.error("migration %s: force-complete failed (attempt %d of %d), retrying: %s",
+                                    job.name, job.force_failures, _MAX_FORCE_COMPLETE_FAILURES, exc)
+                    return False
+                self._log.error("migration %s: force-complete failed %d times (%s): aborting the job instead",
+                                job.name, job.force_failures, exc)
+        if action == "force_complete":  # here only after the force-complete attempts failed
+            abort_reason += f", and force-complete failed {job.force_failures} times ({job.last_force_error})"
+        self._abort(job, abort_reason)  # MigrationError: not aborted, retried on the next poll
+        return True
 
     def _abort(self, job: _Job, reason: str) -> None:
-        job.abort_requested = True
-        job.abort_reason = reason
+        """abortJob(). `abort_requested` is set only once it succeeded. When it fails because
+        libvirt has no job: returns quietly if the job already ended ("too late"), or arms
+        `abort_pending` if the job was not seen active yet (the monitor aborts it on its first
+        active poll). Any other failure raises MigrationError and changes nothing."""
         self._log.warning("migration %s: aborting the job (%s)", job.name, reason)
         try:
             job.dom.abortJob()
         except libvirt.libvirtError as exc:
-            if job.done.is_set():
-                self._log.info("migration %s: abort came too late, the job had ended", job.name)
+            if job.done.is_set() or self._no_job(job):
+                if job.done.is_set() or job.seen_active:
+                    self._log.info("migration %s: abort came too late, the job had ended", job.name)
+                else:
+                    self._log.info("migration %s: the job has not started yet; it will be aborted as soon as it runs",
+                                   job.name)
+                    job.abort_pending = reason
                 return
             raise MigrationError.from_libvirt(f"aborting the migration of {job.name}", exc) from None
+        job.abort_requested = True
+        job.abort_reason = reason
+        job.abort_pending = ""
 
-    def _force_complete(self, job: _Job, why: str) -> str:
-        self._refresh_postcopy(job)
+    def _no_job(self, job: _Job) -> bool:
+        """True when libvirt has no job on the domain (jobStats type NONE, or the domain is gone)."""
+        try:
+            stats = job.dom.jobStats(0)
+        except libvirt.libvirtError as exc:
+            return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+        return not stats or stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE
+
+    def _force_complete(self, job: _Job, why: str, state: Any = _UNREAD) -> str:
+        """Switch to post-copy (policy armed it) or pause the guest. `state`: the domain state the
+        caller just read, if any. Raises MigrationError when the action failed."""
+        if state is _UNREAD:
+            state = self._read_state(job)
+        self._note_postcopy(job, state)
         if job.postcopy:
             self._log.info("migration %s: force-complete (%s): already in post-copy", job.name, why)
             return "none"
         if job.policy.post_copy:
-            self._switch_to_postcopy(job, why)
-            return "postcopy"
-        try:
-            state, _ = job.dom.state()
-        except libvirt.libvirtError as exc:
-            raise MigrationError.from_libvirt(f"reading the state of {job.name}", exc) from None
-        if state == libvirt.VIR_DOMAIN_PAUSED:
+            if self._switch_to_postcopy(job, why):
+                return "postcopy"
+            raise MigrationError(f"switching the migration of {job.name} to post-copy failed: {job.last_switch_error}")
+        if state is None:
+            try:
+                state = tuple(job.dom.state())
+            except libvirt.libvirtError as exc:
+                raise MigrationError.from_libvirt(f"reading the state of {job.name}", exc) from None
+        if state[0] == libvirt.VIR_DOMAIN_PAUSED:
             self._log.info("migration %s: force-complete (%s): guest already paused", job.name, why)
             return "none"
         self._log.warning(
@@ -623,16 +725,20 @@ class MigrationRunner:
         job.paused_by_us = True
         return "paused"
 
-    def _switch_to_postcopy(self, job: _Job, why: str) -> None:
+    def _switch_to_postcopy(self, job: _Job, why: str) -> bool:
+        """migrateStartPostCopy; True when libvirt accepted the request (it switches at the next
+        iteration: `in_postcopy` is set once the domain state shows it). False on failure (logged,
+        message in `job.last_switch_error`)."""
         self._log.warning("migration %s: switching to post-copy (%s)", job.name, why)
         try:
             job.dom.migrateStartPostCopy(0)
         except libvirt.libvirtError as exc:
             _code, message = libvirt_error_details(exc)
-            # e.g. the job is already finishing; keep monitoring, the next poll may retry
+            job.last_switch_error = message
             self._log.warning("migration %s: switch to post-copy failed: %s", job.name, message)
-            return
+            return False
         job.postcopy_requested = True
+        return True
 
     def _require_job(self, what: str) -> _Job:
         job = self._job
@@ -676,21 +782,25 @@ class MigrationRunner:
         elapsed: float,
         dest_preexisting: bool,
     ) -> MigrationOutcome:
-        switched = job.postcopy
-        last_stats = dict(last_stats)
-        last_stats.pop("type", None)
+        last_stats = {k: v for k, v in last_stats.items() if k != "type"}  # the job type is no statistic
         # while a job runs, libvirt's "downtime" is the *expected* downtime: keep it apart
         if "downtime" in last_stats:
             last_stats["expected_downtime"] = last_stats.pop("downtime")
+        self._note_postcopy_requests(job, last_stats)
         if job.error is None:
-            final = dict(last_stats)
-            final.update(self._completed_stats(job, target))
-            final.pop("type", None)
+            final = {**last_stats, **self._completed_stats(job, target)}
+            self._note_postcopy_requests(job, final)
+            switched = job.in_postcopy  # observed (state, event or statistics), not merely requested
             downtime = final.get("downtime")
             max_throttle = max(max_throttle, int(final.get("auto_converge_throttle", 0) or 0))
+            note = ""
+            if switched:
+                note = " (post-copy)"
+            elif job.postcopy_requested:
+                note = " (post-copy requested, the switch was not observed)"
             outcome = MigrationOutcome(
                 status="completed",
-                reason=f"migrated to {target.host}" + (" (post-copy)" if switched else ""),
+                reason=f"migrated to {target.host}{note}",
                 final_stats=final,
                 policy=policy,
                 elapsed_s=round(elapsed, 3),
@@ -703,25 +813,26 @@ class MigrationRunner:
             if not isinstance(job.error, libvirt.libvirtError):
                 message = f"{type(job.error).__name__}: {job.error}"
             detail = f"{message} (libvirt error {code})" if code is not None else message
-            if job.abort_requested and not switched:
+            # the source's state after the failure tells whether the switch to post-copy happened
+            state, state_error = self._state_after_failure(job)
+            self._note_postcopy(job, state)
+            if job.abort_requested and not job.in_postcopy:
                 status: Status = "aborted"
                 reason = f"{job.abort_reason}; libvirt: {detail}"
             else:
                 status = "failed"
                 reason = f"migration failed: {detail}"
-            notes = self._recover(job, target, dest_preexisting)
+            notes = self._recover(job, target, dest_preexisting, state, state_error)
             if notes:
                 reason = f"{reason}; {notes}"
-            final = dict(last_stats)
-            final.pop("type", None)
             outcome = MigrationOutcome(
                 status=status,
                 reason=reason,
-                final_stats=final,
+                final_stats=last_stats,
                 policy=policy,
                 elapsed_s=round(elapsed, 3),
                 downtime_ms=None,
-                switched_to_postcopy=switched,
+                switched_to_postcopy=job.in_postcopy,
                 max_throttle_pct=max_throttle,
             )
         log = self._log.info if outcome.status == "completed" else self._log.warning
@@ -732,9 +843,32 @@ class MigrationRunner:
         )
         return outcome
 
+    def _note_postcopy_requests(self, job: _Job, stats: Mapping[str, Any]) -> None:
+        try:
+            requests = int(stats.get(_POSTCOPY_REQS, 0) or 0)
+        except (TypeError, ValueError):
+            return
+        if requests > 0 and not job.in_postcopy:
+            self._log.info("migration %s: %d post-copy page requests: the job was in post-copy", job.name, requests)
+            job.in_postcopy = True
+
+    def _state_after_failure(self, job: _Job) -> tuple[tuple[int, int] | None, str]:
+        """The source domain's (state, reason) after a failed job, or (None, libvirt's message)."""
+        try:
+            state, reason = job.dom.state()
+        except libvirt.libvirtError as exc:
+            _code, message = libvirt_error_details(exc)
+            return None, message
+        return (int(state), int(reason)), ""
+
     def _completed_stats(self, job: _Job, target: MigrationTarget) -> dict[str, Any]:
-        """Completed-job stats: from the JOB_COMPLETED event, else from the source domain if
-        libvirt still has it, else from the destination's copy of the domain."""
+        """Completed-job stats (without the job "type"): from the JOB_COMPLETED event, else from
+        the source domain if libvirt still has it, else from the destination's copy of the domain."""
+        stats = self._completed_stats_raw(job, target)
+        stats.pop("type", None)
+        return stats
+
+    def _completed_stats_raw(self, job: _Job, target: MigrationTarget) -> dict[str, Any]:
         if job.event_stats:
             return dict(job.event_stats)
         flag = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
@@ -759,34 +893,64 @@ class MigrationRunner:
         finally:
             close_quietly(conn)
 
-    def _recover(self, job: _Job, target: MigrationTarget, dest_preexisting: bool) -> str:
+    def _recover(
+        self,
+        job: _Job,
+        target: MigrationTarget,
+        dest_preexisting: bool,
+        source_state: tuple[int, int] | None,
+        state_error: str,
+    ) -> str:
         """After a failed/aborted job: the VM must run on the source and nothing of it may be left
-        defined on the destination. Returns notes for the outcome reason ("" when all is well)."""
+        defined on the destination. Returns notes for the outcome reason ("" when all is well).
+
+        Hands off (both sides left for the operator) only when the switch to post-copy really
+        happened: post-copy observed while the job ran, or the source's state after the failure is
+        a post-copy one (`_note_postcopy` set `in_postcopy` then). A post-copy *request* alone
+        does not count: if the job failed before libvirt switched, the guest still runs on the
+        source and the destination may hold a leftover to clean up. If the request was made and the
+        source state cannot be read, nothing is touched either."""
         notes: list[str] = []
-        if job.postcopy:
+        if job.in_postcopy:
             self._log.error(
                 "migration %s: failed after the switch to post-copy: the guest's memory is split between "
                 "the hosts; leaving both sides as they are for the operator",
                 job.name,
             )
             return "failed in post-copy: guest state is split between source and destination, operator action needed"
+        if job.postcopy_requested and source_state is None:
+            self._log.error(
+                "migration %s: failed after post-copy was requested and the source state cannot be read (%s); "
+                "leaving both sides as they are for the operator",
+                job.name, state_error,
+            )
+            return (
+                f"post-copy was requested and the source domain state cannot be read ({state_error}): "
+                "the guest state may be split, operator action needed"
+            )
         # source
-        try:
-            state, reason = job.dom.state()
-            if state == libvirt.VIR_DOMAIN_PAUSED and (job.paused_by_us or not job.domain_paused_at_start):
-                self._log.warning("migration %s: resuming the guest on the source (paused by us: %s, reason %s)",
-                                  job.name, job.paused_by_us, reason)
-                job.dom.resume()
-                state, _ = job.dom.state()
-            if state != libvirt.VIR_DOMAIN_RUNNING and not (state == libvirt.VIR_DOMAIN_PAUSED and job.domain_paused_at_start):
-                notes.append(f"source domain in state {state}, not running")
-                self._log.error("migration %s: after the failure the source domain is in state %s", job.name, state)
-            else:
-                self._log.info("migration %s: guest still runs on the source", job.name)
-        except libvirt.libvirtError as exc:
-            _code, message = libvirt_error_details(exc)
-            notes.append(f"cannot check the source domain: {message}")
-            self._log.error("migration %s: cannot check the source domain after the failure: %s", job.name, message)
+        if source_state is None:
+            notes.append(f"cannot check the source domain: {state_error}")
+            self._log.error("migration %s: cannot check the source domain after the failure: %s", job.name, state_error)
+        else:
+            try:
+                state, reason = source_state
+                if state == libvirt.VIR_DOMAIN_PAUSED and (job.paused_by_us or not job.domain_paused_at_start):
+                    self._log.warning("migration %s: resuming the guest on the source (paused by us: %s, reason %s)",
+                                      job.name, job.paused_by_us, reason)
+                    job.dom.resume()
+                    state, _ = job.dom.state()
+                if state != libvirt.VIR_DOMAIN_RUNNING and not (
+                    state == libvirt.VIR_DOMAIN_PAUSED and job.domain_paused_at_start
+                ):
+                    notes.append(f"source domain in state {state}, not running")
+                    self._log.error("migration %s: after the failure the source domain is in state %s", job.name, state)
+                else:
+                    self._log.info("migration %s: guest still runs on the source", job.name)
+            except libvirt.libvirtError as exc:
+                _code, message = libvirt_error_details(exc)
+                notes.append(f"cannot check the source domain: {message}")
+                self._log.error("migration %s: cannot check the source domain after the failure: %s", job.name, message)
         # destination
         try:
             conn = self._connect(target.uri)

@@ -1,14 +1,13 @@
 """Unit tests of the migration runner + monitor, against a scripted fake domain (no libvirtd).
 
-The policy and XML-rewrite functions are replaced by small fakes so these tests pin down the
-runner alone; the real ones are exercised on the testbed (test_migration_testbed.py).
+Most tests replace the policy and XML-rewrite functions with small fakes (the `fake_policy`
+fixture patches `agent.libvirt_ops.migration.<name>`) so that they pin down the runner alone;
+`test_real_policy_flags_params_and_rewritten_xml_reach_migrate_to_uri3` runs the real ones.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
-import types
 from dataclasses import dataclass, replace
 
 import libvirt
@@ -304,8 +303,7 @@ class FakePolicy:
 
 @pytest.fixture
 def fake_policy(monkeypatch):
-    """Replace agent.libvirt_ops.policy (being written elsewhere) and the XML rewriter."""
-    mod = types.ModuleType("agent.libvirt_ops.policy")
+    """Replace the policy functions and the XML rewriter as the migration module sees them."""
     seen = {}
 
     def decide_policy(wishes, cfg, *, domain_paused):
@@ -325,12 +323,10 @@ def fake_policy(monkeypatch):
     def migration_params(policy, *, dest_xml, persistent_xml, migrate_uri, cfg):
         return {"destination_xml": dest_xml, "persistent_xml": persistent_xml, "migrate_uri": migrate_uri}
 
-    mod.decide_policy, mod.migration_flags, mod.migration_params = decide_policy, migration_flags, migration_params
-    mod.MigrationPolicy = FakePolicy
-    monkeypatch.setitem(sys.modules, "agent.libvirt_ops.policy", mod)
-    import agent.libvirt_ops.domain_xml as dx
-
-    monkeypatch.setattr(dx, "rewrite_for_placement", lambda xml, placement: xml + "<!--rewritten-->", raising=False)
+    monkeypatch.setattr(mig, "decide_policy", decide_policy)
+    monkeypatch.setattr(mig, "migration_flags", migration_flags)
+    monkeypatch.setattr(mig, "migration_params", migration_params)
+    monkeypatch.setattr(mig, "rewrite_for_placement", lambda xml, placement: xml + "<!--rewritten-->")
     return seen
 
 
@@ -751,24 +747,468 @@ def test_final_stats_from_the_job_completed_event(fake_policy):
     dom = FakeDomain([stats(100)] * 2, "complete", clock=clock)
 
     class EventConn(FakeConn):
+        deregistered: list
+
         def domainEventRegisterAny(self, d, event_id, cb, opaque):
+            if event_id == libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE:
+                return 18
             assert event_id == libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED
             real_finish = dom._finish
 
             def finish(error=None):
                 if error is None:
-                    cb(self, d, {"downtime": 7, "memory_total": 512 * MiB, "time_elapsed": 1234}, opaque)
+                    cb(self, d, {"downtime": 7, "memory_total": 512 * MiB, "time_elapsed": 1234,
+                                 "type": libvirt.VIR_DOMAIN_JOB_COMPLETED}, opaque)
                 real_finish(error)
 
             dom._finish = finish
             return 17
 
         def domainEventDeregisterAny(self, cb_id):
-            self.deregistered = cb_id
+            self.deregistered = getattr(self, "deregistered", []) + [cb_id]
 
     src = EventConn(dom)
     runner = mig.MigrationRunner(src, cfg(), clock=clock, sleep=clock.sleep, connect=connector(src))
     outcome = runner.run("vm1", TARGET, PLACEMENT, make_request())
     assert outcome.status == "completed"
     assert outcome.downtime_ms == 7 and outcome.final_stats["time_elapsed"] == 1234
-    assert src.deregistered == 17 and src.closed >= 1
+    assert "type" not in outcome.final_stats
+    assert sorted(src.deregistered) == [17, 18] and src.closed >= 1
+
+
+def test_short_postcopy_phase_seen_through_the_lifecycle_event(fake_policy):
+    """The switch happened and the job completed before any poll saw the post-copy state: the
+    source's SUSPENDED/POSTCOPY lifecycle event is the observation (switched_to_postcopy=True)."""
+    clock = Clock()
+
+    class D(FakeDomain):
+        def migrateStartPostCopy(self, flags=0):
+            self.calls.append(("migrateStartPostCopy",))
+            src.cbs[libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE](
+                src, self, libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY, src.opaque
+            )
+            src.cbs[libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED](src, self, {"downtime": 5}, src.opaque)
+            self._finish()
+            return 0
+
+    class EventConn(FakeConn):
+        cbs: dict = {}
+
+        def domainEventRegisterAny(self, d, event_id, cb, opaque):
+            self.cbs[event_id], self.opaque = cb, opaque
+            return 100 + event_id
+
+        def domainEventDeregisterAny(self, cb_id):
+            pass
+
+    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    src = EventConn(dom)
+    runner = mig.MigrationRunner(src, cfg(), clock=clock, sleep=clock.sleep, connect=connector(src))
+    actions = []
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True),
+                         lambda p: actions or actions.append(runner.force_complete()))
+    assert actions == ["postcopy"]
+    assert outcome.status == "completed" and outcome.switched_to_postcopy
+    assert outcome.reason.endswith("(post-copy)") and outcome.downtime_ms == 5
+
+
+def test_postcopy_page_requests_in_final_stats_count_as_observed(fake_policy):
+    clock = Clock()
+
+    class D(FakeDomain):
+        def migrateStartPostCopy(self, flags=0):
+            self.calls.append(("migrateStartPostCopy",))
+            self._finish()
+            return 0
+
+    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock,
+            completed_stats={"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 3,
+                             libvirt.VIR_DOMAIN_JOB_MEMORY_POSTCOPY_REQS: 12})
+    runner = runner_for(dom, cfg(), clock=clock)
+    actions = []
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True),
+                         lambda p: actions or actions.append(runner.force_complete()))
+    assert outcome.status == "completed" and outcome.switched_to_postcopy
+
+
+# --- regressions: post-copy request vs. switch, failed abort/switch, state reads, real policy ------------
+
+NO_JOB = "Requested operation is not valid: no job is active on the domain"
+
+
+class CountingDomain(FakeDomain):
+    """Records every dom.state() call (FakeDomain does not, so that `calls` stays readable)."""
+
+    def state(self, flags=0):
+        self.calls.append(("state",))
+        return super().state(flags)
+
+
+def test_postcopy_requested_but_failed_before_the_switch_recovers_normally(fake_policy):
+    """libvirt accepted migrateStartPostCopy but the job failed before switching: the guest still
+    runs on the source, so this is a normal failure (leftover cleaned, not "split")."""
+    clock = Clock()
+
+    class D(FakeDomain):
+        def migrateStartPostCopy(self, flags=0):
+            self.calls.append(("migrateStartPostCopy",))
+            # request accepted; the switch never happens: the job fails in pre-copy, source keeps running
+            self._finish(FakeError("migration failed", libvirt.VIR_ERR_OPERATION_FAILED))
+            return 0
+
+    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    dest = DestDomain(active=False, persistent=True)
+    runner = runner_for(dom, cfg(), dest_conn=DestConn(lambda: dom.finished, dest), clock=clock)
+    actions = []
+
+    def on_progress(p):
+        if not actions:
+            actions.append(runner.force_complete())
+
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True), on_progress)
+    assert actions == ["postcopy"]  # the request itself was accepted
+    assert outcome.status == "failed"
+    assert not outcome.switched_to_postcopy
+    assert "split" not in outcome.reason and "operator" not in outcome.reason
+    assert dest.undefined  # the leftover inactive definition was cleaned up
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING and "resume" not in dom.names()
+
+
+def test_failure_with_postcopy_failed_source_state_is_split_even_if_never_observed(fake_policy):
+    """Post-copy was started by someone else (virsh migrate-postcopy) and failed between two polls:
+    the source state after the failure (paused/postcopy-failed) says the memory is split: do not
+    resume the source, do not touch the destination."""
+    clock = Clock()
+    dom = FakeDomain([stats(300, iteration=1)] * 2, "fail", clock=clock)
+    real_finish = dom._finish
+
+    def finish(error=None):
+        dom.state_ = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED)
+        real_finish(error)
+
+    dom._finish = finish
+    dest = DestDomain(active=False, persistent=True)
+    outcome = runner_for(dom, cfg(), DestConn(lambda: dom.finished, dest), clock).run(
+        "vm1", TARGET, PLACEMENT, make_request(post_copy=True)
+    )
+    assert outcome.status == "failed" and outcome.switched_to_postcopy
+    assert "split" in outcome.reason and "operator action needed" in outcome.reason
+    assert "resume" not in dom.names() and not dest.undefined
+
+
+def test_completed_after_unobserved_postcopy_request_reports_no_switch(fake_policy):
+    """The job completed right after the request, before any poll saw post-copy: not reported as
+    switched (only observed post-copy counts), but the reason says it was requested."""
+    clock = Clock()
+
+    class D(FakeDomain):
+        def migrateStartPostCopy(self, flags=0):
+            self.calls.append(("migrateStartPostCopy",))
+            self._finish()
+            return 0
+
+    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    runner = runner_for(dom, cfg(), clock=clock)
+    actions = []
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True),
+                         lambda p: actions or actions.append(runner.force_complete()))
+    assert outcome.status == "completed" and not outcome.switched_to_postcopy
+    assert "post-copy requested" in outcome.reason
+
+
+def test_failed_abort_does_not_disable_downtime_steps_and_timeout(fake_policy):
+    """abortJob fails while the job is still active: abort() raises, nothing is marked aborted,
+    downtime steps go on and the completion timeout still aborts the job."""
+    clock = Clock()
+
+    class D(FakeDomain):
+        n = 0
+
+        def abortJob(self):
+            D.n += 1
+            if D.n == 1:
+                self.calls.append(("abortJob",))
+                raise FakeError("internal error: transient", libvirt.VIR_ERR_INTERNAL_ERROR)
+            return super().abortJob()
+
+    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    runner = runner_for(dom, cfg(live_migration_completion_timeout_s=5), clock=clock)
+    errors = []
+
+    def on_progress(p):
+        if not errors:
+            try:
+                runner.abort()
+            except MigrationError as exc:
+                errors.append(exc)
+
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(), on_progress)
+    assert len(errors) == 1 and "transient" in str(errors[0])
+    assert outcome.status == "aborted" and "completion timeout" in outcome.reason
+    assert dom.names().count("abortJob") == 2
+    assert [ms for _t, ms in dom.downtimes] == [100, 175, 250, 325, 400]  # steps went on after the failed abort
+    assert 5.0 < outcome.elapsed_s < 6.5
+
+
+def test_abort_before_libvirt_started_the_job_is_carried_out_once_it_runs(fake_policy):
+    """abortJob fails with "no job" and jobStats says NONE before the job was ever seen active:
+    the abort is kept pending and done on the first active poll (no exception, no lost abort)."""
+    clock = Clock()
+
+    class D(FakeDomain):
+        def abortJob(self):
+            if self.script and self.script[0]["type"] == libvirt.VIR_DOMAIN_JOB_NONE:  # not started yet
+                self.calls.append(("abortJob",))
+                raise FakeError(NO_JOB, libvirt.VIR_ERR_OPERATION_INVALID)
+            return super().abortJob()
+
+    none = {"type": libvirt.VIR_DOMAIN_JOB_NONE}
+    dom = D([none, none, stats(300, iteration=1)], "hang", clock=clock)
+    src = FakeConn(dom)
+    calls = []
+
+    def sleep(dt):
+        clock.sleep(dt)
+        if not calls:
+            calls.append(runner.abort())
+
+    runner = mig.MigrationRunner(src, cfg(), clock=clock, sleep=sleep, connect=connector(src))
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request())
+    assert calls == [None]
+    assert outcome.status == "aborted" and "aborted on request" in outcome.reason
+    assert dom.names().count("abortJob") == 2
+
+
+def test_abort_too_late_is_not_an_error(fake_policy):
+    """abortJob fails because the job just finished (jobStats: NONE) while migrateToURI3 has not
+    returned yet: abort() returns quietly and the outcome is the job's own (completed)."""
+    clock = Clock()
+
+    class D(FakeDomain):
+        def abortJob(self):
+            self.calls.append(("abortJob",))
+            self.finished = True  # the job completed on its own just now
+            threading.Timer(0.05, self._release.set).start()
+            raise FakeError(NO_JOB, libvirt.VIR_ERR_OPERATION_INVALID)
+
+    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    runner = runner_for(dom, cfg(), clock=clock)
+    results = []
+
+    def on_progress(p):
+        if not results:
+            try:
+                results.append(runner.abort())
+            except MigrationError as exc:
+                results.append(exc)
+
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(), on_progress)
+    assert results == [None]
+    assert outcome.status == "completed"
+
+
+@pytest.mark.parametrize("abort_failures", [0, 1])
+def test_timeout_force_complete_retries_a_failed_switch_then_aborts(fake_policy, abort_failures):
+    """With timeout action force_complete, a failing migrateStartPostCopy is retried on the next
+    polls and after _MAX_FORCE_COMPLETE_FAILURES attempts the job is aborted (never unbounded);
+    a failed abortJob then is retried too, without further switch attempts."""
+    clock = Clock()
+
+    class D(FakeDomain):
+        aborts = 0
+
+        def migrateStartPostCopy(self, flags=0):
+            self.calls.append(("migrateStartPostCopy",))
+            raise FakeError("internal error: unable to execute QEMU command 'migrate-start-postcopy'")
+
+        def abortJob(self):
+            D.aborts += 1
+            if D.aborts <= abort_failures:
+                self.calls.append(("abortJob",))
+                raise FakeError("internal error: transient", libvirt.VIR_ERR_INTERNAL_ERROR)
+            return super().abortJob()
+
+    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    runner = runner_for(
+        dom, cfg(live_migration_completion_timeout_s=5, live_migration_timeout_action="force_complete"), clock=clock
+    )
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
+    assert dom.names().count("migrateStartPostCopy") == mig._MAX_FORCE_COMPLETE_FAILURES
+    assert dom.names().count("abortJob") == 1 + abort_failures
+    assert outcome.status == "aborted" and not outcome.switched_to_postcopy
+    assert "force-complete failed" in outcome.reason and "migrate-start-postcopy" in outcome.reason
+
+
+def test_timeout_force_complete_switch_succeeds_on_retry(fake_policy):
+    clock = Clock()
+
+    class D(FakeDomain):
+        n = 0
+
+        def migrateStartPostCopy(self, flags=0):
+            D.n += 1
+            if D.n == 1:
+                self.calls.append(("migrateStartPostCopy",))
+                raise FakeError("internal error: busy")
+            return super().migrateStartPostCopy(flags)
+
+    dom = D([stats(300, iteration=1)] * 20, "hang", postcopy_script=[stats(50, iteration=3)], clock=clock)
+    runner = runner_for(
+        dom, cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete"), clock=clock
+    )
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
+    assert dom.names().count("migrateStartPostCopy") == 2 and "abortJob" not in dom.names()
+    assert outcome.status == "completed" and outcome.switched_to_postcopy
+
+
+def test_force_complete_reports_a_failed_switch(fake_policy):
+    """force_complete() must not claim "postcopy" when migrateStartPostCopy failed."""
+    clock = Clock()
+
+    class D(FakeDomain):
+        def migrateStartPostCopy(self, flags=0):
+            self.calls.append(("migrateStartPostCopy",))
+            raise FakeError("internal error: unable to execute QEMU command 'migrate-start-postcopy'")
+
+    dom = D([stats(300, iteration=1)] * 2, "complete", clock=clock)
+    runner = runner_for(dom, cfg(), clock=clock)
+    results = []
+
+    def on_progress(p):
+        if not results:
+            try:
+                results.append(runner.force_complete())
+            except MigrationError as exc:
+                results.append(exc)
+
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True), on_progress)
+    assert len(results) == 1 and isinstance(results[0], MigrationError)
+    assert "post-copy failed" in str(results[0]) and "migrate-start-postcopy" in str(results[0])
+    assert outcome.status == "completed" and not outcome.switched_to_postcopy
+
+
+@pytest.mark.parametrize("post_copy", [None, True])
+def test_one_state_read_per_poll(fake_policy, post_copy):
+    clock = Clock()
+    script = [stats(512 - 40 * i, iteration=1) for i in range(8)]
+    dom = CountingDomain(script, "hang", postcopy_script=[stats(30, iteration=3)] * 3, clock=clock)
+    runner = runner_for(dom, cfg(), clock=clock)
+    actions = []
+
+    def on_progress(p):
+        if post_copy and p.elapsed_s >= 2.0 and not actions:
+            actions.append(runner.force_complete())  # outside the poll: its own state read
+
+    real_js = dom.jobStats
+
+    def js(flags=0):  # end the job after 8 pre-copy (+3 post-copy) polls
+        if not dom.script and (dom.mode == "precopy" or not dom.postcopy_script):
+            dom._finish()
+        return real_js(flags)
+
+    dom.jobStats = js
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=post_copy), on_progress)
+    assert outcome.status == "completed"
+    active_polls = sum(1 for c in dom.calls if c == ("jobStats", 0)) - 1  # the last poll saw no job
+    extra = 1 + (1 if post_copy else 0)  # run()'s initial read (+ force_complete()'s)
+    assert dom.names().count("state") == active_polls + extra
+    if post_copy:
+        assert actions == ["postcopy"] and outcome.switched_to_postcopy
+
+
+def test_policy_and_xml_functions_are_imported_at_module_level():
+    from agent.libvirt_ops import domain_xml, policy
+    from agent.numa import request
+
+    assert mig.decide_policy is policy.decide_policy
+    assert mig.migration_flags is policy.migration_flags
+    assert mig.migration_params is policy.migration_params
+    assert mig.rewrite_for_placement is domain_xml.rewrite_for_placement
+    assert mig.parse_request is request.parse_request
+    assert mig.MigrationPolicy is policy.MigrationPolicy
+
+
+def test_outcome_final_stats_have_no_job_type(fake_policy):
+    clock = Clock()
+    ok = FakeDomain([stats(100)] * 2, "complete", clock=clock,
+                    completed_stats={"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 9})
+    out = runner_for(ok, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request())
+    assert out.status == "completed" and "type" not in out.final_stats and out.downtime_ms == 9
+    bad = FakeDomain([dict(stats(100), downtime=30)] * 2, "fail", clock=Clock())
+    out = runner_for(bad, cfg()).run("vm1", TARGET, PLACEMENT, make_request())
+    assert out.status == "failed" and "type" not in out.final_stats
+    assert out.final_stats["expected_downtime"] == 30 and "downtime" not in out.final_stats
+
+
+SMALL_DOMAIN_XML = f"""<domain type='kvm'>
+  <name>vm1</name>
+  <uuid>{UUID}</uuid>
+  <memory unit='KiB'>524288</memory>
+  <currentMemory unit='KiB'>524288</currentMemory>
+  <vcpu placement='static'>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+  </os>
+</domain>
+"""
+
+
+@pytest.mark.parametrize("post_copy", [True, False])
+def test_real_policy_flags_params_and_rewritten_xml_reach_migrate_to_uri3(post_copy):
+    """No fakes for the policy or the rewriter: what reaches migrateToURI3 is what the real
+    decide_policy / migration_flags / migration_params / rewrite_for_placement produce."""
+    from agent.libvirt_ops import policy
+    from agent.libvirt_ops.domain_xml import parse_domain, rewrite_for_placement
+
+    class D(FakeDomain):
+        def XMLDesc(self, flags=0):
+            self.calls.append(("XMLDesc", flags))
+            if flags & libvirt.VIR_DOMAIN_XML_INACTIVE:
+                return SMALL_DOMAIN_XML.replace("<name>vm1</name>", "<name>vm1</name>\n  <title>inactive</title>")
+            return SMALL_DOMAIN_XML
+
+    clock = Clock()
+    dom = D([stats(100)] * 2, "complete", clock=clock)
+    config = cfg(live_migration_bandwidth_mib=250, live_migration_auto_converge_initial=30,
+                 live_migration_auto_converge_increment=5)
+    outcome = runner_for(dom, config, clock=clock).run(
+        "vm1", TARGET, PLACEMENT, make_request(post_copy=post_copy, auto_converge=not post_copy)
+    )
+    assert outcome.status == "completed"
+    assert isinstance(outcome.policy, policy.MigrationPolicy)
+    assert (outcome.policy.post_copy, outcome.policy.auto_converge) == (post_copy, not post_copy)
+    uri, params, flags = dom.migrate_args
+    assert uri == TARGET.uri
+    base = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+    extra = libvirt.VIR_MIGRATE_POSTCOPY if post_copy else libvirt.VIR_MIGRATE_AUTO_CONVERGE
+    assert flags == base | extra
+    live_xml = rewrite_for_placement(SMALL_DOMAIN_XML, PLACEMENT)
+    assert params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] == live_xml
+    assert params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] != live_xml
+    assert "<title>inactive</title>" in params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML]
+    for key in (libvirt.VIR_MIGRATE_PARAM_DEST_XML, libvirt.VIR_MIGRATE_PARAM_PERSIST_XML):
+        assert parse_domain(params[key]).vcpu_pins == {0: frozenset({0})}  # pinned to PLACEMENT
+    assert params[libvirt.VIR_MIGRATE_PARAM_URI] == TARGET.migrate_uri
+    assert params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] == 250
+    if post_copy:
+        assert libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL not in params
+    else:
+        assert params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] == 30
+        assert params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] == 5
+
+
+def test_ensure_event_loop_remembers_an_unavailable_loop(monkeypatch):
+    from agent.libvirt_ops import connection
+
+    calls = []
+
+    def register():
+        calls.append(1)
+        raise libvirt.libvirtError("another event loop implementation is registered")
+
+    monkeypatch.setattr(connection, "_event_loop_state", None)
+    monkeypatch.setattr(libvirt, "virEventRegisterDefaultImpl", register)
+    assert connection.ensure_event_loop() is False
+    assert connection.ensure_event_loop() is False
+    assert calls == [1]
