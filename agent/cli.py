@@ -59,12 +59,13 @@ def _cmd_discover(args: argparse.Namespace) -> int:
         _print_json(topology.to_json())
         return EXIT_OK
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from agent.config import format_cpu_set
 
     console = Console()
-    table = Table(title=f"NUMA topology of {topology.hostname}")
+    table = Table(title=escape(f"NUMA topology of {topology.hostname}"))
     for col in ("cell", "CPUs", "cores", "memory", "hugepages (free/total)", "distances"):
         table.add_column(col)
     for cell in topology.cells:
@@ -86,7 +87,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
         f"isolated: {format_cpu_set(topology.isolated_cpus) or '-'}"
     )
     for line in differences:
-        console.print(f"[yellow]sysfs and libvirt disagree:[/yellow] {line}")
+        console.print(f"[yellow]sysfs and libvirt disagree:[/yellow] {escape(line)}")
     return EXIT_OK
 
 
@@ -158,19 +159,23 @@ def _cmd_host_state(args: argparse.Namespace) -> int:
     topology, differences = discover(sysfs_root=args.sysfs_root, capabilities_xml=caps_xml)
     state_dir = Path(args.state_dir) if args.state_dir else cfg.claims.state_dir
     try:
-        with Ledger.open(state_dir, create=False) as ledger:
+        # read-only: a look at the host never creates, upgrades or moves aside the agent's ledger
+        with Ledger.open(state_dir, readonly=True) as ledger:
             claims = ledger.live_claims()
     except LedgerError as exc:
         if (state_dir / "ledger.db").exists():
             raise
         log.info("no claim ledger in %s (%s): counting no claims", state_dir, exc)
         claims = []
-    report = compute_host_state(topology, inventory.domains, claims, cfg.compute)
+    # the inventory says which domains are active (an incoming, not yet running copy of a claimed
+    # instance is counted once, through its claim)
+    report = compute_host_state(topology, inventory, claims, cfg.compute)
     problems = list(inventory.unreadable) + list(report.overlaps) + list(report.notes) + differences
     if args.json:
         doc = report.state.to_json()
         doc["live_claims"] = [c.migration_id for c in claims]
-        doc["unbound_memory_mb"] = report.unbound_memory_mb
+        # unbound_memory_mb is HostState's own (small pages bound to no cell: what the fitter
+        # subtracts); unbound hugepage memory, if any, is among the problems (report notes)
         doc["problems"] = problems
         _print_json(doc)
         return EXIT_OK
@@ -180,7 +185,7 @@ def _cmd_host_state(args: argparse.Namespace) -> int:
 
     from agent.config import format_cpu_set
 
-    table = Table(title=f"free resources of {topology.hostname} "
+    table = Table(title=f"free resources of {escape(topology.hostname)} "
                         f"({len(inventory.domains)} domains, {len(claims)} live claims)")
     for col in ("cell", "pinned", "free dedicated", "shared", "floating room", "small MiB free", "hugepages free"):
         table.add_column(col)
@@ -213,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="NUMA-aware live migration agent for KVM hypervisors.",
     )
     parser.add_argument("--version", action="version", version=f"compute-agent {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default WARNING")
     parser.add_argument("--config", metavar="FILE", help="agent config (default /etc/compute-agent/compute-agent.conf)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -263,7 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INVALID if getattr(exc, "code", "") in {"discovery_error"} else EXIT_UNEXPECTED
     except KeyboardInterrupt:
         return 130
-    except Exception:  # an unexpected bug: say so loudly, with the traceback in the log
+    except Exception as exc:
+        if type(exc).__name__ == "libvirtError":  # a libvirt call not yet wrapped at its edge
+            log.debug("libvirt error", exc_info=True)
+            sys.stderr.write(f"compute-agent: libvirt error: {exc}\n")
+            return EXIT_UNEXPECTED
+        # an unexpected bug: say so loudly, with the traceback in the log
         log.exception("unexpected error in %s", args.command)
         sys.stderr.write("compute-agent: unexpected error (see the log above)\n")
         return EXIT_UNEXPECTED

@@ -111,8 +111,9 @@ def main() -> int:
             request,
             h1.name,
             300,
-            host_state_fn(lambda: topology_from_libvirt(dest_conn),
-                          lambda: read_domains(dest_conn).require_complete().domains, compute_cfg),
+            # the whole inventory: host_state_fn refuses an incomplete one (require_complete) and
+            # uses its active_uuids to refuse an instance that already runs on the destination
+            host_state_fn(lambda: topology_from_libvirt(dest_conn), lambda: read_domains(dest_conn), compute_cfg),
         )
         cell = claim.placement.cells[0]
         console.print(

@@ -3,7 +3,8 @@
 Wired into `agent/cli.py` with `add_claims_parser(subparsers)`; `run_claims(args)` returns the exit
 code: 0 ok, 2 bad input, 4 no such claim, 1 the ledger cannot be used (corrupt, too new, I/O).
 `--state-dir DIR` (default: [claims] state_dir of the config file) and `--json` are accepted before
-or after the sub-command. `list` and `show` never create a ledger.
+or after the sub-command. `list` and `show` open the ledger read-only: they never create, upgrade
+or move aside a ledger (a damaged one is reported and left for the agent).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-# Reasons are free text (operators, libvirt messages like "[libvirt] ..."): never rich markup.
+# Everything printed through rich that is not ours is escaped: reasons are free text (operators,
+# libvirt messages like "[libvirt] ..."), source hosts and instance ids come from remote callers.
 from rich.markup import escape
 
 from agent.claims.errors import UnknownClaim
@@ -90,7 +92,7 @@ def _print_list(claims: list[Claim], out: TextIO) -> None:
         table.add_column(col)
     for c in claims:
         table.add_row(
-            c.migration_id, c.instance_uuid, c.source_host, c.state.value,
+            escape(c.migration_id), escape(c.instance_uuid), escape(c.source_host), c.state.value,
             ",".join(map(str, c.placement.host_nodeset)), format_cpu_set(c.placement.pinned_cpus) or "-",
             _memory(c), _when(c.expires_at, now) if c.is_live else "-", escape(c.reason or ""),
         )
@@ -103,11 +105,12 @@ def _print_show(claim: Claim, transitions: list[Transition], out: TextIO) -> Non
 
     now = time.time()
     console = Console(file=out, width=200)
-    info = Table(show_header=False, title=f"claim {claim.migration_id}")
+    info = Table(show_header=False, title=f"claim {escape(claim.migration_id)}")
     info.add_column("key")
     info.add_column("value")
     rows = [
-        ("instance", claim.instance_uuid), ("source host", claim.source_host), ("state", claim.state.value),
+        ("instance", escape(claim.instance_uuid)), ("source host", escape(claim.source_host)),
+        ("state", claim.state.value),
         ("created", _when(claim.created_at, now)), ("updated", _when(claim.updated_at, now)),
         ("expires", _when(claim.expires_at, now) if claim.is_live else "-"), ("ttl", f"{claim.ttl_s:g}s"),
         ("reason", escape(claim.reason or "")), ("pinned CPUs", format_cpu_set(claim.placement.pinned_cpus) or "-"),
@@ -145,7 +148,8 @@ def run_claims(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
                 return EXIT_OK
             if command in ("show", "release"):
                 raise UnknownClaim(args.migration_id)
-        with Ledger.open(state_dir) as ledger:
+        read_only = command in ("list", "show")
+        with Ledger.open(state_dir, readonly=read_only) as ledger:
             if command == "list":
                 claims = ledger.list(args.states) if getattr(args, "states", None) else ledger.list()
                 if as_json:

@@ -44,6 +44,18 @@ class IllegalTransition(InvalidInput):
         self.to_state = to_state
 
 
+class ClaimEnded(IllegalTransition):
+    """The claim is over (expired or released): it holds nothing any more, so neither a retried
+    `claim` nor `start`/`progress`/`confirm` may act as if it were still valid."""
+
+    code = "claim_ended"
+
+    def __init__(self, migration_id: str, state: str, reason: str | None, to_state: str) -> None:
+        super().__init__(migration_id, state, to_state, f"the claim ended: {state}: {reason or 'no reason recorded'}")
+        self.state = state
+        self.reason = reason
+
+
 class NoFitError(AgentError):
     """The request does not fit the host's current state (live claims included)."""
 

@@ -14,11 +14,17 @@ Counting (see agent/numa/state.py for what HostState's fields mean):
   QEMU appears only in `used_pages`.
 * Claims: held and migrating claims are always counted. A confirmed claim is counted only while its
   domain is not among `domains` (between confirmation and the next domain listing); released and
-  expired claims hold nothing. When a held/migrating claim's instance already has a domain here (the
-  paused incoming domain during a migration) the claim is counted and the domain is not, so the
-  same instance is never counted twice.
+  expired claims hold nothing. A domain whose instance has a held/migrating claim is the incoming
+  copy of that migration - and then not counted, the claim counts it - only when it is not active
+  (not in the inventory's `active_uuids`) or carries the claim's own placement as its agent
+  metadata. Any other domain with that UUID really runs here (a claim for an instance that already
+  ran here, made before that was refused): both are counted, and a CPU both pin is an overlap.
 * A CPU pinned by two holders is reported in `overlaps` (human lines), never raised: the host is
   what it is, and the operator must see it.
+* Memory not bound to one host cell (see below): on a single-cell host it is charged to that cell
+  like bound memory; otherwise its small-page part is `HostState.unbound_memory_mb`, which the
+  fitter takes from the host-wide small-page budget, and a hugepage part is only reported (notes):
+  the kernel's free counts show it for running domains.
 
 Usage of a domain (`domain_usage`):
 
@@ -36,7 +42,8 @@ Usage of a domain (`domain_usage`):
     takes nothing exclusively;
   - memory of each guest cell (the whole domain when it has no `<numa>`) goes to the host cell of
     its `<memnode>`, else to the `<numatune><memory nodeset>` when that names one node; memory bound
-    to several nodes or to none is *unbound*: counted on no cell, summed in `unbound_memory_mb`;
+    to several nodes or to none is *unbound*: on no cell, in `unbound_memory_mb` (per page size in
+    `unbound_by_size_mb`), and `compute_host_state` decides where it is charged (above);
   - page size from `<memoryBacking><hugepages>` (the `<page>` whose nodeset names the guest cell,
     else one without nodeset; a size of None is the host default, 2048 KiB); no hugepages = 4 KiB.
 """
@@ -47,10 +54,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-from agent.claims.ledger import Claim, ClaimState
+from agent.claims.ledger import Claim, ClaimState, uuid_key
 from agent.config import ComputeConfig, format_cpu_set
 from agent.errors import InvalidInput
 from agent.libvirt_ops.domain_xml import DomainPlacement
+from agent.libvirt_ops.inventory import DomainInventory
 from agent.numa.placement import Placement
 from agent.numa.state import CellUsage, HostState
 from agent.numa.topology import SMALL_PAGE_KB, HostTopology
@@ -58,6 +66,8 @@ from agent.numa.topology import SMALL_PAGE_KB, HostTopology
 log = logging.getLogger("compute_agent.claims")
 
 DEFAULT_HUGEPAGE_KB = 2048
+
+CpuCells = Mapping[int, int]  # online or not, every CPU of the topology -> its cell id
 
 
 @dataclass(slots=True)
@@ -78,6 +88,7 @@ class DomainUsage:
     unbound_memory_mb: int = 0  # memory not bound to one host cell (counted on no cell)
     source: str = "pins"  # "agent_placement" | "pins" | "claim"
     notes: tuple[str, ...] = ()  # CPUs outside the topology, unknown page sizes, ...
+    unbound_by_size_mb: Mapping[int, int] = field(default_factory=dict)  # page size KiB -> unbound MiB
 
     @property
     def pinned_cpus(self) -> frozenset[int]:
@@ -89,11 +100,18 @@ class DomainUsage:
 
 @dataclass(frozen=True, slots=True)
 class HostStateReport:
+    """What `compute_host_state` found. Also a ledger `HostView`: `Ledger.claim` reads `state`
+    and refuses an instance in `active_uuids`."""
+
     state: HostState
     overlaps: tuple[str, ...] = ()  # one line per host CPU pinned by more than one holder
-    unbound_memory_mb: int = 0  # domain memory not bound to a single host cell
+    # domain memory (any page size) not charged to any cell: 0 on a single-cell host, where it is
+    # charged to the one cell; its small-page part is state.unbound_memory_mb
+    unbound_memory_mb: int = 0
     holders: tuple[DomainUsage, ...] = ()  # what was counted, for reports and debugging
     notes: tuple[str, ...] = ()
+    active_uuids: frozenset[str] = frozenset()  # uuid_key() of every active domain
+    unreadable: tuple[str, ...] = ()  # the inventory's domains that could not be read
 
 
 def _pages_for(memory_kib: int, size_kb: int) -> int:
@@ -104,7 +122,12 @@ def _mib(kib: int) -> int:
     return -(-kib // 1024)
 
 
-def _freeze(name: str, uuid: str, acc: dict[int, _CellAcc], unbound: int, source: str,
+def cpu_cells(topology: HostTopology) -> dict[int, int]:
+    """CPU -> cell id for every CPU of the topology (built once per host state)."""
+    return {cpu: cell.id for cell in topology.cells for cpu in cell.cpus}
+
+
+def _freeze(name: str, uuid: str, acc: dict[int, _CellAcc], unbound_kib: Mapping[int, int], source: str,
             notes: list[str]) -> DomainUsage:
     cells = {
         cid: CellUsage(
@@ -115,8 +138,10 @@ def _freeze(name: str, uuid: str, acc: dict[int, _CellAcc], unbound: int, source
         )
         for cid, a in sorted(acc.items())
     }
-    return DomainUsage(name=name, uuid=uuid, cells=cells, unbound_memory_mb=unbound, source=source,
-                       notes=tuple(notes))
+    total = sum(unbound_kib.values())
+    return DomainUsage(name=name, uuid=uuid, cells=cells, unbound_memory_mb=_mib(total) if total else 0,
+                       source=source, notes=tuple(notes),
+                       unbound_by_size_mb={size: _mib(kib) for size, kib in sorted(unbound_kib.items()) if kib})
 
 
 def _add_memory(acc: _CellAcc, topology: HostTopology, cell_id: int, memory_kib: int, size_kb: int) -> None:
@@ -132,8 +157,9 @@ def _add_memory(acc: _CellAcc, topology: HostTopology, cell_id: int, memory_kib:
 
 
 def placement_usage(placement: Placement, topology: HostTopology, *, name: str = "", uuid: str = "",
-                    source: str = "claim") -> DomainUsage:
+                    source: str = "claim", cpu_cell: CpuCells | None = None) -> DomainUsage:
     """Usage of a Placement: exactly its pinned CPUs, floating vCPUs, memory and pages."""
+    cell_of = cpu_cells(topology) if cpu_cell is None else cpu_cell
     acc: dict[int, _CellAcc] = {}
     notes: list[str] = []
     for c in placement.cells:
@@ -143,31 +169,26 @@ def placement_usage(placement: Placement, topology: HostTopology, *, name: str =
         _add_memory(a, topology, c.host_cell, c.memory_mb * 1024, c.pagesize_kb)
     if placement.emulator_isolated:
         for cpu in placement.emulator_pins:
-            cell = topology.cell_of_cpu(cpu)
-            if cell is None:
+            cid = cell_of.get(cpu)
+            if cid is None:
                 notes.append(f"emulator CPU {cpu} is not an online CPU of any cell")
                 continue
-            acc.setdefault(cell.id, _CellAcc()).pinned.add(cpu)
+            acc.setdefault(cid, _CellAcc()).pinned.add(cpu)
     # a pinned CPU recorded on a cell it does not belong to is moved to its real cell
     for cid, a in list(acc.items()):
         for cpu in list(a.pinned):
-            cell = topology.cell_of_cpu(cpu)
-            if cell is None:
+            real = cell_of.get(cpu)
+            if real is None:
                 notes.append(f"pinned CPU {cpu} is not an online CPU of any cell")
                 a.pinned.discard(cpu)
-            elif cell.id != cid:
+            elif real != cid:
                 a.pinned.discard(cpu)
-                acc.setdefault(cell.id, _CellAcc()).pinned.add(cpu)
-    return _freeze(name, uuid, acc, 0, source, notes)
+                acc.setdefault(real, _CellAcc()).pinned.add(cpu)
+    return _freeze(name, uuid, acc, {}, source, notes)
 
 
-def _cells_touched(cpus: Iterable[int], topology: HostTopology) -> set[int]:
-    out = set()
-    for cpu in cpus:
-        cell = topology.cell_of_cpu(cpu)
-        if cell is not None:
-            out.add(cell.id)
-    return out
+def _cells_touched(cpus: Iterable[int], cell_of: CpuCells) -> set[int]:
+    return {cid for cpu in cpus if (cid := cell_of.get(cpu)) is not None}
 
 
 def _is_dedicated_single(cpus: frozenset[int] | None, compute_cfg: ComputeConfig) -> int | None:
@@ -179,17 +200,25 @@ def _is_dedicated_single(cpus: frozenset[int] | None, compute_cfg: ComputeConfig
     return cpu
 
 
-def domain_usage(domain: DomainPlacement, topology: HostTopology, compute_cfg: ComputeConfig) -> DomainUsage:
+def _agent_placement(domain: DomainPlacement) -> Placement | None:
+    if domain.agent_placement is None:
+        return None
+    try:
+        return Placement.from_json(dict(domain.agent_placement))
+    except InvalidInput as exc:
+        log.warning("domain %s (%s): unreadable agent placement metadata (%s); counting its pins",
+                    domain.name, domain.uuid, exc)
+        return None
+
+
+def domain_usage(domain: DomainPlacement, topology: HostTopology, compute_cfg: ComputeConfig, *,
+                 cpu_cell: CpuCells | None = None) -> DomainUsage:
     """What `domain` holds on this host (see the module doc for the heuristic)."""
-    if domain.agent_placement is not None:
-        try:
-            placement = Placement.from_json(dict(domain.agent_placement))
-        except InvalidInput as exc:
-            log.warning("domain %s (%s): unreadable agent placement metadata (%s); counting its pins",
-                        domain.name, domain.uuid, exc)
-        else:
-            return placement_usage(placement, topology, name=domain.name, uuid=domain.uuid,
-                                   source="agent_placement")
+    cell_of = cpu_cells(topology) if cpu_cell is None else cpu_cell
+    placement = _agent_placement(domain)
+    if placement is not None:
+        return placement_usage(placement, topology, name=domain.name, uuid=domain.uuid,
+                               source="agent_placement", cpu_cell=cell_of)
 
     acc: dict[int, _CellAcc] = {}
     notes: list[str] = []
@@ -201,14 +230,14 @@ def domain_usage(domain: DomainPlacement, topology: HostTopology, compute_cfg: C
         pins = domain.vcpu_pins.get(v, domain.vcpu_cpuset)
         cpu = _is_dedicated_single(pins, compute_cfg)
         if cpu is not None:
-            cell = topology.cell_of_cpu(cpu)
-            if cell is None:
+            cid = cell_of.get(cpu)
+            if cid is None:
                 notes.append(f"vCPU {v} pinned to CPU {cpu}, which is not an online CPU of any cell")
                 continue
-            acc.setdefault(cell.id, _CellAcc()).pinned.add(cpu)
+            acc.setdefault(cid, _CellAcc()).pinned.add(cpu)
             vcpu_pinned.add(cpu)
             continue
-        touched = _cells_touched(pins, topology) if pins is not None else set(cells_with_cpus)
+        touched = _cells_touched(pins, cell_of) if pins is not None else set(cells_with_cpus)
         if pins is not None and not touched:
             notes.append(f"vCPU {v} pinned to {format_cpu_set(pins)}, no online CPU of any cell")
         for cid in touched:
@@ -219,15 +248,15 @@ def domain_usage(domain: DomainPlacement, topology: HostTopology, compute_cfg: C
         cpu = _is_dedicated_single(pins, compute_cfg)
         if cpu is None or cpu in vcpu_pinned:
             continue
-        cell = topology.cell_of_cpu(cpu)
-        if cell is None:
+        cid = cell_of.get(cpu)
+        if cid is None:
             notes.append(f"{what} pinned to CPU {cpu}, which is not an online CPU of any cell")
             continue
-        acc.setdefault(cell.id, _CellAcc()).pinned.add(cpu)
+        acc.setdefault(cid, _CellAcc()).pinned.add(cpu)
 
     # --- memory
     guest_cells = [(g.id, g.memory_kib) for g in domain.guest_cells] or [(0, domain.memory_kib)]
-    unbound_kib = 0
+    unbound_kib: dict[int, int] = {}  # page size -> KiB
     for gid, kib in guest_cells:
         nodes = domain.memnodes.get(gid)
         if nodes is None and domain.numatune_nodeset is not None:
@@ -241,55 +270,92 @@ def domain_usage(domain: DomainPlacement, topology: HostTopology, compute_cfg: C
             if chosen is not None:
                 size_kb = chosen.size_kib or DEFAULT_HUGEPAGE_KB
         if nodes is None or len(nodes) != 1:
-            unbound_kib += kib
+            unbound_kib[size_kb] = unbound_kib.get(size_kb, 0) + kib
             continue
         (host_cell,) = nodes
         if host_cell not in topology.cell_ids:
             notes.append(f"guest cell {gid} memory bound to host node {host_cell}, which does not exist")
-            unbound_kib += kib
+            unbound_kib[size_kb] = unbound_kib.get(size_kb, 0) + kib
             continue
         if size_kb != SMALL_PAGE_KB and topology.cell(host_cell).page_pool(size_kb) is None:
             notes.append(f"guest cell {gid} uses {size_kb} KiB pages, which host cell {host_cell} lacks")
         _add_memory(acc.setdefault(host_cell, _CellAcc()), topology, host_cell, kib, size_kb)
-    return _freeze(domain.name, domain.uuid, acc, _mib(unbound_kib) if unbound_kib else 0, "pins", notes)
+    return _freeze(domain.name, domain.uuid, acc, unbound_kib, "pins", notes)
 
 
-def _uuid_key(value: str) -> str:
-    return value.strip().lower().replace("-", "")
+def _domains_of(domains: DomainInventory | Iterable[DomainPlacement],
+                active_uuids: Iterable[str] | None) -> tuple[list[DomainPlacement], frozenset[str], tuple[str, ...]]:
+    """(domains, uuid_key of the active ones, unreadable). A plain iterable of domains without
+    `active_uuids` counts every domain as active (the safe direction: nothing is skipped)."""
+    if isinstance(domains, DomainInventory):
+        listed = list(domains.domains)
+        active = domains.active_uuids if active_uuids is None else active_uuids
+        unreadable = tuple(domains.unreadable)
+    else:
+        listed = list(domains)
+        active = [d.uuid for d in listed] if active_uuids is None else active_uuids
+        unreadable = ()
+    return listed, frozenset(uuid_key(u) for u in active), unreadable
 
 
 def compute_host_state(
     topology: HostTopology,
-    domains: Iterable[DomainPlacement],
+    domains: DomainInventory | Iterable[DomainPlacement],
     claims: Iterable[Claim],
     compute_cfg: ComputeConfig,
+    *,
+    active_uuids: Iterable[str] | None = None,
 ) -> HostStateReport:
-    """The host's state: topology minus config reservations, domain usage and live claims."""
-    domains = list(domains)
+    """The host's state: topology minus config reservations, domain usage and live claims.
+
+    `domains`: a DomainInventory (its `active_uuids` say which domains run) or DomainPlacements;
+    `active_uuids` overrides which are active (default for a plain list: all of them). This never
+    raises for unreadable domains (they are in the report); `host_state_fn` does.
+    """
+    domains, active, unreadable = _domains_of(domains, active_uuids)
     claims = list(claims)
-    domain_uuids = {_uuid_key(d.uuid) for d in domains}
+    cell_of = cpu_cells(topology)
+    domain_uuids = {uuid_key(d.uuid) for d in domains}
     holders: list[DomainUsage] = []
-    live_claim_uuids: set[str] = set()
+    live_claims: dict[str, list[Claim]] = {}
     for c in claims:
         if c.state in (ClaimState.HELD, ClaimState.MIGRATING):
-            live_claim_uuids.add(_uuid_key(c.instance_uuid))
+            live_claims.setdefault(uuid_key(c.instance_uuid), []).append(c)
             holders.append(placement_usage(c.placement, topology, name=f"claim {c.migration_id}",
-                                           uuid=c.instance_uuid))
-        elif c.state is ClaimState.CONFIRMED and _uuid_key(c.instance_uuid) not in domain_uuids:
+                                           uuid=c.instance_uuid, cpu_cell=cell_of))
+        elif c.state is ClaimState.CONFIRMED and uuid_key(c.instance_uuid) not in domain_uuids:
             holders.append(placement_usage(c.placement, topology, name=f"claim {c.migration_id} (confirmed)",
-                                           uuid=c.instance_uuid))
+                                           uuid=c.instance_uuid, cpu_cell=cell_of))
     for d in domains:
-        if _uuid_key(d.uuid) in live_claim_uuids:
-            continue  # the incoming domain of a live claim: the claim counts it
-        holders.append(domain_usage(d, topology, compute_cfg))
+        key = uuid_key(d.uuid)
+        its_claims = live_claims.get(key)
+        if its_claims:
+            if key not in active:
+                continue  # the incoming (not yet running) copy of a live claim: the claim counts it
+            mine = _agent_placement(d)
+            if mine is not None and any(mine == c.placement for c in its_claims):
+                continue  # the incoming domain carries exactly the claim's placement: counted once
+            log.warning("domain %s (%s) runs here and also has a live claim (%s): counting both",
+                        d.name, d.uuid, ", ".join(c.migration_id for c in its_claims))
+        holders.append(domain_usage(d, topology, compute_cfg, cpu_cell=cell_of))
 
     pinned_by: dict[int, list[str]] = {}
     acc: dict[int, _CellAcc] = {c.id: _CellAcc() for c in topology.cells}
-    unbound = 0
+    single_cell = topology.cells[0].id if len(topology.cells) == 1 else None
+    unbound_small = 0
+    unbound_other = 0
     notes: list[str] = []
     for h in holders:
-        unbound += h.unbound_memory_mb
         notes.extend(f"{h.name}: {n}" for n in h.notes)
+        for size, mb in h.unbound_by_size_mb.items():
+            if single_cell is not None:
+                _add_memory(acc[single_cell], topology, single_cell, mb * 1024, size)
+            elif size == SMALL_PAGE_KB:
+                unbound_small += mb
+            else:
+                unbound_other += mb
+                notes.append(f"{h.name}: {mb} MiB of {size} KiB pages bound to no single host cell: "
+                             "counted on no cell")
         for cid, u in h.cells.items():
             a = acc.get(cid)
             if a is None:
@@ -328,24 +394,34 @@ def compute_host_state(
         reserved_pages=reserved_pages,
         cpu_allocation_ratio=compute_cfg.cpu_allocation_ratio,
         ram_allocation_ratio=compute_cfg.ram_allocation_ratio,
+        unbound_memory_mb=unbound_small,
     )
-    return HostStateReport(state=state, overlaps=overlaps, unbound_memory_mb=unbound,
-                           holders=tuple(holders), notes=tuple(notes))
+    return HostStateReport(state=state, overlaps=overlaps, unbound_memory_mb=unbound_small + unbound_other,
+                           holders=tuple(holders), notes=tuple(notes), active_uuids=active,
+                           unreadable=unreadable)
 
 
 def host_state_fn(
     topology: HostTopology | Callable[[], HostTopology],
-    domains: Callable[[], Iterable[DomainPlacement]],
+    domains: Callable[[], DomainInventory | Iterable[DomainPlacement]],
     compute_cfg: ComputeConfig,
-) -> Callable[[Iterable[Claim]], HostState]:
+) -> Callable[[Iterable[Claim]], HostStateReport]:
     """A `host_state_fn` for `Ledger.claim`: recomputes the state from the ledger's live claims.
 
-    `topology` may be a callable so fresh kernel page counts are read at each claim.
+    `topology` may be a callable so fresh kernel page counts are read at each claim. `domains`
+    returns the host's DomainInventory (`read_domains(conn)`): its `require_complete()` is called,
+    so no claim is made on a host with a domain whose usage is unknown (IncompleteInventory), and
+    its `active_uuids` let the ledger refuse an instance that already runs here. A plain iterable
+    of DomainPlacement is accepted too (every domain counted as active).
+    The result is a HostStateReport (a ledger HostView).
     """
 
-    def fn(claims: Iterable[Claim]) -> HostState:
+    def fn(claims: Iterable[Claim]) -> HostStateReport:
         topo = topology() if callable(topology) else topology
-        return compute_host_state(topo, domains(), claims, compute_cfg).state
+        inventory = domains()
+        if isinstance(inventory, DomainInventory):
+            inventory.require_complete()
+        return compute_host_state(topo, inventory, claims, compute_cfg)
 
     return fn
 
@@ -354,6 +430,7 @@ __all__ = [
     "DomainUsage",
     "HostStateReport",
     "compute_host_state",
+    "cpu_cells",
     "domain_usage",
     "host_state_fn",
     "placement_usage",

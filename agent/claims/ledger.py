@@ -16,7 +16,12 @@ file, `<state_dir>/ledger.db`:
   anything is read, so two processes on one file serialise), under a process-wide lock per file (so
   threads sharing or not sharing a `Ledger` object serialise too). `claim` reads the live claims,
   asks `host_state_fn` for the host state *including them*, fits and records inside that one
-  transaction: no pCPU, page or MiB is promised twice.
+  transaction: no pCPU, page or MiB is promised twice. Any SQLite error inside a transaction rolls
+  it back and is raised as `LedgerError` (logged at ERROR).
+* ``Ledger.open(..., readonly=True)`` (operator commands that only look): SQLite ``mode=ro``,
+  nothing created, upgraded or moved aside; writes raise `LedgerError`.
+* The ledger has no placement rule of its own: what fits is the fitter's decision
+  (agent.numa.fit); the ledger only re-checks that a placement takes no pinned CPU or missing page.
 
 States::
 
@@ -27,9 +32,13 @@ States::
 `start` on a migrating claim is a progress report: it refreshes the expiry (no new transition).
 `release` of an already released or expired claim and `confirm` of a confirmed one return the claim
 unchanged (retries of the bus calls are harmless); every other move out of a terminal state raises
-`IllegalTransition`. Held claims expire `ttl_s` after the claim, migrating ones
-`migrating_timeout_s` after their last start/progress. Terminal claims are pruned `retention_s`
-after their last change. Every transition is a row of `transitions` (time, from, to, reason).
+`IllegalTransition` (`ClaimEnded` out of released/expired). Held claims expire `ttl_s` after the
+claim, migrating ones `migrating_timeout_s` after their last start/progress; `start`, `progress`
+or `confirm` of a live claim already past its expiry records that expiry ("expired before start",
+"expired before confirm") and raises `ClaimEnded`, and so does a retried `claim` of a claim that
+ended (released or expired): an ended claim is never handed out as if it still held anything.
+Terminal claims are pruned `retention_s` after their last change. Every transition is a row of
+`transitions` (time, from, to, reason).
 """
 
 from __future__ import annotations
@@ -46,12 +55,13 @@ import threading
 import time
 import urllib.parse
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 from agent.claims.errors import (
     ClaimConflict,
+    ClaimEnded,
     IllegalTransition,
     LedgerCorrupt,
     LedgerError,
@@ -64,6 +74,7 @@ from agent.errors import AgentError, InvalidInput
 from agent.numa.placement import NoFit, Placement
 from agent.numa.request import MAX_MEMORY_MB, MAX_VCPUS, InstanceRequest, parse_request, request_to_json
 from agent.numa.state import HostState
+from agent.numa.topology import SMALL_PAGE_KB
 
 log = logging.getLogger("compute_agent.claims")
 
@@ -74,7 +85,21 @@ _MIGRATION_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}", re.ASCII)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 Fitter = Callable[[InstanceRequest, HostState], "Placement | NoFit"]
-HostStateFn = Callable[[Iterable["Claim"]], HostState]
+
+
+class HostView(Protocol):
+    """What a `host_state_fn` may return instead of a bare HostState (hoststate.HostStateReport
+    does): the state, plus the UUIDs of the domains *active* on this host, so that `claim` can
+    refuse an instance that already runs here. A bare HostState means "no domain is known to run"."""
+
+    @property
+    def state(self) -> HostState: ...
+
+    @property
+    def active_uuids(self) -> frozenset[str]: ...
+
+
+HostStateFn = Callable[[Iterable["Claim"]], "HostState | HostView"]
 
 
 class ClaimState(str, enum.Enum):
@@ -225,10 +250,22 @@ def _file_lock(path: Path) -> threading.RLock:
 
 
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
-    if not isinstance(exc, sqlite3.OperationalError) and not isinstance(exc, sqlite3.IntegrityError):
-        return True  # DatabaseError proper: "file is not a database", "database disk image is malformed"
+    """Is this SQLite error about the *file* (damaged, not a database), rather than our code
+    (ProgrammingError, InterfaceError: a bug, never a reason to move a ledger aside) or the
+    environment (OperationalError: locked, I/O, disk full)?"""
+    if isinstance(exc, (sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return False
     text = str(exc).lower()
-    return any(w in text for w in ("not a database", "malformed", "corrupt"))
+    if any(w in text for w in ("not a database", "malformed", "corrupt")):
+        return True
+    # SQLITE_CORRUPT / SQLITE_NOTADB surface as DatabaseError proper (no subclass); so does our own
+    # "quick_check: ..." in _check_existing
+    return type(exc) is sqlite3.DatabaseError
+
+
+def uuid_key(value: str) -> str:
+    """An instance UUID as compared everywhere in claims: lower case, no dashes, no blanks."""
+    return value.strip().lower().replace("-", "")
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -304,8 +341,10 @@ class Ledger:
 
     def __init__(self, conn: sqlite3.Connection, path: Path, *, clock: Callable[[], float], fitter: Fitter | None,
                  migrating_timeout_s: float, retention_s: float, recovered_from_corrupt: Path | None,
-                 corrupt_files: tuple[Path, ...]) -> None:
+                 corrupt_files: tuple[Path, ...], readonly: bool = False) -> None:
         self._conn: sqlite3.Connection | None = conn
+        #: opened with ``readonly=True``: every write raises LedgerError
+        self.readonly = readonly
         self.path = path
         self._clock = clock
         self._fitter = fitter
@@ -332,19 +371,31 @@ class Ledger:
         on_corrupt: str = "raise",
         busy_timeout_s: float = 30.0,
         create: bool = True,
+        readonly: bool = False,
     ) -> "Ledger":
         """Open (creating or upgrading) `<state_dir>/ledger.db`.
 
         Raises LedgerSchemaTooNew (file untouched), LedgerCorrupt (file moved aside first; with
         ``on_corrupt="recreate"`` a fresh ledger is returned instead), LedgerError (I/O).
         ``create=False`` raises LedgerError instead of creating a missing ledger.
+
+        ``readonly=True`` (operator commands that only look): the file is opened through SQLite's
+        ``mode=ro``; nothing is created, upgraded, checkpointed or moved aside. A missing ledger
+        or one of an older schema raises LedgerError, a damaged one LedgerCorrupt with
+        ``moved_to=None`` (left where it is, for the agent to deal with); every write raises
+        LedgerError.
         """
         if on_corrupt not in ("raise", "recreate"):
             raise InvalidInput(f"on_corrupt must be 'raise' or 'recreate', not {on_corrupt!r}")
         state_dir = Path(state_dir)
         path = state_dir / LEDGER_FILE
-        if not create and not path.exists():
+        if (readonly or not create) and not path.exists():
             raise LedgerError(f"{path}: no ledger here")
+        if readonly:
+            with _file_lock(path):
+                conn = cls._connect_readonly(path, busy_timeout_s)
+            return cls(conn, path, clock=clock, fitter=fitter, migrating_timeout_s=migrating_timeout_s,
+                       retention_s=retention_s, recovered_from_corrupt=None, corrupt_files=(), readonly=True)
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
@@ -406,6 +457,38 @@ class Ledger:
         return conn
 
     @staticmethod
+    def _connect_readonly(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+        uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{path}: cannot open the claim ledger read-only: {exc}") from None
+        try:
+            conn.execute("PRAGMA query_only=ON")
+            check = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+            if check != ["ok"]:
+                raise sqlite3.DatabaseError("quick_check: " + "; ".join(map(str, check[:5])))
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise LedgerSchemaTooNew(path, version, SCHEMA_VERSION)
+            if version < SCHEMA_VERSION:
+                raise LedgerError(
+                    f"{path}: ledger schema version {version} is older than this agent's ({SCHEMA_VERSION}); "
+                    "a read-only open does not upgrade it (the agent does when it starts)")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if _is_corruption(exc):
+                err = LedgerCorrupt(path, str(exc), None)
+                log.error("claim ledger corrupt (opened read-only, left in place): %s", err)
+                raise err from None
+            raise LedgerError(f"{path}: cannot read the claim ledger: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @staticmethod
     def _check_existing(path: Path, busy_timeout_s: float) -> None:
         """Integrity and version check on a READ-ONLY connection: closing it never checkpoints
         or deletes the WAL, so a damaged ledger is moved aside exactly as found."""
@@ -461,6 +544,8 @@ class Ledger:
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file now (PASSIVE: never blocks other writers)."""
+        if self.readonly:
+            return
         with self._lock:
             try:
                 self._db().execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -485,30 +570,43 @@ class Ledger:
             raise LedgerError(f"{self.path}: the ledger is closed")
         return self._conn
 
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:  # SQLite may have rolled back already (disk full, I/O error)
+            pass
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: process lock + BEGIN IMMEDIATE ... COMMIT (or ROLLBACK)."""
+        """One write transaction: process lock + BEGIN IMMEDIATE ... COMMIT (or ROLLBACK).
+
+        Any SQLite error inside it (disk full, I/O error, ...) rolls the whole transaction back and
+        is raised as LedgerError (logged at ERROR); other exceptions roll back and propagate as is.
+        """
+        if self.readonly:
+            raise LedgerError(f"{self.path}: the ledger was opened read-only")
         with self._lock:
             conn = self._db()
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
+                log.error("claim ledger %s: cannot start a transaction: %s", self.path, exc)
                 raise LedgerError(f"{self.path}: cannot start a ledger transaction: {exc}") from None
             try:
                 yield conn
+            except sqlite3.Error as exc:
+                self._rollback(conn)
+                log.error("claim ledger %s: transaction rolled back: %s: %s", self.path, type(exc).__name__, exc)
+                raise LedgerError(f"{self.path}: ledger write failed (rolled back): {exc}") from exc
             except BaseException:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:  # pragma: no cover - the transaction is gone already
-                    pass
+                self._rollback(conn)
                 raise
             try:
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:  # pragma: no cover
-                    pass
+                self._rollback(conn)
+                log.error("claim ledger %s: commit failed, rolled back: %s", self.path, exc)
                 raise LedgerError(f"{self.path}: ledger commit failed: {exc}") from None
 
     @contextmanager
@@ -552,28 +650,60 @@ class Ledger:
             "INSERT INTO transitions (migration_id, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?)",
             (claim.migration_id, claim.state.value, to.value, now, reason),
         )
-        return Claim(claim.migration_id, claim.instance_uuid, claim.source_host, claim.request_json,
-                     claim.placement, to, claim.created_at, new_expiry, now, reason, claim.ttl_s)
+        return replace(claim, state=to, expires_at=new_expiry, updated_at=now, reason=reason)
 
-    def _transition(self, migration_id: str, to: ClaimState, reason: str,
-                    expect: frozenset[ClaimState] | None = None) -> Claim | None:
-        """Move one claim to `to`. With `expect`, silently skip (None) when it is no longer there."""
+    def _expire_before(self, conn: sqlite3.Connection, claim: Claim, now: float, action: str) -> ClaimEnded:
+        """A live claim past its expiry was asked to `action`: record the expiry (the caller
+        commits it) and return the error to raise once committed."""
+        if claim.state is ClaimState.HELD:
+            detail = f"held past its TTL ({claim.ttl_s:g}s)"
+        else:
+            detail = f"migrating with no progress for {self.migrating_timeout_s:g}s"
+        expired = self._record(conn, claim, ClaimState.EXPIRED, now, f"expired before {action} ({detail})")
+        to = ClaimState.MIGRATING if action == "start" else ClaimState.CONFIRMED
+        return ClaimEnded(claim.migration_id, expired.state.value, expired.reason, to.value)
+
+    def _transition(self, migration_id: str, to: ClaimState, reason: str) -> Claim:
+        """Move one claim to `to` (see the module doc for what is allowed and what is a no-op).
+
+        A live claim already past its expiry is expired instead of moved to migrating or
+        confirmed (that expiry is committed) and ClaimEnded is raised.
+        """
         check_migration_id(migration_id)
+        ended: ClaimEnded | None = None
         with self._tx() as conn:
             now = self._clock()
             claim = self._get(conn, migration_id)
             if claim is None:
                 raise UnknownClaim(migration_id)
-            if expect is not None and claim.state not in expect:
-                return None
             if claim.state in _NOOP.get(to, frozenset()):
                 log.info("claim %s: already %s, %s ignored (%s)", migration_id, claim.state, to.value, reason)
                 return claim
-            if to not in _ALLOWED[claim.state]:
+            progress = to is ClaimState.MIGRATING and claim.state is ClaimState.MIGRATING
+            if not progress and to not in _ALLOWED[claim.state]:
+                if claim.state in (ClaimState.RELEASED, ClaimState.EXPIRED):
+                    raise ClaimEnded(migration_id, claim.state.value, claim.reason, to.value)
                 raise IllegalTransition(migration_id, claim.state.value, to.value, reason)
-            expires = now + self.migrating_timeout_s if to is ClaimState.MIGRATING else None
-            new = self._record(conn, claim, to, now, reason, expires)
-        log.info("claim %s (instance %s): %s -> %s: %s", migration_id, claim.instance_uuid, claim.state, to, reason)
+            if (to in (ClaimState.MIGRATING, ClaimState.CONFIRMED) and claim.is_live
+                    and claim.expires_at <= now):
+                ended = self._expire_before(conn, claim, now, "start" if to is ClaimState.MIGRATING else "confirm")
+                new = claim
+            elif progress:
+                # a progress report: refresh the expiry, no transition row
+                expires = now + self.migrating_timeout_s
+                conn.execute("UPDATE claims SET updated_at = ?, expires_at = ? WHERE migration_id = ?",
+                             (now, expires, migration_id))
+                new = replace(claim, expires_at=expires, updated_at=now)
+            else:
+                expires = now + self.migrating_timeout_s if to is ClaimState.MIGRATING else None
+                new = self._record(conn, claim, to, now, reason, expires)
+        if ended is not None:
+            raise ended  # committed first; logged (WARNING) by @_logged on start/confirm
+        if new.state is claim.state:
+            log.debug("claim %s: progress, expiry moved to %.0f", migration_id, new.expires_at)
+        else:
+            log.info("claim %s (instance %s): %s -> %s: %s", migration_id, claim.instance_uuid, claim.state, to,
+                     reason)
         return new
 
     # ---- claims --------------------------------------------------------------------------------
@@ -590,8 +720,11 @@ class Ledger:
         """Fit `request` on the host state (live claims included) and hold the placement.
 
         Idempotent by `migration_id`: the same request from the same source returns the stored
-        claim (whatever its state now); anything else under that id raises ClaimConflict, as does
-        a second live claim for an instance that already has one. NoFitError when it does not fit.
+        claim while it is held, migrating or confirmed; once it ended (released, expired - also
+        when it expires at this very call) ClaimEnded is raised: it holds nothing any more.
+        Anything else under that id raises ClaimConflict, as does a claim for an instance that
+        already has a live claim or (when `host_state_fn` returns a HostView such as
+        hoststate.HostStateReport) already runs on this host. NoFitError when it does not fit.
         """
         check_migration_id(migration_id)
         req = _coerce_request(request)
@@ -600,88 +733,95 @@ class Ledger:
         req_json = _canonical(request_to_json(req))
         fitter = self._fitter or _default_fitter()
         nofit: NoFit | None = None
+        refused: AgentError | None = None
         expired: list[Claim] = []
+        claim: Claim | None = None
         with self._tx() as conn:
             now = self._clock()
             existing = self._get(conn, migration_id)
             if existing is not None:
-                if existing.request_json == req_json and existing.source_host == source_host:
-                    log.info("claim %s: repeated request, returning the stored %s claim", migration_id, existing.state)
-                    return existing
-                what = "request" if existing.request_json != req_json else f"source host ({existing.source_host})"
-                raise ClaimConflict(f"migration {migration_id!r} already has a claim with a different {what}")
+                if existing.request_json != req_json or existing.source_host != source_host:
+                    what = "request" if existing.request_json != req_json else f"source host ({existing.source_host})"
+                    raise ClaimConflict(f"migration {migration_id!r} already has a claim with a different {what}")
             expired = self._expire_due_locked(conn, now)
-            live = self._select(conn, "WHERE state IN ('held', 'migrating')")
-            other = [c for c in live if c.instance_uuid == req.uuid]
-            if other:
-                raise ClaimConflict(
-                    f"claim {migration_id}: instance {req.uuid} already has a live claim "
-                    f"({other[0].migration_id}, {other[0].state}); release it first")
-            state = host_state_fn(live)
-            result = fitter(req, state)
-            if isinstance(result, NoFit) or not getattr(result, "fits", False):
-                nofit = result if isinstance(result, NoFit) else NoFit(str(getattr(result, "reason", result)))
-            elif (starved := _starved_floating(result, state)) is not None:
-                nofit = NoFit(starved)
+            if existing is not None:
+                existing = next((c for c in expired if c.migration_id == migration_id), existing)
+                if existing.state in (ClaimState.RELEASED, ClaimState.EXPIRED):
+                    # committed below (with any expiry just recorded), raised after
+                    refused = ClaimEnded(migration_id, existing.state.value, existing.reason, ClaimState.HELD.value)
+                else:
+                    log.info("claim %s: repeated request, returning the stored %s claim", migration_id,
+                             existing.state)
+                    claim = existing
             else:
-                _verify_no_double_booking(result, state, migration_id)
-                conn.execute(
-                    f"INSERT INTO claims ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (migration_id, req.uuid, source_host, req_json, _canonical(result.to_json()),
-                     ClaimState.HELD.value, now, now + ttl, now, f"claimed for {source_host}", ttl),
-                )
-                conn.execute(
-                    "INSERT INTO transitions (migration_id, from_state, to_state, at, reason) VALUES (?, NULL, ?, ?, ?)",
-                    (migration_id, ClaimState.HELD.value, now, f"claimed for {source_host}, ttl {ttl:g}s"),
-                )
-                claim = Claim(migration_id, req.uuid, source_host, req_json, result, ClaimState.HELD, now, now + ttl,
-                              now, f"claimed for {source_host}", ttl)
+                live = self._select(conn, "WHERE state IN ('held', 'migrating')")
+                key = uuid_key(req.uuid)
+                other = [c for c in live if uuid_key(c.instance_uuid) == key]
+                if other:
+                    raise ClaimConflict(
+                        f"claim {migration_id}: instance {req.uuid} already has a live claim "
+                        f"({other[0].migration_id}, {other[0].state}); release it first")
+                view = host_state_fn(live)
+                if isinstance(view, HostState):
+                    state, active = view, frozenset()
+                else:
+                    state = view.state
+                    active = frozenset(uuid_key(u) for u in getattr(view, "active_uuids", ()))
+                if key in active:
+                    raise ClaimConflict(
+                        f"claim {migration_id}: instance {req.uuid} already runs on this host; "
+                        "a migration cannot bring it here")
+                result = fitter(req, state)
+                if isinstance(result, NoFit) or not getattr(result, "fits", False):
+                    nofit = result if isinstance(result, NoFit) else NoFit(str(getattr(result, "reason", result)))
+                else:
+                    _verify_no_double_booking(result, state, migration_id)
+                    claim = Claim(migration_id, req.uuid, source_host, req_json, result, ClaimState.HELD, now,
+                                  now + ttl, now, f"claimed for {source_host}", ttl)
+                    conn.execute(
+                        f"INSERT INTO claims ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (migration_id, req.uuid, source_host, req_json, _canonical(result.to_json()),
+                         ClaimState.HELD.value, now, now + ttl, now, claim.reason, ttl),
+                    )
+                    conn.execute(
+                        "INSERT INTO transitions (migration_id, from_state, to_state, at, reason) "
+                        "VALUES (?, NULL, ?, ?, ?)",
+                        (migration_id, ClaimState.HELD.value, now, f"claimed for {source_host}, ttl {ttl:g}s"),
+                    )
         self._log_expired(expired, "claim")
+        if refused is not None:
+            raise refused
         if nofit is not None:
             log.info("claim %s (instance %s) from %s: does not fit: %s", migration_id, req.uuid, source_host,
                      nofit.reason)
             raise NoFitError(nofit.reason, nofit)
-        log.info("claim %s (instance %s) from %s: held until %.0f on cells %s, pinned CPUs %s", migration_id,
-                 req.uuid, source_host, claim.expires_at, list(claim.placement.host_nodeset),
-                 sorted(claim.placement.pinned_cpus))
+        assert claim is not None
+        if existing is None:
+            log.info("claim %s (instance %s) from %s: held until %.0f on cells %s, pinned CPUs %s", migration_id,
+                     req.uuid, source_host, claim.expires_at, list(claim.placement.host_nodeset),
+                     sorted(claim.placement.pinned_cpus))
         return claim
 
     @_logged
     def start(self, migration_id: str, reason: str = "source reported the migration started") -> Claim:
-        """held -> migrating; on a migrating claim, a progress report that refreshes its expiry."""
-        check_migration_id(migration_id)
-        with self._tx() as conn:
-            claim = self._get(conn, migration_id)
-            if claim is None:
-                raise UnknownClaim(migration_id)
-            if claim.state is ClaimState.MIGRATING:
-                now = self._clock()
-                expires = now + self.migrating_timeout_s
-                conn.execute("UPDATE claims SET updated_at = ?, expires_at = ? WHERE migration_id = ?",
-                             (now, expires, migration_id))
-                log.debug("claim %s: progress, expiry moved to %.0f", migration_id, expires)
-                return Claim(claim.migration_id, claim.instance_uuid, claim.source_host, claim.request_json,
-                             claim.placement, claim.state, claim.created_at, expires, now, claim.reason,
-                             claim.ttl_s)
-        new = self._transition(migration_id, ClaimState.MIGRATING, reason)
-        assert new is not None
-        return new
+        """held -> migrating; on a migrating claim, a progress report that refreshes its expiry.
+
+        One transaction. A claim past its expiry is expired (recorded) and ClaimEnded raised."""
+        return self._transition(migration_id, ClaimState.MIGRATING, reason)
 
     progress = start
 
     @_logged
     def confirm(self, migration_id: str, reason: str = "the domain runs here") -> Claim:
-        new = self._transition(migration_id, ClaimState.CONFIRMED, reason)
-        assert new is not None
-        return new
+        """held/migrating -> confirmed (confirmed: no-op). A claim past its expiry is expired
+        (recorded) and ClaimEnded raised: it was not holding anything any more."""
+        return self._transition(migration_id, ClaimState.CONFIRMED, reason)
 
     @_logged
     def release(self, migration_id: str, reason: str) -> Claim:
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000:
             raise InvalidInput("release needs a reason of 1-1000 characters")
-        new = self._transition(migration_id, ClaimState.RELEASED, reason.strip())
-        assert new is not None
-        return new
+        return self._transition(migration_id, ClaimState.RELEASED, reason.strip())
 
     def _expire_due_locked(self, conn: sqlite3.Connection, now: float) -> list[Claim]:
         due = self._select(conn, "WHERE state IN ('held', 'migrating') AND expires_at <= ?", (now,))
@@ -748,17 +888,41 @@ class Ledger:
         """Delete terminal claims (and their transitions) last changed more than retention_s ago."""
         with self._tx() as conn:
             cutoff = (self._clock() if now is None else now) - self.retention_s
-            ids = [r[0] for r in conn.execute(
-                "SELECT migration_id FROM claims WHERE state IN ('confirmed', 'released', 'expired') "
-                "AND updated_at <= ?", (cutoff,)).fetchall()]
-            for mid in ids:
-                conn.execute("DELETE FROM transitions WHERE migration_id = ?", (mid,))
-                conn.execute("DELETE FROM claims WHERE migration_id = ?", (mid,))
-        if ids:
-            log.info("claim ledger: pruned %d terminal claim(s) older than %gs", len(ids), self.retention_s)
-        return len(ids)
+            # transitions go with their claim: ON DELETE CASCADE (foreign_keys=ON on every connection)
+            n = conn.execute("DELETE FROM claims WHERE state IN ('confirmed', 'released', 'expired') "
+                             "AND updated_at <= ?", (cutoff,)).rowcount
+        if n:
+            log.info("claim ledger: pruned %d terminal claim(s) older than %gs", n, self.retention_s)
+        return n
 
     # ---- reconciliation ------------------------------------------------------------------------
+
+    def _reconcile_claim(self, migration_id: str, running: set[str],
+                         when: float) -> tuple[ReconcileDecision | None, Claim | None]:
+        """Steps 1-2 of `reconcile` for one claim, decided from its fresh row in one transaction.
+        Returns (the decision taken, None) or (None, the fresh claim when it is migrating: ask its
+        source)."""
+        with self._tx() as conn:
+            c = self._get(conn, migration_id)
+            if c is None or not c.is_live:
+                return None, None  # pruned, released, confirmed... meanwhile
+            if uuid_key(c.instance_uuid) in running:
+                to, why = ClaimState.CONFIRMED, f"reconcile: domain {c.instance_uuid} runs on this host"
+            elif c.expires_at <= when:
+                to = ClaimState.EXPIRED
+                if c.state is ClaimState.HELD:
+                    why = f"reconcile: held past its TTL ({c.ttl_s:g}s) and the domain is not here"
+                else:
+                    why = (f"reconcile: migrating with no progress for {self.migrating_timeout_s:g}s "
+                           "and the domain is not here")
+            else:
+                log.debug("reconcile: claim %s (%s) kept: expires in %.0fs", c.migration_id, c.state,
+                          c.expires_at - when)
+                return None, c if c.state is ClaimState.MIGRATING else None
+            self._record(conn, c, to, self._clock(), why)
+        log.info("reconcile: claim %s (instance %s) %s -> %s: %s", c.migration_id, c.instance_uuid, c.state,
+                 to.value, why)
+        return ReconcileDecision(c.migration_id, c.instance_uuid, c.state, to, why), None
 
     @_logged
     def reconcile(
@@ -773,13 +937,16 @@ class Ledger:
 
         `running_domains`: DomainPlacement objects or instance UUIDs of the domains *running* on
         this host (not the paused incoming domain of a migration in progress: that one would be
-        confirmed too early). For each held/migrating claim, in this order:
+        confirmed too early). For each held/migrating claim, in this order, decided inside one
+        transaction from the claim's current row (not from a snapshot a `progress` may have
+        overtaken):
 
         1. its instance runs here -> confirmed;
         2. past its expiry -> expired;
         3. migrating, its domain is not here, and `source_reports_failed(claim)` says True ->
-           released. The callback runs outside the ledger lock (it may ask the source over the
-           bus); an exception from it counts as "don't know" and the claim is kept.
+           released, unless the claim changed while the source was asked. The callback runs
+           outside the ledger lock (it may ask the source over the bus); an exception from it
+           counts as "don't know" and the claim is kept.
 
         Every change is logged with its reason and returned; terminal claims past retention are
         pruned afterwards (``prune=False`` to skip).
@@ -790,37 +957,17 @@ class Ledger:
             uuid = d if isinstance(d, str) else getattr(d, "uuid", None)
             if not isinstance(uuid, str):
                 raise InvalidInput(f"reconcile: running domain {d!r} has no uuid")
-            running.add(_uuid_key(uuid))
+            running.add(uuid_key(uuid))
         decisions: list[ReconcileDecision] = []
-
-        def apply(c: Claim, to: ClaimState, why: str) -> None:
-            try:
-                new = self._transition(c.migration_id, to, why, expect=frozenset({c.state}))
-            except UnknownClaim:
-                new = None
-            if new is None:
-                log.info("reconcile: claim %s changed meanwhile, %s skipped", c.migration_id, to.value)
-                return
-            decisions.append(ReconcileDecision(c.migration_id, c.instance_uuid, c.state, to, why))
-            log.info("reconcile: claim %s (instance %s) %s -> %s: %s", c.migration_id, c.instance_uuid, c.state,
-                     to.value, why)
-
         ask_source: list[Claim] = []
-        for c in self.live_claims():
-            if _uuid_key(c.instance_uuid) in running:
-                apply(c, ClaimState.CONFIRMED, f"reconcile: domain {c.instance_uuid} runs on this host")
-            elif c.expires_at <= when:
-                if c.state is ClaimState.HELD:
-                    why = f"reconcile: held past its TTL ({c.ttl_s:g}s) and the domain is not here"
-                else:
-                    why = (f"reconcile: migrating with no progress for {self.migrating_timeout_s:g}s "
-                           "and the domain is not here")
-                apply(c, ClaimState.EXPIRED, why)
-            elif c.state is ClaimState.MIGRATING and source_reports_failed is not None:
-                ask_source.append(c)
-            else:
-                log.debug("reconcile: claim %s (%s) kept: expires in %.0fs", c.migration_id, c.state,
-                          c.expires_at - when)
+        # The snapshot only says which claims to look at: every decision is taken inside its own
+        # transaction from the claim's fresh row (a `progress` may have moved its expiry meanwhile).
+        for snap in self.live_claims():
+            decision, ask = self._reconcile_claim(snap.migration_id, running, when)
+            if decision is not None:
+                decisions.append(decision)
+            elif ask is not None and source_reports_failed is not None:
+                ask_source.append(ask)
         for c in ask_source:
             try:
                 failed = bool(source_reports_failed(c))  # type: ignore[misc]
@@ -828,40 +975,27 @@ class Ledger:
                 log.warning("reconcile: claim %s kept: asking source %s failed: %s", c.migration_id, c.source_host,
                             exc)
                 continue
-            if failed:
-                apply(c, ClaimState.RELEASED,
-                      f"reconcile: source {c.source_host} reports the migration failed and the domain is not here")
-            else:
+            if not failed:
                 log.debug("reconcile: claim %s kept: source %s does not report failure", c.migration_id,
                           c.source_host)
+                continue
+            why = f"reconcile: source {c.source_host} reports the migration failed and the domain is not here"
+            with self._tx() as conn:
+                fresh = self._get(conn, c.migration_id)
+                # the answer is about the claim as we asked: skip if it moved since (progress, confirm, ...)
+                unchanged = (fresh is not None and fresh.state is c.state and fresh.updated_at == c.updated_at
+                             and uuid_key(fresh.instance_uuid) not in running)
+                if unchanged:
+                    self._record(conn, fresh, ClaimState.RELEASED, self._clock(), why)
+            if not unchanged:
+                log.info("reconcile: claim %s changed meanwhile, release skipped", c.migration_id)
+                continue
+            decisions.append(ReconcileDecision(c.migration_id, c.instance_uuid, c.state, ClaimState.RELEASED, why))
+            log.info("reconcile: claim %s (instance %s) %s -> released: %s", c.migration_id, c.instance_uuid,
+                     c.state, why)
         if prune:
             self.prune(when)
         return decisions
-
-
-def _uuid_key(value: str) -> str:
-    return value.strip().lower().replace("-", "")
-
-
-def _starved_floating(placement: Placement, state: HostState) -> str | None:
-    """Pinning CPUs shrinks a cell's shared pool when no cpu_shared_set separates them; refuse a
-    placement after which the floating vCPUs already on a cell (its own included) would exceed
-    ``len(shared) * cpu_allocation_ratio``."""
-    for cell in state.topology.cells:
-        mine = [c for c in placement.cells if c.host_cell == cell.id]
-        mine_pinned = {cpu for cpu in placement.pinned_cpus if cpu in cell.cpus}
-        if not mine and not mine_pinned:
-            continue
-        usage = state.cell_usage(cell.id)
-        online = cell.cpus & state.topology.online_cpus
-        pool = online if state.cpu_shared_set is None else online & state.cpu_shared_set
-        shared_after = pool - usage.pinned_cpus - mine_pinned
-        floating_after = usage.floating_vcpus + sum(c.floating_vcpu_count for c in mine)
-        capacity = int(len(shared_after) * state.cpu_allocation_ratio)
-        if floating_after > capacity:
-            return (f"host cell {cell.id}: the placement would leave {floating_after} floating vCPUs on "
-                    f"{len(shared_after)} shared CPUs (capacity {capacity})")
-    return None
 
 
 def _verify_no_double_booking(placement: Placement, state: HostState, migration_id: str) -> None:
@@ -877,7 +1011,7 @@ def _verify_no_double_booking(placement: Placement, state: HostState, migration_
             f"{sorted(clash)} or offline {sorted(offline)}; refusing to record it")
     need: dict[tuple[int, int], int] = {}
     for c in placement.cells:
-        if c.pagesize_kb != 4:
+        if c.pagesize_kb != SMALL_PAGE_KB:
             need[(c.host_cell, c.pagesize_kb)] = need.get((c.host_cell, c.pagesize_kb), 0) + -(
                 -c.memory_mb * 1024 // c.pagesize_kb)
     for (cell, size), n in need.items():

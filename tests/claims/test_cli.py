@@ -80,11 +80,73 @@ def test_missing_ledger_is_not_created(tmp_path):
     assert not empty.exists()
 
 
-def test_corrupt_ledger_reports_error(tmp_path):
+def test_corrupt_ledger_is_reported_and_left_in_place(tmp_path):
+    """Read-only commands never move a ledger aside: that is the agent's decision, not a CLI's."""
     (tmp_path / "ledger.db").write_bytes(b"garbage" * 500)
-    code, _, err = run(["claims", "--state-dir", str(tmp_path), "list"])
-    assert code == 1 and "corrupt" in err
-    assert list(tmp_path.glob("ledger.db.corrupt-*"))
+    for cmd in (["list"], ["show", "m1"]):
+        code, _, err = run(["claims", "--state-dir", str(tmp_path), *cmd])
+        assert code == 1 and "corrupt" in err
+        assert not list(tmp_path.glob("ledger.db.corrupt-*"))
+        assert (tmp_path / "ledger.db").read_bytes() == b"garbage" * 500
+
+
+def test_list_and_show_open_the_ledger_read_only(state_dir, monkeypatch):
+    import sqlite3
+
+    seen = []
+    real_open = Ledger.open.__func__
+
+    def spy(cls, *a, **kw):
+        seen.append(kw.get("readonly", False))
+        return real_open(cls, *a, **kw)
+
+    monkeypatch.setattr(Ledger, "open", classmethod(spy))
+    assert run(["claims", "--state-dir", str(state_dir), "list"])[0] == 0
+    assert run(["claims", "--state-dir", str(state_dir), "show", "mig-1"])[0] == 0
+    assert seen == [True, True]
+    # an old-schema ledger is not upgraded by a look at it
+    conn = sqlite3.connect(state_dir / "ledger.db")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    code, _, err = run(["claims", "--state-dir", str(state_dir), "list"])
+    assert code == 1 and "older" in err
+    conn = sqlite3.connect(state_dir / "ledger.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
+
+
+def test_remote_fields_are_not_read_as_markup(tmp_path):
+    """source_host comes from a remote caller: "[/oops]" crashed rich before."""
+    with Ledger.open(tmp_path) as led:
+        led.claim("m1", request(1, 512), "[/oops]", 60, FN)
+        led.claim("m2", request(1, 512), "[bold red]src", 60, FN)
+        led.release("m2", "[/] [link=x]")
+    code, out, err = run(["claims", "--state-dir", str(tmp_path), "list"])
+    assert code == 0, err
+    assert "[/oops]" in out and "[bold red]src" in out and "[/] [link=x]" in out
+    for mid, text in (("m1", "[/oops]"), ("m2", "[bold red]src")):
+        code, out, err = run(["claims", "--state-dir", str(tmp_path), "show", mid])
+        assert code == 0 and text in out, err
+
+
+def test_host_state_command_opens_the_ledger_read_only(tmp_path, capsys):
+    """`compute-agent host-state` only looks: a damaged ledger is reported, never moved aside."""
+    from pathlib import Path
+
+    from agent.cli import main
+
+    root = Path(__file__).resolve().parents[1] / "fixtures" / "sysfs" / "single_no_smt"
+    (tmp_path / "ledger.db").write_bytes(b"garbage" * 500)
+    rc = main(["host-state", "--connection", "test:///default", "--state-dir", str(tmp_path),
+               "--sysfs-root", str(root), "--json"])
+    assert rc == 1 and "corrupt" in capsys.readouterr().err
+    assert not list(tmp_path.glob("ledger.db.corrupt-*"))
+    assert (tmp_path / "ledger.db").read_bytes() == b"garbage" * 500
+    # a missing ledger is not created either
+    rc = main(["host-state", "--connection", "test:///default", "--state-dir", str(tmp_path / "none"),
+               "--sysfs-root", str(root), "--json"])
+    assert rc == 0 and not (tmp_path / "none").exists()
 
 
 def test_reasons_are_shown_verbatim_not_as_markup(tmp_path):

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from agent.claims.hoststate import compute_host_state, domain_usage
+import pytest
+
+from agent.claims.hoststate import compute_host_state, domain_usage, host_state_fn
 from agent.claims.ledger import Claim, ClaimState
 from agent.config import ComputeConfig
 from agent.libvirt_ops.domain_xml import DomainPlacement, GuestNumaCell, HugepageBacking
+from agent.libvirt_ops.inventory import DomainInventory, IncompleteInventory
 from agent.numa.placement import CellPlacement, Placement
 
-from tests.claims.helpers import NO_RESERVE, topology
+from agent.numa.fit import fit
+
+from tests.claims.helpers import NO_RESERVE, request, topology
 
 # 2 cells x 4 cores x 2 threads: cell 0 = {0-3, 8-11}, cell 1 = {4-7, 12-15}; siblings (k, k+8)
 TOPO = topology(huge_2m=1024, huge_2m_free=512)
@@ -147,9 +152,10 @@ def test_claim_states_and_domain_dedup():
     p = one_cell_placement(host_cell=1, cpus=(4, 5))
     uuid = "22222222-2222-2222-2222-222222222222"
     incoming = dom("vm", uuid, vcpu_pins={0: frozenset({4}), 1: frozenset({5})})
-    # live claim + its incoming domain: counted once (no overlap)
-    rep = compute_host_state(TOPO, [incoming], [claim_of(p, ClaimState.MIGRATING)], NO_RESERVE)
+    # live claim + its incoming (not yet active) domain: counted once (no overlap)
+    rep = compute_host_state(TOPO, [incoming], [claim_of(p, ClaimState.MIGRATING)], NO_RESERVE, active_uuids=())
     assert rep.overlaps == () and rep.state.cell_usage(1).pinned_cpus == {4, 5}
+    assert [h.source for h in rep.holders] == ["claim"]
     # confirmed claim with its domain present: the domain counts
     rep = compute_host_state(TOPO, [incoming], [claim_of(p, ClaimState.CONFIRMED)], NO_RESERVE)
     assert rep.overlaps == () and len(rep.holders) == 1 and rep.holders[0].source == "pins"
@@ -175,3 +181,91 @@ def test_pins_outside_topology_are_notes_not_crashes():
     u = domain_usage(d, TOPO, NO_RESERVE)
     assert len(u.notes) == 3
     assert u.unbound_memory_mb == 1
+
+
+# --- B1: only the incoming copy of a live claim's instance is deduplicated -----------------------
+
+X = "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10"
+
+
+def test_running_domain_with_a_live_claim_is_still_counted():
+    """An ACTIVE domain of the claimed instance that does not carry the claim's placement really
+    runs here: both it and the claim hold their CPUs (the overlap is reported, nothing vanishes)."""
+    running = dom("X", X, vcpu_pins={0: frozenset({2}), 1: frozenset({3})})
+    claim = claim_of(one_cell_placement(host_cell=0, cpus=(0, 1)), uuid=X)
+    for active in (None, [X.upper()]):  # a plain list counts every domain as active
+        rep = compute_host_state(TOPO, [running], [claim], NO_RESERVE, active_uuids=active)
+        assert rep.state.cell_usage(0).pinned_cpus == {0, 1, 2, 3}
+        assert {h.source for h in rep.holders} == {"claim", "pins"}
+    # same CPUs: both counted, and the operator sees the overlap
+    clash = claim_of(one_cell_placement(host_cell=0, cpus=(2, 3)), uuid=X)
+    rep = compute_host_state(TOPO, [running], [clash], NO_RESERVE)
+    assert len(rep.overlaps) == 2
+
+
+def test_incoming_domain_is_skipped_when_inactive_or_carrying_the_claims_placement():
+    p = one_cell_placement(host_cell=1, cpus=(4, 5))
+    claim = claim_of(p, ClaimState.MIGRATING, uuid=X)
+    # active, agent metadata = the claim's placement: the migrated domain, counted once
+    arrived = dom("X", X, agent_placement=p.to_json(), vcpu_pins={0: frozenset({4}), 1: frozenset({5})})
+    inv = DomainInventory((arrived,), frozenset({X}))
+    rep = compute_host_state(TOPO, inv, [claim], NO_RESERVE)
+    assert rep.overlaps == () and len(rep.holders) == 1 and rep.active_uuids == {X.replace("-", "")}
+    # active, metadata of ANOTHER placement: counted as well
+    other = dom("X", X, agent_placement=one_cell_placement(host_cell=0, cpus=(0, 1)).to_json())
+    rep = compute_host_state(TOPO, DomainInventory((other,), frozenset({X})), [claim], NO_RESERVE)
+    assert rep.state.cell_usage(0).pinned_cpus == {0, 1} and rep.state.cell_usage(1).pinned_cpus == {4, 5}
+    # not active (the paused/defined incoming copy): skipped whatever it says
+    rep = compute_host_state(TOPO, DomainInventory((other,), frozenset()), [claim], NO_RESERVE)
+    assert rep.state.cell_usage(0).pinned_cpus == frozenset() and len(rep.holders) == 1
+
+
+def test_host_state_fn_takes_an_inventory_and_refuses_an_incomplete_one():
+    running = dom("X", X, vcpu_pins={0: frozenset({2}), 1: frozenset({3})})
+    fn = host_state_fn(TOPO, lambda: DomainInventory((running,), frozenset({X})), NO_RESERVE)
+    rep = fn([])
+    assert rep.state.cell_usage(0).pinned_cpus == {2, 3} and rep.active_uuids == {X.replace("-", "")}
+    bad = host_state_fn(TOPO, lambda: DomainInventory((running,), frozenset({X}), ("vm9: bad XML",)), NO_RESERVE)
+    with pytest.raises(IncompleteInventory, match="vm9"):
+        bad([])
+    # compute_host_state itself reports, never raises
+    rep = compute_host_state(TOPO, DomainInventory((running,), frozenset({X}), ("vm9: bad XML",)), [], NO_RESERVE)
+    assert rep.unreadable == ("vm9: bad XML",)
+    # backwards compatible: a plain list of domains, all of them active
+    assert host_state_fn(TOPO, lambda: [running], NO_RESERVE)([]).active_uuids == {X.replace("-", "")}
+
+
+# --- B2: memory bound to no single cell -----------------------------------------------------------
+
+
+def test_unbound_memory_on_a_single_cell_host_is_charged_to_that_cell():
+    for small_pool in (False, True):
+        topo = topology(cells=1, cores_per_cell=4, threads=1, memory_mb_per_cell=8192, huge_2m=0,
+                        small_pool=small_pool)
+        plain = dom(vcpus=1, memory_kib=6 * 1024 * 1024)  # no numatune: bound to no node
+        rep = compute_host_state(topo, [plain], [], NO_RESERVE)
+        u = rep.state.cell_usage(0)
+        assert u.used_memory_mb == 6144
+        assert u.used_pages == ({4: 6144 * 256} if small_pool else {})
+        assert rep.state.unbound_memory_mb == 0 and rep.unbound_memory_mb == 0
+        assert rep.state.resources(0).small_free_mb == 2048
+        # so a 6 GiB pinned guest does not fit any more
+        assert not fit(request(1, 6144, page_kb=4), rep.state).fits
+        assert fit(request(1, 2048, page_kb=4), rep.state).fits
+
+
+def test_unbound_small_memory_on_a_multi_cell_host_is_host_state_unbound_memory():
+    topo = topology(cells=2, cores_per_cell=2, threads=1, memory_mb_per_cell=4096, huge_2m=0)
+    plain = dom(vcpus=1, memory_kib=3 * 1024 * 1024, numatune_nodeset=frozenset({0, 1}))
+    rep = compute_host_state(topo, [plain], [], NO_RESERVE)
+    assert rep.state.unbound_memory_mb == 3072 and rep.unbound_memory_mb == 3072
+    assert all(rep.state.cell_usage(c).used_memory_mb == 0 for c in (0, 1))
+    assert rep.state.to_json()["unbound_memory_mb"] == 3072
+    # 8 GiB of small pages, 3 GiB used somewhere: 5 GiB left host-wide
+    assert fit(request(2, 4096, page_kb=4, numa_nodes=2), rep.state).fits
+    assert not fit(request(2, 6144, page_kb=4, numa_nodes=2), rep.state).fits
+    # unbound hugepage memory is not small-page memory: reported, not in the small budget
+    huge = dom(vcpus=1, memory_kib=1024 * 1024, hugepages=(HugepageBacking(2048, None),))
+    rep = compute_host_state(TOPO, [huge], [], NO_RESERVE)
+    assert rep.state.unbound_memory_mb == 0 and rep.unbound_memory_mb == 1024
+    assert any("2048 KiB pages bound to no single host cell" in n for n in rep.notes)

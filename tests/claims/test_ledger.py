@@ -9,13 +9,16 @@ import pytest
 
 from agent.claims.errors import (
     ClaimConflict,
+    ClaimEnded,
     IllegalTransition,
     LedgerCorrupt,
+    LedgerError,
     LedgerSchemaTooNew,
     NoFitError,
     UnknownClaim,
 )
 from agent.claims.ledger import SCHEMA_VERSION, ClaimState, Ledger
+from agent.config import ComputeConfig
 from agent.errors import AgentError, InvalidInput
 
 from tests.claims.helpers import FakeClock, check_invariant, request, state_fn, topology
@@ -148,7 +151,8 @@ def test_idempotent_by_migration_id_and_conflicts(ledger, clock):
     with pytest.raises(ClaimConflict):
         ledger.claim("m2", req, "src", 60, FN)
     ledger.release("m", "abort")
-    assert ledger.claim("m", req, "src", 60, FN).state is ClaimState.RELEASED  # still the same claim
+    with pytest.raises(ClaimEnded, match="released: abort"):  # ended: never returned as if valid
+        ledger.claim("m", req, "src", 60, FN)
     assert ledger.claim("m2", req, "src", 60, FN).state is ClaimState.HELD
 
 
@@ -389,14 +393,46 @@ def test_fitter_double_booking_is_refused(tmp_path):
 
 
 def test_pinning_never_starves_existing_floating_vcpus(tmp_path):
-    """Without a cpu_shared_set, pinning shrinks the shared pool: the ledger refuses a placement
-    after which floating vCPUs already on the cell would exceed its capacity."""
+    """Without a cpu_shared_set, pinning shrinks the shared pool: the FITTER refuses a placement
+    after which floating vCPUs already on the cell would exceed its capacity (the ledger has no
+    placement rule of its own, so this fails if the fitter's rule goes)."""
     topo = topology(cells=1, cores_per_cell=1, threads=1, huge_2m=0)
     fn = state_fn(topo)
     with Ledger.open(tmp_path) as led:
         led.claim("float", request(1, 2, dedicated=False, page_kb=None), "s", 60, fn)
-        with pytest.raises(NoFitError, match="floating"):
+        with pytest.raises(NoFitError, match="floating vCPUs already on the cell") as ei:
             led.claim("pin", request(1, 2, page_kb=None), "s", 60, fn)
+        assert ei.value.nofit is not None and not ei.value.nofit.fits
+        assert [c.migration_id for c in led.list()] == ["float"]
+    # two CPUs at ratio 1.0: one may be pinned (the floating vCPU keeps the other)...
+    topo2 = topology(cells=1, cores_per_cell=2, threads=1, huge_2m=0)
+    fn2 = state_fn(topo2, cfg=ComputeConfig(reserved_host_memory_mb=0, cpu_allocation_ratio=1.0))
+    with Ledger.open(tmp_path / "two") as led:
+        led.claim("float", request(1, 2, dedicated=False, page_kb=None), "s", 60, fn2)
+        assert len(led.claim("pin", request(1, 2, page_kb=None), "s", 60, fn2).placement.pinned_cpus) == 1
+        # ...but not the second: it would leave the floating vCPU no CPU at all
+        with pytest.raises(NoFitError, match="floating"):
+            led.claim("pin2", request(1, 2, page_kb=None), "s", 60, fn2)
+
+
+def test_ledger_records_what_the_fitter_accepts(tmp_path):
+    """No placement rule of its own in the ledger: a cell already over its floating ratio, with
+    disjoint dedicated and shared sets, still takes a pinned guest (the fitter says it fits)."""
+    from agent.numa.fit import fit
+    from agent.numa.state import HostState
+
+    st = HostState.from_json({
+        "cells": [{"id": 0, "cpus": [0, 1, 2, 3], "memory_kb": 8 * 1024 * 1024,
+                   "pages": [{"size_kb": 4, "total": 2 * 1024 * 1024, "free": 2 * 1024 * 1024}],
+                   "floating_vcpus": 5}],
+        "cpu_dedicated_set": [2, 3], "cpu_shared_set": [0, 1], "cpu_allocation_ratio": 1.0})
+    req = request(1, 512, page_kb=4)
+    assert fit(req, st).fits
+    with Ledger.open(tmp_path) as led:
+        c = led.claim("m1", req, "src", 60, lambda live: st)
+        assert c.state is ClaimState.HELD and c.placement == fit(req, st)
+    import agent.claims.ledger as ledger_mod
+    assert not hasattr(ledger_mod, "_starved_floating")
 
 
 def test_foreign_sqlite_file_is_moved_aside(tmp_path):
@@ -435,3 +471,206 @@ def test_bad_input_is_logged(ledger, caplog):
             ledger.claim("bad id", request(), "s", 60, FN)
     assert "release refused" in caplog.text and "unknown_claim" in caplog.text
     assert "claim refused" in caplog.text and "invalid_input" in caplog.text
+
+
+# --- B1 / B11: an instance that runs here; the inventory contract ----------------------------------
+
+
+def test_claim_for_an_instance_running_here_is_refused_and_its_cpus_stay_taken(tmp_path):
+    from agent.claims.hoststate import host_state_fn
+    from agent.libvirt_ops.domain_xml import DomainPlacement
+    from agent.libvirt_ops.inventory import DomainInventory
+
+    x, y = "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10", "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a11"
+    topo = topology(cells=1, cores_per_cell=6, threads=1, huge_2m=0)
+    dom_x = DomainPlacement(name="X", uuid=x, vcpus=2, memory_kib=1024 * 1024,
+                            vcpu_pins={0: frozenset({2}), 1: frozenset({3})})
+    cfg = ComputeConfig(reserved_host_memory_mb=0)
+    for domains in (lambda: [dom_x], lambda: DomainInventory((dom_x,), frozenset({x}))):
+        fn = host_state_fn(topo, domains, cfg)
+        with Ledger.open(tmp_path / str(id(domains))) as led:
+            with pytest.raises(ClaimConflict, match="already runs on this host"):
+                led.claim("m-x", request(2, 1024, page_kb=4, uuid=x.upper()), "other-host", 600, fn)
+            assert led.list() == []
+            b = led.claim("m-y", request(2, 1024, page_kb=4, uuid=y), "other-host", 600, fn)
+            c = led.claim("m-z", request(2, 1024, page_kb=4), "other-host", 600, fn)
+            assert not (b.placement.pinned_cpus | c.placement.pinned_cpus) & {2, 3}
+            check_invariant(topo, led.live_claims(), [dom_x], cfg)
+    # the domain defined here but not running (an incoming copy, or shut off): no refusal
+    fn = host_state_fn(topo, lambda: DomainInventory((dom_x,), frozenset()), cfg)
+    with Ledger.open(tmp_path / "inactive") as led:
+        assert led.claim("m-x", request(2, 1024, page_kb=4, uuid=x), "src", 600, fn).state is ClaimState.HELD
+
+
+def test_no_claim_on_a_host_with_unreadable_domains(tmp_path):
+    from agent.claims.hoststate import host_state_fn
+    from agent.libvirt_ops.inventory import DomainInventory, IncompleteInventory
+
+    fn = host_state_fn(TOPO, lambda: DomainInventory((), frozenset(), ("vm3: not well-formed",)),
+                       ComputeConfig(reserved_host_memory_mb=0))
+    with Ledger.open(tmp_path) as led:
+        with pytest.raises(IncompleteInventory, match="vm3"):
+            led.claim("m", request(), "s", 60, fn)
+        assert led.list() == []
+
+
+# --- B3: reconcile decides from the fresh row ----------------------------------------------------
+
+
+def test_reconcile_decides_expiry_inside_the_transaction(tmp_path):
+    clock = FakeClock(1000.0)
+
+    class Racy(Ledger):
+        """A bus `progress` lands right after reconcile took its snapshot of the live claims."""
+
+        def live_claims(self):
+            snap = super().live_claims()
+            clock.t = 1299.0
+            self.progress("m1")  # before the expiry (1300): legitimately moves it to 1599
+            return snap
+
+    with Racy.open(tmp_path, clock=clock, migrating_timeout_s=300) as led:
+        led.claim("m1", request(), "src", 60, FN)
+        led.start("m1")  # expires at 1300
+        assert led.reconcile([], now=1300.0, prune=False) == []
+        got = led.get("m1")
+        assert got.state is ClaimState.MIGRATING and got.expires_at == 1599.0
+        assert [t.to_state.value for t in led.transitions("m1")] == ["held", "migrating"]
+
+
+def test_reconcile_release_skipped_when_the_claim_moved_while_asking_the_source(ledger, clock):
+    ledger.claim("m", request(), "src", 60, FN)
+    ledger.start("m")
+
+    def source_failed(c):
+        clock.advance(1)
+        ledger.progress("m")  # the migration is alive after all
+        return True
+
+    assert ledger.reconcile([], source_reports_failed=source_failed) == []
+    assert ledger.get("m").state is ClaimState.MIGRATING
+
+
+# --- B5: SQLite errors in a write ----------------------------------------------------------------
+
+
+def test_sqlite_error_in_a_write_rolls_back_and_raises_ledger_error(tmp_path, caplog):
+    topo = topology(cells=1, cores_per_cell=64, threads=1, huge_2m=0)
+    fn = state_fn(topo)
+    with Ledger.open(tmp_path) as led:
+        n = led._conn.execute("PRAGMA page_count").fetchone()[0]
+        led._conn.execute(f"PRAGMA max_page_count={n}")  # the disk is full
+        ok = []
+        with caplog.at_level(logging.ERROR, logger="compute_agent.claims"):
+            with pytest.raises(LedgerError, match="full"):
+                for i in range(60):
+                    ok.append(led.claim(f"m{i}", request(1, 16, page_kb=4), "src", 60, fn).migration_id)
+        assert "rolled back" in caplog.text
+        assert not led._conn.in_transaction
+        assert [c.migration_id for c in led.list()] == ok  # the failed claim left nothing behind
+        led._conn.execute("PRAGMA max_page_count=1073741823")  # space again: the ledger still works
+        assert led.claim("again", request(1, 16, page_kb=4), "src", 60, fn).state is ClaimState.HELD
+
+
+def test_programming_error_is_a_bug_not_corruption(tmp_path, monkeypatch):
+    with Ledger.open(tmp_path):
+        pass
+    before = (tmp_path / "ledger.db").read_bytes()
+
+    def buggy(conn, path):
+        raise sqlite3.ProgrammingError("Incorrect number of bindings supplied")
+
+    monkeypatch.setattr(Ledger, "_migrate", staticmethod(buggy))
+    with pytest.raises(LedgerError) as ei:
+        Ledger.open(tmp_path)
+    assert not isinstance(ei.value, LedgerCorrupt)
+    assert not list(tmp_path.glob("ledger.db.corrupt-*"))
+    assert (tmp_path / "ledger.db").read_bytes() == before
+
+
+# --- B7 / B12: an ended claim is never used as if valid -------------------------------------------
+
+
+def test_retried_claim_of_an_expired_claim_raises_claim_ended(tmp_path):
+    clock = FakeClock(0.0)
+    fn = state_fn(topology(cells=1, cores_per_cell=2, threads=1, huge_2m=0))
+    a, b = request(2, 512, page_kb=4), request(2, 512, page_kb=4)
+    with Ledger.open(tmp_path, clock=clock) as led:
+        led.claim("m1", a, "src", 60, fn)
+        clock.t = 100
+        m2 = led.claim("m2", b, "src", 60, fn)  # expires m1 and takes its CPUs
+        with pytest.raises(ClaimEnded, match="expired") as ei:
+            led.claim("m1", a, "src", 60, fn)  # a bus retry of m1
+        assert ei.value.state == "expired" and "TTL" in ei.value.reason
+        assert isinstance(ei.value, IllegalTransition)
+        # expired at the retry itself (no sweep before): recorded, and refused all the same
+        clock.t = 200
+        with pytest.raises(ClaimEnded):
+            led.claim("m2", b, "src", 60, fn)
+        assert led.get("m2").state is ClaimState.EXPIRED and m2.state is ClaimState.HELD
+
+
+@pytest.mark.parametrize("action", ["start", "confirm", "progress"])
+def test_start_or_confirm_past_expiry_expires_the_claim_and_raises(ledger, clock, action):
+    ledger.claim("m", request(), "s", 60, FN)
+    if action == "progress":
+        ledger.start("m")
+        clock.advance(600)  # migrating_timeout_s
+    else:
+        clock.advance(60)
+    with pytest.raises(ClaimEnded, match=f"expired before {'start' if action != 'confirm' else 'confirm'}"):
+        getattr(ledger, action)("m")
+    got = ledger.get("m")
+    assert got.state is ClaimState.EXPIRED and got.reason.startswith("expired before")
+    assert states(ledger, "m")[-1][1] == "expired"
+    with pytest.raises(ClaimEnded):  # and it stays ended
+        getattr(ledger, action)("m")
+
+
+# --- B14: read-only opening ----------------------------------------------------------------------
+
+
+def test_readonly_open_never_writes_upgrades_or_moves(tmp_path):
+    with pytest.raises(LedgerError, match="no ledger"):
+        Ledger.open(tmp_path / "none", readonly=True)
+    assert not (tmp_path / "none").exists()
+    with Ledger.open(tmp_path, clock=FakeClock()) as led:
+        led.claim("m", request(), "s", 60, FN)
+    with Ledger.open(tmp_path, readonly=True) as ro:
+        assert ro.readonly and [c.migration_id for c in ro.list()] == ["m"]
+        assert len(ro.transitions("m")) == 1
+        with pytest.raises(LedgerError, match="read-only"):
+            ro.release("m", "no")
+        with pytest.raises(LedgerError, match="read-only"):
+            ro.expire_due()
+    # an old schema is not upgraded by a read-only open
+    db = tmp_path / "v1" / "ledger.db"
+    db.parent.mkdir()
+    conn = sqlite3.connect(db)
+    for stmt in V1:
+        conn.execute(stmt)
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerError, match="older"):
+        Ledger.open(db.parent, readonly=True)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
+    # a damaged one is reported, left in place
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "ledger.db").write_bytes(b"garbage" * 500)
+    with pytest.raises(LedgerCorrupt) as ei:
+        Ledger.open(bad, readonly=True)
+    assert ei.value.moved_to is None and (bad / "ledger.db").read_bytes() == b"garbage" * 500
+    assert not list(bad.glob("ledger.db.corrupt-*"))
+
+
+def test_prune_is_one_delete_relying_on_cascade(ledger, clock):
+    for i in range(3):
+        ledger.claim(f"x{i}", request(), "s", 60, FN)
+        ledger.release(f"x{i}", "y")
+    clock.advance(3600)
+    assert ledger.prune() == 3
+    assert ledger._conn.execute("SELECT count(*) FROM transitions").fetchone()[0] == 0
