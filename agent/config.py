@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import configparser
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -18,27 +19,70 @@ from agent.errors import ConfigError
 DEFAULT_CONFIG_PATH = Path("/etc/compute-agent/compute-agent.conf")
 
 
-def parse_cpu_set(text: str) -> frozenset[int]:
-    """Parse a CPU set like "0-3,^2,8" (Nova/libvirt syntax) into ids."""
+#: Largest CPU / node id parse_cpu_set accepts by default (far above any kernel's NR_CPUS).
+MAX_CPU_SET_ID = 1 << 20
+#: Most ids a CPU set may expand to, counted over every range (included or excluded), and most
+#: comma-separated elements: bounds the work any text can cause (a few ms), whatever its length.
+MAX_CPU_SET_IDS = 1 << 17
+MAX_CPU_SET_TOKENS = 1 << 16
+_CPU_ID_RE = re.compile(r"[0-9]{1,7}")
+
+
+def _cpu_id(text: str, raw: str, max_id: int) -> int:
+    t = text.strip()
+    # ASCII digits only: int() would also take "1_0", "+3", " 3", Unicode digits and 5000-digit strings
+    if not _CPU_ID_RE.fullmatch(t):
+        raise ValueError(f"bad element {raw.strip()[:40]!r}")
+    value = int(t)
+    if value > max_id:
+        raise ValueError(f"id {value} above {max_id}")
+    return value
+
+
+def parse_cpu_set(
+    text: str,
+    *,
+    max_id: int = MAX_CPU_SET_ID,
+    allow_exclude: bool = True,
+    allow_empty_elements: bool = True,
+) -> frozenset[int]:
+    """Parse a CPU set like "0-3,^2,8" (Nova/libvirt syntax) into ids; ValueError on garbage.
+
+    Numbers are plain ASCII digits (at most 7); every id (range ends included) must be <= `max_id`,
+    checked before anything is expanded; at most MAX_CPU_SET_TOKENS elements and MAX_CPU_SET_IDS
+    ids in all. `allow_exclude=False` refuses "^N" (the kernel's list syntax has none);
+    `allow_empty_elements=False` refuses "1,,2".
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"a CPU set must be text, not {type(text).__name__}")
+    if not text.strip():
+        return frozenset()
+    tokens = text.split(",")
+    if len(tokens) > MAX_CPU_SET_TOKENS:
+        raise ValueError(f"more than {MAX_CPU_SET_TOKENS} elements")
     include: set[int] = set()
     exclude: set[int] = set()
-    for raw in text.split(","):
+    budget = MAX_CPU_SET_IDS
+    for raw in tokens:
         part = raw.strip()
         if not part:
-            continue
+            if allow_empty_elements:
+                continue
+            raise ValueError("empty element")
         target = include
         if part.startswith("^"):
+            if not allow_exclude:
+                raise ValueError(f"bad element {part[:40]!r}")
             target, part = exclude, part[1:].strip()
-        if "-" in part:
-            lo_s, _, hi_s = part.partition("-")
-            lo, hi = int(lo_s), int(hi_s)  # ValueError -> caller
-            if lo > hi or hi - lo > 1 << 16:
-                raise ValueError(f"bad range {raw.strip()!r}")
-            target.update(range(lo, hi + 1))
-        else:
-            target.add(int(part))
-    if any(c < 0 or c > 1 << 20 for c in include | exclude):
-        raise ValueError("CPU id out of range")
+        lo_s, dash, hi_s = part.partition("-")
+        lo = _cpu_id(lo_s, raw, max_id)
+        hi = _cpu_id(hi_s, raw, max_id) if dash else lo
+        if lo > hi:
+            raise ValueError(f"descending range {raw.strip()[:40]!r}")
+        budget -= hi - lo + 1
+        if budget < 0:
+            raise ValueError(f"selects more than {MAX_CPU_SET_IDS} ids")
+        target.update(range(lo, hi + 1))
     return frozenset(include - exclude)
 
 
@@ -124,9 +168,20 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (true/false)")
 
 
+_UINT_RE = re.compile(r"[0-9]{1,19}")
+
+
+def _uint(text: str) -> int:
+    """A plain ASCII non-negative integer: int() would also take "1_0", "+3" and Unicode digits."""
+    t = text.strip()
+    if not _UINT_RE.fullmatch(t):
+        raise ValueError(f"{t[:40]!r} is not a non-negative integer")
+    return int(t)
+
+
 def _int_range(lo: int, hi: int) -> Callable[[str], int]:
     def conv(text: str) -> int:
-        value = int(text.strip())
+        value = _uint(text)
         if not lo <= value <= hi:
             raise ValueError(f"{value} not in [{lo}, {hi}]")
         return value
@@ -134,11 +189,12 @@ def _int_range(lo: int, hi: int) -> Callable[[str], int]:
     return conv
 
 
-def _float_range(lo: float, hi: float) -> Callable[[str], float]:
+def _float_range(lo: float, hi: float, *, lo_inclusive: bool = False) -> Callable[[str], float]:
     def conv(text: str) -> float:
         value = float(text.strip())
-        if not math.isfinite(value) or not lo < value <= hi:
-            raise ValueError(f"{value} not in ({lo}, {hi}]")
+        above_lo = lo <= value if lo_inclusive else lo < value
+        if not math.isfinite(value) or not above_lo or not value <= hi:
+            raise ValueError(f"{value} not in {'[' if lo_inclusive else '('}{lo}, {hi}]")
         return value
 
     return conv
@@ -160,18 +216,38 @@ def _reserved_pages(text: str) -> tuple[tuple[int, int, int], ...]:
         item = item.strip()
         if not item:
             continue
-        node, size, count = (int(x) for x in item.split(":"))
-        if node < 0 or size <= 0 or count < 0:
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"bad entry {item[:40]!r} (want NODE:SIZE_KB:COUNT)")
+        node, size, count = (_uint(x) for x in parts)
+        if size <= 0:
             raise ValueError(f"bad entry {item!r} (want NODE:SIZE_KB:COUNT)")
+        if any((node, size) == (n, s) for n, s, _ in out):
+            raise ValueError(f"node {node} page size {size} KiB is listed twice")
         out.append((node, size, count))
     return tuple(out)
+
+
+def _cpu_set_option(text: str) -> frozenset[int]:
+    """A CPU set option: when given, it must select at least one CPU ("" or "0-3,^0-3" is a typo)."""
+    cpus = parse_cpu_set(text)
+    if not cpus:
+        raise ValueError("selects no CPU")
+    return cpus
+
+
+def _abs_path(text: str) -> Path:
+    path = Path(text.strip())
+    if not text.strip() or not path.is_absolute():
+        raise ValueError("must be an absolute path")
+    return path
 
 
 _BIG = 1 << 31
 _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
     "compute": {
-        "cpu_dedicated_set": parse_cpu_set,
-        "cpu_shared_set": parse_cpu_set,
+        "cpu_dedicated_set": _cpu_set_option,
+        "cpu_shared_set": _cpu_set_option,
         "reserved_host_memory_mb": _int_range(0, _BIG),
         "reserved_huge_pages": _reserved_pages,
         "cpu_allocation_ratio": _float_range(0.0, 1000.0),
@@ -191,10 +267,10 @@ _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
         "live_migration_auto_converge_initial": _int_range(1, 99),
         "live_migration_auto_converge_increment": _int_range(1, 99),
         "live_migration_post_copy_bandwidth_mib": _int_range(0, 1 << 20),
-        "live_migration_poll_interval_s": _float_range(0.0, 60.0),
+        "live_migration_poll_interval_s": _float_range(0.05, 60.0, lo_inclusive=True),
     },
     "claims": {
-        "state_dir": lambda s: Path(s.strip()),
+        "state_dir": _abs_path,
         "claim_ttl_s": _int_range(1, _BIG),
         "migrating_timeout_s": _int_range(1, _BIG),
         "retention_s": _int_range(0, _BIG),
@@ -202,11 +278,17 @@ _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
     },
 }
 _SECTION_TYPES = {"compute": ComputeConfig, "libvirt": LibvirtConfig, "claims": ClaimsConfig}
+_DEFAULT_OPTIONS = frozenset({"host", "log_level"})
+# configparser copies [DEFAULT] into every section (and hides a section's own value of an option
+# that [DEFAULT] also has from a naive "skip defaults" filter). We want none of that: [DEFAULT] is
+# read as a plain section holding only host and log_level, so name the parser's default section
+# something no file can contain.
+_NO_DEFAULT_SECTION = "\x00compute-agent: no default section"
 
 
 def load_config(path: str | Path | None = None, *, text: str | None = None) -> AgentConfig:
     """Read the config file (or `text`); a missing default file means all defaults."""
-    parser = configparser.ConfigParser(interpolation=None)
+    parser = configparser.ConfigParser(interpolation=None, default_section=_NO_DEFAULT_SECTION)
     source = "<text>"
     try:
         if text is not None:
@@ -231,8 +313,6 @@ def load_config(path: str | Path | None = None, *, text: str | None = None) -> A
         if parser.has_section(name):
             known = {f.name for f in fields(kind)}
             for option, raw in parser.items(name, raw=True):
-                if option in parser.defaults():
-                    continue
                 if option not in known:
                     raise ConfigError(f"{source}: [{name}] {option}: unknown option")
                 try:
@@ -241,10 +321,15 @@ def load_config(path: str | Path | None = None, *, text: str | None = None) -> A
                     raise ConfigError(f"{source}: [{name}] {option} = {raw!r}: {exc}") from None
         sections[name] = kind(**values)
 
-    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"upgrade_levels", "workarounds", "bus"}
+    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"DEFAULT", "upgrade_levels", "workarounds", "bus"}
     if extra:
         raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(extra))}")
-    defaults = parser.defaults()
+    defaults = dict(parser.items("DEFAULT", raw=True)) if parser.has_section("DEFAULT") else {}
+    for option in sorted(set(defaults) - _DEFAULT_OPTIONS):
+        raise ConfigError(
+            f"{source}: [DEFAULT] {option}: unknown option (only {', '.join(sorted(_DEFAULT_OPTIONS))} "
+            "belong in [DEFAULT]; put the others in their own section)"
+        )
     log_level = defaults.get("log_level", "INFO").strip().upper()
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"{source}: [DEFAULT] log_level = {log_level!r}: not a log level")

@@ -71,3 +71,98 @@ def test_shipped_example_config_loads():
 @given(st.sets(st.integers(min_value=0, max_value=300), max_size=40))
 def test_cpu_set_round_trip(cpus):
     assert parse_cpu_set(format_cpu_set(cpus)) == frozenset(cpus)
+
+
+# --- regressions: [DEFAULT] handling and option checks ----------------------------------------------
+
+
+def test_section_option_is_not_hidden_by_default_section():
+    # configparser copies [DEFAULT] into every section; a "skip what [DEFAULT] has" filter used to
+    # drop [libvirt] connection_uri = b silently and run with the built-in default
+    with pytest.raises(ConfigError, match=r"\[DEFAULT\] connection_uri: unknown option"):
+        load_config(text="[DEFAULT]\nconnection_uri = a\n[libvirt]\nconnection_uri = b\n")
+    cfg = load_config(text="[DEFAULT]\nhost = hv-01\n[libvirt]\nconnection_uri = qemu+ssh://x/system\n")
+    assert cfg.libvirt.connection_uri == "qemu+ssh://x/system" and cfg.host == "hv-01"
+    # [DEFAULT] values are not copied into sections any more: host in [libvirt] is an unknown option
+    with pytest.raises(ConfigError, match=r"\[libvirt\] host: unknown option"):
+        load_config(text="[DEFAULT]\nhost = a\n[libvirt]\nhost = b\n")
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[DEFAULT]\nbogus = 1\n", "[DEFAULT] bogus: unknown option"),
+        ("[DEFAULT]\ncpu_dedicated_set = 0-3\n", "[DEFAULT] cpu_dedicated_set: unknown option"),
+        ("[libvirt]\nlive_migration_poll_interval_s = 0.01\n", "[libvirt] live_migration_poll_interval_s"),
+        ("[libvirt]\nlive_migration_poll_interval_s = 1e-300\n", "[libvirt] live_migration_poll_interval_s"),
+        ("[compute]\ncpu_dedicated_set =\n", "selects no CPU"),
+        ("[compute]\ncpu_shared_set = 0-3,^0-3\n", "selects no CPU"),
+        ("[compute]\ncpu_dedicated_set = ,\n", "selects no CPU"),
+        ("[claims]\nstate_dir = relative/dir\n", "[claims] state_dir"),
+        ("[claims]\nstate_dir =\n", "[claims] state_dir"),
+        ("[compute]\nreserved_huge_pages = 0:2048:1, 0:2048:5\n", "listed twice"),
+        ("[compute]\nreserved_huge_pages = 0:2048\n", "[compute] reserved_huge_pages"),
+        ("[compute]\nreserved_huge_pages = 0:1_0:1\n", "[compute] reserved_huge_pages"),
+        ("[libvirt]\nlive_migration_bandwidth_mib = 1_0\n", "[libvirt] live_migration_bandwidth_mib"),
+        ("[libvirt]\nlive_migration_bandwidth_mib = +3\n", "[libvirt] live_migration_bandwidth_mib"),
+        ("[libvirt]\nlive_migration_bandwidth_mib = \u0663\n", "[libvirt] live_migration_bandwidth_mib"),
+        ("[libvirt]\nlive_migration_bandwidth_mib = " + "1" * 5000 + "\n", "[libvirt] live_migration_bandwidth_mib"),
+        ("[compute]\ncpu_dedicated_set = 1_0\n", "[compute] cpu_dedicated_set"),
+        ("[compute]\ncpu_dedicated_set = +3\n", "[compute] cpu_dedicated_set"),
+        ("[compute]\ncpu_dedicated_set = \u0663\n", "[compute] cpu_dedicated_set"),
+    ],
+)
+def test_more_bad_values_name_the_option(text, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(text=text)
+    assert fragment in str(err.value)
+
+
+def test_poll_interval_floor_is_accepted():
+    assert load_config(text="[libvirt]\nlive_migration_poll_interval_s = 0.05\n").libvirt.live_migration_poll_interval_s == 0.05
+
+
+def test_distinct_reserved_huge_pages_are_fine():
+    cfg = load_config(text="[compute]\nreserved_huge_pages = 0:2048:1, 1:2048:1, 0:1048576:1\n")
+    assert cfg.compute.reserved_huge_pages == ((0, 2048, 1), (1, 2048, 1), (0, 1048576, 1))
+
+
+# --- parse_cpu_set: bounded work, ASCII numbers ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        ",".join(["0-65536"] * 2000),  # used to expand 131 million ids (seconds; minutes for 4 MiB)
+        "0-9999999",  # range end checked against the id limit before expanding
+        "0-1048576",  # within the id limit but more ids than any host has
+        "1" * 5000,  # int() raises its own ValueError past 4300 digits; never reached now
+        "1_0",
+        "+3",
+        "\u0663",
+        "3 4",
+        "0x1",
+        "-1",
+        "1-2-3",
+        ",".join(["1"] * 70000),  # too many elements
+    ],
+)
+def test_parse_cpu_set_refuses_hostile_text_quickly(text):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(ValueError):
+        parse_cpu_set(text)
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_parse_cpu_set_syntax_kept():
+    assert parse_cpu_set(" 0 - 3 , ^2 ,8,, ") == {0, 1, 3, 8}
+    assert parse_cpu_set("") == frozenset()
+    assert parse_cpu_set("1048576") == {1048576}
+    with pytest.raises(ValueError):
+        parse_cpu_set("1048577")
+    with pytest.raises(ValueError):
+        parse_cpu_set("0,^1", allow_exclude=False)
+    with pytest.raises(ValueError):
+        parse_cpu_set("0,,1", allow_empty_elements=False)

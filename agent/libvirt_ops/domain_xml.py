@@ -23,6 +23,7 @@ from xml.sax.saxutils import escape as _xml_escape
 
 from agent.config import format_cpu_set, parse_cpu_set
 from agent.errors import DomainXMLError
+from agent.numa.capabilities import scale_to_kib
 from agent.numa.placement import Placement
 
 # Namespace of the metadata element the agent writes into domains it places, so that host state
@@ -81,6 +82,9 @@ MAX_XML_BYTES = 4 * 1024 * 1024
 MAX_ELEMENTS = 200_000  # a domain with hundreds of devices has a few thousand
 MAX_DEPTH = 64  # libvirt domain XML nests about 8 deep
 MAX_VCPUS = 16384  # far above any QEMU machine type; bounds the work a hostile document can cause
+# The agent's placement JSON is a few KiB even for hundreds of vCPUs; bounds json.loads' work.
+MAX_METADATA_CHARS = 256 * 1024
+SMALL_PAGE_KIB = 4
 _UINT_RE = re.compile(r"[0-9]{1,19}")
 
 
@@ -238,25 +242,16 @@ def _parse_tree(data: bytes, *, utf8: bool, offsets: bool) -> _Node:
 
 # --- reading values -------------------------------------------------------------------------------
 
-_UNIT_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
-
-
 def _scale_to_kib(value: str, unit: str | None, where: str) -> int:
     """libvirt memory units (virScaleInteger): b/bytes; k, KiB (1024) vs KB (1000); M, MiB, MB; ...
     Default KiB. Values are rounded up to whole KiB, as libvirt does."""
     n = _uint(value)
     if n is None:
         raise DomainXMLError(f"{where}: memory value {value[:40]!r} is not a non-negative integer")
-    u = (unit if unit is not None else "KiB").strip()
-    low = u.lower()
-    if low in ("b", "bytes"):
-        factor = 1
-    elif low and low[0] in _UNIT_POWERS and low[1:] in ("", "ib", "b"):
-        base = 1000 if low[1:] == "b" else 1024
-        factor = base ** _UNIT_POWERS[low[0]]
-    else:
-        raise DomainXMLError(f"{where}: unknown memory unit {u!r}")
-    return -(-(n * factor) // 1024)
+    try:
+        return scale_to_kib(n, unit)  # the same conversion as host capabilities
+    except ValueError:
+        raise DomainXMLError(f"{where}: unknown memory unit {(unit or '').strip()!r}") from None
 
 
 def _where(node: _Node, attr: str | None = None) -> str:
@@ -409,10 +404,18 @@ def _read(root: _Node) -> DomainPlacement:
     if len(ours) > 1:
         raise DomainXMLError(f"<domain/metadata> holds {len(ours)} elements in namespace {PLACEMENT_NS}")
     if ours:
+        text = ours[0].text
+        if len(text) > MAX_METADATA_CHARS:
+            raise DomainXMLError(
+                f"<domain/metadata/{ours[0].tag}>: {len(text)} characters, more than the "
+                f"{MAX_METADATA_CHARS}-character limit"
+            )
         try:
-            doc = json.loads(ours[0].text)
+            doc = json.loads(text)
         except ValueError as exc:
             raise DomainXMLError(f"<domain/metadata/{ours[0].tag}>: invalid JSON: {exc}") from None
+        except RecursionError:  # "[[[[...]]]]": the C decoder recurses once per level
+            raise DomainXMLError(f"<domain/metadata/{ours[0].tag}>: JSON nested too deeply") from None
         if not isinstance(doc, dict):
             raise DomainXMLError(f"<domain/metadata/{ours[0].tag}>: JSON is not an object")
         agent_placement = doc
@@ -661,6 +664,50 @@ def _check_matches(dom: DomainPlacement, placement: Placement) -> None:
         raise DomainXMLError(
             f"placement has {len(placement.cells)} guest cells but domain {dom.name!r} has no <cpu><numa> topology"
         )
+    # memory and page size: the placement must be for this domain's memory, or the host it claims
+    # resources on would be charged something other than what the guest will take
+    cell_kib = {c.id: c.memory_kib for c in dom.guest_cells}
+    for c in placement.cells:
+        kib = cell_kib.get(c.guest_cell, dom.memory_kib) if dom.guest_cells else dom.memory_kib
+        want_mb = _mib(kib)
+        if c.memory_mb != want_mb:
+            what = f"guest cell {c.guest_cell}" if dom.guest_cells else f"domain {dom.name!r}"
+            raise DomainXMLError(
+                f"placement guest cell {c.guest_cell} has {c.memory_mb} MiB of memory, {what} has "
+                f"{want_mb} MiB ({kib} KiB)"
+            )
+        size = guest_cell_page_kib(dom, c.guest_cell if dom.guest_cells else 0)
+        if size is None:  # bare <hugepages/>: the host's default hugepage size, whatever it is
+            ok = c.pagesize_kb != SMALL_PAGE_KIB
+            want = "a hugepage size (bare <hugepages/>)"
+        else:
+            ok = c.pagesize_kb == size
+            want = f"{size} KiB pages"
+        if not ok:
+            raise DomainXMLError(
+                f"placement guest cell {c.guest_cell} uses {c.pagesize_kb} KiB pages, the domain's "
+                f"{'guest cell ' + str(c.guest_cell) if dom.guest_cells else 'memory'} uses {want}"
+            )
+
+
+def _mib(kib: int) -> int:
+    """KiB -> MiB rounded up (what host state charges a guest, agent.claims.hoststate._mib)."""
+    return -(-kib // 1024)
+
+
+def guest_cell_page_kib(dom: DomainPlacement, guest_cell: int) -> int | None:
+    """The page size (KiB) backing guest cell `guest_cell` (0 for a domain without guest NUMA cells):
+    4 without <hugepages>; else the size of the <page> whose nodeset holds the cell, else of the
+    <page> without nodeset, else 4 (libvirt's choice); None for a bare <hugepages/> or a <page>
+    without size, i.e. the host's default hugepage size."""
+    if not dom.hugepages:
+        return SMALL_PAGE_KIB
+    chosen = next((h for h in dom.hugepages if h.guest_nodeset is not None and guest_cell in h.guest_nodeset), None)
+    if chosen is None:
+        chosen = next((h for h in dom.hugepages if h.guest_nodeset is None), None)
+    if chosen is None:
+        return SMALL_PAGE_KIB
+    return chosen.size_kib
 
 
 def floating_vcpus(placement: Placement) -> frozenset[int]:

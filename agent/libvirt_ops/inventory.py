@@ -41,6 +41,18 @@ class DomainInventory:
         return self
 
 
+def _label(dom: Any) -> str:
+    """The domain's name, else its UUID, else "?": for messages only, so it never raises."""
+    for getter in ("name", "UUIDString"):
+        try:
+            value = getattr(dom, getter)()
+        except Exception:  # noqa: BLE001 - libvirtError or a broken binding: try the next one
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return "?"
+
+
 def read_domains(conn: Any) -> DomainInventory:
     """Parse every domain on `conn` (running: live XML; defined only: inactive XML)."""
     libvirt = _libvirt()
@@ -59,13 +71,19 @@ def read_domains(conn: Any) -> DomainInventory:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 continue  # undefined while we listed: it holds nothing any more
-            unreadable.append(f"{getattr(dom, 'UUIDString', lambda: '?')()}: {exc.get_error_message()}")
+            label = _label(dom)
+            log.error("domain %s: cannot read its XML: %s", label, exc)
+            unreadable.append(f"{label}: {exc.get_error_message()}")
             continue
         try:
             placement = parse_domain(xml)
-        except DomainXMLError as exc:
+        except (DomainXMLError, AgentError) as exc:
             log.error("domain %s: cannot read its placement: %s", name, exc)
             unreadable.append(f"{name}: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - one domain must never break the host's inventory
+            log.exception("domain %s: unexpected error reading its placement", name)
+            unreadable.append(f"{name}: cannot read its placement ({type(exc).__name__}: {str(exc)[:200]})")
             continue
         placements.append(placement)
         if running:

@@ -48,14 +48,22 @@ MEMORY_TOLERANCE = 0.01
 
 _FORBIDDEN = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
-# libvirt's scaled-integer units (docs: formatdomain "memory" unit attribute), as KiB multipliers.
-_UNIT_BYTES = {
-    "b": 1, "bytes": 1,
-    "kb": 1000, "k": 1024, "kib": 1024,
-    "mb": 1000**2, "m": 1024**2, "mib": 1024**2,
-    "gb": 1000**3, "g": 1024**3, "gib": 1024**3,
-    "tb": 1000**4, "t": 1024**4, "tib": 1024**4,
-}
+_UNIT_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
+
+
+def scale_to_kib(value: int, unit: str | None) -> int:
+    """libvirt's scaled integers (virScaleInteger; formatdomain "memory" unit attribute) in KiB:
+    b/bytes; k, KiB (1024) vs KB (1000); M, MiB, MB; ... up to E; no unit = KiB. Rounded up to
+    whole KiB, as libvirt does. Shared by capabilities and domain XML parsing. ValueError on an
+    unknown unit."""
+    low = (unit if unit is not None else "KiB").strip().lower()
+    if low in ("b", "bytes"):
+        factor = 1
+    elif low and low[0] in _UNIT_POWERS and low[1:] in ("", "ib", "b"):
+        factor = (1000 if low[1:] == "b" else 1024) ** _UNIT_POWERS[low[0]]
+    else:
+        raise ValueError(f"unknown unit {unit!r}")
+    return -(-(value * factor) // 1024)
 
 
 def parse_xml(xml: str | bytes, what: str = "capabilities") -> ET.Element:
@@ -83,16 +91,17 @@ def parse_xml(xml: str | bytes, what: str = "capabilities") -> ET.Element:
 
 def _int(text: str | None, where: str, *, lo: int = 0, hi: int = 1 << 60) -> int:
     t = (text or "").strip()
-    if not (t.isascii() and t.isdigit()) or not lo <= int(t) <= hi:
+    # digit count first: int() of more than 4300 digits raises a plain ValueError
+    if not (t.isascii() and t.isdigit()) or len(t) > len(str(hi)) or not lo <= int(t) <= hi:
         raise DomainXMLError(f"capabilities {where}: expected an integer in [{lo}, {hi}], got {t[:40]!r}")
     return int(t)
 
 
 def _kib(value: int, unit: str | None, where: str) -> int:
-    mult = _UNIT_BYTES.get((unit or "KiB").strip().lower())
-    if mult is None:
-        raise DomainXMLError(f"capabilities {where}: unknown unit {unit!r}")
-    return value * mult // 1024
+    try:
+        return scale_to_kib(value, unit)
+    except ValueError as exc:
+        raise DomainXMLError(f"capabilities {where}: {exc}") from None
 
 
 def _cpus(text: str, where: str) -> frozenset[int]:

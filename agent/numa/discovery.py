@@ -39,6 +39,7 @@ import re
 import socket
 from pathlib import Path
 
+from agent.config import parse_cpu_set
 from agent.errors import DiscoveryError
 from agent.numa.topology import SMALL_PAGE_KB, HostTopology, NumaCell, PagePool
 
@@ -48,7 +49,9 @@ __all__ = ["discover_sysfs", "parse_cpu_list", "MAX_CPU_ID"]
 MAX_CPU_ID = 1 << 16
 _MAX_FILE_BYTES = 1 << 20
 
-_RANGE_RE = re.compile(r"^(\d+)(?:-(\d+))?$", re.ASCII)
+#: Most digits of any number read from sysfs (a u64 has 20); a longer run is garbage, and int() of
+#: more than 4300 digits raises a plain ValueError.
+_MAX_DIGITS = 20
 _NODE_DIR_RE = re.compile(r"^node(\d+)$", re.ASCII)
 _HUGEPAGE_DIR_RE = re.compile(r"^hugepages-(\d+)kB$", re.ASCII)
 _MEMINFO_RE = re.compile(r"^Node\s+(\d+)\s+([A-Za-z0-9_()]+):\s+(\d+)(?:\s+kB)?$", re.ASCII)
@@ -59,23 +62,20 @@ class _CpuListSyntax(Exception):
 
 
 def _cpu_list(text: str) -> frozenset[int]:
-    """Parse the kernel's list syntax ("0-3,8,10-11"; empty means none)."""
-    text = text.strip()
-    if not text:
-        return frozenset()
-    out: set[int] = set()
-    for token in text.split(","):
-        m = _RANGE_RE.match(token.strip())
-        if m is None:
-            raise _CpuListSyntax(f"bad element {token.strip()!r}")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise _CpuListSyntax(f"descending range {token.strip()!r}")
-        if hi > MAX_CPU_ID:
-            raise _CpuListSyntax(f"id {hi} above {MAX_CPU_ID}")
-        out.update(range(lo, hi + 1))
-    return frozenset(out)
+    """Parse the kernel's list syntax ("0-3,8,10-11"; empty means none): `agent.config.parse_cpu_set`
+    without "^" exclusions or empty elements, ids up to MAX_CPU_ID (its id, element and expansion
+    limits bound the work of any input)."""
+    try:
+        return parse_cpu_set(text, max_id=MAX_CPU_ID, allow_exclude=False, allow_empty_elements=False)
+    except ValueError as exc:
+        raise _CpuListSyntax(str(exc)) from None
+
+
+def _small_int(digits: str, what: str, path: str | Path | None) -> int:
+    """int() of an ASCII digit string matched by a regex, refusing absurdly long ones."""
+    if len(digits) > _MAX_DIGITS:
+        raise DiscoveryError(f"{what} {digits[:20]}... has more than {_MAX_DIGITS} digits", _p(path))
+    return int(digits)
 
 
 def parse_cpu_list(text: str, path: str | Path | None = None) -> frozenset[int]:
@@ -117,7 +117,7 @@ def _read_int(path: Path) -> int:
     text = _read(path).strip()
     if not text.isdigit() or not text.isascii():
         raise DiscoveryError(f"expected a non-negative integer, got {text[:40]!r}", str(path))
-    return int(text)
+    return _small_int(text, "number", path)
 
 
 def _listdir(path: Path) -> list[str]:
@@ -140,9 +140,9 @@ def _parse_meminfo(path: Path, node_id: int) -> dict[str, int]:
         m = _MEMINFO_RE.match(line)
         if m is None:
             continue  # unknown shapes of lines we do not use are tolerated
-        if int(m.group(1)) != node_id:
-            raise DiscoveryError(f"line {line!r} is about node {m.group(1)}, not node {node_id}", str(path))
-        values[m.group(2)] = int(m.group(3))
+        if _small_int(m.group(1), "node id", path) != node_id:
+            raise DiscoveryError(f"line {line[:80]!r} is about node {m.group(1)}, not node {node_id}", str(path))
+        values[m.group(2)] = _small_int(m.group(3), f"{m.group(2)} value", path)
     for key in ("MemTotal", "MemFree"):
         if key not in values:
             raise DiscoveryError(f"no parsable 'Node {node_id} {key}:' line", str(path))
@@ -162,8 +162,10 @@ def _parse_distance(path: Path, node_ids: list[int]) -> dict[int, int]:
         )
     out: dict[int, int] = {}
     for other, word in zip(node_ids, words):
-        if not (word.isascii() and word.isdigit()) or not 0 < int(word) <= 255:
-            raise DiscoveryError(f"bad distance {word!r} (SLIT values are 1..255) in {text.strip()!r}", str(path))
+        if not (word.isascii() and word.isdigit()) or len(word) > 3 or not 0 < int(word) <= 255:
+            raise DiscoveryError(
+                f"bad distance {word[:40]!r} (SLIT values are 1..255) in {text.strip()[:200]!r}", str(path)
+            )
         out[other] = int(word)
     return out
 
@@ -177,7 +179,7 @@ def _hugepage_pools(node_dir: Path) -> list[PagePool]:
         m = _HUGEPAGE_DIR_RE.match(name)
         if m is None:
             continue
-        size_kb = int(m.group(1))
+        size_kb = _small_int(m.group(1), "hugepage size", hp_dir / name)
         if size_kb <= 0 or size_kb > 1 << 30:
             raise DiscoveryError(f"implausible hugepage size {size_kb} kB", str(hp_dir / name))
         total = _read_int(hp_dir / name / "nr_hugepages")
@@ -243,7 +245,7 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
     if not cpu_dir.is_dir():
         raise DiscoveryError("missing CPU directory", str(cpu_dir))
 
-    node_ids = sorted(int(m.group(1)) for m in map(_NODE_DIR_RE.match, _listdir(node_root)) if m)
+    node_ids = sorted(_small_int(m.group(1), "node id", node_root) for m in map(_NODE_DIR_RE.match, _listdir(node_root)) if m)
     node_ids = [n for n in node_ids if (node_root / f"node{n}").is_dir()]
     if not node_ids:
         raise DiscoveryError("no nodeN directories", str(node_root))

@@ -25,6 +25,7 @@ from agent.libvirt_ops.domain_xml import (
     rewrite_for_placement,
 )
 from agent.numa.placement import CellPlacement, Placement
+from xml.sax.saxutils import escape as _xml_escape
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "domains"
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.glob("*.xml"))
@@ -87,6 +88,21 @@ def assert_reflects(out: str, placement: Placement, before: DomainPlacement, *, 
     assert after.hugepages == before.hugepages
 
 
+def guest_memory(dom: DomainPlacement, gid: int) -> tuple[int, int]:
+    """(MiB rounded up, page size KiB) of guest cell `gid` (0 = the whole domain without cells):
+    the page whose nodeset holds the cell, else the one without nodeset, else 4 KiB; bare
+    <hugepages/> -> 2048 (the host default)."""
+    kib = next((c.memory_kib for c in dom.guest_cells if c.id == gid), dom.memory_kib)
+    size = 4
+    if dom.hugepages:
+        page = next((h for h in dom.hugepages if h.guest_nodeset and gid in h.guest_nodeset), None) or next(
+            (h for h in dom.hugepages if h.guest_nodeset is None), None
+        )
+        if page is not None:
+            size = page.size_kib or 2048
+    return -(-kib // 1024), size
+
+
 def placement_for(dom: DomainPlacement, *, host_of=lambda g: g, base: int = 100, emulator=(9,), dedicated=True):
     groups = [(c.id, sorted(c.cpus)) for c in dom.guest_cells] or [(0, list(range(dom.vcpus)))]
     cells = []
@@ -97,7 +113,7 @@ def placement_for(dom: DomainPlacement, *, host_of=lambda g: g, base: int = 100,
         else:
             pins = {v: (base, base + 1) for v in vcpus}
             ded = frozenset()
-        cells.append(CellPlacement(gid, host_of(gid), tuple(vcpus), pins, 1024, 2048, dedicated_vcpus=ded))
+        cells.append(CellPlacement(gid, host_of(gid), tuple(vcpus), pins, *guest_memory(dom, gid), dedicated_vcpus=ded))
     return Placement(cells=tuple(cells), emulator_pins=tuple(emulator))
 
 
@@ -607,7 +623,7 @@ def documents(draw):
 
 
 @st.composite
-def placements(draw, groups: list[list[int]]):
+def placements(draw, groups: list[list[int]], dom: DomainPlacement):
     cells = []
     for g, vcpus in enumerate(groups):
         pins = {}
@@ -618,7 +634,7 @@ def placements(draw, groups: list[list[int]]):
                 dedicated.add(v)
             else:
                 pins[v] = tuple(sorted(draw(st.frozensets(st.integers(0, 255), min_size=1, max_size=6))))
-        cells.append(CellPlacement(g, draw(st.integers(0, 7)), tuple(vcpus), pins, 1024, 2048,
+        cells.append(CellPlacement(g, draw(st.integers(0, 7)), tuple(vcpus), pins, *guest_memory(dom, g),
                                    dedicated_vcpus=frozenset(dedicated)))
     emu = tuple(sorted(draw(st.frozensets(st.integers(0, 255), max_size=3))))
     return Placement(cells=tuple(cells), emulator_pins=emu, emulator_isolated=draw(st.booleans()))
@@ -629,7 +645,7 @@ def placements(draw, groups: list[list[int]]):
 def test_property_rewrite(data) -> None:
     xml, groups, _k = data.draw(documents())
     before = parse_domain(xml)
-    p = data.draw(placements(groups))
+    p = data.draw(placements(groups, before))
     out = rewrite_for_placement(xml, p)
     assert_reflects(out, p, before)
     assert strip_owned(out) == strip_owned(xml)
@@ -638,7 +654,185 @@ def test_property_rewrite(data) -> None:
     if "\n" not in xml.rstrip("\n"):
         assert out.count("\n") == xml.count("\n")
     # a second, different placement applied on top is as good as applied to the original
-    p2 = data.draw(placements(groups))
+    p2 = data.draw(placements(groups, before))
     out2 = rewrite_for_placement(out, p2)
     assert_reflects(out2, p2, parse_domain(out))
     assert strip_owned(out2) == strip_owned(xml)
+
+
+# --- regressions: hostile values the byte-level fuzzer cannot produce -------------------------------
+
+_BASE = "<domain><name>x</name><memory>1048576</memory><vcpu>2</vcpu>{}</domain>"
+_OURS = f"<metadata><p:placement xmlns:p='{PLACEMENT_NS}'>{{}}</p:placement></metadata>"
+
+
+def test_deeply_nested_metadata_json_is_a_domain_xml_error() -> None:
+    # json.loads recurses once per "[": used to escape parse_domain as a RecursionError
+    with pytest.raises(DomainXMLError, match="nested too deeply|limit"):
+        parse_domain(_BASE.format(_OURS.format("[" * 100000 + "]" * 100000)))
+    with pytest.raises(DomainXMLError, match="nested too deeply"):
+        parse_domain(_BASE.format(_OURS.format("[" * 50000 + "]" * 50000)))  # under the size limit
+
+
+def test_oversized_metadata_is_refused() -> None:
+    from agent.libvirt_ops.domain_xml import MAX_METADATA_CHARS
+
+    big = json.dumps({"pad": "x" * MAX_METADATA_CHARS})
+    with pytest.raises(DomainXMLError, match="limit"):
+        parse_domain(_BASE.format(_OURS.format(big)))
+    ok = json.dumps({"pad": "x" * (MAX_METADATA_CHARS - 20)})
+    assert parse_domain(_BASE.format(_OURS.format(ok))).agent_placement["pad"]
+
+
+_WIDE = ",".join(["0-65536"] * 2000)
+HOSTILE_NUMBERS = ["1_0", "+3", "\u0663", "\uff13", "1" * 5000, "0-" + "1" * 5000, _WIDE, "0-9999999",
+                   ",".join(["1"] * 70000), "3.0", "-1"]
+HOSTILE_SPOTS = [
+    "<cputune><vcpupin vcpu='0' cpuset='{}'/></cputune>",
+    "<cputune><emulatorpin cpuset='{}'/></cputune>",
+    "<cputune><iothreadpin iothread='1' cpuset='{}'/></cputune>",
+    "<cputune><vcpupin vcpu='{}' cpuset='1'/></cputune>",
+    "<numatune><memory mode='strict' nodeset='{}'/></numatune>",
+    "<numatune><memnode cellid='{}' mode='strict' nodeset='0'/></numatune>",
+    "<cpu><numa><cell id='0' cpus='{}' memory='1048576'/></numa></cpu>",
+    "<cpu><numa><cell id='{}' cpus='0-1' memory='1048576'/></numa></cpu>",
+    "<cpu><numa><cell id='0' cpus='0-1' memory='{}'/></numa></cpu>",
+    "<memoryBacking><hugepages><page size='{}'/></hugepages></memoryBacking>",
+    "<memoryBacking><hugepages><page size='2048' nodeset='{}'/></hugepages></memoryBacking>",
+]
+
+
+@pytest.mark.parametrize("spot", HOSTILE_SPOTS)
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=lambda v: v[:12])
+def test_hostile_numbers_and_sets_are_refused_quickly(spot: str, value: str) -> None:
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(DomainXMLError):
+        parse_domain(_BASE.format(spot.format(value)))
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_hostile_vcpu_and_memory_text() -> None:
+    for value in HOSTILE_NUMBERS:
+        with pytest.raises(DomainXMLError):
+            parse_domain(f"<domain><name>x</name><memory>1</memory><vcpu>{value}</vcpu></domain>")
+        with pytest.raises(DomainXMLError):
+            parse_domain(f"<domain><name>x</name><memory>{value}</memory><vcpu>1</vcpu></domain>")
+
+
+HOSTILE_FRAGMENTS = [
+    *HOSTILE_NUMBERS,
+    "[" * 20000 + "]" * 20000,
+    '{"a":' * 20000 + "1" + "}" * 20000,
+    "1" * 5000,
+    "x" * 300_000,
+]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_hostile_values_never_raise_anything_but_domain_xml_error(data) -> None:
+    """Put hostile values where the parser reads numbers, sets or JSON (the byte fuzzer above only
+    splices short tokens, so it never builds a 5000-digit number or 100k-deep JSON)."""
+    import time
+
+    parts = [data.draw(st.sampled_from(HOSTILE_SPOTS)).format(data.draw(st.sampled_from(HOSTILE_FRAGMENTS)))
+             for _ in range(data.draw(st.integers(0, 3)))]
+    if data.draw(st.booleans()):
+        parts.append(_OURS.format(_xml_escape(data.draw(st.sampled_from(HOSTILE_FRAGMENTS)))))
+    xml = _BASE.format("".join(parts))
+    t0 = time.monotonic()
+    try:
+        d = parse_domain(xml)
+    except DomainXMLError:
+        assert time.monotonic() - t0 < 2.0
+        return
+    try:
+        rewrite_for_placement(xml, placement_for(d))
+    except DomainXMLError as exc:
+        assert "internal error" not in str(exc)
+
+
+# --- regressions: the placement must match the domain's memory and page size -------------------------
+
+_HP_DOMAIN = """<domain>
+  <name>x</name>
+  <memory unit='GiB'>8</memory>
+  <vcpu>2</vcpu>
+  <memoryBacking><hugepages><page size='2048' unit='KiB'/></hugepages></memoryBacking>
+</domain>"""
+
+
+def _one_cell(memory_mb: int, pagesize_kb: int) -> Placement:
+    return Placement(cells=(CellPlacement(0, 1, (0, 1), {0: (4,), 1: (5,)}, memory_mb, pagesize_kb,
+                                          dedicated_vcpus=frozenset({0, 1})),))
+
+
+def test_placement_memory_must_match_the_domain() -> None:
+    # a 64 MiB placement used to rewrite an 8 GiB domain silently
+    with pytest.raises(DomainXMLError, match="64 MiB .* 8192 MiB"):
+        rewrite_for_placement(_HP_DOMAIN, _one_cell(64, 2048))
+    with pytest.raises(DomainXMLError, match="8193 MiB"):
+        rewrite_for_placement(_HP_DOMAIN, _one_cell(8193, 2048))
+    assert parse_domain(rewrite_for_placement(_HP_DOMAIN, _one_cell(8192, 2048))).memory_kib == 8 << 20
+
+
+def test_placement_page_size_must_match_the_domain() -> None:
+    with pytest.raises(DomainXMLError, match="1048576 KiB pages.*2048 KiB pages"):
+        rewrite_for_placement(_HP_DOMAIN, _one_cell(8192, 1048576))
+    with pytest.raises(DomainXMLError, match="4 KiB pages"):
+        rewrite_for_placement(_HP_DOMAIN, _one_cell(8192, 4))
+    small = re.sub(r"\s*<memoryBacking>.*</memoryBacking>", "", _HP_DOMAIN)
+    rewrite_for_placement(small, _one_cell(8192, 4))
+    with pytest.raises(DomainXMLError, match="2048 KiB pages.*4 KiB pages"):
+        rewrite_for_placement(small, _one_cell(8192, 2048))
+    bare = _HP_DOMAIN.replace("<hugepages><page size='2048' unit='KiB'/></hugepages>", "<hugepages/>")
+    rewrite_for_placement(bare, _one_cell(8192, 2048))
+    rewrite_for_placement(bare, _one_cell(8192, 1048576))
+    with pytest.raises(DomainXMLError, match="hugepage size"):
+        rewrite_for_placement(bare, _one_cell(8192, 4))
+    mib_unit = _HP_DOMAIN.replace("size='2048' unit='KiB'", "size='1' unit='G'")
+    rewrite_for_placement(mib_unit, _one_cell(8192, 1048576))
+
+
+def test_memory_not_a_whole_mib_rounds_up() -> None:
+    xml = _HP_DOMAIN.replace("<memory unit='GiB'>8</memory>", "<memory unit='KiB'>1049000</memory>").replace(
+        "\n  <memoryBacking><hugepages><page size='2048' unit='KiB'/></hugepages></memoryBacking>", "")
+    rewrite_for_placement(xml, _one_cell(1025, 4))
+    with pytest.raises(DomainXMLError, match="1025 MiB"):
+        rewrite_for_placement(xml, _one_cell(1024, 4))
+
+
+_TWO_CELLS = """<domain>
+  <name>x</name>
+  <memory unit='KiB'>3145728</memory>
+  <vcpu>2</vcpu>
+  <memoryBacking>
+    <hugepages>
+      <page size='1048576' unit='KiB' nodeset='1'/>
+      <page size='2048' unit='KiB'/>
+    </hugepages>
+  </memoryBacking>
+  <cpu><numa><cell id='0' cpus='0' memory='1048576'/><cell id='1' cpus='1' memory='2097152'/></numa></cpu>
+</domain>"""
+
+
+def _two_cells(mem0: int, page0: int, mem1: int, page1: int) -> Placement:
+    return Placement(cells=(
+        CellPlacement(0, 0, (0,), {0: (4,)}, mem0, page0, dedicated_vcpus=frozenset({0})),
+        CellPlacement(1, 1, (1,), {1: (5,)}, mem1, page1, dedicated_vcpus=frozenset({1})),
+    ))
+
+
+def test_per_guest_cell_memory_and_page_size() -> None:
+    rewrite_for_placement(_TWO_CELLS, _two_cells(1024, 2048, 2048, 1048576))
+    with pytest.raises(DomainXMLError, match="guest cell 0 has 2048 MiB.*1024 MiB"):
+        rewrite_for_placement(_TWO_CELLS, _two_cells(2048, 2048, 1024, 1048576))  # same sum, swapped
+    with pytest.raises(DomainXMLError, match="guest cell 1 uses 2048 KiB pages.*1048576 KiB"):
+        rewrite_for_placement(_TWO_CELLS, _two_cells(1024, 2048, 2048, 2048))
+    # a cell no <page> covers (no nodeset-less page) is backed by small pages
+    only1 = _TWO_CELLS.replace("\n      <page size='2048' unit='KiB'/>", "")
+    rewrite_for_placement(only1, _two_cells(1024, 4, 2048, 1048576))
+    with pytest.raises(DomainXMLError, match="guest cell 0 uses 2048 KiB pages"):
+        rewrite_for_placement(only1, _two_cells(1024, 2048, 2048, 1048576))

@@ -83,3 +83,70 @@ def test_libvirt_test_driver():
         conn.close()
     assert [d.name for d in inv.domains] == ["test"]
     assert len(inv.active_uuids) == 1
+
+
+# --- one bad domain never breaks the host's inventory ---------------------------------------------
+
+DEEP = """<domain type='qemu'><name>deep</name><uuid>{uuid}</uuid><memory>1048576</memory><vcpu>1</vcpu>
+<metadata><p:placement xmlns:p='https://compute-agent.dev/xmlns/placement/1'>{json}</p:placement></metadata>
+<os><type>hvm</type></os></domain>"""
+
+
+def test_deeply_nested_metadata_json_is_reported_not_raised():
+    deep = DEEP.format(uuid=U2, json="[" * 100000 + "]" * 100000)
+    inv = read_domains(FakeConn([FakeDom("deep", U2, xml=deep), FakeDom("ok", U3)]))
+    assert [d.name for d in inv.domains] == ["ok"]
+    assert len(inv.unreadable) == 1 and inv.unreadable[0].startswith("deep:")
+
+
+def test_any_parse_failure_is_reported_not_raised(monkeypatch):
+    from agent.errors import InvalidInput
+    from agent.libvirt_ops import inventory
+
+    real = inventory.parse_domain
+
+    def flaky(xml):
+        if "<name>agent-err</name>" in xml:
+            raise InvalidInput("not for us")
+        if "<name>bug</name>" in xml:
+            raise RuntimeError("a bug in the parser")
+        return real(xml)
+
+    monkeypatch.setattr(inventory, "parse_domain", flaky)
+    inv = read_domains(FakeConn([FakeDom("agent-err", U1), FakeDom("bug", U2), FakeDom("ok", U3)]))
+    assert [d.name for d in inv.domains] == ["ok"]
+    assert [u.split(":")[0] for u in inv.unreadable] == ["agent-err", "bug"]
+    assert "RuntimeError" in inv.unreadable[1]
+
+
+class BrokenDom(FakeDom):
+    """Every call fails with a libvirt error other than 'no domain' (a flaky connection)."""
+
+    def name(self):
+        raise FakeError(libvirt.VIR_ERR_INTERNAL_ERROR, "name failed")
+
+    def UUIDString(self):
+        raise FakeError(libvirt.VIR_ERR_INTERNAL_ERROR, "uuid failed")
+
+
+def test_error_while_naming_a_failed_domain_does_not_escape():
+    inv = read_domains(FakeConn([BrokenDom("x", U1), FakeDom("ok", U3)]))
+    assert [d.name for d in inv.domains] == ["ok"]
+    assert inv.unreadable == ("?: name failed",)
+
+
+def test_xmldesc_failure_names_the_domain():
+    dom = FakeDom("flaky", U1, error=FakeError(libvirt.VIR_ERR_INTERNAL_ERROR, "xml failed"))
+    inv = read_domains(FakeConn([dom]))
+    assert inv.unreadable == ("flaky: xml failed",)
+
+
+def test_libvirt_test_driver_with_a_hostile_domain():
+    conn = libvirt.open("test:///default")  # private to this connection
+    try:
+        conn.defineXML(DEEP.format(uuid=U2, json="[" * 100000 + "]" * 100000).replace("type='qemu'", "type='test'"))
+        inv = read_domains(conn)
+    finally:
+        conn.close()
+    assert [d.name for d in inv.domains] == ["test"]
+    assert len(inv.unreadable) == 1 and inv.unreadable[0].startswith("deep:")

@@ -553,3 +553,124 @@ def test_testbed_libvirtd_topology_from_libvirt():
         assert compare_topologies(discover_sysfs(), topo) == []
     finally:
         conn.close()
+
+
+# --- hostile input: huge numbers and huge CPU lists (only DiscoveryError / DomainXMLError escape) ------
+
+_HUGE = "1" * 5000  # int() refuses more than 4300 digits with a plain ValueError
+_WIDE_LIST = ",".join(["0-65536"] * 2000)  # expanding every range would take seconds
+
+
+@pytest.mark.parametrize(
+    "rel, content",
+    [
+        ("devices/system/node/node0/meminfo", f"Node 0 MemTotal: {_HUGE} kB\nNode 0 MemFree: 1 kB\n"),
+        ("devices/system/node/node0/meminfo", f"Node 0 MemTotal: 10 kB\nNode 0 MemFree: {_HUGE} kB\n"),
+        ("devices/system/node/node0/meminfo", f"Node {_HUGE} MemTotal: 10 kB\nNode 0 MemFree: 1 kB\n"),
+        ("devices/system/node/node0/distance", f"{_HUGE}\n"),
+        ("devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages", f"{_HUGE}\n"),
+        ("devices/system/node/node0/hugepages/hugepages-2048kB/free_hugepages", f"{_HUGE}\n"),
+        ("devices/system/node/node0/cpulist", f"{_HUGE}\n"),
+        ("devices/system/node/node0/cpulist", f"0-{_HUGE}\n"),
+        ("devices/system/node/node0/cpulist", _WIDE_LIST + "\n"),
+        ("devices/system/cpu/online", _WIDE_LIST + "\n"),
+        ("devices/system/cpu/isolated", ",".join(["0"] * 70000) + "\n"),
+        ("devices/system/cpu/online", "1_0\n"),
+        ("devices/system/cpu/online", "+0\n"),
+        ("devices/system/cpu/online", "0-^3\n"),
+        ("devices/system/cpu/online", "0,^0\n"),
+    ],
+)
+def test_hostile_sysfs_numbers_raise_discovery_error_quickly(tmp_path, rel, content):
+    import time
+
+    root = _copy_tree("single_no_smt", tmp_path)
+    target = root / rel
+    target.write_text(content)
+    t0 = time.monotonic()
+    with pytest.raises(DiscoveryError) as info:
+        discover_sysfs(root)
+    assert time.monotonic() - t0 < 1.0
+    assert str(target) in str(info.value)
+
+
+@pytest.mark.parametrize("rel", ["devices/system/node/node" + "1" * 200, "devices/system/node/node0/hugepages/hugepages-" + "1" * 200 + "kB"])
+def test_hostile_sysfs_directory_names_raise_discovery_error(tmp_path, rel):
+    root = _copy_tree("single_no_smt", tmp_path)
+    (root / rel).mkdir()  # a real name is at most 255 bytes: 200 digits
+    with pytest.raises(DiscoveryError, match="digits"):
+        discover_sysfs(root)
+
+
+def test_huge_digit_runs_in_directory_names_never_reach_int():
+    # names can be at most 255 bytes on a real filesystem, so check the guard directly too
+    from agent.numa import discovery
+
+    with pytest.raises(DiscoveryError, match="digits"):
+        discovery._small_int(_HUGE, "node id", "/sys/x")
+
+
+@pytest.mark.parametrize(
+    "text", [_WIDE_LIST, "0-65537", f"0-{_HUGE}", _HUGE, "1_0", "+3", "\u0663", "0,^0", ",".join(["1"] * 70000)]
+)
+def test_parse_cpu_list_hostile_input_is_refused_quickly(text):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(DiscoveryError):
+        parse_cpu_list(text, "/p")
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_parse_cpu_list_accepts_the_largest_id():
+    assert parse_cpu_list("65536") == {65536}
+    assert len(parse_cpu_list("0-65536")) == 65537
+
+
+@pytest.mark.parametrize(
+    "xml",
+    [
+        _CELL.format(f"<cell id='{_HUGE}'/>"),
+        _CELL.format(f"<cell id='0'><memory unit='KiB'>{_HUGE}</memory></cell>"),
+        _CELL.format(f"<cell id='0'><pages size='{_HUGE}'>1</pages></cell>"),
+        _CELL.format(f"<cell id='0'><pages size='4'>{_HUGE}</pages></cell>"),
+        _CELL.format(f"<cell id='0'><distances><sibling id='{_HUGE}' value='10'/></distances></cell>"),
+        _CELL.format(f"<cell id='0'><distances><sibling id='0' value='{_HUGE}'/></distances></cell>"),
+        _CELL.format(f"<cell id='0'><cpus><cpu id='{_HUGE}'/></cpus></cell>"),
+        _CELL.format(f"<cell id='0'><cpus><cpu id='0' siblings='{_HUGE}'/></cpus></cell>"),
+        _CELL.format(f"<cell id='0'><cpus><cpu id='0' siblings='{_WIDE_LIST}'/></cpus></cell>"),
+        _CELL.format("<cell id='0'><cpus><cpu id='0' siblings='1_0'/></cpus></cell>"),
+        _CELL.format("<cell id='1_0'/>"),
+        _CELL.format("<cell id='\u0663'/>"),
+    ],
+)
+def test_hostile_capabilities_numbers_raise_domain_xml_error(xml):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(DomainXMLError):
+        topology_from_capabilities(xml)
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_cli_discover_with_huge_cell_id_reports_an_error_not_a_traceback(tmp_path, capsys):
+    from agent.cli import main
+
+    caps = tmp_path / "caps.xml"
+    caps.write_text(_CELL.format(f"<cell id='{_HUGE}'/>"))
+    rc = main(["discover", "--sysfs-root", str(tmp_path / "nonexistent"), "--capabilities", str(caps)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "Traceback" not in err and "cell[0] id" in err
+
+
+@pytest.mark.parametrize(
+    "unit, value, kib",
+    [("KiB", 1, 1), ("b", 1, 1), ("bytes", 1025, 2), ("KB", 1, 1), ("MB", 1, 977), ("MiB", 2, 2048), ("G", 1, 1 << 20)],
+)
+def test_capabilities_units_round_up_like_domain_xml(unit, value, kib):
+    from agent.libvirt_ops.domain_xml import _scale_to_kib
+
+    xml = _CELL.format(f"<cell id='0'><memory unit='{unit}'>{value}</memory></cell>")
+    assert topology_from_capabilities(xml).cells[0].memory_kb == kib
+    assert _scale_to_kib(str(value), unit, "x") == kib
