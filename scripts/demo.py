@@ -48,7 +48,9 @@ from tests.testbed import (  # noqa: E402
     guest_xml,
     live_xml,
     persistent_xml,
+    wait_console_line,
     wait_guest_ready,
+    TICK_LINE,
 )
 
 console = Console(soft_wrap=True)
@@ -142,6 +144,8 @@ def main() -> int:
                 soft_wrap=True,
             )
 
+        dest_log = Path(h2.console_log("demo-vm"))
+        dest_log_before = dest_log.stat().st_size if dest_log.exists() else 0
         runner = MigrationRunner(src_conn, cfg)
         outcome = runner.run("demo-vm", MigrationTarget(h2.uri, h2.migration_uri, h2.name), claim.placement,
                              request, on_progress)
@@ -154,6 +158,11 @@ def main() -> int:
         )
         if outcome.status == "completed":
             ledger.confirm(migration_id, "domain runs on the destination")
+            try:  # the guest itself must be alive over there, not only libvirt's record of it
+                wait_console_line(h2, "demo-vm", TICK_LINE, timeout=20, after=dest_log_before)
+                console.print(f"guest alive on {h2.name}: its console keeps ticking")
+            except Exception as exc:  # noqa: BLE001 - report, the table below still shows where it is
+                console.print(f"[red]guest not ticking on {h2.name}:[/] {escape(str(exc))}")
         else:
             ledger.release(migration_id, f"migration {outcome.status}: {outcome.reason}")
 
