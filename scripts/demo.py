@@ -65,7 +65,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policy", choices=("post_copy", "auto_converge", "none"), default="post_copy")
     ap.add_argument("--dirty-mb", type=int, default=64, help="guest memory the VM keeps dirtying (MiB)")
-    ap.add_argument("--rate", type=int, default=24, help="dirtying rate MB/s (-1 = as fast as it can)")
+    ap.add_argument("--rate", type=int, default=20, help="dirtying rate MB/s (-1 = as fast as it can)")
     ap.add_argument("--bandwidth", type=int, default=16, help="migration bandwidth cap, MiB/s")
     ap.add_argument("--down", action="store_true", help="take the testbed down at the end")
     args = ap.parse_args()
