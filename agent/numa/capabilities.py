@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import DiscoveryError, DomainXMLError
-from agent.numa.discovery import MAX_CPU_ID, _cpu_list, _CpuListSyntax, discover_sysfs
+from agent.numa.discovery import MAX_CPU_ID, _cpu_list, _CpuListSyntax, discover_sysfs, sibling_partition
 from agent.numa.topology import SMALL_PAGE_KB, HostTopology, NumaCell, PagePool
 
 __all__ = [
@@ -111,26 +111,6 @@ def _cpus(text: str, where: str) -> frozenset[int]:
         raise DomainXMLError(f"capabilities {where}: cannot parse CPU list {text!r}: {exc}") from None
 
 
-def _sibling_partition(cpus: frozenset[int], pairs: dict[int, frozenset[int]]) -> tuple[tuple[int, ...], ...]:
-    parent = {c: c for c in cpus}
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for cpu, sibs in pairs.items():
-        for other in sibs & cpus:
-            a, b = find(cpu), find(other)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    groups: dict[int, list[int]] = {}
-    for c in sorted(cpus):
-        groups.setdefault(find(c), []).append(c)
-    return tuple(sorted(tuple(g) for g in groups.values()))
-
-
 def topology_from_capabilities(xml: str | bytes, hostname: str | None = None) -> HostTopology:
     """Build a `HostTopology` from libvirt capabilities XML.
 
@@ -189,7 +169,7 @@ def topology_from_capabilities(xml: str | bytes, hostname: str | None = None) ->
             NumaCell(
                 id=cell_id,
                 cpus=cpus,
-                siblings=_sibling_partition(cpus, sib_of),
+                siblings=sibling_partition(cpus, sib_of),
                 memory_kb=memory_kb,
                 pages=tuple(sorted(pages.values(), key=lambda p: p.size_kb)),
                 distances=distances,

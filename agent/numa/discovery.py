@@ -211,7 +211,10 @@ def _offline_cpus(cpu_dir: Path, online: frozenset[int]) -> frozenset[int]:
     return frozenset()
 
 
-def _sibling_groups(cpu_dir: Path, cpus: frozenset[int]) -> tuple[tuple[int, ...], ...]:
+def sibling_partition(cpus: frozenset[int], siblings_of: dict[int, frozenset[int]]) -> tuple[tuple[int, ...], ...]:
+    """SMT groups of `cpus` from each CPU's sibling list, merged transitively (union-find), so
+    sibling lists that disagree with each other still give clean, disjoint groups. Shared by the
+    sysfs and the libvirt capabilities readers."""
     parent = {cpu: cpu for cpu in cpus}
 
     def find(x: int) -> int:
@@ -220,9 +223,8 @@ def _sibling_groups(cpu_dir: Path, cpus: frozenset[int]) -> tuple[tuple[int, ...
             x = parent[x]
         return x
 
-    for cpu in sorted(cpus):
-        path = cpu_dir / f"cpu{cpu}" / "topology" / "thread_siblings_list"
-        for other in _read_cpu_list(path) & cpus:
+    for cpu, sibs in siblings_of.items():
+        for other in sibs & cpus:
             ra, rb = find(cpu), find(other)
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
@@ -230,6 +232,13 @@ def _sibling_groups(cpu_dir: Path, cpus: frozenset[int]) -> tuple[tuple[int, ...
     for cpu in sorted(cpus):
         groups.setdefault(find(cpu), []).append(cpu)
     return tuple(sorted(tuple(g) for g in groups.values()))
+
+
+def _sibling_groups(cpu_dir: Path, cpus: frozenset[int]) -> tuple[tuple[int, ...], ...]:
+    siblings_of = {
+        cpu: _read_cpu_list(cpu_dir / f"cpu{cpu}" / "topology" / "thread_siblings_list") for cpu in sorted(cpus)
+    }
+    return sibling_partition(cpus, siblings_of)
 
 
 def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> HostTopology:
