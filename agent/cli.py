@@ -52,9 +52,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
             caps_xml = Path(args.capabilities).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidInput(f"capabilities file {args.capabilities}: {exc}") from None
-    topology, differences = discover(
-        sysfs_root=args.sysfs_root, capabilities_xml=caps_xml, hostname=args.hostname
-    )
+    topology, differences = discover(sysfs_root=args.sysfs_root, capabilities_xml=caps_xml, hostname=args.hostname)
     if args.json:
         _print_json(topology.to_json())
         return EXIT_OK
@@ -69,9 +67,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     for col in ("cell", "CPUs", "cores", "memory", "hugepages (free/total)", "distances"):
         table.add_column(col)
     for cell in topology.cells:
-        pages = ", ".join(
-            f"{_page_label(p.size_kb)}: {p.free}/{p.total}" for p in cell.pages if p.size_kb != 4
-        )
+        pages = ", ".join(f"{_page_label(p.size_kb)}: {p.free}/{p.total}" for p in cell.pages if p.size_kb != 4)
         table.add_row(
             str(cell.id),
             format_cpu_set(cell.cpus) or "-",
@@ -185,8 +181,10 @@ def _cmd_host_state(args: argparse.Namespace) -> int:
 
     from agent.config import format_cpu_set
 
-    table = Table(title=f"free resources of {escape(topology.hostname)} "
-                        f"({len(inventory.domains)} domains, {len(claims)} live claims)")
+    table = Table(
+        title=f"free resources of {escape(topology.hostname)} "
+        f"({len(inventory.domains)} domains, {len(claims)} live claims)"
+    )
     for col in ("cell", "pinned", "free dedicated", "shared", "floating room", "small MiB free", "hugepages free"):
         table.add_column(col)
     for res in report.state.all_resources():
@@ -202,8 +200,10 @@ def _cmd_host_state(args: argparse.Namespace) -> int:
         )
     console = Console()
     console.print(table)
-    console.print(f"reserved host memory: {report.state.reserved_memory_mb} MiB; "
-                  f"memory not bound to a cell: {report.unbound_memory_mb} MiB")
+    console.print(
+        f"reserved host memory: {report.state.reserved_memory_mb} MiB; "
+        f"memory not bound to a cell: {report.unbound_memory_mb} MiB"
+    )
     for line in problems:
         console.print(f"[yellow]warning:[/yellow] {escape(line)}")
     return EXIT_OK
@@ -218,8 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="NUMA-aware live migration agent for KVM hypervisors.",
     )
     parser.add_argument("--version", action="version", version=f"compute-agent {__version__}")
-    parser.add_argument("--log-level", default="WARNING", type=str.upper,
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default WARNING")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="default WARNING",
+    )
     parser.add_argument("--config", metavar="FILE", help="agent config (default /etc/compute-agent/compute-agent.conf)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -43,23 +43,37 @@ def build_topology() -> HostTopology:
     for c in range(2):
         siblings = [[c * 16 + k, c * 16 + k + 32] for k in range(16)]
         cpus = sorted(x for g in siblings for x in g)
-        cells.append({"id": c, "cpus": cpus, "siblings": siblings, "memory_kb": 64 * 1024 * 1024,
-                      "pages": [{"size_kb": 2048, "total": 16384, "free": 16384}],
-                      "distances": {"0": 10 if c == 0 else 21, "1": 21 if c == 0 else 10}})
+        cells.append(
+            {
+                "id": c,
+                "cpus": cpus,
+                "siblings": siblings,
+                "memory_kb": 64 * 1024 * 1024,
+                "pages": [{"size_kb": 2048, "total": 16384, "free": 16384}],
+                "distances": {"0": 10 if c == 0 else 21, "1": 21 if c == 0 else 10},
+            }
+        )
     return HostTopology.from_json({"hostname": "bench", "cells": cells})
 
 
 def make_request() -> InstanceRequest:
     vcpus = frozenset(range(4))
-    return InstanceRequest(uuid=str(uuid.uuid4()), vcpus=4, memory_mb=4096,
-                           cells=(GuestCell(0, vcpus, 4096, vcpus),), cpu_policy=CpuPolicy.DEDICATED,
-                           thread_policy=ThreadPolicy.PREFER, emulator_threads=EmulatorThreadsPolicy.SHARE,
-                           page_size=PageSizeWish(PageSizeKind.EXPLICIT, 2048), numa_implicit=True)
+    return InstanceRequest(
+        uuid=str(uuid.uuid4()),
+        vcpus=4,
+        memory_mb=4096,
+        cells=(GuestCell(0, vcpus, 4096, vcpus),),
+        cpu_policy=CpuPolicy.DEDICATED,
+        thread_policy=ThreadPolicy.PREFER,
+        emulator_threads=EmulatorThreadsPolicy.SHARE,
+        page_size=PageSizeWish(PageSizeKind.EXPLICIT, 2048),
+        numa_implicit=True,
+    )
 
 
 def run(cycles: int, directory: Path, warmup: int = 200) -> dict[str, float]:
     topo = build_topology()
-    fn = host_state_fn(topo, lambda: [], ComputeConfig())
+    fn = host_state_fn(topo, list, ComputeConfig())
     lat: list[float] = []
     with Ledger.open(directory) as led:
         for i in range(8):
@@ -103,9 +117,11 @@ def main() -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{res['cycles']} claim+release cycles: {res['claims_per_s']} claims/s "
-              f"({res['cycles_per_s']} cycles/s), claim p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
-              f"max {res['max_ms']} ms")
+        print(
+            f"{res['cycles']} claim+release cycles: {res['claims_per_s']} claims/s "
+            f"({res['cycles_per_s']} cycles/s), claim p50 {res['p50_ms']} ms, p99 {res['p99_ms']} ms, "
+            f"max {res['max_ms']} ms"
+        )
     return 0
 
 

@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rows.append(bench_one(sc, max(1, args.repeat), max(0.0, args.min_time)))
         except (AgentError, KeyError, TypeError) as exc:
-            print(f"fit_bench: scenario {k} ({sc.get('name', '?') if isinstance(sc, dict) else '?'}): {exc}", file=sys.stderr)
+            print(
+                f"fit_bench: scenario {k} ({sc.get('name', '?') if isinstance(sc, dict) else '?'}): {exc}",
+                file=sys.stderr,
+            )
             return 2
     if args.json:
         out = [{k: r[k] for k in ("name", "fits", "median_ms", "p95_ms", "placement")} for r in rows]
@@ -90,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     width = max([len(r["name"]) for r in rows] + [8])
     print(f"{'scenario':<{width}}  {'fits':>5}  {'median_ms':>10}  {'p95_ms':>10}  {'runs':>6}")
     for r in rows:
-        print(f"{r['name']:<{width}}  {str(r['fits']).lower():>5}  {r['median_ms']:>10.3f}  {r['p95_ms']:>10.3f}  {r['runs']:>6}")
+        print(
+            f"{r['name']:<{width}}  {str(r['fits']).lower():>5}  {r['median_ms']:>10.3f}  {r['p95_ms']:>10.3f}  {r['runs']:>6}"
+        )
     if rows:
         worst_med = max(rows, key=lambda r: r["median_ms"])
         worst_p95 = max(rows, key=lambda r: r["p95_ms"])

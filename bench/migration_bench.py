@@ -121,8 +121,17 @@ def runner_migrate(src, dst, name: str, request, cfg, on_progress=None):
 
 def virsh_migrate(src, dst, name: str) -> float:
     cmd = [
-        "virsh", "-c", src.uri, "migrate", "--live", "--p2p", "--persistent", "--undefinesource",
-        name, dst.uri, dst.migration_uri,
+        "virsh",
+        "-c",
+        src.uri,
+        "migrate",
+        "--live",
+        "--p2p",
+        "--persistent",
+        "--undefinesource",
+        name,
+        dst.uri,
+        dst.migration_uri,
     ]
     t0 = time.monotonic()
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
@@ -227,12 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print(f"runner/virsh wall-time ratio, median of {result['rounds']}: {result['ratio_median']:.3f} "
-              f"(runner {result['runner_median_s']:.2f} s, virsh {result['virsh_median_s']:.2f} s; target <= 1.10)")
+        print(
+            f"runner/virsh wall-time ratio, median of {result['rounds']}: {result['ratio_median']:.3f} "
+            f"(runner {result['runner_median_s']:.2f} s, virsh {result['virsh_median_s']:.2f} s; target <= 1.10)"
+        )
         if not args.skip_hot:
-            print(f"post-copy:     total {result['postcopy_total_s']:.1f} s, downtime {result['postcopy_downtime_ms']} ms")
-            print(f"auto-converge: total {result['autoconverge_total_s']:.1f} s, downtime "
-                  f"{result['autoconverge_downtime_ms']} ms, max throttle {result['autoconverge_max_throttle_pct']}%")
+            print(
+                f"post-copy:     total {result['postcopy_total_s']:.1f} s, downtime {result['postcopy_downtime_ms']} ms"
+            )
+            print(
+                f"auto-converge: total {result['autoconverge_total_s']:.1f} s, downtime "
+                f"{result['autoconverge_downtime_ms']} ms, max throttle {result['autoconverge_max_throttle_pct']}%"
+            )
     return 0
 
 

@@ -42,6 +42,7 @@ from agent.log import setup_logging  # noqa: E402
 from agent.numa.capabilities import topology_from_libvirt  # noqa: E402
 from agent.numa.request import parse_request  # noqa: E402
 from tests.testbed import (  # noqa: E402
+    TICK_LINE,
     define_and_start,
     destroy_domain,
     ensure_testbed,
@@ -50,7 +51,6 @@ from tests.testbed import (  # noqa: E402
     persistent_xml,
     wait_console_line,
     wait_guest_ready,
-    TICK_LINE,
 )
 
 console = Console(soft_wrap=True)
@@ -82,21 +82,29 @@ def main() -> int:
     define_and_start(h2, guest_xml("demo-blocker", vcpu_pins={0: [1]}))
     define_and_start(
         h1,
-        guest_xml("demo-vm", uuid=vm_uuid, vcpu_pins={0: [1]}, emulator_pins=[1],
-                  dirty_mb=args.dirty_mb, dirty_rate_mbps=args.rate),
+        guest_xml(
+            "demo-vm",
+            uuid=vm_uuid,
+            vcpu_pins={0: [1]},
+            emulator_pins=[1],
+            dirty_mb=args.dirty_mb,
+            dirty_rate_mbps=args.rate,
+        ),
     )
     with console.status("booting both guests (TCG)..."):
         wait_guest_ready(h2, "demo-blocker")
         wait_guest_ready(h1, "demo-vm")
-    console.print(f"[cyan]{h1.name}[/] demo-vm       {pins_of(live_xml(h1, 'demo-vm'))}  "
-                  f"(dirtying {args.dirty_mb} MiB)")
+    console.print(
+        f"[cyan]{h1.name}[/] demo-vm       {pins_of(live_xml(h1, 'demo-vm'))}  (dirtying {args.dirty_mb} MiB)"
+    )
     console.print(f"[cyan]{h2.name}[/] demo-blocker  {pins_of(live_xml(h2, 'demo-blocker'))}")
 
     extra_specs = {"hw:cpu_policy": "dedicated"}
     if args.policy != "none":
         extra_specs[f"compute:live_migration_{args.policy}"] = "true"
-    request = parse_request({"uuid": vm_uuid, "vcpus": 1, "memory_mb": 256,
-                             "extra_specs": extra_specs, "image_properties": {}})
+    request = parse_request(
+        {"uuid": vm_uuid, "vcpus": 1, "memory_mb": 256, "extra_specs": extra_specs, "image_properties": {}}
+    )
     console.print(f"flavor extra specs: {extra_specs}")
 
     # --- destination: fit on its own free resources and hold the claim durably ----------------
@@ -127,9 +135,11 @@ def main() -> int:
 
         # --- source: rewrite the XML for that placement and migrate with the per-VM policy ----
         console.rule(f"source {h1.name}: live migration")
-        cfg = LibvirtConfig(live_migration_bandwidth_mib=args.bandwidth,
-                            live_migration_completion_timeout_s=60,
-                            live_migration_timeout_action="abort")
+        cfg = LibvirtConfig(
+            live_migration_bandwidth_mib=args.bandwidth,
+            live_migration_completion_timeout_s=60,
+            live_migration_timeout_action="abort",
+        )
         ledger.start(migration_id)
         last = [0.0]
 
@@ -147,8 +157,9 @@ def main() -> int:
         dest_log = Path(h2.console_log("demo-vm"))
         dest_log_before = dest_log.stat().st_size if dest_log.exists() else 0
         runner = MigrationRunner(src_conn, cfg)
-        outcome = runner.run("demo-vm", MigrationTarget(h2.uri, h2.migration_uri, h2.name), claim.placement,
-                             request, on_progress)
+        outcome = runner.run(
+            "demo-vm", MigrationTarget(h2.uri, h2.migration_uri, h2.name), claim.placement, request, on_progress
+        )
         console.print(f"policy: {escape(outcome.policy.reason)}")
         colour = "green" if outcome.status == "completed" else "red"
         console.print(

@@ -56,9 +56,17 @@ def test_fit_bad_input_exit_2(capsys, tmp_path):
     host = tmp_path / "host.json"
     host.write_text('{"cells": [{"id": 0, "cpus": [0], "memory_kb": 1024}]}')
     bad = tmp_path / "inst.json"
-    bad.write_text(json.dumps({"uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10", "vcpus": 1, "memory_mb": 64,
-                               "extra_specs": {"hw:cpu_policy": "dedicated"},
-                               "image_properties": {"hw_cpu_policy": "shared", "hw_cpu_thread_policy": "bogus"}}))
+    bad.write_text(
+        json.dumps(
+            {
+                "uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10",
+                "vcpus": 1,
+                "memory_mb": 64,
+                "extra_specs": {"hw:cpu_policy": "dedicated"},
+                "image_properties": {"hw_cpu_policy": "shared", "hw_cpu_thread_policy": "bogus"},
+            }
+        )
+    )
     rc, _, err = run(capsys, "fit", "--host", str(host), "--instance", str(bad))
     assert rc == 2 and "hw_cpu_thread_policy" in err
     rc, _, err = run(capsys, "fit", "--host", str(tmp_path / "absent.json"), "--instance", str(bad))
@@ -77,26 +85,44 @@ def test_host_state_counts_domains_and_live_claims(capsys, tmp_path):
 
     root = str(FIXTURES / "sysfs" / "single_no_smt")
     topo, _ = discover(sysfs_root=root)
-    request = parse_request({"uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10", "vcpus": 2, "memory_mb": 64,
-                             "extra_specs": {"hw:cpu_policy": "dedicated"}, "image_properties": {}})
+    request = parse_request(
+        {
+            "uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10",
+            "vcpus": 2,
+            "memory_mb": 64,
+            "extra_specs": {"hw:cpu_policy": "dedicated"},
+            "image_properties": {},
+        }
+    )
     with Ledger.open(tmp_path) as ledger:
-        claim = ledger.claim("m-1", request, "src", 300, host_state_fn(topo, lambda: [], ComputeConfig()))
-    rc, out, _ = run(capsys, "host-state", "--connection", "test:///default", "--state-dir", str(tmp_path),
-                     "--sysfs-root", root, "--json")
+        claim = ledger.claim("m-1", request, "src", 300, host_state_fn(topo, list, ComputeConfig()))
+    rc, out, _ = run(
+        capsys,
+        "host-state",
+        "--connection",
+        "test:///default",
+        "--state-dir",
+        str(tmp_path),
+        "--sysfs-root",
+        root,
+        "--json",
+    )
     assert rc == 0
     doc = json.loads(out)
     assert doc["live_claims"] == ["m-1"]
     assert set(doc["cells"][0]["pinned_cpus"]) == set(claim.placement.pinned_cpus)
     # the test driver's one domain is unpinned: it floats
     assert doc["cells"][0]["floating_vcpus"] >= 1
-    rc, out, _ = run(capsys, "host-state", "--connection", "test:///default", "--state-dir", str(tmp_path),
-                     "--sysfs-root", root)
+    rc, out, _ = run(
+        capsys, "host-state", "--connection", "test:///default", "--state-dir", str(tmp_path), "--sysfs-root", root
+    )
     assert rc == 0 and "1 live claims" in out
 
 
 def test_host_state_unreachable_libvirt_is_a_clean_error(capsys, tmp_path):
-    rc, _, err = run(capsys, "host-state", "--connection", "qemu+tcp://127.0.0.250/system",
-                     "--state-dir", str(tmp_path))
+    rc, _, err = run(
+        capsys, "host-state", "--connection", "qemu+tcp://127.0.0.250/system", "--state-dir", str(tmp_path)
+    )
     assert rc == 1 and "cannot connect" in err and "Traceback" not in err
 
 
@@ -115,6 +141,7 @@ def test_bad_log_level_is_a_usage_error(capsys):
 
 
 def test_hostname_with_markup_is_printed_verbatim(capsys):
-    rc, out, _ = run(capsys, "discover", "--sysfs-root", str(FIXTURES / "sysfs" / "single_no_smt"),
-                     "--hostname", "[/oops]")
+    rc, out, _ = run(
+        capsys, "discover", "--sysfs-root", str(FIXTURES / "sysfs" / "single_no_smt"), "--hostname", "[/oops]"
+    )
     assert rc == 0 and "[/oops]" in out

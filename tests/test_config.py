@@ -1,7 +1,8 @@
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent.config import AgentConfig, format_cpu_set, load_config, parse_cpu_set
 from agent.errors import ConfigError
@@ -119,7 +120,10 @@ def test_more_bad_values_name_the_option(text, fragment):
 
 
 def test_poll_interval_floor_is_accepted():
-    assert load_config(text="[libvirt]\nlive_migration_poll_interval_s = 0.05\n").libvirt.live_migration_poll_interval_s == 0.05
+    assert (
+        load_config(text="[libvirt]\nlive_migration_poll_interval_s = 0.05\n").libvirt.live_migration_poll_interval_s
+        == 0.05
+    )
 
 
 def test_distinct_reserved_huge_pages_are_fine():

@@ -132,9 +132,7 @@ testbed_available.__test__ = False  # type: ignore[attr-defined]  # not a pytest
 
 def ensure_testbed(n: int = 2) -> List[TestbedHost]:
     """Run `scripts/testbed up n` (idempotent) and return hosts 1..n."""
-    r = subprocess.run(
-        [SCRIPT, "up", str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900
-    )
+    r = subprocess.run([SCRIPT, "up", str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
     if r.returncode != 0:
         raise RuntimeError("scripts/testbed up %d failed (rc=%d):\n%s%s" % (n, r.returncode, r.stdout, r.stderr))
     return [host(i) for i in range(1, n + 1)]

@@ -33,23 +33,36 @@ EXIT_NOT_FOUND = 4
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default: Any = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--state-dir", metavar="DIR", default=default,
-                        help="the agent's state directory (default: [claims] state_dir from the config)")
-    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
-                        help="machine-readable output")
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=default,
+        help="the agent's state directory (default: [claims] state_dir from the config)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS if suppress else False, help="machine-readable output"
+    )
 
 
 def add_claims_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `claims` command (with list/show/release) to an argparse subparsers object."""
-    p = subparsers.add_parser("claims", help="inspect or release destination claims",
-                              description="Inspect or release the destination claims this host holds.")
+    p = subparsers.add_parser(
+        "claims",
+        help="inspect or release destination claims",
+        description="Inspect or release the destination claims this host holds.",
+    )
     _common(p, suppress=False)
     sub = p.add_subparsers(dest="claims_command", metavar="{list,show,release}")
     sub.required = True
     p_list = sub.add_parser("list", help="list claims")
     _common(p_list, suppress=True)
-    p_list.add_argument("--state", action="append", choices=[s.value for s in ClaimState], dest="states",
-                        help="only claims in this state (repeatable)")
+    p_list.add_argument(
+        "--state",
+        action="append",
+        choices=[s.value for s in ClaimState],
+        dest="states",
+        help="only claims in this state (repeatable)",
+    )
     p_show = sub.add_parser("show", help="show one claim and its transitions")
     _common(p_show, suppress=True)
     p_show.add_argument("migration_id", metavar="ID")
@@ -92,9 +105,15 @@ def _print_list(claims: list[Claim], out: TextIO) -> None:
         table.add_column(col)
     for c in claims:
         table.add_row(
-            escape(c.migration_id), escape(c.instance_uuid), escape(c.source_host), c.state.value,
-            ",".join(map(str, c.placement.host_nodeset)), format_cpu_set(c.placement.pinned_cpus) or "-",
-            _memory(c), _when(c.expires_at, now) if c.is_live else "-", escape(c.reason or ""),
+            escape(c.migration_id),
+            escape(c.instance_uuid),
+            escape(c.source_host),
+            c.state.value,
+            ",".join(map(str, c.placement.host_nodeset)),
+            format_cpu_set(c.placement.pinned_cpus) or "-",
+            _memory(c),
+            _when(c.expires_at, now) if c.is_live else "-",
+            escape(c.reason or ""),
         )
     Console(file=out, width=200).print(table)
 
@@ -109,13 +128,20 @@ def _print_show(claim: Claim, transitions: list[Transition], out: TextIO) -> Non
     info.add_column("key")
     info.add_column("value")
     rows = [
-        ("instance", escape(claim.instance_uuid)), ("source host", escape(claim.source_host)),
+        ("instance", escape(claim.instance_uuid)),
+        ("source host", escape(claim.source_host)),
         ("state", claim.state.value),
-        ("created", _when(claim.created_at, now)), ("updated", _when(claim.updated_at, now)),
-        ("expires", _when(claim.expires_at, now) if claim.is_live else "-"), ("ttl", f"{claim.ttl_s:g}s"),
-        ("reason", escape(claim.reason or "")), ("pinned CPUs", format_cpu_set(claim.placement.pinned_cpus) or "-"),
-        ("emulator", format_cpu_set(claim.placement.emulator_pins)
-         + (" (isolated)" if claim.placement.emulator_isolated else "")),
+        ("created", _when(claim.created_at, now)),
+        ("updated", _when(claim.updated_at, now)),
+        ("expires", _when(claim.expires_at, now) if claim.is_live else "-"),
+        ("ttl", f"{claim.ttl_s:g}s"),
+        ("reason", escape(claim.reason or "")),
+        ("pinned CPUs", format_cpu_set(claim.placement.pinned_cpus) or "-"),
+        (
+            "emulator",
+            format_cpu_set(claim.placement.emulator_pins)
+            + (" (isolated)" if claim.placement.emulator_isolated else ""),
+        ),
     ]
     for k, v in rows:
         info.add_row(k, v)
@@ -131,7 +157,9 @@ def _print_show(claim: Claim, transitions: list[Transition], out: TextIO) -> Non
     for col in ("at", "from", "to", "reason"):
         hist.add_column(col)
     for t in transitions:
-        hist.add_row(_when(t.at, now), t.from_state.value if t.from_state else "-", t.to_state.value, escape(t.reason or ""))
+        hist.add_row(
+            _when(t.at, now), t.from_state.value if t.from_state else "-", t.to_state.value, escape(t.reason or "")
+        )
     console.print(hist)
 
 

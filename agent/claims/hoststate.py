@@ -127,8 +127,9 @@ def cpu_cells(topology: HostTopology) -> dict[int, int]:
     return {cpu: cell.id for cell in topology.cells for cpu in cell.cpus}
 
 
-def _freeze(name: str, uuid: str, acc: dict[int, _CellAcc], unbound_kib: Mapping[int, int], source: str,
-            notes: list[str]) -> DomainUsage:
+def _freeze(
+    name: str, uuid: str, acc: dict[int, _CellAcc], unbound_kib: Mapping[int, int], source: str, notes: list[str]
+) -> DomainUsage:
     cells = {
         cid: CellUsage(
             pinned_cpus=frozenset(a.pinned),
@@ -139,9 +140,15 @@ def _freeze(name: str, uuid: str, acc: dict[int, _CellAcc], unbound_kib: Mapping
         for cid, a in sorted(acc.items())
     }
     total = sum(unbound_kib.values())
-    return DomainUsage(name=name, uuid=uuid, cells=cells, unbound_memory_mb=_mib(total) if total else 0,
-                       source=source, notes=tuple(notes),
-                       unbound_by_size_mb={size: _mib(kib) for size, kib in sorted(unbound_kib.items()) if kib})
+    return DomainUsage(
+        name=name,
+        uuid=uuid,
+        cells=cells,
+        unbound_memory_mb=_mib(total) if total else 0,
+        source=source,
+        notes=tuple(notes),
+        unbound_by_size_mb={size: _mib(kib) for size, kib in sorted(unbound_kib.items()) if kib},
+    )
 
 
 def _add_memory(acc: _CellAcc, topology: HostTopology, cell_id: int, memory_kib: int, size_kb: int) -> None:
@@ -156,8 +163,15 @@ def _add_memory(acc: _CellAcc, topology: HostTopology, cell_id: int, memory_kib:
     acc.pages[size_kb] = acc.pages.get(size_kb, 0) + _pages_for(memory_kib, size_kb)
 
 
-def placement_usage(placement: Placement, topology: HostTopology, *, name: str = "", uuid: str = "",
-                    source: str = "claim", cpu_cell: CpuCells | None = None) -> DomainUsage:
+def placement_usage(
+    placement: Placement,
+    topology: HostTopology,
+    *,
+    name: str = "",
+    uuid: str = "",
+    source: str = "claim",
+    cpu_cell: CpuCells | None = None,
+) -> DomainUsage:
     """Usage of a Placement: exactly its pinned CPUs, floating vCPUs, memory and pages."""
     cell_of = cpu_cells(topology) if cpu_cell is None else cpu_cell
     acc: dict[int, _CellAcc] = {}
@@ -206,19 +220,22 @@ def _agent_placement(domain: DomainPlacement) -> Placement | None:
     try:
         return Placement.from_json(dict(domain.agent_placement))
     except InvalidInput as exc:
-        log.warning("domain %s (%s): unreadable agent placement metadata (%s); counting its pins",
-                    domain.name, domain.uuid, exc)
+        log.warning(
+            "domain %s (%s): unreadable agent placement metadata (%s); counting its pins", domain.name, domain.uuid, exc
+        )
         return None
 
 
-def domain_usage(domain: DomainPlacement, topology: HostTopology, compute_cfg: ComputeConfig, *,
-                 cpu_cell: CpuCells | None = None) -> DomainUsage:
+def domain_usage(
+    domain: DomainPlacement, topology: HostTopology, compute_cfg: ComputeConfig, *, cpu_cell: CpuCells | None = None
+) -> DomainUsage:
     """What `domain` holds on this host (see the module doc for the heuristic)."""
     cell_of = cpu_cells(topology) if cpu_cell is None else cpu_cell
     placement = _agent_placement(domain)
     if placement is not None:
-        return placement_usage(placement, topology, name=domain.name, uuid=domain.uuid,
-                               source="agent_placement", cpu_cell=cell_of)
+        return placement_usage(
+            placement, topology, name=domain.name, uuid=domain.uuid, source="agent_placement", cpu_cell=cell_of
+        )
 
     acc: dict[int, _CellAcc] = {}
     notes: list[str] = []
@@ -263,8 +280,7 @@ def domain_usage(domain: DomainPlacement, topology: HostTopology, compute_cfg: C
             nodes = domain.numatune_nodeset
         size_kb = SMALL_PAGE_KB
         if domain.hugepages:
-            chosen = next((h for h in domain.hugepages if h.guest_nodeset is not None and gid in h.guest_nodeset),
-                          None)
+            chosen = next((h for h in domain.hugepages if h.guest_nodeset is not None and gid in h.guest_nodeset), None)
             if chosen is None:
                 chosen = next((h for h in domain.hugepages if h.guest_nodeset is None), None)
             if chosen is not None:
@@ -283,8 +299,9 @@ def domain_usage(domain: DomainPlacement, topology: HostTopology, compute_cfg: C
     return _freeze(domain.name, domain.uuid, acc, unbound_kib, "pins", notes)
 
 
-def _domains_of(domains: DomainInventory | Iterable[DomainPlacement],
-                active_uuids: Iterable[str] | None) -> tuple[list[DomainPlacement], frozenset[str], tuple[str, ...]]:
+def _domains_of(
+    domains: DomainInventory | Iterable[DomainPlacement], active_uuids: Iterable[str] | None
+) -> tuple[list[DomainPlacement], frozenset[str], tuple[str, ...]]:
     """(domains, uuid_key of the active ones, unreadable). A plain iterable of domains without
     `active_uuids` counts every domain as active (the safe direction: nothing is skipped)."""
     if isinstance(domains, DomainInventory):
@@ -321,11 +338,21 @@ def compute_host_state(
     for c in claims:
         if c.state in (ClaimState.HELD, ClaimState.MIGRATING):
             live_claims.setdefault(uuid_key(c.instance_uuid), []).append(c)
-            holders.append(placement_usage(c.placement, topology, name=f"claim {c.migration_id}",
-                                           uuid=c.instance_uuid, cpu_cell=cell_of))
+            holders.append(
+                placement_usage(
+                    c.placement, topology, name=f"claim {c.migration_id}", uuid=c.instance_uuid, cpu_cell=cell_of
+                )
+            )
         elif c.state is ClaimState.CONFIRMED and uuid_key(c.instance_uuid) not in domain_uuids:
-            holders.append(placement_usage(c.placement, topology, name=f"claim {c.migration_id} (confirmed)",
-                                           uuid=c.instance_uuid, cpu_cell=cell_of))
+            holders.append(
+                placement_usage(
+                    c.placement,
+                    topology,
+                    name=f"claim {c.migration_id} (confirmed)",
+                    uuid=c.instance_uuid,
+                    cpu_cell=cell_of,
+                )
+            )
     for d in domains:
         key = uuid_key(d.uuid)
         its_claims = live_claims.get(key)
@@ -335,8 +362,12 @@ def compute_host_state(
             mine = _agent_placement(d)
             if mine is not None and any(mine == c.placement for c in its_claims):
                 continue  # the incoming domain carries exactly the claim's placement: counted once
-            log.warning("domain %s (%s) runs here and also has a live claim (%s): counting both",
-                        d.name, d.uuid, ", ".join(c.migration_id for c in its_claims))
+            log.warning(
+                "domain %s (%s) runs here and also has a live claim (%s): counting both",
+                d.name,
+                d.uuid,
+                ", ".join(c.migration_id for c in its_claims),
+            )
         holders.append(domain_usage(d, topology, compute_cfg, cpu_cell=cell_of))
 
     pinned_by: dict[int, list[str]] = {}
@@ -354,8 +385,7 @@ def compute_host_state(
                 unbound_small += mb
             else:
                 unbound_other += mb
-                notes.append(f"{h.name}: {mb} MiB of {size} KiB pages bound to no single host cell: "
-                             "counted on no cell")
+                notes.append(f"{h.name}: {mb} MiB of {size} KiB pages bound to no single host cell: counted on no cell")
         for cid, u in h.cells.items():
             a = acc.get(cid)
             if a is None:
@@ -377,8 +407,12 @@ def compute_host_state(
         log.warning("host state: %s", line)
 
     usage = {
-        cid: CellUsage(pinned_cpus=frozenset(a.pinned), used_memory_mb=a.memory_mb,
-                       used_pages=dict(a.pages), floating_vcpus=a.floating)
+        cid: CellUsage(
+            pinned_cpus=frozenset(a.pinned),
+            used_memory_mb=a.memory_mb,
+            used_pages=dict(a.pages),
+            floating_vcpus=a.floating,
+        )
         for cid, a in acc.items()
     }
     reserved_pages: dict[int, dict[int, int]] = {}
@@ -396,9 +430,15 @@ def compute_host_state(
         ram_allocation_ratio=compute_cfg.ram_allocation_ratio,
         unbound_memory_mb=unbound_small,
     )
-    return HostStateReport(state=state, overlaps=overlaps, unbound_memory_mb=unbound_small + unbound_other,
-                           holders=tuple(holders), notes=tuple(notes), active_uuids=active,
-                           unreadable=unreadable)
+    return HostStateReport(
+        state=state,
+        overlaps=overlaps,
+        unbound_memory_mb=unbound_small + unbound_other,
+        holders=tuple(holders),
+        notes=tuple(notes),
+        active_uuids=active,
+        unreadable=unreadable,
+    )
 
 
 def host_state_fn(

@@ -303,7 +303,9 @@ def _coerce_request(request: Any) -> InstanceRequest:
     elif isinstance(request, (Mapping, str, bytes)):
         req = parse_request(request)  # InvalidRequest for anything malformed
     else:
-        raise InvalidInput(f"instance request must be an InstanceRequest or a request document, not {type(request).__name__}")
+        raise InvalidInput(
+            f"instance request must be an InstanceRequest or a request document, not {type(request).__name__}"
+        )
     if not 1 <= req.vcpus <= MAX_VCPUS or not 1 <= req.memory_mb <= MAX_MEMORY_MB or not req.cells:
         raise InvalidInput(f"instance request {req.uuid}: vcpus={req.vcpus} memory_mb={req.memory_mb} out of range")
     return req
@@ -339,9 +341,19 @@ def _logged(method: _F) -> _F:
 class Ledger:
     """See the module doc. Open with `Ledger.open`; thread-safe; one per process is enough."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, *, clock: Callable[[], float], fitter: Fitter | None,
-                 migrating_timeout_s: float, retention_s: float, recovered_from_corrupt: Path | None,
-                 corrupt_files: tuple[Path, ...], readonly: bool = False) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        *,
+        clock: Callable[[], float],
+        fitter: Fitter | None,
+        migrating_timeout_s: float,
+        retention_s: float,
+        recovered_from_corrupt: Path | None,
+        corrupt_files: tuple[Path, ...],
+        readonly: bool = False,
+    ) -> None:
         self._conn: sqlite3.Connection | None = conn
         #: opened with ``readonly=True``: every write raises LedgerError
         self.readonly = readonly
@@ -394,8 +406,17 @@ class Ledger:
         if readonly:
             with _file_lock(path):
                 conn = cls._connect_readonly(path, busy_timeout_s)
-            return cls(conn, path, clock=clock, fitter=fitter, migrating_timeout_s=migrating_timeout_s,
-                       retention_s=retention_s, recovered_from_corrupt=None, corrupt_files=(), readonly=True)
+            return cls(
+                conn,
+                path,
+                clock=clock,
+                fitter=fitter,
+                migrating_timeout_s=migrating_timeout_s,
+                retention_s=retention_s,
+                recovered_from_corrupt=None,
+                corrupt_files=(),
+                readonly=True,
+            )
         try:
             state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
@@ -409,21 +430,38 @@ class Ledger:
                 if on_corrupt == "raise":
                     raise
                 recovered = exc.moved_to
-                log.error("claim ledger %s was corrupt and moved to %s; starting an EMPTY ledger: "
-                          "claims it held are no longer protected, check the running migrations", path, recovered)
+                log.error(
+                    "claim ledger %s was corrupt and moved to %s; starting an EMPTY ledger: "
+                    "claims it held are no longer protected, check the running migrations",
+                    path,
+                    recovered,
+                )
                 conn = cls._connect(path, busy_timeout_s)
             corrupt_files = tuple(sorted(state_dir.glob(LEDGER_FILE + ".corrupt-*")))
             corrupt_files = tuple(p for p in corrupt_files if not p.name.endswith(("-wal", "-shm")))
             if corrupt_files:
-                log.warning("claim ledger: %d corrupt ledger file(s) kept aside in %s: %s", len(corrupt_files),
-                            state_dir, ", ".join(p.name for p in corrupt_files))
-            return cls(conn, path, clock=clock, fitter=fitter, migrating_timeout_s=migrating_timeout_s,
-                       retention_s=retention_s, recovered_from_corrupt=recovered, corrupt_files=corrupt_files)
+                log.warning(
+                    "claim ledger: %d corrupt ledger file(s) kept aside in %s: %s",
+                    len(corrupt_files),
+                    state_dir,
+                    ", ".join(p.name for p in corrupt_files),
+                )
+            return cls(
+                conn,
+                path,
+                clock=clock,
+                fitter=fitter,
+                migrating_timeout_s=migrating_timeout_s,
+                retention_s=retention_s,
+                recovered_from_corrupt=recovered,
+                corrupt_files=corrupt_files,
+            )
 
     @classmethod
     def from_config(cls, cfg: ClaimsConfig, **kwargs: Any) -> "Ledger":
-        return cls.open(cfg.state_dir, migrating_timeout_s=cfg.migrating_timeout_s, retention_s=cfg.retention_s,
-                        **kwargs)
+        return cls.open(
+            cfg.state_dir, migrating_timeout_s=cfg.migrating_timeout_s, retention_s=cfg.retention_s, **kwargs
+        )
 
     @staticmethod
     def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
@@ -460,8 +498,7 @@ class Ledger:
     def _connect_readonly(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
         uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
         try:
-            conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise LedgerError(f"{path}: cannot open the claim ledger read-only: {exc}") from None
         try:
@@ -475,7 +512,8 @@ class Ledger:
             if version < SCHEMA_VERSION:
                 raise LedgerError(
                     f"{path}: ledger schema version {version} is older than this agent's ({SCHEMA_VERSION}); "
-                    "a read-only open does not upgrade it (the agent does when it starts)")
+                    "a read-only open does not upgrade it (the agent does when it starts)"
+                )
         except sqlite3.DatabaseError as exc:
             conn.close()
             if _is_corruption(exc):
@@ -639,8 +677,15 @@ class Ledger:
         found = self._select(conn, "WHERE migration_id = ?", (migration_id,))
         return found[0] if found else None
 
-    def _record(self, conn: sqlite3.Connection, claim: Claim, to: ClaimState, now: float, reason: str,
-                expires_at: float | None = None) -> Claim:
+    def _record(
+        self,
+        conn: sqlite3.Connection,
+        claim: Claim,
+        to: ClaimState,
+        now: float,
+        reason: str,
+        expires_at: float | None = None,
+    ) -> Claim:
         new_expiry = claim.expires_at if expires_at is None else expires_at
         conn.execute(
             "UPDATE claims SET state = ?, updated_at = ?, expires_at = ?, reason = ? WHERE migration_id = ?",
@@ -684,15 +729,16 @@ class Ledger:
                 if claim.state in (ClaimState.RELEASED, ClaimState.EXPIRED):
                     raise ClaimEnded(migration_id, claim.state.value, claim.reason, to.value)
                 raise IllegalTransition(migration_id, claim.state.value, to.value, reason)
-            if (to in (ClaimState.MIGRATING, ClaimState.CONFIRMED) and claim.is_live
-                    and claim.expires_at <= now):
+            if to in (ClaimState.MIGRATING, ClaimState.CONFIRMED) and claim.is_live and claim.expires_at <= now:
                 ended = self._expire_before(conn, claim, now, "start" if to is ClaimState.MIGRATING else "confirm")
                 new = claim
             elif progress:
                 # a progress report: refresh the expiry, no transition row
                 expires = now + self.migrating_timeout_s
-                conn.execute("UPDATE claims SET updated_at = ?, expires_at = ? WHERE migration_id = ?",
-                             (now, expires, migration_id))
+                conn.execute(
+                    "UPDATE claims SET updated_at = ?, expires_at = ? WHERE migration_id = ?",
+                    (now, expires, migration_id),
+                )
                 new = replace(claim, expires_at=expires, updated_at=now)
             else:
                 expires = now + self.migrating_timeout_s if to is ClaimState.MIGRATING else None
@@ -702,8 +748,7 @@ class Ledger:
         if new.state is claim.state:
             log.debug("claim %s: progress, expiry moved to %.0f", migration_id, new.expires_at)
         else:
-            log.info("claim %s (instance %s): %s -> %s: %s", migration_id, claim.instance_uuid, claim.state, to,
-                     reason)
+            log.info("claim %s (instance %s): %s -> %s: %s", migration_id, claim.instance_uuid, claim.state, to, reason)
         return new
 
     # ---- claims --------------------------------------------------------------------------------
@@ -750,8 +795,7 @@ class Ledger:
                     # committed below (with any expiry just recorded), raised after
                     refused = ClaimEnded(migration_id, existing.state.value, existing.reason, ClaimState.HELD.value)
                 else:
-                    log.info("claim %s: repeated request, returning the stored %s claim", migration_id,
-                             existing.state)
+                    log.info("claim %s: repeated request, returning the stored %s claim", migration_id, existing.state)
                     claim = existing
             else:
                 live = self._select(conn, "WHERE state IN ('held', 'migrating')")
@@ -760,7 +804,8 @@ class Ledger:
                 if other:
                     raise ClaimConflict(
                         f"claim {migration_id}: instance {req.uuid} already has a live claim "
-                        f"({other[0].migration_id}, {other[0].state}); release it first")
+                        f"({other[0].migration_id}, {other[0].state}); release it first"
+                    )
                 view = host_state_fn(live)
                 if isinstance(view, HostState):
                     state, active = view, frozenset()
@@ -770,18 +815,41 @@ class Ledger:
                 if key in active:
                     raise ClaimConflict(
                         f"claim {migration_id}: instance {req.uuid} already runs on this host; "
-                        "a migration cannot bring it here")
+                        "a migration cannot bring it here"
+                    )
                 result = fitter(req, state)
                 if isinstance(result, NoFit) or not getattr(result, "fits", False):
                     nofit = result if isinstance(result, NoFit) else NoFit(str(getattr(result, "reason", result)))
                 else:
                     _verify_no_double_booking(result, state, migration_id)
-                    claim = Claim(migration_id, req.uuid, source_host, req_json, result, ClaimState.HELD, now,
-                                  now + ttl, now, f"claimed for {source_host}", ttl)
+                    claim = Claim(
+                        migration_id,
+                        req.uuid,
+                        source_host,
+                        req_json,
+                        result,
+                        ClaimState.HELD,
+                        now,
+                        now + ttl,
+                        now,
+                        f"claimed for {source_host}",
+                        ttl,
+                    )
                     conn.execute(
                         f"INSERT INTO claims ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (migration_id, req.uuid, source_host, req_json, _canonical(result.to_json()),
-                         ClaimState.HELD.value, now, now + ttl, now, claim.reason, ttl),
+                        (
+                            migration_id,
+                            req.uuid,
+                            source_host,
+                            req_json,
+                            _canonical(result.to_json()),
+                            ClaimState.HELD.value,
+                            now,
+                            now + ttl,
+                            now,
+                            claim.reason,
+                            ttl,
+                        ),
                     )
                     conn.execute(
                         "INSERT INTO transitions (migration_id, from_state, to_state, at, reason) "
@@ -792,14 +860,21 @@ class Ledger:
         if refused is not None:
             raise refused
         if nofit is not None:
-            log.info("claim %s (instance %s) from %s: does not fit: %s", migration_id, req.uuid, source_host,
-                     nofit.reason)
+            log.info(
+                "claim %s (instance %s) from %s: does not fit: %s", migration_id, req.uuid, source_host, nofit.reason
+            )
             raise NoFitError(nofit.reason, nofit)
         assert claim is not None
         if existing is None:
-            log.info("claim %s (instance %s) from %s: held until %.0f on cells %s, pinned CPUs %s", migration_id,
-                     req.uuid, source_host, claim.expires_at, list(claim.placement.host_nodeset),
-                     sorted(claim.placement.pinned_cpus))
+            log.info(
+                "claim %s (instance %s) from %s: held until %.0f on cells %s, pinned CPUs %s",
+                migration_id,
+                req.uuid,
+                source_host,
+                claim.expires_at,
+                list(claim.placement.host_nodeset),
+                sorted(claim.placement.pinned_cpus),
+            )
         return claim
 
     @_logged
@@ -878,7 +953,9 @@ class Ledger:
         with self._read() as conn:
             rows = conn.execute(
                 "SELECT migration_id, from_state, to_state, at, reason FROM transitions "
-                "WHERE migration_id = ? ORDER BY id", (migration_id,)).fetchall()
+                "WHERE migration_id = ? ORDER BY id",
+                (migration_id,),
+            ).fetchall()
             if not rows and self._get(conn, migration_id) is None:
                 raise UnknownClaim(migration_id)
         return [Transition(m, ClaimState(f) if f else None, ClaimState(t), at, r) for m, f, t, at, r in rows]
@@ -889,16 +966,18 @@ class Ledger:
         with self._tx() as conn:
             cutoff = (self._clock() if now is None else now) - self.retention_s
             # transitions go with their claim: ON DELETE CASCADE (foreign_keys=ON on every connection)
-            n = conn.execute("DELETE FROM claims WHERE state IN ('confirmed', 'released', 'expired') "
-                             "AND updated_at <= ?", (cutoff,)).rowcount
+            n = conn.execute(
+                "DELETE FROM claims WHERE state IN ('confirmed', 'released', 'expired') AND updated_at <= ?", (cutoff,)
+            ).rowcount
         if n:
             log.info("claim ledger: pruned %d terminal claim(s) older than %gs", n, self.retention_s)
         return n
 
     # ---- reconciliation ------------------------------------------------------------------------
 
-    def _reconcile_claim(self, migration_id: str, running: set[str],
-                         when: float) -> tuple[ReconcileDecision | None, Claim | None]:
+    def _reconcile_claim(
+        self, migration_id: str, running: set[str], when: float
+    ) -> tuple[ReconcileDecision | None, Claim | None]:
         """Steps 1-2 of `reconcile` for one claim, decided from its fresh row in one transaction.
         Returns (the decision taken, None) or (None, the fresh claim when it is migrating: ask its
         source)."""
@@ -913,15 +992,19 @@ class Ledger:
                 if c.state is ClaimState.HELD:
                     why = f"reconcile: held past its TTL ({c.ttl_s:g}s) and the domain is not here"
                 else:
-                    why = (f"reconcile: migrating with no progress for {self.migrating_timeout_s:g}s "
-                           "and the domain is not here")
+                    why = (
+                        f"reconcile: migrating with no progress for {self.migrating_timeout_s:g}s "
+                        "and the domain is not here"
+                    )
             else:
-                log.debug("reconcile: claim %s (%s) kept: expires in %.0fs", c.migration_id, c.state,
-                          c.expires_at - when)
+                log.debug(
+                    "reconcile: claim %s (%s) kept: expires in %.0fs", c.migration_id, c.state, c.expires_at - when
+                )
                 return None, c if c.state is ClaimState.MIGRATING else None
             self._record(conn, c, to, self._clock(), why)
-        log.info("reconcile: claim %s (instance %s) %s -> %s: %s", c.migration_id, c.instance_uuid, c.state,
-                 to.value, why)
+        log.info(
+            "reconcile: claim %s (instance %s) %s -> %s: %s", c.migration_id, c.instance_uuid, c.state, to.value, why
+        )
         return ReconcileDecision(c.migration_id, c.instance_uuid, c.state, to, why), None
 
     @_logged
@@ -972,27 +1055,30 @@ class Ledger:
             try:
                 failed = bool(source_reports_failed(c))  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - a failing callback must not stop reconciliation
-                log.warning("reconcile: claim %s kept: asking source %s failed: %s", c.migration_id, c.source_host,
-                            exc)
+                log.warning("reconcile: claim %s kept: asking source %s failed: %s", c.migration_id, c.source_host, exc)
                 continue
             if not failed:
-                log.debug("reconcile: claim %s kept: source %s does not report failure", c.migration_id,
-                          c.source_host)
+                log.debug("reconcile: claim %s kept: source %s does not report failure", c.migration_id, c.source_host)
                 continue
             why = f"reconcile: source {c.source_host} reports the migration failed and the domain is not here"
             with self._tx() as conn:
                 fresh = self._get(conn, c.migration_id)
                 # the answer is about the claim as we asked: skip if it moved since (progress, confirm, ...)
-                unchanged = (fresh is not None and fresh.state is c.state and fresh.updated_at == c.updated_at
-                             and uuid_key(fresh.instance_uuid) not in running)
+                unchanged = (
+                    fresh is not None
+                    and fresh.state is c.state
+                    and fresh.updated_at == c.updated_at
+                    and uuid_key(fresh.instance_uuid) not in running
+                )
                 if unchanged:
                     self._record(conn, fresh, ClaimState.RELEASED, self._clock(), why)
             if not unchanged:
                 log.info("reconcile: claim %s changed meanwhile, release skipped", c.migration_id)
                 continue
             decisions.append(ReconcileDecision(c.migration_id, c.instance_uuid, c.state, ClaimState.RELEASED, why))
-            log.info("reconcile: claim %s (instance %s) %s -> released: %s", c.migration_id, c.instance_uuid,
-                     c.state, why)
+            log.info(
+                "reconcile: claim %s (instance %s) %s -> released: %s", c.migration_id, c.instance_uuid, c.state, why
+            )
         if prune:
             self.prune(when)
         return decisions
@@ -1008,12 +1094,14 @@ def _verify_no_double_booking(placement: Placement, state: HostState, migration_
     if clash or offline:
         raise AgentError(
             f"claim {migration_id}: the fitter returned a placement that takes CPUs already pinned "
-            f"{sorted(clash)} or offline {sorted(offline)}; refusing to record it")
+            f"{sorted(clash)} or offline {sorted(offline)}; refusing to record it"
+        )
     need: dict[tuple[int, int], int] = {}
     for c in placement.cells:
         if c.pagesize_kb != SMALL_PAGE_KB:
             need[(c.host_cell, c.pagesize_kb)] = need.get((c.host_cell, c.pagesize_kb), 0) + -(
-                -c.memory_mb * 1024 // c.pagesize_kb)
+                -c.memory_mb * 1024 // c.pagesize_kb
+            )
     for (cell, size), n in need.items():
         try:
             free = state.resources(cell).free_pages.get(size, 0)
@@ -1022,7 +1110,8 @@ def _verify_no_double_booking(placement: Placement, state: HostState, migration_
         if n > free:
             raise AgentError(
                 f"claim {migration_id}: the fitter placed {n} pages of {size} KiB on cell {cell}, "
-                f"which has {free} free; refusing to record it")
+                f"which has {free} free; refusing to record it"
+            )
 
 
 def _move_aside(path: Path) -> Path | None:

@@ -242,6 +242,7 @@ def _parse_tree(data: bytes, *, utf8: bool, offsets: bool) -> _Node:
 
 # --- reading values -------------------------------------------------------------------------------
 
+
 def _scale_to_kib(value: str, unit: str | None, where: str) -> int:
     """libvirt memory units (virScaleInteger): b/bytes; k, KiB (1024) vs KB (1000); M, MiB, MB; ...
     Default KiB. Values are rounded up to whole KiB, as libvirt does."""
@@ -310,9 +311,7 @@ def _read(root: _Node) -> DomainPlacement:
     if vcpu_el is not None:
         count = _uint(vcpu_el.text)
         if count is None or not 1 <= count <= MAX_VCPUS:
-            raise DomainXMLError(
-                f"<domain/vcpu> = {vcpu_el.text.strip()[:40]!r} is not a vCPU count (1-{MAX_VCPUS})"
-            )
+            raise DomainXMLError(f"<domain/vcpu> = {vcpu_el.text.strip()[:40]!r} is not a vCPU count (1-{MAX_VCPUS})")
         vcpus = count
         vcpu_cpuset = _cpu_set(vcpu_el, "cpuset", required=False)
 
@@ -334,7 +333,9 @@ def _read(root: _Node) -> DomainPlacement:
         seen: set[int] = set()
         for c in guest_cells:
             if c.cpus & seen:
-                raise DomainXMLError(f"<domain/cpu/numa/cell> id {c.id}: vCPUs {format_cpu_set(c.cpus & seen)} in two cells")
+                raise DomainXMLError(
+                    f"<domain/cpu/numa/cell> id {c.id}: vCPUs {format_cpu_set(c.cpus & seen)} in two cells"
+                )
             if any(v >= vcpus for v in c.cpus):
                 raise DomainXMLError(f"<domain/cpu/numa/cell> id {c.id}: cpus beyond the {vcpus} vCPUs")
             seen |= c.cpus
@@ -830,7 +831,9 @@ def rewrite_for_placement(
     return out
 
 
-def _verify(out: str, placement: Placement, before: DomainPlacement, emu: tuple[int, ...], float_set: frozenset[int]) -> None:
+def _verify(
+    out: str, placement: Placement, before: DomainPlacement, emu: tuple[int, ...], float_set: frozenset[int]
+) -> None:
     """Read the result back: it must say exactly what the placement says (guards the splicer)."""
     after = parse_domain(out)
     want_pins = {v: frozenset(c.cpu_pins[v]) for c in placement.cells for v in c.vcpus}
@@ -851,7 +854,12 @@ def _verify(out: str, placement: Placement, before: DomainPlacement, emu: tuple[
     if after.agent_placement != json.loads(placement_json_text(placement)):
         problems.append("metadata placement")
     if (after.name, after.uuid, after.vcpus, after.memory_kib, after.guest_cells, after.hugepages) != (
-        before.name, before.uuid, before.vcpus, before.memory_kib, before.guest_cells, before.hugepages
+        before.name,
+        before.uuid,
+        before.vcpus,
+        before.memory_kib,
+        before.guest_cells,
+        before.hugepages,
     ):
         problems.append("guest-side elements")
     if problems:

@@ -35,9 +35,7 @@ class DomainInventory:
 
     def require_complete(self) -> "DomainInventory":
         if self.unreadable:
-            raise IncompleteInventory(
-                "cannot account for every domain on this host: " + "; ".join(self.unreadable)
-            )
+            raise IncompleteInventory("cannot account for every domain on this host: " + "; ".join(self.unreadable))
         return self
 
 

@@ -394,7 +394,11 @@ class MigrationRunner:
         policy = decide_policy(request.migration, cfg, domain_paused=paused)
         self._log.info(
             "migration %s -> %s: policy auto_converge=%s post_copy=%s (%s)",
-            name, target.host, policy.auto_converge, policy.post_copy, policy.reason,
+            name,
+            target.host,
+            policy.auto_converge,
+            policy.post_copy,
+            policy.reason,
         )
 
         base_flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE
@@ -416,9 +420,13 @@ class MigrationRunner:
         self._log.info(
             "migration %s: %d MiB RAM, downtime steps %s, completion timeout %s, timeout action %s, "
             "bandwidth %s MiB/s, flags %#x",
-            name, round(memory_mb), ", ".join(f"{at:.0f}s:{ms}ms" for at, ms in steps),
-            f"{timeout:.0f}s" if timeout else "none", cfg.live_migration_timeout_action,
-            cfg.live_migration_bandwidth_mib or "unlimited", flags,
+            name,
+            round(memory_mb),
+            ", ".join(f"{at:.0f}s:{ms}ms" for at, ms in steps),
+            f"{timeout:.0f}s" if timeout else "none",
+            cfg.live_migration_timeout_action,
+            cfg.live_migration_bandwidth_mib or "unlimited",
+            flags,
         )
         dest_preexisting = self._check_destination(target, uuid, name)
 
@@ -485,6 +493,7 @@ class MigrationRunner:
             raise MigrationError.from_libvirt(f"looking up {job.name} on a job connection", exc) from None
         event_ids: list[int] = []
         if events and hasattr(conn, "domainEventRegisterAny"):
+
             def on_completed(_conn: Any, _dom: Any, params: Any, opaque: _Job) -> None:
                 opaque.event_stats = dict(params or {})
                 opaque.event_seen.set()
@@ -599,8 +608,9 @@ class MigrationRunner:
             state, reason = job.dom.state()
         except libvirt.libvirtError as exc:
             code, message = libvirt_error_details(exc)
-            self._log.debug("migration %s: reading the domain state failed: %s (libvirt error %s)",
-                            job.name, message, code)
+            self._log.debug(
+                "migration %s: reading the domain state failed: %s (libvirt error %s)", job.name, message, code
+            )
             return None
         return int(state), int(reason)
 
@@ -617,8 +627,13 @@ class MigrationRunner:
         if job.in_postcopy or state is None:
             return
         if state in _POSTCOPY_STATES:
-            self._log.info("migration %s: the job is in post-copy (domain state %s/%s)%s", job.name, state[0],
-                           state[1], "" if job.postcopy_requested else ", switched by someone else")
+            self._log.info(
+                "migration %s: the job is in post-copy (domain state %s/%s)%s",
+                job.name,
+                state[0],
+                state[1],
+                "" if job.postcopy_requested else ", switched by someone else",
+            )
             job.in_postcopy = True
 
     def _step_downtime(
@@ -642,7 +657,10 @@ class MigrationRunner:
         action = self._cfg.live_migration_timeout_action
         self._log.warning(
             "migration %s: not completed after %.1f s (completion timeout %.0f s): action %s",
-            job.name, elapsed, timeout, action,
+            job.name,
+            elapsed,
+            timeout,
+            action,
         )
         abort_reason = f"completion timeout: not completed within {timeout:.0f}s"
         if action == "force_complete" and job.force_failures < _MAX_FORCE_COMPLETE_FAILURES:
@@ -653,11 +671,20 @@ class MigrationRunner:
                 job.force_failures += 1
                 job.last_force_error = str(exc)
                 if job.force_failures < _MAX_FORCE_COMPLETE_FAILURES:
-                    self._log.error("migration %s: force-complete failed (attempt %d of %d), retrying: %s",
-                                    job.name, job.force_failures, _MAX_FORCE_COMPLETE_FAILURES, exc)
+                    self._log.error(
+                        "migration %s: force-complete failed (attempt %d of %d), retrying: %s",
+                        job.name,
+                        job.force_failures,
+                        _MAX_FORCE_COMPLETE_FAILURES,
+                        exc,
+                    )
                     return False
-                self._log.error("migration %s: force-complete failed %d times (%s): aborting the job instead",
-                                job.name, job.force_failures, exc)
+                self._log.error(
+                    "migration %s: force-complete failed %d times (%s): aborting the job instead",
+                    job.name,
+                    job.force_failures,
+                    exc,
+                )
         if action == "force_complete":  # here only after the force-complete attempts failed
             abort_reason += f", and force-complete failed {job.force_failures} times ({job.last_force_error})"
         self._abort(job, abort_reason)  # MigrationError: not aborted, retried on the next poll
@@ -676,8 +703,9 @@ class MigrationRunner:
                 if job.done.is_set() or job.seen_active:
                     self._log.info("migration %s: abort came too late, the job had ended", job.name)
                 else:
-                    self._log.info("migration %s: the job has not started yet; it will be aborted as soon as it runs",
-                                   job.name)
+                    self._log.info(
+                        "migration %s: the job has not started yet; it will be aborted as soon as it runs", job.name
+                    )
                     job.abort_pending = reason
                 return
             raise MigrationError.from_libvirt(f"aborting the migration of {job.name}", exc) from None
@@ -716,7 +744,8 @@ class MigrationRunner:
             return "none"
         self._log.warning(
             "migration %s: force-complete (%s): post-copy not armed, pausing the guest so pre-copy completes",
-            job.name, why,
+            job.name,
+            why,
         )
         try:
             job.dom.suspend()
@@ -838,8 +867,14 @@ class MigrationRunner:
         log = self._log.info if outcome.status == "completed" else self._log.warning
         log(
             "migration %s -> %s: %s in %.1f s (%s); downtime %s ms, post-copy %s, max throttle %d%%",
-            job.name, target.host, outcome.status, outcome.elapsed_s, outcome.reason,
-            outcome.downtime_ms, outcome.switched_to_postcopy, outcome.max_throttle_pct,
+            job.name,
+            target.host,
+            outcome.status,
+            outcome.elapsed_s,
+            outcome.reason,
+            outcome.downtime_ms,
+            outcome.switched_to_postcopy,
+            outcome.max_throttle_pct,
         )
         return outcome
 
@@ -922,7 +957,8 @@ class MigrationRunner:
             self._log.error(
                 "migration %s: failed after post-copy was requested and the source state cannot be read (%s); "
                 "leaving both sides as they are for the operator",
-                job.name, state_error,
+                job.name,
+                state_error,
             )
             return (
                 f"post-copy was requested and the source domain state cannot be read ({state_error}): "
@@ -936,8 +972,12 @@ class MigrationRunner:
             try:
                 state, reason = source_state
                 if state == libvirt.VIR_DOMAIN_PAUSED and (job.paused_by_us or not job.domain_paused_at_start):
-                    self._log.warning("migration %s: resuming the guest on the source (paused by us: %s, reason %s)",
-                                      job.name, job.paused_by_us, reason)
+                    self._log.warning(
+                        "migration %s: resuming the guest on the source (paused by us: %s, reason %s)",
+                        job.name,
+                        job.paused_by_us,
+                        reason,
+                    )
                     job.dom.resume()
                     state, _ = job.dom.state()
                 if state != libvirt.VIR_DOMAIN_RUNNING and not (
@@ -972,11 +1012,13 @@ class MigrationRunner:
                 notes.append(f"a running copy is still on {target.host}")
                 self._log.error("migration %s: a running copy is still on %s; not touching it", job.name, target.host)
             elif dest_preexisting:
-                self._log.info("migration %s: the inactive definition on %s predates the migration; kept",
-                               job.name, target.host)
+                self._log.info(
+                    "migration %s: the inactive definition on %s predates the migration; kept", job.name, target.host
+                )
             elif leftover.isPersistent():
-                self._log.warning("migration %s: undefining the leftover inactive definition on %s",
-                                  job.name, target.host)
+                self._log.warning(
+                    "migration %s: undefining the leftover inactive definition on %s", job.name, target.host
+                )
                 leftover.undefine()
         except libvirt.libvirtError as exc:
             _code, message = libvirt_error_details(exc)

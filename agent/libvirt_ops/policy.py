@@ -163,7 +163,10 @@ def decide_policy(wishes: MigrationWishes, cfg: LibvirtConfig, *, domain_paused:
     if wishes.auto_converge is not None:
         ac, ac_why = wishes.auto_converge, _said(wishes.auto_converge, wishes.auto_converge_key, ac_key)
     else:
-        ac, ac_why = cfg.live_migration_permit_auto_converge, _said(cfg.live_migration_permit_auto_converge, None, _CFG_AC)
+        ac, ac_why = (
+            cfg.live_migration_permit_auto_converge,
+            _said(cfg.live_migration_permit_auto_converge, None, _CFG_AC),
+        )
     if wishes.post_copy is not None:
         pc, pc_why = wishes.post_copy, _said(wishes.post_copy, wishes.post_copy_key, pc_key)
     else:

@@ -195,6 +195,7 @@ def topology_from_libvirt(conn: Any, hostname: str | None = None) -> HostTopolog
     """
     try:
         import libvirt  # noqa: PLC0415 - only this function needs the binding
+
         lv_error: type[BaseException] = libvirt.libvirtError
     except ImportError:  # pragma: no cover - the binding is a hard dependency
         lv_error = Exception

@@ -147,9 +147,7 @@ def _parse_meminfo(path: Path, node_id: int) -> dict[str, int]:
         if key not in values:
             raise DiscoveryError(f"no parsable 'Node {node_id} {key}:' line", str(path))
     if values["MemFree"] > values["MemTotal"]:
-        raise DiscoveryError(
-            f"MemFree ({values['MemFree']} kB) exceeds MemTotal ({values['MemTotal']} kB)", str(path)
-        )
+        raise DiscoveryError(f"MemFree ({values['MemFree']} kB) exceeds MemTotal ({values['MemTotal']} kB)", str(path))
     return values
 
 
@@ -254,7 +252,9 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
     if not cpu_dir.is_dir():
         raise DiscoveryError("missing CPU directory", str(cpu_dir))
 
-    node_ids = sorted(_small_int(m.group(1), "node id", node_root) for m in map(_NODE_DIR_RE.match, _listdir(node_root)) if m)
+    node_ids = sorted(
+        _small_int(m.group(1), "node id", node_root) for m in map(_NODE_DIR_RE.match, _listdir(node_root)) if m
+    )
     node_ids = [n for n in node_ids if (node_root / f"node{n}").is_dir()]
     if not node_ids:
         raise DiscoveryError("no nodeN directories", str(node_root))
@@ -273,9 +273,7 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
         cpus = _read_cpu_list(cpulist_path) & online
         clash = sorted(c for c in cpus if c in owner)
         if clash:
-            raise DiscoveryError(
-                f"CPUs {clash} are also listed by node{owner[clash[0]]}", str(cpulist_path)
-            )
+            raise DiscoveryError(f"CPUs {clash} are also listed by node{owner[clash[0]]}", str(cpulist_path))
         owner.update((c, node_id) for c in cpus)
 
         meminfo = _parse_meminfo(node_dir / "meminfo", node_id)

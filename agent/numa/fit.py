@@ -130,8 +130,18 @@ class _HostCell:
     pair checks need is computed lazily: only matched host cells ever need their cores listed."""
 
     __slots__ = (
-        "idx", "id", "res", "free", "n_free", "existing", "_caps", "_cores", "_shared", "_overlap",
-        "_taken", "hugepage_sizes_desc",
+        "idx",
+        "id",
+        "res",
+        "free",
+        "n_free",
+        "existing",
+        "_caps",
+        "_cores",
+        "_shared",
+        "_overlap",
+        "_taken",
+        "hugepage_sizes_desc",
     )
 
     def __init__(self, idx: int, res: CellResources, existing: int = 0) -> None:
@@ -273,7 +283,11 @@ class _Fitter:
         self.emu_isolate = request.emulator_threads is EmulatorThreadsPolicy.ISOLATE
         self.policy = request.thread_policy
         ps = request.page_size
-        if ps is None or ps.kind is PageSizeKind.SMALL or (ps.kind is PageSizeKind.EXPLICIT and ps.size_kb == SMALL_PAGE_KB):
+        if (
+            ps is None
+            or ps.kind is PageSizeKind.SMALL
+            or (ps.kind is PageSizeKind.EXPLICIT and ps.size_kb == SMALL_PAGE_KB)
+        ):
             self.page_kind = PageSizeKind.SMALL
             self.page_size = SMALL_PAGE_KB
         else:
@@ -705,9 +719,7 @@ def _cell_lines(f: _Fitter, pairs: list[list[_PairFit | None]]) -> dict[int, str
     return out
 
 
-def _no_fit(
-    f: _Fitter, pairs: list[list[_PairFit | None]], violator: tuple[list[int], list[int]] | None
-) -> NoFit:
+def _no_fit(f: _Fitter, pairs: list[list[_PairFit | None]], violator: tuple[list[int], list[int]] | None) -> NoFit:
     cell_reasons = _cell_lines(f, pairs)
     lines = list(cell_reasons.values())
     n, m = len(f.request.cells), len(f.hosts)
@@ -717,7 +729,9 @@ def _no_fit(
         lines.append(f"{n} guest cells need distinct host cells but the host has only {m}")
     nowhere = [g.id for i, g in enumerate(f.request.cells) if all(p is None for p in pairs[i])]
     if nowhere and m:
-        lines.append(f"guest cell{'s' if len(nowhere) > 1 else ''} {_join_ids(nowhere)} fit{'s' if len(nowhere) == 1 else ''} no host cell")
+        lines.append(
+            f"guest cell{'s' if len(nowhere) > 1 else ''} {_join_ids(nowhere)} fit{'s' if len(nowhere) == 1 else ''} no host cell"
+        )
     if violator is not None:
         gs, hs = violator
         host_ids = [f.hosts[j].id for j in hs]
@@ -728,19 +742,14 @@ def _no_fit(
     return NoFit(reason="\n".join(lines), cell_reasons=cell_reasons)
 
 
-def _reserved_no_fit(
-    f: _Fitter, pairs: list[list[_PairFit | None]], used: int, pool: int, budget: int
-) -> NoFit:
+def _reserved_no_fit(f: _Fitter, pairs: list[list[_PairFit | None]], used: int, pool: int, budget: int) -> NoFit:
     cell_reasons = _cell_lines(f, pairs)
     lines = list(cell_reasons.values())
     what = "small-page (ram_allocation_ratio applied)" if f.overcommit_ok else "free small-page"
     state = f.state
     taken = f"{state.reserved_memory_mb} MiB of which is reserved (reserved_memory_mb)"
     if state.unbound_memory_mb:
-        taken += (
-            f" and {state.unbound_memory_mb} MiB used by domains not bound to any cell "
-            f"(unbound_memory_mb)"
-        )
+        taken += f" and {state.unbound_memory_mb} MiB used by domains not bound to any cell (unbound_memory_mb)"
     lines.append(
         f"every guest cell fits a host cell, but the instance needs at least {used} MiB of small-page "
         f"memory and the host has {pool} MiB {what} memory, {taken}"

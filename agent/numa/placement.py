@@ -12,7 +12,6 @@ import msgspec
 from agent.errors import InvalidInput
 from agent.numa.topology import decode_schema
 
-
 # Bounds Placement.from_json accepts (the same ranges the host state documents accept).
 MAX_ID = 1 << 20  # CPU, vCPU and cell ids
 MAX_MEMORY_MB = 1 << 40

@@ -234,9 +234,7 @@ def parse_cpu_spec(spec: str, key: str, max_id: int) -> frozenset[int]:
             exclude.update(range(first, min(end, max_id) + 1))
         else:
             if end > max_id:
-                raise InvalidRequest(
-                    f"{key}: vCPU {end} is out of range (the instance has vCPUs 0-{max_id})", [key]
-                )
+                raise InvalidRequest(f"{key}: vCPU {end} is out of range (the instance has vCPUs 0-{max_id})", [key])
             include.update(range(first, end + 1))
     return frozenset(include - exclude)
 
@@ -419,8 +417,7 @@ def _page_size(meta: _Meta) -> tuple[PageSizeWish | None, list[str]]:
     if fval is None:
         if ival is not None:
             raise InvalidRequest(
-                f"image asks {ikey}={_show(ival)} but the flavor does not set {fkey} "
-                "(MemoryPageSizeForbidden)",
+                f"image asks {ikey}={_show(ival)} but the flavor does not set {fkey} (MemoryPageSizeForbidden)",
                 [ikey, fkey],
             )
         return None, []
@@ -475,7 +472,7 @@ def _cell_map(source: Mapping[str, Any], prefix: str, what: str) -> dict[int, tu
     for key, value in source.items():
         if not isinstance(key, str) or not key.startswith(family):
             continue
-        rest = key[len(family):]
+        rest = key[len(family) :]
         if rest and rest[0] not in ".":  # e.g. hw:numa_cpus_foo: not ours
             continue
         match = _CELL_KEY_RE.fullmatch(key)
@@ -485,8 +482,9 @@ def _cell_map(source: Mapping[str, Any], prefix: str, what: str) -> dict[int, tu
     return found
 
 
-def _cell_lists(meta: _Meta, vcpus: int) -> tuple[dict[int, tuple[str, frozenset[int]]] | None,
-                                                  dict[int, tuple[str, int]] | None]:
+def _cell_lists(
+    meta: _Meta, vcpus: int
+) -> tuple[dict[int, tuple[str, frozenset[int]]] | None, dict[int, tuple[str, int]] | None]:
     """_get_numa_cpu_constraint / _get_numa_mem_constraint for flavor and image.
 
     DIFFERS FROM NOVA: as for hw:numa_nodes, an image repeating the flavor's layout is accepted.
@@ -512,8 +510,7 @@ def _cell_lists(meta: _Meta, vcpus: int) -> tuple[dict[int, tuple[str, frozenset
             if not same:
                 keys = [k for k, _ in flavor.values()] + [k for k, _ in image.values()]
                 raise InvalidRequest(
-                    f"flavor hw:numa_{what}.N and image hw_numa_{what}.N disagree "
-                    "(ImageNUMATopologyForbidden)",
+                    f"flavor hw:numa_{what}.N and image hw_numa_{what}.N disagree (ImageNUMATopologyForbidden)",
                     sorted(keys),
                 )
         result.append(flavor or image or None)
@@ -541,9 +538,7 @@ def _migration(meta: _Meta) -> MigrationWishes:
         fval = parse_bool(_Meta._text(fkey, fraw), fkey) if fraw is not None else None
         ival = parse_bool(_Meta._text(ikey, iraw), ikey) if iraw is not None else None
         if fval is not None and ival is not None and fval != ival:
-            raise InvalidRequest(
-                f"flavor {fkey}={_show(fraw)} and image {ikey}={_show(iraw)} disagree", [fkey, ikey]
-            )
+            raise InvalidRequest(f"flavor {fkey}={_show(fraw)} and image {ikey}={_show(iraw)} disagree", [fkey, ikey])
         if fval is not None:
             values[feature] = (fval, fkey)
             if fval:
@@ -555,9 +550,7 @@ def _migration(meta: _Meta) -> MigrationWishes:
         if ival:
             true_keys.append(ikey)
     if values["auto_converge"][0] and values["post_copy"][0]:
-        raise InvalidRequest(
-            "auto-converge and post-copy cannot both be enabled for one live migration", true_keys
-        )
+        raise InvalidRequest("auto-converge and post-copy cannot both be enabled for one live migration", true_keys)
     return MigrationWishes(
         auto_converge=values["auto_converge"][0],
         post_copy=values["post_copy"][0],
@@ -613,8 +606,7 @@ def parse_request(doc: Any) -> InstanceRequest:
             )
         if realtime is not None:
             raise InvalidRequest(
-                f"realtime needs hw:cpu_policy=dedicated or mixed, not {policy_word} "
-                "(RealtimeConfigurationInvalid)",
+                f"realtime needs hw:cpu_policy=dedicated or mixed, not {policy_word} (RealtimeConfigurationInvalid)",
                 realtime_keys + policy_keys,
             )
     elif cpu_policy is CpuPolicy.DEDICATED:
@@ -678,8 +670,7 @@ def parse_request(doc: Any) -> InstanceRequest:
         assert given is not None
         missing = "hw:numa_mem.N" if mem_list is None else "hw:numa_cpus.N"
         raise InvalidRequest(
-            f"guest cell vCPUs and memory must be given together; {missing} is missing "
-            "(ImageNUMATopologyIncomplete)",
+            f"guest cell vCPUs and memory must be given together; {missing} is missing (ImageNUMATopologyIncomplete)",
             sorted(k for k, _ in given.values()),
         )
 

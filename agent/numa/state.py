@@ -33,10 +33,10 @@ from typing import Any, Mapping
 from agent.errors import InvalidHostState
 from agent.numa.topology import (
     SMALL_PAGE_KB,
+    CellDoc,
     HostTopology,
     NumaCell,
     TopologyDoc,
-    CellDoc,
     decode_schema,
     topology_from_doc,
 )
@@ -109,8 +109,7 @@ class HostState:
         doc["reserved_memory_mb"] = self.reserved_memory_mb
         doc["unbound_memory_mb"] = self.unbound_memory_mb
         doc["reserved_pages"] = {
-            str(c): {str(s): n for s, n in sorted(sizes.items())}
-            for c, sizes in sorted(self.reserved_pages.items())
+            str(c): {str(s): n for s, n in sorted(sizes.items())} for c, sizes in sorted(self.reserved_pages.items())
         }
         doc["cpu_allocation_ratio"] = self.cpu_allocation_ratio
         doc["ram_allocation_ratio"] = self.ram_allocation_ratio

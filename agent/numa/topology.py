@@ -175,9 +175,7 @@ def topology_from_doc(doc: TopologyDoc) -> HostTopology:
             if len(flat) != len(set(flat)):
                 raise InvalidHostState(f"{where}.siblings: a CPU appears in two groups")
             if set(flat) != set(cpus):
-                raise InvalidHostState(
-                    f"{where}.siblings: groups cover {sorted(set(flat))}, cell has {sorted(cpus)}"
-                )
+                raise InvalidHostState(f"{where}.siblings: groups cover {sorted(set(flat))}, cell has {sorted(cpus)}")
             siblings = tuple(sorted(groups))
         pages = []
         sizes = set()
@@ -185,9 +183,7 @@ def topology_from_doc(doc: TopologyDoc) -> HostTopology:
             if p.size_kb <= 0 or p.size_kb > 1 << 30 or p.size_kb in sizes:
                 raise InvalidHostState(f"{where}.pages: bad or duplicate size_kb {p.size_kb}")
             if not (0 <= p.free <= p.total <= 1 << 48):
-                raise InvalidHostState(
-                    f"{where}.pages[{p.size_kb}]: need 0 <= free ({p.free}) <= total ({p.total})"
-                )
+                raise InvalidHostState(f"{where}.pages[{p.size_kb}]: need 0 <= free ({p.free}) <= total ({p.total})")
             sizes.add(p.size_kb)
             pages.append(PagePool(p.size_kb, p.total, p.free))
         try:

@@ -50,13 +50,19 @@ def topology(
             small = (memory_mb_per_cell * 1024 - huge_kb) // 4
             pages.append({"size_kb": 4, "total": small, "free": small})
         if huge_2m:
-            pages.append({"size_kb": 2048, "total": huge_2m,
-                          "free": huge_2m if huge_2m_free is None else huge_2m_free})
+            pages.append({"size_kb": 2048, "total": huge_2m, "free": huge_2m if huge_2m_free is None else huge_2m_free})
         if huge_1g:
             pages.append({"size_kb": 1048576, "total": huge_1g, "free": huge_1g})
-        doc_cells.append({"id": c, "cpus": sorted(cpus), "siblings": sorted(siblings),
-                          "memory_kb": memory_mb_per_cell * 1024, "pages": pages,
-                          "distances": {str(o): 10 if o == c else 21 for o in range(cells)}})
+        doc_cells.append(
+            {
+                "id": c,
+                "cpus": sorted(cpus),
+                "siblings": sorted(siblings),
+                "memory_kb": memory_mb_per_cell * 1024,
+                "pages": pages,
+                "distances": {str(o): 10 if o == c else 21 for o in range(cells)},
+            }
+        )
     return HostTopology.from_json({"hostname": "test", "cells": doc_cells})
 
 
@@ -76,10 +82,16 @@ def request(
     cells = []
     for i in range(numa_nodes):
         ids = frozenset(range(i * per, (i + 1) * per))
-        cells.append(GuestCell(id=i, vcpus=ids, memory_mb=memory_mb // numa_nodes,
-                               dedicated_vcpus=ids if dedicated else frozenset()))
-    page = None if page_kb is None else (
-        PageSizeWish(PageSizeKind.SMALL) if page_kb == 4 else PageSizeWish(PageSizeKind.EXPLICIT, page_kb))
+        cells.append(
+            GuestCell(
+                id=i, vcpus=ids, memory_mb=memory_mb // numa_nodes, dedicated_vcpus=ids if dedicated else frozenset()
+            )
+        )
+    page = (
+        None
+        if page_kb is None
+        else (PageSizeWish(PageSizeKind.SMALL) if page_kb == 4 else PageSizeWish(PageSizeKind.EXPLICIT, page_kb))
+    )
     return InstanceRequest(
         uuid=uuid or str(uuidlib.uuid4()),
         vcpus=vcpus,
@@ -98,8 +110,13 @@ def state_fn(topo: HostTopology, domains: Iterable[DomainPlacement] = (), cfg: C
     return host_state_fn(topo, lambda: doms, cfg)
 
 
-def check_invariant(topo: HostTopology, claims: Iterable[Claim], domains: Iterable[DomainPlacement] = (),
-                    cfg: ComputeConfig = NO_RESERVE, active_uuids: Iterable[str] | None = None) -> HostState:
+def check_invariant(
+    topo: HostTopology,
+    claims: Iterable[Claim],
+    domains: Iterable[DomainPlacement] = (),
+    cfg: ComputeConfig = NO_RESERVE,
+    active_uuids: Iterable[str] | None = None,
+) -> HostState:
     """Every pCPU pinned by at most one holder; no page pool, small-page memory (per cell and
     host-wide, memory bound to no cell and reserved_host_memory_mb included) or floating capacity
     over-promised."""
@@ -134,7 +151,12 @@ def check_invariant(topo: HostTopology, claims: Iterable[Claim], domains: Iterab
     # memory bound to no single cell (all of it small pages in these tests) is host-wide
     unbound = report.unbound_memory_mb
     assert small_used + unbound + state.reserved_memory_mb <= small_total, (
-        "host small-page MiB", small_used, unbound, state.reserved_memory_mb, small_total)
+        "host small-page MiB",
+        small_used,
+        unbound,
+        state.reserved_memory_mb,
+        small_total,
+    )
     return state
 
 

@@ -10,13 +10,14 @@ import pytest
 
 from agent.claims.cli import add_claims_parser, run_claims
 from agent.claims.ledger import Ledger
-
 from tests.claims.helpers import request, state_fn, topology
 
 FN = state_fn(topology())
 
 
-def run(argv, ) -> tuple[int, str, str]:
+def run(
+    argv,
+) -> tuple[int, str, str]:
     parser = argparse.ArgumentParser(prog="compute-agent")
     sub = parser.add_subparsers(dest="command")
     add_claims_parser(sub)
@@ -138,14 +139,34 @@ def test_host_state_command_opens_the_ledger_read_only(tmp_path, capsys):
 
     root = Path(__file__).resolve().parents[1] / "fixtures" / "sysfs" / "single_no_smt"
     (tmp_path / "ledger.db").write_bytes(b"garbage" * 500)
-    rc = main(["host-state", "--connection", "test:///default", "--state-dir", str(tmp_path),
-               "--sysfs-root", str(root), "--json"])
+    rc = main(
+        [
+            "host-state",
+            "--connection",
+            "test:///default",
+            "--state-dir",
+            str(tmp_path),
+            "--sysfs-root",
+            str(root),
+            "--json",
+        ]
+    )
     assert rc == 1 and "corrupt" in capsys.readouterr().err
     assert not list(tmp_path.glob("ledger.db.corrupt-*"))
     assert (tmp_path / "ledger.db").read_bytes() == b"garbage" * 500
     # a missing ledger is not created either
-    rc = main(["host-state", "--connection", "test:///default", "--state-dir", str(tmp_path / "none"),
-               "--sysfs-root", str(root), "--json"])
+    rc = main(
+        [
+            "host-state",
+            "--connection",
+            "test:///default",
+            "--state-dir",
+            str(tmp_path / "none"),
+            "--sysfs-root",
+            str(root),
+            "--json",
+        ]
+    )
     assert rc == 0 and not (tmp_path / "none").exists()
 
 

@@ -9,7 +9,6 @@ import pytest
 
 from agent.claims.errors import NoFitError
 from agent.claims.ledger import ClaimState, Ledger
-
 from tests.claims.helpers import check_invariant, request, state_fn, topology
 
 

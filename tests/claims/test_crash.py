@@ -58,8 +58,13 @@ def test_sigkill_during_claims_never_loses_or_tears_a_claim(tmp_path):
     in_flight_present = 0
     for run in range(RUNS):
         errlog = open(tmp_path / "child.err", "w+b")  # a file: a full stderr pipe would stall the child
-        child = subprocess.Popen([sys.executable, str(script), str(state_dir), str(run)], cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=errlog)
+        child = subprocess.Popen(
+            [sys.executable, str(script), str(state_dir), str(run)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=errlog,
+        )
         assert child.stdout is not None
         first = child.stdout.readline()
         assert first == b"READY\n", (tmp_path / "child.err").read_bytes()[-2000:]
@@ -83,11 +88,16 @@ def test_sigkill_during_claims_never_loses_or_tears_a_claim(tmp_path):
         with Ledger.open(state_dir) as led:
             assert led.recovered_from_corrupt is None and led.corrupt_files == ()
             conn = led._conn
-            ids = {r[0] for r in conn.execute("SELECT migration_id FROM claims WHERE migration_id LIKE ?",
-                                               (f"r{run}-%",))}
-            tids = {r[0] for r in conn.execute("SELECT DISTINCT migration_id FROM transitions "
-                                                "WHERE migration_id LIKE ? AND from_state IS NULL",
-                                                (f"r{run}-%",))}
+            ids = {
+                r[0] for r in conn.execute("SELECT migration_id FROM claims WHERE migration_id LIKE ?", (f"r{run}-%",))
+            }
+            tids = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT migration_id FROM transitions WHERE migration_id LIKE ? AND from_state IS NULL",
+                    (f"r{run}-%",),
+                )
+            }
             assert printed <= ids, f"run {run}: committed claims lost: {sorted(printed - ids)}"
             extra = ids - printed
             nxt = f"r{run}-{len(complete)}"

@@ -11,10 +11,8 @@ from agent.claims.ledger import Claim, ClaimState
 from agent.config import ComputeConfig
 from agent.libvirt_ops.domain_xml import DomainPlacement, GuestNumaCell, HugepageBacking
 from agent.libvirt_ops.inventory import DomainInventory, IncompleteInventory
-from agent.numa.placement import CellPlacement, Placement
-
 from agent.numa.fit import fit
-
+from agent.numa.placement import CellPlacement, Placement
 from tests.claims.helpers import NO_RESERVE, request, topology
 
 # 2 cells x 4 cores x 2 threads: cell 0 = {0-3, 8-11}, cell 1 = {4-7, 12-15}; siblings (k, k+8)
@@ -27,24 +25,35 @@ def dom(name="d1", uuid="11111111-1111-1111-1111-111111111111", **kw) -> DomainP
     return DomainPlacement(name=name, uuid=uuid, **kw)
 
 
-def claim_of(placement: Placement, state=ClaimState.HELD, mid="m1",
-             uuid="22222222-2222-2222-2222-222222222222") -> Claim:
+def claim_of(
+    placement: Placement, state=ClaimState.HELD, mid="m1", uuid="22222222-2222-2222-2222-222222222222"
+) -> Claim:
     return Claim(mid, uuid, "src", "{}", placement, state, 0.0, 100.0, 0.0, None, 60.0)
 
 
-def one_cell_placement(host_cell=1, cpus=(4, 5), memory_mb=1024, pagesize_kb=2048, emulator=(), iso=False,
-                       reserved=()) -> Placement:
+def one_cell_placement(
+    host_cell=1, cpus=(4, 5), memory_mb=1024, pagesize_kb=2048, emulator=(), iso=False, reserved=()
+) -> Placement:
     pins = {v: (c,) for v, c in enumerate(cpus)}
     return Placement(
-        cells=(CellPlacement(0, host_cell, tuple(pins), pins, memory_mb, pagesize_kb,
-                             frozenset(pins), frozenset(reserved)),),
-        emulator_pins=tuple(emulator), emulator_isolated=iso)
+        cells=(
+            CellPlacement(
+                0, host_cell, tuple(pins), pins, memory_mb, pagesize_kb, frozenset(pins), frozenset(reserved)
+            ),
+        ),
+        emulator_pins=tuple(emulator),
+        emulator_isolated=iso,
+    )
 
 
 def test_pinned_domain_with_hugepages_counts_cpus_memory_and_pages():
-    d = dom(vcpu_pins={0: frozenset({1}), 1: frozenset({9})}, emulator_pins=frozenset({1, 9}),
-            guest_cells=(GuestNumaCell(0, frozenset({0, 1}), 1024 * 1024),), memnodes={0: frozenset({0})},
-            hugepages=(HugepageBacking(2048, None),))
+    d = dom(
+        vcpu_pins={0: frozenset({1}), 1: frozenset({9})},
+        emulator_pins=frozenset({1, 9}),
+        guest_cells=(GuestNumaCell(0, frozenset({0, 1}), 1024 * 1024),),
+        memnodes={0: frozenset({0})},
+        hugepages=(HugepageBacking(2048, None),),
+    )
     u = domain_usage(d, TOPO, NO_RESERVE)
     assert u.cells[0].pinned_cpus == {1, 9}
     assert u.cells[0].used_memory_mb == 1024
@@ -59,11 +68,16 @@ def test_pinned_domain_with_hugepages_counts_cpus_memory_and_pages():
 
 
 def test_hugepage_size_none_is_host_default_and_per_guest_cell_nodeset():
-    d = dom(vcpus=4, memory_kib=4 * 1024 * 1024,
-            guest_cells=(GuestNumaCell(0, frozenset({0, 1}), 2 * 1024 * 1024),
-                         GuestNumaCell(1, frozenset({2, 3}), 2 * 1024 * 1024)),
-            memnodes={0: frozenset({0}), 1: frozenset({1})},
-            hugepages=(HugepageBacking(1048576, frozenset({1})), HugepageBacking(None, None)))
+    d = dom(
+        vcpus=4,
+        memory_kib=4 * 1024 * 1024,
+        guest_cells=(
+            GuestNumaCell(0, frozenset({0, 1}), 2 * 1024 * 1024),
+            GuestNumaCell(1, frozenset({2, 3}), 2 * 1024 * 1024),
+        ),
+        memnodes={0: frozenset({0}), 1: frozenset({1})},
+        hugepages=(HugepageBacking(1048576, frozenset({1})), HugepageBacking(None, None)),
+    )
     u = domain_usage(d, TOPO, NO_RESERVE)
     assert u.cells[0].used_pages == {2048: 1024}
     assert u.cells[1].used_pages == {1048576: 2}
@@ -79,10 +93,16 @@ def test_emulator_isolated_via_agent_metadata_counts_exact_placement():
 
 
 def test_emulatorpin_single_dedicated_cpu_without_metadata_is_isolated():
-    cfg = ComputeConfig(cpu_dedicated_set=frozenset(range(1, 8)) | frozenset(range(9, 16)),
-                        cpu_shared_set=frozenset({0, 8}), reserved_host_memory_mb=0)
-    d = dom(vcpu_pins={0: frozenset({1}), 1: frozenset({2})}, emulator_pins=frozenset({3}),
-            iothread_pins={1: frozenset({0, 8})})
+    cfg = ComputeConfig(
+        cpu_dedicated_set=frozenset(range(1, 8)) | frozenset(range(9, 16)),
+        cpu_shared_set=frozenset({0, 8}),
+        reserved_host_memory_mb=0,
+    )
+    d = dom(
+        vcpu_pins={0: frozenset({1}), 1: frozenset({2})},
+        emulator_pins=frozenset({3}),
+        iothread_pins={1: frozenset({0, 8})},
+    )
     u = domain_usage(d, TOPO, cfg)
     assert u.cells[0].pinned_cpus == {1, 2, 3}
     # a single pin outside the dedicated set is not exclusive: it floats
@@ -116,8 +136,11 @@ def test_unbound_memory_is_reported_not_put_on_a_cell():
 
 def test_small_pages_go_to_4k_pool_when_the_cell_reports_one():
     topo = topology(small_pool=True, huge_2m=0)
-    d = dom(memory_kib=1024 * 1024, memnodes={0: frozenset({0})},
-            guest_cells=(GuestNumaCell(0, frozenset({0, 1}), 1024 * 1024),))
+    d = dom(
+        memory_kib=1024 * 1024,
+        memnodes={0: frozenset({0})},
+        guest_cells=(GuestNumaCell(0, frozenset({0, 1}), 1024 * 1024),),
+    )
     u = domain_usage(d, topo, NO_RESERVE)
     assert u.cells[0].used_pages == {4: 262144} and u.cells[0].used_memory_mb == 1024
     u2 = domain_usage(d, TOPO, NO_RESERVE)  # no 4 KiB pool: MiB only
@@ -135,8 +158,12 @@ def test_overlapping_domains_are_reported_not_raised(caplog):
 
 
 def test_claims_count_only_in_used_pages_and_config_reservations_apply():
-    cfg = ComputeConfig(reserved_host_memory_mb=1024, reserved_huge_pages=((1, 2048, 64),),
-                        cpu_dedicated_set=frozenset(range(1, 16)) - {8}, cpu_shared_set=frozenset({0, 8}))
+    cfg = ComputeConfig(
+        reserved_host_memory_mb=1024,
+        reserved_huge_pages=((1, 2048, 64),),
+        cpu_dedicated_set=frozenset(range(1, 16)) - {8},
+        cpu_shared_set=frozenset({0, 8}),
+    )
     p = one_cell_placement(host_cell=1, cpus=(4, 5), memory_mb=512)
     rep = compute_host_state(TOPO, [], [claim_of(p)], cfg)
     st = rep.state
@@ -176,8 +203,11 @@ def test_claim_overlapping_a_domain_is_reported():
 
 
 def test_pins_outside_topology_are_notes_not_crashes():
-    d = dom(vcpu_pins={0: frozenset({99}), 1: frozenset({98, 97})}, memnodes={0: frozenset({7})},
-            guest_cells=(GuestNumaCell(0, frozenset({0, 1}), 1024),))
+    d = dom(
+        vcpu_pins={0: frozenset({99}), 1: frozenset({98, 97})},
+        memnodes={0: frozenset({7})},
+        guest_cells=(GuestNumaCell(0, frozenset({0, 1}), 1024),),
+    )
     u = domain_usage(d, TOPO, NO_RESERVE)
     assert len(u.notes) == 3
     assert u.unbound_memory_mb == 1
@@ -240,8 +270,7 @@ def test_host_state_fn_takes_an_inventory_and_refuses_an_incomplete_one():
 
 def test_unbound_memory_on_a_single_cell_host_is_charged_to_that_cell():
     for small_pool in (False, True):
-        topo = topology(cells=1, cores_per_cell=4, threads=1, memory_mb_per_cell=8192, huge_2m=0,
-                        small_pool=small_pool)
+        topo = topology(cells=1, cores_per_cell=4, threads=1, memory_mb_per_cell=8192, huge_2m=0, small_pool=small_pool)
         plain = dom(vcpus=1, memory_kib=6 * 1024 * 1024)  # no numatune: bound to no node
         rep = compute_host_state(topo, [plain], [], NO_RESERVE)
         u = rep.state.cell_usage(0)

@@ -20,7 +20,6 @@ from agent.claims.errors import (
 from agent.claims.ledger import SCHEMA_VERSION, ClaimState, Ledger
 from agent.config import ComputeConfig
 from agent.errors import AgentError, InvalidInput
-
 from tests.claims.helpers import FakeClock, check_invariant, request, state_fn, topology
 
 TOPO = topology(cells=2, cores_per_cell=4, threads=2, huge_2m=1024)
@@ -94,8 +93,7 @@ def test_illegal_transitions_raise_typed_errors(ledger):
 
 
 def test_unknown_claim_and_bad_ids(ledger):
-    for op in (ledger.get, ledger.start, ledger.confirm, ledger.transitions,
-               lambda m: ledger.release(m, "why")):
+    for op in (ledger.get, ledger.start, ledger.confirm, ledger.transitions, lambda m: ledger.release(m, "why")):
         with pytest.raises(UnknownClaim):
             op("nope")
     for bad in ("", "a" * 129, "has space", "semi;colon", "é", None, 5):
@@ -110,11 +108,10 @@ def test_bad_requests_and_parameters(ledger):
     with pytest.raises(InvalidInput):
         ledger.claim("m", {"uuid": "not-a-uuid", "vcpus": 2, "memory_mb": 1}, "s", 60, FN)
     with pytest.raises(InvalidInput):
-        ledger.claim("m", {"uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10", "vcpus": 10 ** 9, "memory_mb": 1},
-                     "s", 60, FN)
+        ledger.claim("m", {"uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10", "vcpus": 10**9, "memory_mb": 1}, "s", 60, FN)
     with pytest.raises(InvalidInput):
         ledger.claim("m", 42, "s", 60, FN)
-    for ttl in (0, -1, float("nan"), float("inf"), 10 ** 12, True, "60"):
+    for ttl in (0, -1, float("nan"), float("inf"), 10**12, True, "60"):
         with pytest.raises(InvalidInput):
             ledger.claim("m", request(), "s", ttl, FN)
     for src in ("", " x", "a\nb", "h" * 256, None):
@@ -128,12 +125,17 @@ def test_bad_requests_and_parameters(ledger):
 
 
 def test_claim_from_request_document(ledger):
-    doc = {"uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10", "vcpus": 2, "memory_mb": 1024,
-           "extra_specs": {"hw:cpu_policy": "dedicated", "hw:mem_page_size": "2048"}}
+    doc = {
+        "uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10",
+        "vcpus": 2,
+        "memory_mb": 1024,
+        "extra_specs": {"hw:cpu_policy": "dedicated", "hw:mem_page_size": "2048"},
+    }
     c = ledger.claim("doc", doc, "s", 60, FN)
     assert c.instance_uuid == doc["uuid"] and c.request["vcpus"] == 2
     # the same request as JSON text is the same request
     import json
+
     assert ledger.claim("doc", json.dumps(doc), "s", 60, FN) == c
 
 
@@ -231,15 +233,18 @@ def test_schema_migration_from_v1(tmp_path, clock, caplog):
     # a v1 ledger as the first release wrote it, holding one live claim
     with Ledger.open(tmp_path / "src", clock=clock) as led:
         c = led.claim("m", request(), "s", 60, FN)
-        row = led._conn.execute("SELECT migration_id, instance_uuid, source_host, request_json, placement_json, "
-                                "state, created_at, expires_at, updated_at, reason FROM claims").fetchone()
+        row = led._conn.execute(
+            "SELECT migration_id, instance_uuid, source_host, request_json, placement_json, "
+            "state, created_at, expires_at, updated_at, reason FROM claims"
+        ).fetchone()
     db = tmp_path / "ledger.db"
     conn = sqlite3.connect(db)
     for stmt in V1:
         conn.execute(stmt)
     conn.execute("INSERT INTO claims VALUES (?,?,?,?,?,?,?,?,?,?)", row)
-    conn.execute("INSERT INTO transitions (migration_id, from_state, to_state, at, reason) "
-                 "VALUES ('m', NULL, 'held', 1, 'x')")
+    conn.execute(
+        "INSERT INTO transitions (migration_id, from_state, to_state, at, reason) VALUES ('m', NULL, 'held', 1, 'x')"
+    )
     conn.execute("PRAGMA user_version = 1")
     conn.commit()
     conn.close()
@@ -300,7 +305,7 @@ def test_damaged_database_is_moved_aside_or_recreated(tmp_path):
     data = bytearray(db.read_bytes())
     assert len(data) > 3 * 4096
     for off in range(4096 + 100, len(data), 997):  # scribble over every page but the header
-        data[off:off + 8] = b"\xff" * 8
+        data[off : off + 8] = b"\xff" * 8
     db.write_bytes(bytes(data))
     led = Ledger.open(tmp_path, on_corrupt="recreate")
     with led:
@@ -335,11 +340,11 @@ def test_reconcile_decisions(ledger, clock, caplog):
         return c.source_host == "src-f"
 
     with caplog.at_level(logging.INFO, logger="compute_agent.claims"):
-        decisions = ledger.reconcile([r_run.uuid.upper(), "bbbbbbbb-0000-4000-8000-000000000000"],
-                                     source_reports_failed=source_failed)
+        decisions = ledger.reconcile(
+            [r_run.uuid.upper(), "bbbbbbbb-0000-4000-8000-000000000000"], source_reports_failed=source_failed
+        )
     got = {d.migration_id: (d.from_state.value, d.to_state.value) for d in decisions}
-    assert got == {"runs": ("held", "confirmed"), "stale": ("held", "expired"),
-                   "failed": ("migrating", "released")}
+    assert got == {"runs": ("held", "confirmed"), "stale": ("held", "expired"), "failed": ("migrating", "released")}
     assert all(d.reason.startswith("reconcile:") for d in decisions)
     for mid in got:
         assert f"reconcile: claim {mid}" in caplog.text
@@ -361,8 +366,7 @@ def test_reconcile_accepts_domain_placements_and_expires_migrating(ledger, clock
     clock.advance(601)
     dom = DomainPlacement(name="vm", uuid=r.uuid, vcpus=2, memory_kib=1024)
     decisions = ledger.reconcile([dom])
-    assert [(d.migration_id, d.to_state) for d in decisions] == [("a", ClaimState.CONFIRMED),
-                                                                 ("b", ClaimState.EXPIRED)]
+    assert [(d.migration_id, d.to_state) for d in decisions] == [("a", ClaimState.CONFIRMED), ("b", ClaimState.EXPIRED)]
     with pytest.raises(InvalidInput):
         ledger.reconcile([object()])
 
@@ -381,6 +385,7 @@ def test_fitter_double_booking_is_refused(tmp_path):
 
     def bad_fitter(req, state):
         from agent.numa.fit import fit
+
         p = fit(req, state.__class__(topology=state.topology))  # ignores usage: would double book
         first.setdefault("p", p)
         return p
@@ -421,17 +426,29 @@ def test_ledger_records_what_the_fitter_accepts(tmp_path):
     from agent.numa.fit import fit
     from agent.numa.state import HostState
 
-    st = HostState.from_json({
-        "cells": [{"id": 0, "cpus": [0, 1, 2, 3], "memory_kb": 8 * 1024 * 1024,
-                   "pages": [{"size_kb": 4, "total": 2 * 1024 * 1024, "free": 2 * 1024 * 1024}],
-                   "floating_vcpus": 5}],
-        "cpu_dedicated_set": [2, 3], "cpu_shared_set": [0, 1], "cpu_allocation_ratio": 1.0})
+    st = HostState.from_json(
+        {
+            "cells": [
+                {
+                    "id": 0,
+                    "cpus": [0, 1, 2, 3],
+                    "memory_kb": 8 * 1024 * 1024,
+                    "pages": [{"size_kb": 4, "total": 2 * 1024 * 1024, "free": 2 * 1024 * 1024}],
+                    "floating_vcpus": 5,
+                }
+            ],
+            "cpu_dedicated_set": [2, 3],
+            "cpu_shared_set": [0, 1],
+            "cpu_allocation_ratio": 1.0,
+        }
+    )
     req = request(1, 512, page_kb=4)
     assert fit(req, st).fits
     with Ledger.open(tmp_path) as led:
         c = led.claim("m1", req, "src", 60, lambda live: st)
         assert c.state is ClaimState.HELD and c.placement == fit(req, st)
     import agent.claims.ledger as ledger_mod
+
     assert not hasattr(ledger_mod, "_starved_floating")
 
 
@@ -452,8 +469,15 @@ def test_from_config_and_host_state_fn_with_domains(tmp_path):
 
     cfg = ClaimsConfig(state_dir=tmp_path, migrating_timeout_s=5, retention_s=7)
     topo = topology(cells=1, cores_per_cell=2, threads=1, huge_2m=0)
-    running = [DomainPlacement(name="d", uuid="cccccccc-0000-4000-8000-000000000000", vcpus=1,
-                               memory_kib=1024, vcpu_pins={0: frozenset({0})})]
+    running = [
+        DomainPlacement(
+            name="d",
+            uuid="cccccccc-0000-4000-8000-000000000000",
+            vcpus=1,
+            memory_kib=1024,
+            vcpu_pins={0: frozenset({0})},
+        )
+    ]
     fn = host_state_fn(lambda: topo, lambda: running, ComputeConfig(reserved_host_memory_mb=0))
     with Ledger.from_config(cfg) as led:
         assert led.migrating_timeout_s == 5 and led.retention_s == 7
@@ -483,8 +507,9 @@ def test_claim_for_an_instance_running_here_is_refused_and_its_cpus_stay_taken(t
 
     x, y = "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10", "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a11"
     topo = topology(cells=1, cores_per_cell=6, threads=1, huge_2m=0)
-    dom_x = DomainPlacement(name="X", uuid=x, vcpus=2, memory_kib=1024 * 1024,
-                            vcpu_pins={0: frozenset({2}), 1: frozenset({3})})
+    dom_x = DomainPlacement(
+        name="X", uuid=x, vcpus=2, memory_kib=1024 * 1024, vcpu_pins={0: frozenset({2}), 1: frozenset({3})}
+    )
     cfg = ComputeConfig(reserved_host_memory_mb=0)
     for domains in (lambda: [dom_x], lambda: DomainInventory((dom_x,), frozenset({x}))):
         fn = host_state_fn(topo, domains, cfg)
@@ -506,8 +531,11 @@ def test_no_claim_on_a_host_with_unreadable_domains(tmp_path):
     from agent.claims.hoststate import host_state_fn
     from agent.libvirt_ops.inventory import DomainInventory, IncompleteInventory
 
-    fn = host_state_fn(TOPO, lambda: DomainInventory((), frozenset(), ("vm3: not well-formed",)),
-                       ComputeConfig(reserved_host_memory_mb=0))
+    fn = host_state_fn(
+        TOPO,
+        lambda: DomainInventory((), frozenset(), ("vm3: not well-formed",)),
+        ComputeConfig(reserved_host_memory_mb=0),
+    )
     with Ledger.open(tmp_path) as led:
         with pytest.raises(IncompleteInventory, match="vm3"):
             led.claim("m", request(), "s", 60, fn)

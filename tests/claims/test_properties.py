@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid as uuidlib
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
-import uuid as uuidlib
 
 from agent.claims.errors import ClaimConflict, ClaimEnded, IllegalTransition, NoFitError
 from agent.claims.hoststate import compute_host_state, placement_usage
@@ -30,7 +29,6 @@ from agent.claims.ledger import LIVE_STATES, ClaimState, Ledger
 from agent.libvirt_ops.domain_xml import DomainPlacement
 from agent.numa.placement import Placement
 from agent.numa.topology import HostTopology
-
 from tests.claims.helpers import NO_RESERVE, FakeClock, check_invariant, request, topology
 
 TTL = 30
@@ -44,12 +42,17 @@ class LedgerMachine(RuleBasedStateMachine):
         threads=st.integers(1, 2),
         pages=st.sampled_from([0, 8, 64, 256]),
         small_pool=st.booleans(),
-        plain=st.lists(st.tuples(st.integers(1, 2), st.sampled_from([64, 256, 512]), st.booleans()),
-                       max_size=2),
+        plain=st.lists(st.tuples(st.integers(1, 2), st.sampled_from([64, 256, 512]), st.booleans()), max_size=2),
     )
     def setup(self, cells, cores, threads, pages, small_pool, plain):
-        self.base = topology(cells=cells, cores_per_cell=cores, threads=threads, huge_2m=pages,
-                             memory_mb_per_cell=2048, small_pool=small_pool)
+        self.base = topology(
+            cells=cells,
+            cores_per_cell=cores,
+            threads=threads,
+            huge_2m=pages,
+            memory_mb_per_cell=2048,
+            small_pool=small_pool,
+        )
         # tmpfs when there is one: this test is about logic; durability is test_crash's job
         shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self.dir = Path(tempfile.mkdtemp(prefix="claims-prop-", dir=shm))
@@ -68,11 +71,12 @@ class LedgerMachine(RuleBasedStateMachine):
             pins = {}
             if pin and not pinned_one:
                 pins, pinned_one = {0: frozenset({last})}, True
-            self.domains[uuid] = DomainPlacement(name=f"plain-{uuid[:8]}", uuid=uuid, vcpus=vcpus,
-                                                 memory_kib=mem * 1024, vcpu_pins=pins)
+            self.domains[uuid] = DomainPlacement(
+                name=f"plain-{uuid[:8]}", uuid=uuid, vcpus=vcpus, memory_kib=mem * 1024, vcpu_pins=pins
+            )
 
     def _open(self) -> Ledger:
-        return Ledger.open(self.dir, clock=self.clock, migrating_timeout_s=MIGRATING_TIMEOUT, retention_s=10 ** 6)
+        return Ledger.open(self.dir, clock=self.clock, migrating_timeout_s=MIGRATING_TIMEOUT, retention_s=10**6)
 
     def kernel_topology(self) -> HostTopology:
         """The base host with page free counts lowered by what running placed domains use."""
@@ -102,8 +106,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # ---- rules ---------------------------------------------------------------------------------
 
-    @rule(vcpus=st.integers(1, 4), mem=st.sampled_from([2, 64, 512, 1024]), dedicated=st.booleans(),
-          page=st.sampled_from([None, 4, 2048]), iso=st.booleans())
+    @rule(
+        vcpus=st.integers(1, 4),
+        mem=st.sampled_from([2, 64, 512, 1024]),
+        dedicated=st.booleans(),
+        page=st.sampled_from([None, 4, 2048]),
+        iso=st.booleans(),
+    )
     def claim(self, vcpus, mem, dedicated, page, iso):
         self.n += 1
         mid = f"m{self.n}"
@@ -168,7 +177,8 @@ class LedgerMachine(RuleBasedStateMachine):
         c = self.ledger.get(mid)
         if c.state is ClaimState.MIGRATING:
             self.domains[c.instance_uuid] = DomainPlacement(
-                name=mid, uuid=c.instance_uuid, vcpus=1, memory_kib=1024, agent_placement=c.placement.to_json())
+                name=mid, uuid=c.instance_uuid, vcpus=1, memory_kib=1024, agent_placement=c.placement.to_json()
+            )
 
     @precondition(lambda self: self.expected)
     @rule(data=st.data())
@@ -188,8 +198,8 @@ class LedgerMachine(RuleBasedStateMachine):
             self.expected[mid] = ClaimState.CONFIRMED
             # the domain now runs here, with the agent's placement metadata
             self.domains[c.instance_uuid] = DomainPlacement(
-                name=mid, uuid=c.instance_uuid, vcpus=1, memory_kib=1024,
-                agent_placement=c.placement.to_json())
+                name=mid, uuid=c.instance_uuid, vcpus=1, memory_kib=1024, agent_placement=c.placement.to_json()
+            )
 
     @precondition(lambda self: self.expected)
     @rule(data=st.data())
@@ -250,7 +260,9 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 LedgerMachine.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=30, deadline=None,
+    max_examples=60,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestLedgerMachine = LedgerMachine.TestCase

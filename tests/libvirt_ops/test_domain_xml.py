@@ -6,6 +6,7 @@ import json
 import re
 import uuid as uuidlib
 from pathlib import Path
+from xml.sax.saxutils import escape as _xml_escape
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,7 +26,6 @@ from agent.libvirt_ops.domain_xml import (
     rewrite_for_placement,
 )
 from agent.numa.placement import CellPlacement, Placement
-from xml.sax.saxutils import escape as _xml_escape
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "domains"
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.glob("*.xml"))
@@ -46,7 +46,9 @@ def strip_owned(xml: str) -> str:
     <vcpu cpuset=> attribute (placement='auto' normalised to 'static')."""
     s = re.sub(_WS + r"<(vcpupin|emulatorpin|iothreadpin|memnode)\b[^>]*/>", "", xml)
     s = re.sub(_WS + r"<memory\b[^>]*/>", "", s)  # numatune/memory; the domain's <memory> has text
-    s = re.sub(_WS + r'<(\w+):placement xmlns:\2="' + re.escape(PLACEMENT_NS) + r'">.*?</\2:placement>', "", s, flags=re.S)
+    s = re.sub(
+        _WS + r'<(\w+):placement xmlns:\2="' + re.escape(PLACEMENT_NS) + r'">.*?</\2:placement>', "", s, flags=re.S
+    )
     s = re.sub(_WS + r"<(cputune|numatune|metadata)\s*(/>|>\s*</\2>)", "", s)
 
     def vcpu_tag(m: re.Match[str]) -> str:
@@ -245,10 +247,24 @@ def test_rewrite_nova_dump_exact_text() -> None:
     xml = fixture("nova_pinned_2cell.xml")
     p = Placement(
         cells=(
-            CellPlacement(0, 1, (0, 1, 2, 3), {0: (21,), 1: (61,), 2: (22,), 3: (62,)}, 4096, 2048,
-                          dedicated_vcpus=frozenset(range(4))),
-            CellPlacement(1, 0, (4, 5, 6, 7), {4: (1,), 5: (41,), 6: (2,), 7: (42,)}, 4096, 2048,
-                          dedicated_vcpus=frozenset(range(4, 8))),
+            CellPlacement(
+                0,
+                1,
+                (0, 1, 2, 3),
+                {0: (21,), 1: (61,), 2: (22,), 3: (62,)},
+                4096,
+                2048,
+                dedicated_vcpus=frozenset(range(4)),
+            ),
+            CellPlacement(
+                1,
+                0,
+                (4, 5, 6, 7),
+                {4: (1,), 5: (41,), 6: (2,), 7: (42,)},
+                4096,
+                2048,
+                dedicated_vcpus=frozenset(range(4, 8)),
+            ),
         ),
         emulator_pins=(23,),
     )
@@ -256,8 +272,10 @@ def test_rewrite_nova_dump_exact_text() -> None:
     expected = xml
     expected = expected.replace("<vcpu placement='static' cpuset='20-27,60-67'>", "<vcpu placement='static'>")
     old_pins = re.search(r"    <vcpupin vcpu='0'.*?<iothreadpin[^>]*/>\n", xml, flags=re.S).group(0)
-    new_pins = "".join(f"    <vcpupin vcpu='{v}' cpuset='{c}'/>\n" for v, c in
-                       [(0, 21), (1, 61), (2, 22), (3, 62), (4, 1), (5, 41), (6, 2), (7, 42)])
+    new_pins = "".join(
+        f"    <vcpupin vcpu='{v}' cpuset='{c}'/>\n"
+        for v, c in [(0, 21), (1, 61), (2, 22), (3, 62), (4, 1), (5, 41), (6, 2), (7, 42)]
+    )
     new_pins += "    <emulatorpin cpuset='23'/>\n    <iothreadpin iothread='1' cpuset='23'/>\n"
     expected = expected.replace(old_pins, new_pins)
     expected = expected.replace(
@@ -279,7 +297,7 @@ def test_rewrite_creates_containers_with_document_indentation() -> None:
     p = placement_for(before, host_of=lambda g: 1)
     out = rewrite_for_placement(xml, p)
     assert (
-        "\t<vcpu placement=\"static\">4</vcpu>\n"
+        '\t<vcpu placement="static">4</vcpu>\n'
         "\t<cputune>\n"
         "\t\t<vcpupin vcpu='0' cpuset='100'/>\n"
         "\t\t<vcpupin vcpu='1' cpuset='101'/>\n"
@@ -295,7 +313,7 @@ def test_rewrite_creates_containers_with_document_indentation() -> None:
     )
     assert out.startswith('<?xml version="1.0" encoding="UTF-8"?>\n<!-- Hand-written guest')
     assert "\t<description>Ünïcødé before" in out
-    assert f"</description>\n\t<metadata>\n\t\t<ca:placement xmlns:ca=\"{PLACEMENT_NS}\">" in out
+    assert f'</description>\n\t<metadata>\n\t\t<ca:placement xmlns:ca="{PLACEMENT_NS}">' in out
 
 
 def test_rewrite_pins_go_before_cachetune_and_auto_placement_becomes_static() -> None:
@@ -376,12 +394,19 @@ def test_iothreadpins_follow_emulator_or_go() -> None:
     "mutate,match",
     [
         (lambda d: Placement(cells=placement_for(d).cells[:1]), "covers vCPUs 0-3 but domain"),
-        (lambda d: Placement(cells=(CellPlacement(0, 0, tuple(range(8)), {v: (v,) for v in range(8)}, 1, 4),)),
-         "guest cells"),
-        (lambda d: Placement(cells=(
-            CellPlacement(0, 0, (0, 1, 2, 3, 4), {v: (v,) for v in range(5)}, 1, 4),
-            CellPlacement(1, 1, (5, 6, 7), {v: (v,) for v in range(5, 8)}, 1, 4),
-        )), "guest cell 0"),
+        (
+            lambda d: Placement(cells=(CellPlacement(0, 0, tuple(range(8)), {v: (v,) for v in range(8)}, 1, 4),)),
+            "guest cells",
+        ),
+        (
+            lambda d: Placement(
+                cells=(
+                    CellPlacement(0, 0, (0, 1, 2, 3, 4), {v: (v,) for v in range(5)}, 1, 4),
+                    CellPlacement(1, 1, (5, 6, 7), {v: (v,) for v in range(5, 8)}, 1, 4),
+                )
+            ),
+            "guest cell 0",
+        ),
         (lambda d: Placement(cells=()), "no cells"),
     ],
 )
@@ -454,24 +479,34 @@ HOSTILE = {
     "negative vcpu id": (_ok("<cputune><vcpupin vcpu='-1' cpuset='1'/></cputune>"), r"vcpupin> attribute 'vcpu'"),
     "negative cpu": (_ok("<cputune><emulatorpin cpuset='-1'/></cputune>"), "emulatorpin> attribute 'cpuset'"),
     "vcpu beyond count": (_ok("<cputune><vcpupin vcpu='4' cpuset='1'/></cputune>"), "4 vCPUs"),
-    "vcpu pinned twice": (_ok("<cputune><vcpupin vcpu='1' cpuset='1'/><vcpupin vcpu='1' cpuset='2'/></cputune>"),
-                          "twice"),
+    "vcpu pinned twice": (
+        _ok("<cputune><vcpupin vcpu='1' cpuset='1'/><vcpupin vcpu='1' cpuset='2'/></cputune>"),
+        "twice",
+    ),
     "missing cpuset": (_ok("<cputune><vcpupin vcpu='1'/></cputune>"), "missing"),
     "bad iothread id": (_ok("<cputune><iothreadpin iothread='x' cpuset='1'/></cputune>"), "iothread"),
     "negative cell id": (_ok("<cpu><numa><cell id='-1' cpus='0' memory='1'/></numa></cpu>"), "cell> attribute 'id'"),
     "cell without memory": (_ok("<cpu><numa><cell id='0' cpus='0'/></numa></cpu>"), "memory"),
-    "duplicate cell": (_ok("<cpu><numa><cell id='0' cpus='0' memory='1'/><cell id='0' cpus='1' memory='1'/></numa></cpu>"),
-                       "unique"),
-    "vcpu in two cells": (_ok("<cpu><numa><cell id='0' cpus='0-1' memory='1'/><cell id='1' cpus='1' memory='1'/></numa></cpu>"),
-                          "two cells"),
+    "duplicate cell": (
+        _ok("<cpu><numa><cell id='0' cpus='0' memory='1'/><cell id='0' cpus='1' memory='1'/></numa></cpu>"),
+        "unique",
+    ),
+    "vcpu in two cells": (
+        _ok("<cpu><numa><cell id='0' cpus='0-1' memory='1'/><cell id='1' cpus='1' memory='1'/></numa></cpu>"),
+        "two cells",
+    ),
     "bad memnode": (_ok("<numatune><memnode cellid='zero' nodeset='0'/></numatune>"), "cellid"),
     "bad nodeset": (_ok("<numatune><memory mode='strict' nodeset='0-'/></numatune>"), "nodeset"),
     "bad page size": (_ok("<memoryBacking><hugepages><page size='2M'/></hugepages></memoryBacking>"), "size"),
     "two cputune": (_ok("<cputune/><cputune/>"), "cputune"),
-    "bad placement json": (_ok(f'<metadata><ca:placement xmlns:ca="{PLACEMENT_NS}">{{not json</ca:placement></metadata>'),
-                           "invalid JSON"),
-    "placement json not object": (_ok(f'<metadata><p:placement xmlns:p="{PLACEMENT_NS}">[1]</p:placement></metadata>'),
-                                  "not an object"),
+    "bad placement json": (
+        _ok(f'<metadata><ca:placement xmlns:ca="{PLACEMENT_NS}">{{not json</ca:placement></metadata>'),
+        "invalid JSON",
+    ),
+    "placement json not object": (
+        _ok(f'<metadata><p:placement xmlns:p="{PLACEMENT_NS}">[1]</p:placement></metadata>'),
+        "not an object",
+    ),
 }
 
 
@@ -520,7 +555,9 @@ def test_fuzzed_documents_never_raise_anything_but_domain_xml_error(data) -> Non
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(text)))
         j = data.draw(st.integers(i, min(len(text), i + 20)))
-        repl = data.draw(st.sampled_from(["", "<", ">", "'", '"', "&", "-", "^", "x", "9", "/", "<!DOCTYPE d>", "&amp;"]))
+        repl = data.draw(
+            st.sampled_from(["", "<", ">", "'", '"', "&", "-", "^", "x", "9", "/", "<!DOCTYPE d>", "&amp;"])
+        )
         text = text[:i] + repl + text[j:]
     try:
         d = parse_domain(text)
@@ -541,7 +578,9 @@ def documents(draw):
     n = draw(st.integers(1, 8))
     k = draw(st.integers(0, min(3, n)))  # guest NUMA cells; 0 = no <cpu><numa>
     if k:
-        cuts = sorted(draw(st.lists(st.integers(1, n - 1), min_size=k - 1, max_size=k - 1, unique=True))) if k > 1 else []
+        cuts = (
+            sorted(draw(st.lists(st.integers(1, n - 1), min_size=k - 1, max_size=k - 1, unique=True))) if k > 1 else []
+        )
         bounds = [0, *cuts, n]
         groups = [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
     else:
@@ -605,8 +644,13 @@ def documents(draw):
             inner += [(2, f"<memnode{a(cellid=g, mode='preferred', nodeset=g)}/>") for g in range(k)]
         lines += [(1, "<numatune>"), *inner, (1, "</numatune>")]
     if draw(st.booleans()):
-        lines += [(1, "<memoryBacking>"), (2, "<hugepages>"),
-                  (3, f"<page{a(size=2048, unit='KiB')}/>"), (2, "</hugepages>"), (1, "</memoryBacking>")]
+        lines += [
+            (1, "<memoryBacking>"),
+            (2, "<hugepages>"),
+            (3, f"<page{a(size=2048, unit='KiB')}/>"),
+            (2, "</hugepages>"),
+            (1, "</memoryBacking>"),
+        ]
     lines.append((1, f"<os><type{a(arch='x86_64')}>hvm</type></os>"))
     if k:
         lines += [(1, "<cpu>"), (2, "<numa>")]
@@ -634,8 +678,16 @@ def placements(draw, groups: list[list[int]], dom: DomainPlacement):
                 dedicated.add(v)
             else:
                 pins[v] = tuple(sorted(draw(st.frozensets(st.integers(0, 255), min_size=1, max_size=6))))
-        cells.append(CellPlacement(g, draw(st.integers(0, 7)), tuple(vcpus), pins, *guest_memory(dom, g),
-                                   dedicated_vcpus=frozenset(dedicated)))
+        cells.append(
+            CellPlacement(
+                g,
+                draw(st.integers(0, 7)),
+                tuple(vcpus),
+                pins,
+                *guest_memory(dom, g),
+                dedicated_vcpus=frozenset(dedicated),
+            )
+        )
     emu = tuple(sorted(draw(st.frozensets(st.integers(0, 255), max_size=3))))
     return Placement(cells=tuple(cells), emulator_pins=emu, emulator_isolated=draw(st.booleans()))
 
@@ -685,8 +737,19 @@ def test_oversized_metadata_is_refused() -> None:
 
 
 _WIDE = ",".join(["0-65536"] * 2000)
-HOSTILE_NUMBERS = ["1_0", "+3", "\u0663", "\uff13", "1" * 5000, "0-" + "1" * 5000, _WIDE, "0-9999999",
-                   ",".join(["1"] * 70000), "3.0", "-1"]
+HOSTILE_NUMBERS = [
+    "1_0",
+    "+3",
+    "\u0663",
+    "\uff13",
+    "1" * 5000,
+    "0-" + "1" * 5000,
+    _WIDE,
+    "0-9999999",
+    ",".join(["1"] * 70000),
+    "3.0",
+    "-1",
+]
 HOSTILE_SPOTS = [
     "<cputune><vcpupin vcpu='0' cpuset='{}'/></cputune>",
     "<cputune><emulatorpin cpuset='{}'/></cputune>",
@@ -737,8 +800,10 @@ def test_fuzzed_hostile_values_never_raise_anything_but_domain_xml_error(data) -
     splices short tokens, so it never builds a 5000-digit number or 100k-deep JSON)."""
     import time
 
-    parts = [data.draw(st.sampled_from(HOSTILE_SPOTS)).format(data.draw(st.sampled_from(HOSTILE_FRAGMENTS)))
-             for _ in range(data.draw(st.integers(0, 3)))]
+    parts = [
+        data.draw(st.sampled_from(HOSTILE_SPOTS)).format(data.draw(st.sampled_from(HOSTILE_FRAGMENTS)))
+        for _ in range(data.draw(st.integers(0, 3)))
+    ]
     if data.draw(st.booleans()):
         parts.append(_OURS.format(_xml_escape(data.draw(st.sampled_from(HOSTILE_FRAGMENTS)))))
     xml = _BASE.format("".join(parts))
@@ -765,8 +830,11 @@ _HP_DOMAIN = """<domain>
 
 
 def _one_cell(memory_mb: int, pagesize_kb: int) -> Placement:
-    return Placement(cells=(CellPlacement(0, 1, (0, 1), {0: (4,), 1: (5,)}, memory_mb, pagesize_kb,
-                                          dedicated_vcpus=frozenset({0, 1})),))
+    return Placement(
+        cells=(
+            CellPlacement(0, 1, (0, 1), {0: (4,), 1: (5,)}, memory_mb, pagesize_kb, dedicated_vcpus=frozenset({0, 1})),
+        )
+    )
 
 
 def test_placement_memory_must_match_the_domain() -> None:
@@ -798,7 +866,8 @@ def test_placement_page_size_must_match_the_domain() -> None:
 
 def test_memory_not_a_whole_mib_rounds_up() -> None:
     xml = _HP_DOMAIN.replace("<memory unit='GiB'>8</memory>", "<memory unit='KiB'>1049000</memory>").replace(
-        "\n  <memoryBacking><hugepages><page size='2048' unit='KiB'/></hugepages></memoryBacking>", "")
+        "\n  <memoryBacking><hugepages><page size='2048' unit='KiB'/></hugepages></memoryBacking>", ""
+    )
     rewrite_for_placement(xml, _one_cell(1025, 4))
     with pytest.raises(DomainXMLError, match="1025 MiB"):
         rewrite_for_placement(xml, _one_cell(1024, 4))
@@ -819,10 +888,12 @@ _TWO_CELLS = """<domain>
 
 
 def _two_cells(mem0: int, page0: int, mem1: int, page1: int) -> Placement:
-    return Placement(cells=(
-        CellPlacement(0, 0, (0,), {0: (4,)}, mem0, page0, dedicated_vcpus=frozenset({0})),
-        CellPlacement(1, 1, (1,), {1: (5,)}, mem1, page1, dedicated_vcpus=frozenset({1})),
-    ))
+    return Placement(
+        cells=(
+            CellPlacement(0, 0, (0,), {0: (4,)}, mem0, page0, dedicated_vcpus=frozenset({0})),
+            CellPlacement(1, 1, (1,), {1: (5,)}, mem1, page1, dedicated_vcpus=frozenset({1})),
+        )
+    )
 
 
 def test_per_guest_cell_memory_and_page_size() -> None:

@@ -121,7 +121,7 @@ def assert_guest_keeps_running(host: tb.TestbedHost, name: str, watch_s: float =
     with open(path, errors="replace") as fh:
         text = fh.read()
     failure = GUEST_FAILURE.search(text)
-    assert not failure, f"guest {name} crashed on {host.name}: ...{text[failure.start():failure.start() + 300]}"
+    assert not failure, f"guest {name} crashed on {host.name}: ...{text[failure.start() : failure.start() + 300]}"
     new_ticks = text[start:].count(tb.TICK_LINE)
     assert new_ticks >= 2, f"guest {name} printed {new_ticks} ticks on {host.name} in {watch_s:.0f}s"
 
@@ -236,9 +236,14 @@ def test_post_copy_switch_completes_a_non_converging_guest(hosts, caplog):
                 refused.append(exc)
 
     outcome, _placement, wall = run_migration(
-        a, b, "mig-s3", UUIDS["s3"],
+        a,
+        b,
+        "mig-s3",
+        UUIDS["s3"],
         request_doc(UUIDS["s3"], {"compute:live_migration_post_copy": "true"}),
-        LibvirtConfig(**HOT_CFG), on_progress, runner_hook=lambda r: holder.update(runner=r),
+        LibvirtConfig(**HOT_CFG),
+        on_progress,
+        runner_hook=lambda r: holder.update(runner=r),
     )
     assert outcome.status == "completed", outcome.reason
     assert outcome.policy.post_copy and outcome.switched_to_postcopy
@@ -260,9 +265,13 @@ def test_auto_converge_throttles_and_completes(hosts):
     start_guest(a, "mig-s4", uuid=UUIDS["s4"], **HOT_GUEST)
     seen = []
     outcome, _placement, wall = run_migration(
-        a, b, "mig-s4", UUIDS["s4"],
+        a,
+        b,
+        "mig-s4",
+        UUIDS["s4"],
         request_doc(UUIDS["s4"], {"compute:live_migration_auto_converge": "true"}),
-        LibvirtConfig(**HOT_CFG), seen.append,
+        LibvirtConfig(**HOT_CFG),
+        seen.append,
     )
     assert outcome.status == "completed", outcome.reason
     assert outcome.policy.auto_converge and not outcome.switched_to_postcopy

@@ -42,7 +42,12 @@ TARGET = mig.MigrationTarget(uri="qemu+tcp://dest/system", migrate_uri="tcp://de
 PLACEMENT = Placement(
     cells=(
         CellPlacement(
-            guest_cell=0, host_cell=0, vcpus=(0,), cpu_pins={0: (0,)}, memory_mb=512, pagesize_kb=4,
+            guest_cell=0,
+            host_cell=0,
+            vcpus=(0,),
+            cpu_pins={0: (0,)},
+            memory_mb=512,
+            pagesize_kb=4,
             dedicated_vcpus=frozenset({0}),
         ),
     )
@@ -112,9 +117,19 @@ class FakeDomain:
     `paused_script`, then `paused_end`.
     """
 
-    def __init__(self, script, end="complete", *, postcopy_script=(), postcopy_end="complete",
-                 paused_script=(), paused_end="complete", memory_mib=512, clock=None,
-                 completed_stats=None) -> None:
+    def __init__(
+        self,
+        script,
+        end="complete",
+        *,
+        postcopy_script=(),
+        postcopy_end="complete",
+        paused_script=(),
+        paused_end="complete",
+        memory_mib=512,
+        clock=None,
+        completed_stats=None,
+    ) -> None:
         self.uuid, self.dom_name = UUID, "vm1"
         self.state_ = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
         self.script, self.end = list(script), end
@@ -155,7 +170,9 @@ class FakeDomain:
 
     def XMLDesc(self, flags=0):
         self.calls.append(("XMLDesc", flags))
-        return "<domain><name>vm1</name></domain>" + ("<!--inactive-->" if flags & libvirt.VIR_DOMAIN_XML_INACTIVE else "")
+        return "<domain><name>vm1</name></domain>" + (
+            "<!--inactive-->" if flags & libvirt.VIR_DOMAIN_XML_INACTIVE else ""
+        )
 
     # the job
     def migrateToURI3(self, uri, params, flags):
@@ -204,7 +221,9 @@ class FakeDomain:
 
     def abortJob(self):
         self.calls.append(("abortJob",))
-        self._finish(FakeError("operation aborted: migration out job: canceled by client", libvirt.VIR_ERR_OPERATION_ABORTED))
+        self._finish(
+            FakeError("operation aborted: migration out job: canceled by client", libvirt.VIR_ERR_OPERATION_ABORTED)
+        )
         return 0
 
     def migrateStartPostCopy(self, flags=0):
@@ -362,13 +381,17 @@ def runner_for(dom, config, dest_conn=None, clock=None):
 
 
 def test_downtime_steps_matches_novas_linear_schedule():
-    c = LibvirtConfig(live_migration_downtime_ms=400, live_migration_downtime_steps=10, live_migration_downtime_delay_s=30)
+    c = LibvirtConfig(
+        live_migration_downtime_ms=400, live_migration_downtime_steps=10, live_migration_downtime_delay_s=30
+    )
     steps = mig.downtime_steps(c, 3 * 1024)
     assert steps == [(90.0 * i, ms) for i, ms in enumerate([40, 76, 112, 148, 184, 220, 256, 292, 328, 364, 400])]
 
 
 def test_downtime_steps_count_at_least_one_gib():
-    c = LibvirtConfig(live_migration_downtime_ms=500, live_migration_downtime_steps=2, live_migration_downtime_delay_s=75)
+    c = LibvirtConfig(
+        live_migration_downtime_ms=500, live_migration_downtime_steps=2, live_migration_downtime_delay_s=75
+    )
     assert mig.downtime_steps(c, 256) == [(0.0, 250), (75.0, 375), (150.0, 500)]
     assert mig.downtime_for(mig.downtime_steps(c, 256), 74.9) == 250
     assert mig.downtime_for(mig.downtime_steps(c, 256), 75.0) == 375
@@ -382,15 +405,20 @@ def test_completion_timeout_per_gib_min_one():
 
 
 def test_progress_from_stats():
-    p = mig.progress_from_stats(stats(128, iteration=3, throttle=30, dirty=2500), phase="precopy",
-                                max_downtime_ms=100, elapsed_s=1.23456)
+    p = mig.progress_from_stats(
+        stats(128, iteration=3, throttle=30, dirty=2500), phase="precopy", max_downtime_ms=100, elapsed_s=1.23456
+    )
     assert p.percent == 75.0
     assert (p.memory_total, p.memory_remaining, p.memory_processed) == (512 * MiB, 128 * MiB, 384 * MiB)
     assert (p.iteration, p.throttle_pct, p.dirty_rate_pps, p.max_downtime_ms) == (3, 30, 2500, 100)
     assert p.elapsed_s == 1.235
     # processed only (no remaining key), clamped to 100
-    assert mig.progress_from_stats({"memory_total": 100, "memory_processed": 250}, phase="precopy",
-                                   max_downtime_ms=0, elapsed_s=0).percent == 100.0
+    assert (
+        mig.progress_from_stats(
+            {"memory_total": 100, "memory_processed": 250}, phase="precopy", max_downtime_ms=0, elapsed_s=0
+        ).percent
+        == 100.0
+    )
     assert mig.progress_from_stats({}, phase="postcopy", max_downtime_ms=0, elapsed_s=0).percent == 0.0
 
 
@@ -418,7 +446,9 @@ def test_completed_run_reports_progress_and_steps_downtime(fake_policy):
     dom = FakeDomain(script, "complete", clock=clock)
     dest = DestDomain(active=True)
     seen = []
-    outcome = runner_for(dom, cfg(), DestConn(lambda: dom.finished, dest), clock).run("vm1", TARGET, PLACEMENT, make_request(), seen.append)
+    outcome = runner_for(dom, cfg(), DestConn(lambda: dom.finished, dest), clock).run(
+        "vm1", TARGET, PLACEMENT, make_request(), seen.append
+    )
     assert outcome.status == "completed", outcome.reason
     assert outcome.downtime_ms == 42  # completed stats from the destination
     assert outcome.final_stats["downtime"] == 42
@@ -470,13 +500,17 @@ def test_completion_timeout_force_complete_without_postcopy_pauses(fake_policy):
 
 def test_force_complete_pause_is_undone_when_the_migration_fails(fake_policy):
     clock = Clock()
-    dom = FakeDomain([stats(64, iteration=2)] * 10, "hang", paused_script=[stats(30, iteration=9)],
-                     paused_end="fail", clock=clock)
+    dom = FakeDomain(
+        [stats(64, iteration=2)] * 10, "hang", paused_script=[stats(30, iteration=9)], paused_end="fail", clock=clock
+    )
     outcome = runner_for(
         dom, cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete"), clock=clock
     ).run("vm1", TARGET, PLACEMENT, make_request())
     assert outcome.status == "failed"
-    assert "qemu unexpectedly closed" in outcome.reason and f"libvirt error {libvirt.VIR_ERR_OPERATION_FAILED}" in outcome.reason
+    assert (
+        "qemu unexpectedly closed" in outcome.reason
+        and f"libvirt error {libvirt.VIR_ERR_OPERATION_FAILED}" in outcome.reason
+    )
     assert dom.names().index("suspend") < dom.names().index("resume")
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
 
@@ -501,8 +535,13 @@ def test_postcopy_armed_switches_when_not_converging(fake_policy, caplog):
     clock = Clock()
     caplog.set_level("INFO", logger="compute_agent.migration")
     script = [stats(r, iteration=1) for r in (400, 300, 200, 100)]
-    script += [stats(64, iteration=2), stats(40, iteration=2), stats(64, iteration=3), stats(30, iteration=3),
-               stats(64, iteration=4)]
+    script += [
+        stats(64, iteration=2),
+        stats(40, iteration=2),
+        stats(64, iteration=3),
+        stats(30, iteration=3),
+        stats(64, iteration=4),
+    ]
     dom = FakeDomain(script, "hang", postcopy_script=[stats(30, iteration=4)], clock=clock)
     outcome = runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
     assert outcome.status == "completed" and outcome.switched_to_postcopy
@@ -577,8 +616,9 @@ def test_abort_from_another_thread(fake_policy):
 
 def test_force_complete_on_request_without_postcopy_pauses_then_resumes_on_failure(fake_policy):
     clock = Clock()
-    dom = FakeDomain([stats(300, iteration=1)] * 5, "hang", paused_script=[stats(50, iteration=2)], paused_end="fail",
-                     clock=clock)
+    dom = FakeDomain(
+        [stats(300, iteration=1)] * 5, "hang", paused_script=[stats(50, iteration=2)], paused_end="fail", clock=clock
+    )
     runner = runner_for(dom, cfg(), clock=clock)
     actions = []
     phases = []
@@ -711,8 +751,13 @@ def test_real_libvirt_error_from_test_driver_becomes_a_failed_outcome(fake_polic
     """The test:///default driver cannot migrate: the libvirtError must come back as an outcome."""
     conn = open_connection("test:///default")
     try:
-        runner = mig.MigrationRunner(conn, cfg(), clock=Clock(), sleep=lambda s: threading.Event().wait(0.01),
-                                     connect=lambda uri: open_connection(uri) if uri == conn.getURI() else FakeConn())
+        runner = mig.MigrationRunner(
+            conn,
+            cfg(),
+            clock=Clock(),
+            sleep=lambda s: threading.Event().wait(0.01),
+            connect=lambda uri: open_connection(uri) if uri == conn.getURI() else FakeConn(),
+        )
         outcome = runner.run("test", TARGET, PLACEMENT, make_request())
     finally:
         conn.close()
@@ -757,8 +802,17 @@ def test_final_stats_from_the_job_completed_event(fake_policy):
 
             def finish(error=None):
                 if error is None:
-                    cb(self, d, {"downtime": 7, "memory_total": 512 * MiB, "time_elapsed": 1234,
-                                 "type": libvirt.VIR_DOMAIN_JOB_COMPLETED}, opaque)
+                    cb(
+                        self,
+                        d,
+                        {
+                            "downtime": 7,
+                            "memory_total": 512 * MiB,
+                            "time_elapsed": 1234,
+                            "type": libvirt.VIR_DOMAIN_JOB_COMPLETED,
+                        },
+                        opaque,
+                    )
                 real_finish(error)
 
             dom._finish = finish
@@ -805,8 +859,13 @@ def test_short_postcopy_phase_seen_through_the_lifecycle_event(fake_policy):
     src = EventConn(dom)
     runner = mig.MigrationRunner(src, cfg(), clock=clock, sleep=clock.sleep, connect=connector(src))
     actions = []
-    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True),
-                         lambda p: actions or actions.append(runner.force_complete()))
+    outcome = runner.run(
+        "vm1",
+        TARGET,
+        PLACEMENT,
+        make_request(post_copy=True),
+        lambda p: actions or actions.append(runner.force_complete()),
+    )
     assert actions == ["postcopy"]
     assert outcome.status == "completed" and outcome.switched_to_postcopy
     assert outcome.reason.endswith("(post-copy)") and outcome.downtime_ms == 5
@@ -821,13 +880,25 @@ def test_postcopy_page_requests_in_final_stats_count_as_observed(fake_policy):
             self._finish()
             return 0
 
-    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock,
-            completed_stats={"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 3,
-                             libvirt.VIR_DOMAIN_JOB_MEMORY_POSTCOPY_REQS: 12})
+    dom = D(
+        [stats(300, iteration=1)] * 3,
+        "hang",
+        clock=clock,
+        completed_stats={
+            "type": libvirt.VIR_DOMAIN_JOB_COMPLETED,
+            "downtime": 3,
+            libvirt.VIR_DOMAIN_JOB_MEMORY_POSTCOPY_REQS: 12,
+        },
+    )
     runner = runner_for(dom, cfg(), clock=clock)
     actions = []
-    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True),
-                         lambda p: actions or actions.append(runner.force_complete()))
+    outcome = runner.run(
+        "vm1",
+        TARGET,
+        PLACEMENT,
+        make_request(post_copy=True),
+        lambda p: actions or actions.append(runner.force_complete()),
+    )
     assert outcome.status == "completed" and outcome.switched_to_postcopy
 
 
@@ -910,8 +981,13 @@ def test_completed_after_unobserved_postcopy_request_reports_no_switch(fake_poli
     dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
     runner = runner_for(dom, cfg(), clock=clock)
     actions = []
-    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True),
-                         lambda p: actions or actions.append(runner.force_complete()))
+    outcome = runner.run(
+        "vm1",
+        TARGET,
+        PLACEMENT,
+        make_request(post_copy=True),
+        lambda p: actions or actions.append(runner.force_complete()),
+    )
     assert outcome.status == "completed" and not outcome.switched_to_postcopy
     assert "post-copy requested" in outcome.reason
 
@@ -1130,8 +1206,12 @@ def test_policy_and_xml_functions_are_imported_at_module_level():
 
 def test_outcome_final_stats_have_no_job_type(fake_policy):
     clock = Clock()
-    ok = FakeDomain([stats(100)] * 2, "complete", clock=clock,
-                    completed_stats={"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 9})
+    ok = FakeDomain(
+        [stats(100)] * 2,
+        "complete",
+        clock=clock,
+        completed_stats={"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 9},
+    )
     out = runner_for(ok, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request())
     assert out.status == "completed" and "type" not in out.final_stats and out.downtime_ms == 9
     bad = FakeDomain([dict(stats(100), downtime=30)] * 2, "fail", clock=Clock())
@@ -1169,8 +1249,11 @@ def test_real_policy_flags_params_and_rewritten_xml_reach_migrate_to_uri3(post_c
 
     clock = Clock()
     dom = D([stats(100)] * 2, "complete", clock=clock)
-    config = cfg(live_migration_bandwidth_mib=250, live_migration_auto_converge_initial=30,
-                 live_migration_auto_converge_increment=5)
+    config = cfg(
+        live_migration_bandwidth_mib=250,
+        live_migration_auto_converge_initial=30,
+        live_migration_auto_converge_increment=5,
+    )
     outcome = runner_for(dom, config, clock=clock).run(
         "vm1", TARGET, PLACEMENT, make_request(post_copy=post_copy, auto_converge=not post_copy)
     )
@@ -1179,8 +1262,12 @@ def test_real_policy_flags_params_and_rewritten_xml_reach_migrate_to_uri3(post_c
     assert (outcome.policy.post_copy, outcome.policy.auto_converge) == (post_copy, not post_copy)
     uri, params, flags = dom.migrate_args
     assert uri == TARGET.uri
-    base = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
-            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+    base = (
+        libvirt.VIR_MIGRATE_LIVE
+        | libvirt.VIR_MIGRATE_PEER2PEER
+        | libvirt.VIR_MIGRATE_PERSIST_DEST
+        | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    )
     extra = libvirt.VIR_MIGRATE_POSTCOPY if post_copy else libvirt.VIR_MIGRATE_AUTO_CONVERGE
     assert flags == base | extra
     live_xml = rewrite_for_placement(SMALL_DOMAIN_XML, PLACEMENT)

@@ -179,7 +179,12 @@ def test_importable_without_libvirt() -> None:
 
 
 def test_migration_flags() -> None:
-    base = pol.VIR_MIGRATE_LIVE | pol.VIR_MIGRATE_PEER2PEER | pol.VIR_MIGRATE_PERSIST_DEST | pol.VIR_MIGRATE_UNDEFINE_SOURCE
+    base = (
+        pol.VIR_MIGRATE_LIVE
+        | pol.VIR_MIGRATE_PEER2PEER
+        | pol.VIR_MIGRATE_PERSIST_DEST
+        | pol.VIR_MIGRATE_UNDEFINE_SOURCE
+    )
     assert base == 1 | 2 | 8 | 16
     assert migration_flags(MigrationPolicy(False, False, "")) == base
     assert migration_flags(MigrationPolicy(False, True, "")) == base | 32768
@@ -227,8 +232,9 @@ def test_params_are_accepted_by_libvirt_python_typed_params() -> None:
         dom = conn.lookupByName("test")
         c = cfg(False, False, live_migration_bandwidth_mib=100, live_migration_post_copy_bandwidth_mib=50)
         for p in (MigrationPolicy(True, False, ""), MigrationPolicy(False, True, "")):
-            params = migration_params(p, dest_xml=dom.XMLDesc(), persistent_xml=dom.XMLDesc(),
-                                      migrate_uri="tcp://127.0.0.9", cfg=c)
+            params = migration_params(
+                p, dest_xml=dom.XMLDesc(), persistent_xml=dom.XMLDesc(), migrate_uri="tcp://127.0.0.9", cfg=c
+            )
             with pytest.raises(libvirt.libvirtError) as exc:
                 dom.migrateToURI3("test:///default", params, migration_flags(p))
             assert exc.value.get_error_code() in (

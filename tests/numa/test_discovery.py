@@ -57,8 +57,14 @@ def _copy_tree(case: str, tmp_path: Path) -> Path:
 
 def test_all_fixture_cases_present():
     assert set(GOOD_CASES) == {
-        "smt_n_nplusk", "round_robin", "offline_cpus", "isolated",
-        "cpuless_node", "hugepages_mixed", "eight_nodes", "single_no_smt",
+        "smt_n_nplusk",
+        "round_robin",
+        "offline_cpus",
+        "isolated",
+        "cpuless_node",
+        "hugepages_mixed",
+        "eight_nodes",
+        "single_no_smt",
     }
 
 
@@ -365,8 +371,12 @@ _CELL = "<capabilities><host><topology><cells>{}</cells></topology></host></capa
         (_CELL.format("<cell id='0'><distances><sibling id='0' value='ten'/></distances></cell>"), "distances"),
         (_CELL.format("<cell id='0'><cpus><cpu id='a'/></cpus></cell>"), "cpu id"),
         (_CELL.format("<cell id='0'><cpus><cpu id='0' siblings='0-x'/></cpus></cell>"), "siblings"),
-        (_CELL.format("<cell id='0'><cpus><cpu id='0'/></cpus></cell><cell id='1'><cpus><cpu id='0'/></cpus></cell>"),
-         "listed twice"),
+        (
+            _CELL.format(
+                "<cell id='0'><cpus><cpu id='0'/></cpus></cell><cell id='1'><cpus><cpu id='0'/></cpus></cell>"
+            ),
+            "listed twice",
+        ),
         (b"\xff<capabilities/>", "UTF-8"),
         (12, "must be str or bytes"),
     ],
@@ -415,7 +425,7 @@ def test_compare_sibling_difference_and_memory_tolerance():
     xml = xml.replace("siblings='0,16'", "siblings='0'", 1).replace("siblings='0,16'", "siblings='16'", 1)
     # 0.5% less memory on cell 1: within tolerance, not reported
     last = xml.rindex("16777216")
-    xml = xml[:last] + "16693330" + xml[last + len("16777216"):]
+    xml = xml[:last] + "16693330" + xml[last + len("16777216") :]
     diffs = compare_topologies(discover_sysfs(SYSFS / "smt_n_nplusk"), topology_from_capabilities(xml))
     assert diffs == ["cell 0: SMT sibling groups differ (sysfs [[0, 16]], capabilities [[0], [16]])"]
 
@@ -441,8 +451,9 @@ def test_discover_sysfs_only():
 
 
 def test_discover_sysfs_wins_and_logs_each_difference(caplog):
-    xml = _caps("smt_n_nplusk").replace("<pages unit='KiB' size='2048'>512</pages>",
-                                        "<pages unit='KiB' size='2048'>500</pages>")
+    xml = _caps("smt_n_nplusk").replace(
+        "<pages unit='KiB' size='2048'>512</pages>", "<pages unit='KiB' size='2048'>500</pages>"
+    )
     with caplog.at_level(logging.WARNING, logger="compute_agent.discovery"):
         topo, warnings = discover(str(SYSFS / "smt_n_nplusk"), xml, hostname="smt_n_nplusk")
     assert topo.to_json() == _expected("smt_n_nplusk")
@@ -594,7 +605,9 @@ def test_hostile_sysfs_numbers_raise_discovery_error_quickly(tmp_path, rel, cont
     assert str(target) in str(info.value)
 
 
-@pytest.mark.parametrize("rel", ["devices/system/node/node" + "1" * 200, "devices/system/node/node0/hugepages/hugepages-" + "1" * 200 + "kB"])
+@pytest.mark.parametrize(
+    "rel", ["devices/system/node/node" + "1" * 200, "devices/system/node/node0/hugepages/hugepages-" + "1" * 200 + "kB"]
+)
 def test_hostile_sysfs_directory_names_raise_discovery_error(tmp_path, rel):
     root = _copy_tree("single_no_smt", tmp_path)
     (root / rel).mkdir()  # a real name is at most 255 bytes: 200 digits

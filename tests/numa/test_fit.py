@@ -26,7 +26,6 @@ from agent.numa.request import (
     ThreadPolicy,
 )
 from agent.numa.state import HostState
-
 from tests.numa.placement_check import brute_force_fits, check_placement
 
 SCENARIOS = Path(__file__).resolve().parents[3] / "shared" / "bench" / "fit-scenarios.json"
@@ -253,7 +252,9 @@ def test_emulator_share_uses_shared_set_or_vcpu_pins():
     st_ = host(cell(0, [0, 1, 2, 3]), cell(1, [4, 5, 6, 7]))
     p = placed(req((2, 1024)), st_)
     assert not p.emulator_isolated and p.emulator_pins == tuple(sorted(pins(p)))
-    st2 = host(cell(0, [0, 1, 2, 3]), cell(1, [4, 5, 6, 7]), cpu_dedicated_set=[1, 2, 3, 5, 6, 7], cpu_shared_set=[0, 4])
+    st2 = host(
+        cell(0, [0, 1, 2, 3]), cell(1, [4, 5, 6, 7]), cpu_dedicated_set=[1, 2, 3, 5, 6, 7], cpu_shared_set=[0, 4]
+    )
     p2 = placed(req((2, 1024)), st2)
     assert p2.emulator_pins == (0, 4)
 
@@ -297,7 +298,9 @@ def test_mixed_floating_vcpus_exclude_reserved_siblings_and_emulator():
     assert pins(p) == [0] and p.emulator_pins == (1,) and c.reserved_cpus == frozenset({4, 5})
     assert c.cpu_pins[1] == (2, 3, 6, 7)
     # emulator isolate only: guest cell 0 pins the emulator CPU, its floating vCPUs avoid it
-    p = placed(req((3, 1024, 2), policy=CpuPolicy.MIXED, emulator=EmulatorThreadsPolicy.ISOLATE), host(cell(0, [0, 1, 2, 3])))
+    p = placed(
+        req((3, 1024, 2), policy=CpuPolicy.MIXED, emulator=EmulatorThreadsPolicy.ISOLATE), host(cell(0, [0, 1, 2, 3]))
+    )
     assert pins(p) == [0, 1] and p.emulator_pins == (2,) and p.cells[0].cpu_pins[2] == (3,)
 
 
@@ -335,7 +338,9 @@ def test_mixed_floating_needs_a_cpu_left_after_exclusion():
 
 def test_mixed_exclusion_partial_overlap_of_configured_sets():
     # dedicated set 0-3, shared set 2-5: only 2 and 3 are in both pools
-    st_ = host(cell(0, list(range(6))), cpu_dedicated_set=[0, 1, 2, 3], cpu_shared_set=[2, 3, 4, 5], cpu_allocation_ratio=1.0)
+    st_ = host(
+        cell(0, list(range(6))), cpu_dedicated_set=[0, 1, 2, 3], cpu_shared_set=[2, 3, 4, 5], cpu_allocation_ratio=1.0
+    )
     p = placed(req((4, 1024, 3), policy=CpuPolicy.MIXED), st_)
     assert pins(p) == [0, 1, 2] and p.cells[0].cpu_pins[3] == (3, 4, 5)
     nofit(req((7, 1024, 3), policy=CpuPolicy.MIXED), st_)  # 4 floating > 3 left
@@ -437,10 +442,14 @@ def test_starvation_rule_leaves_disjoint_cpu_sets_alone():
     for floating in (0, 2, 5):
         st_ = host(
             cell(0, [0, 1, 2, 3], floating_vcpus=floating),
-            cpu_dedicated_set=[2, 3], cpu_shared_set=[0, 1], cpu_allocation_ratio=1.0,
+            cpu_dedicated_set=[2, 3],
+            cpu_shared_set=[0, 1],
+            cpu_allocation_ratio=1.0,
         )
         assert pins(placed(req((2, 1024)), st_)) == [2, 3]
-        assert pins(placed(req((1, 1024), threads=ThreadPolicy.ISOLATE, emulator=EmulatorThreadsPolicy.ISOLATE), st_)) == [2]
+        assert pins(
+            placed(req((1, 1024), threads=ThreadPolicy.ISOLATE, emulator=EmulatorThreadsPolicy.ISOLATE), st_)
+        ) == [2]
         if floating < 2:
             placed(req((3, 1024, 2), policy=CpuPolicy.MIXED), st_)
         else:  # the mixed instance's own floating vCPU would make it worse
@@ -449,7 +458,9 @@ def test_starvation_rule_leaves_disjoint_cpu_sets_alone():
     # taking a shared one is not
     over = host(
         cell(0, [0, 1, 2, 3], floating_vcpus=3),
-        cpu_dedicated_set=[0, 1, 2], cpu_shared_set=[2, 3], cpu_allocation_ratio=1.0,
+        cpu_dedicated_set=[0, 1, 2],
+        cpu_shared_set=[2, 3],
+        cpu_allocation_ratio=1.0,
     )
     assert pins(placed(req((2, 1024)), over)) == [0, 1]
     nofit(req((3, 1024)), over)
@@ -461,13 +472,17 @@ def test_starvation_uses_the_deterministic_selection_only():
     # not search other selections, and the oracle agrees (nofit() checks brute_force_fits)
     st_ = host(
         cell(0, [0, 1, 2, 3], floating_vcpus=2),
-        cpu_dedicated_set=[0, 1], cpu_shared_set=[0, 3], cpu_allocation_ratio=1.0,
+        cpu_dedicated_set=[0, 1],
+        cpu_shared_set=[0, 3],
+        cpu_allocation_ratio=1.0,
     )
     nofit(req((1, 1024)), st_)
     # with room for one floating vCPU less it fits, on CPU 0
     st1 = host(
         cell(0, [0, 1, 2, 3], floating_vcpus=1),
-        cpu_dedicated_set=[0, 1], cpu_shared_set=[0, 3], cpu_allocation_ratio=1.0,
+        cpu_dedicated_set=[0, 1],
+        cpu_shared_set=[0, 3],
+        cpu_allocation_ratio=1.0,
     )
     assert pins(placed(req((1, 1024)), st1)) == [0]
 
@@ -478,7 +493,12 @@ def test_floating_overcommit_with_cpu_allocation_ratio():
     assert all(p.cells[0].cpu_pins[v] == (0, 1) for v in range(8))
     r = nofit(req((9, 1024), policy=CpuPolicy.SHARED), st_)
     assert "room for 8 more floating vCPUs" in r.reason
-    st2 = host(cell(0, [0, 1, 2, 3], floating_vcpus=3), cpu_dedicated_set=[2, 3], cpu_shared_set=[0, 1], cpu_allocation_ratio=4.0)
+    st2 = host(
+        cell(0, [0, 1, 2, 3], floating_vcpus=3),
+        cpu_dedicated_set=[2, 3],
+        cpu_shared_set=[0, 1],
+        cpu_allocation_ratio=4.0,
+    )
     placed(req((5, 1024), policy=CpuPolicy.SHARED), st2)
     nofit(req((6, 1024), policy=CpuPolicy.SHARED), st2)
 
@@ -774,8 +794,14 @@ def test_nofit_reason_mentions_memory_and_cpus():
 def test_invalid_request_without_cells():
     r = req((1, 512))
     empty = InstanceRequest(
-        uuid="u", vcpus=0, memory_mb=0, cells=(), cpu_policy=CpuPolicy.DEDICATED,
-        thread_policy=ThreadPolicy.PREFER, emulator_threads=EmulatorThreadsPolicy.SHARE, page_size=None,
+        uuid="u",
+        vcpus=0,
+        memory_mb=0,
+        cells=(),
+        cpu_policy=CpuPolicy.DEDICATED,
+        thread_policy=ThreadPolicy.PREFER,
+        emulator_threads=EmulatorThreadsPolicy.SHARE,
+        page_size=None,
     )
     with pytest.raises(InvalidRequest):
         fit(empty, host(cell(0, [0])))
@@ -818,7 +844,9 @@ def host_states(draw: st.DrawFn, roomy: bool = False) -> HostState:
         huge_kb = 0
         if roomy or draw(st.booleans()):
             total = draw(st.sampled_from([0, 256, 512, 1024, 1536]))
-            pages.append({"size_kb": 2048, "total": total, "free": draw(st.one_of(st.just(total), st.integers(0, total)))})
+            pages.append(
+                {"size_kb": 2048, "total": total, "free": draw(st.one_of(st.just(total), st.integers(0, total)))}
+            )
             huge_kb += total * 2048
         if draw(st.booleans()):
             total = draw(st.integers(0, 3))
@@ -843,7 +871,9 @@ def host_states(draw: st.DrawFn, roomy: bool = False) -> HostState:
     doc: dict[str, Any] = {"hostname": "h", "cells": cells}
     if all_cpus and not roomy and draw(st.integers(0, 2)) == 0:
         # "b": in both sets (overlapping pools, where mixed instances exclude their own CPUs)
-        roles = draw(st.lists(st.sampled_from(["d", "d", "d", "s", "b", "-"]), min_size=len(all_cpus), max_size=len(all_cpus)))
+        roles = draw(
+            st.lists(st.sampled_from(["d", "d", "d", "s", "b", "-"]), min_size=len(all_cpus), max_size=len(all_cpus))
+        )
         doc["cpu_dedicated_set"] = [c for c, r in zip(all_cpus, roles) if r in "db"]
         doc["cpu_shared_set"] = [c for c, r in zip(all_cpus, roles) if r in "sb"]
     doc["reserved_memory_mb"] = draw(st.sampled_from([0, 0, 0, 512, 2048, 6000]))
@@ -855,7 +885,9 @@ def host_states(draw: st.DrawFn, roomy: bool = False) -> HostState:
     if draw(st.integers(0, 2)) == 0:
         # a reservation close to what is free, so that reserved_memory_mb decides between page sizes
         slack = draw(st.sampled_from([0, 256, 512, 1024, 1536, 2048, 3072]))
-        state = dataclasses.replace(state, reserved_memory_mb=max(0, sum(r.small_free_mb for r in state.all_resources()) - slack))
+        state = dataclasses.replace(
+            state, reserved_memory_mb=max(0, sum(r.small_free_mb for r in state.all_resources()) - slack)
+        )
     if draw(st.integers(0, 2)) == 0:
         # part of the host-level budget taken by domains bound to no cell instead
         unbound = draw(st.sampled_from([256, 1024, 4096]))
@@ -884,9 +916,7 @@ def requests(draw: st.DrawFn) -> InstanceRequest:
         else:
             ded = frozenset(draw(st.sets(st.sampled_from(sorted(vcpus)))))
         cells.append(GuestCell(id=k, vcpus=vcpus, memory_mb=mems[k], dedicated_vcpus=ded))
-    page = draw(
-        st.sampled_from([None, SMALL, LARGE, ANY, ANY, P2M, P1G, PageSizeWish(PageSizeKind.EXPLICIT, 4)])
-    )
+    page = draw(st.sampled_from([None, SMALL, LARGE, ANY, ANY, P2M, P1G, PageSizeWish(PageSizeKind.EXPLICIT, 4)]))
     return InstanceRequest(
         uuid="u",
         vcpus=nxt,

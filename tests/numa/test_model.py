@@ -82,18 +82,25 @@ def test_resources_semantics():
 
 
 def test_small_pages_without_4k_entry_derive_from_memory():
-    cell = _cell(pages=[{"size_kb": 2048, "total": 1024, "free": 512}], used_memory_mb=3072,
-                 used_pages={"2048": 512})
+    cell = _cell(pages=[{"size_kb": 2048, "total": 1024, "free": 512}], used_memory_mb=3072, used_pages={"2048": 512})
     r = HostState.from_json({"cells": [cell]}).resources(0)
     # 8 GiB - 2 GiB hugepages = 6 GiB small; used 3072 MiB of which 512 x 2 MiB = 1024 MiB hugepages
     assert r.small_free_mb == 6144 - 2048
 
 
 def _no_4k(used_memory_mb, used_pages, free_2m):
-    return HostState.from_json({"cells": [_cell(
-        memory_kb=10 * 1048576, pages=[{"size_kb": 2048, "total": 1024, "free": free_2m}],
-        used_memory_mb=used_memory_mb, used_pages=used_pages,
-    )]}).resources(0)
+    return HostState.from_json(
+        {
+            "cells": [
+                _cell(
+                    memory_kb=10 * 1048576,
+                    pages=[{"size_kb": 2048, "total": 1024, "free": free_2m}],
+                    used_memory_mb=used_memory_mb,
+                    used_pages=used_pages,
+                )
+            ]
+        }
+    ).resources(0)
 
 
 def test_small_used_without_4k_pool_is_our_accounting_not_the_kernels():
@@ -138,8 +145,14 @@ def test_placement_round_trip_and_pinned_cpus():
     p = Placement(
         cells=(
             CellPlacement(
-                guest_cell=0, host_cell=1, vcpus=(0, 1), cpu_pins={0: (5,), 1: (8, 9)}, memory_mb=1024,
-                pagesize_kb=2048, dedicated_vcpus=frozenset({0}), reserved_cpus=frozenset({6}),
+                guest_cell=0,
+                host_cell=1,
+                vcpus=(0, 1),
+                cpu_pins={0: (5,), 1: (8, 9)},
+                memory_mb=1024,
+                pagesize_kb=2048,
+                dedicated_vcpus=frozenset({0}),
+                reserved_cpus=frozenset({6}),
             ),
         ),
         emulator_pins=(7,),
@@ -156,14 +169,32 @@ def test_placement_bad_input_typed():
         Placement.from_json({"fits": True, "cells": [{"guest_cell": 0}]})
     with pytest.raises(InvalidInput, match="cpu_pins"):
         Placement.from_json(
-            {"fits": True, "cells": [{"guest_cell": 0, "host_cell": 0, "vcpus": [0, 1], "cpu_pins": {"0": [1]},
-                                      "memory_mb": 1, "pagesize_kb": 4}]}
+            {
+                "fits": True,
+                "cells": [
+                    {
+                        "guest_cell": 0,
+                        "host_cell": 0,
+                        "vcpus": [0, 1],
+                        "cpu_pins": {"0": [1]},
+                        "memory_mb": 1,
+                        "pagesize_kb": 4,
+                    }
+                ],
+            }
         )
 
 
 def _pl_cell(**over):
-    c = {"guest_cell": 0, "host_cell": 0, "vcpus": [0, 1], "cpu_pins": {"0": [1], "1": [2, 3]},
-         "memory_mb": 512, "pagesize_kb": 4, "dedicated_vcpus": [0]}
+    c = {
+        "guest_cell": 0,
+        "host_cell": 0,
+        "vcpus": [0, 1],
+        "cpu_pins": {"0": [1], "1": [2, 3]},
+        "memory_mb": 512,
+        "pagesize_kb": 4,
+        "dedicated_vcpus": [0],
+    }
     c.update(over)
     return c
 
@@ -180,8 +211,11 @@ def _pl_cell(**over):
         ([_pl_cell(host_cell=-1)], [], "host_cell"),
         ([_pl_cell(guest_cell=-1)], [], "guest_cell"),
         ([_pl_cell(), _pl_cell(host_cell=1, vcpus=[2], cpu_pins={"2": [5]}, dedicated_vcpus=[2])], [], "guest_cell"),
-        ([_pl_cell(), _pl_cell(guest_cell=1, host_cell=1, vcpus=[1], cpu_pins={"1": [5]}, dedicated_vcpus=[])],
-         [], "vcpus"),
+        (
+            [_pl_cell(), _pl_cell(guest_cell=1, host_cell=1, vcpus=[1], cpu_pins={"1": [5]}, dedicated_vcpus=[])],
+            [],
+            "vcpus",
+        ),
         ([_pl_cell(vcpus=[0, 0, 1])], [], "vcpus"),
         ([_pl_cell(vcpus=[-1, 1], cpu_pins={"-1": [1], "1": [2]}, dedicated_vcpus=[])], [], "vcpus"),
         ([_pl_cell(cpu_pins={"0": [], "1": [2, 3]})], [], "cpu_pins[0]"),
@@ -198,10 +232,23 @@ def test_placement_from_json_rejects_insane_documents(cells, emulator, field):
 
 
 def test_placement_from_json_accepts_what_the_fitter_writes():
-    ok = Placement.from_json({"fits": True, "cells": [
-        _pl_cell(),
-        _pl_cell(guest_cell=1, host_cell=1, vcpus=[2], cpu_pins={"2": [5]}, dedicated_vcpus=[2], memory_mb=0,
-                 pagesize_kb=1048576),
-    ], "emulator_pins": [1, 2, 3, 5]})
+    ok = Placement.from_json(
+        {
+            "fits": True,
+            "cells": [
+                _pl_cell(),
+                _pl_cell(
+                    guest_cell=1,
+                    host_cell=1,
+                    vcpus=[2],
+                    cpu_pins={"2": [5]},
+                    dedicated_vcpus=[2],
+                    memory_mb=0,
+                    pagesize_kb=1048576,
+                ),
+            ],
+            "emulator_pins": [1, 2, 3, 5],
+        }
+    )
     assert [c.host_cell for c in ok.cells] == [0, 1]
     assert ok.pinned_cpus == {1, 5}

@@ -131,8 +131,15 @@ class TestDocument:
         assert info.value.keys == (field,)
 
     @pytest.mark.parametrize(
-        "uuid", ["", "x", "8d5b0c1e5f2a4c4e9f517f2d1c0e9a10", "{8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10}",
-                 "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a1g", "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10\n"]
+        "uuid",
+        [
+            "",
+            "x",
+            "8d5b0c1e5f2a4c4e9f517f2d1c0e9a10",
+            "{8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10}",
+            "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a1g",
+            "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10\n",
+        ],
     )
     def test_bad_uuid(self, uuid):
         rejects(uuid=uuid, keys=["uuid"])
@@ -161,17 +168,21 @@ class TestDocument:
 
     def test_unknown_keys_are_ignored(self):
         req = parse(
-            {"hw:cpu_sockets": "2", "hw:watchdog_action": "reset", "quota:cpu_shares": "10",
-             "aggregate_instance_extra_specs:ssd": "true", "hw:numa_cpus_foo": "x",
-             "resources:CUSTOM_X": "1"},
+            {
+                "hw:cpu_sockets": "2",
+                "hw:watchdog_action": "reset",
+                "quota:cpu_shares": "10",
+                "aggregate_instance_extra_specs:ssd": "true",
+                "hw:numa_cpus_foo": "x",
+                "resources:CUSTOM_X": "1",
+            },
             {"os_distro": "ubuntu", "hw_disk_bus": "virtio", "hw_cpu_dedicated_mask": "^0"},
         )
         assert req.cpu_policy is CpuPolicy.SHARED
 
     def test_non_string_values(self):
         # typed image properties are accepted by their text ...
-        req = parse({"hw:cpu_policy": "dedicated"}, {"hw_numa_nodes": 2,
-                                                      "compute_live_migration_post_copy": True})
+        req = parse({"hw:cpu_policy": "dedicated"}, {"hw_numa_nodes": 2, "compute_live_migration_post_copy": True})
         assert len(req.cells) == 2 and req.migration.post_copy is True
         # ... but not floats, lists or null-ish containers on known keys
         rejects({"hw:numa_nodes": 2.0}, keys=["hw:numa_nodes"])
@@ -208,12 +219,14 @@ class TestCpuPolicy:
 
     @pytest.mark.parametrize("image", ["dedicated", "mixed"])
     def test_flavor_shared_image_pinned_is_refused(self, image):
-        rejects({"hw:cpu_policy": "shared"}, {"hw_cpu_policy": image},
-                keys=["hw:cpu_policy", "hw_cpu_policy"])
+        rejects({"hw:cpu_policy": "shared"}, {"hw_cpu_policy": image}, keys=["hw:cpu_policy", "hw_cpu_policy"])
 
     def test_flavor_mixed_image_dedicated_is_refused(self):
-        rejects({"hw:cpu_policy": "mixed", "hw:cpu_dedicated_mask": "0"}, {"hw_cpu_policy": "dedicated"},
-                keys=["hw:cpu_policy", "hw_cpu_policy"])
+        rejects(
+            {"hw:cpu_policy": "mixed", "hw:cpu_dedicated_mask": "0"},
+            {"hw_cpu_policy": "dedicated"},
+            keys=["hw:cpu_policy", "hw_cpu_policy"],
+        )
 
     @pytest.mark.parametrize("image", ["shared", "dedicated", "mixed"])
     def test_flavor_dedicated_wins_over_any_image(self, image):
@@ -255,22 +268,22 @@ class TestThreadPolicy:
 
     @pytest.mark.parametrize("word", ["isolate", "require"])
     def test_flavor_prefer_lets_image_refine(self, word):
-        req = parse({"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": "prefer"},
-                    {"hw_cpu_thread_policy": word})
+        req = parse({"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": "prefer"}, {"hw_cpu_thread_policy": word})
         assert req.thread_policy is ThreadPolicy(word)
 
     @pytest.mark.parametrize(
-        "flavor,image", [("isolate", "require"), ("require", "isolate"), ("isolate", "prefer"),
-                         ("require", "prefer")]
+        "flavor,image", [("isolate", "require"), ("require", "isolate"), ("isolate", "prefer"), ("require", "prefer")]
     )
     def test_flavor_strict_image_different_is_refused(self, flavor, image):
-        rejects({"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": flavor},
-                {"hw_cpu_thread_policy": image}, keys=["hw:cpu_thread_policy", "hw_cpu_thread_policy"])
+        rejects(
+            {"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": flavor},
+            {"hw_cpu_thread_policy": image},
+            keys=["hw:cpu_thread_policy", "hw_cpu_thread_policy"],
+        )
 
     @pytest.mark.parametrize("word", ["isolate", "require"])
     def test_flavor_and_image_agree(self, word):
-        req = parse({"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": word},
-                    {"hw_cpu_thread_policy": word})
+        req = parse({"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": word}, {"hw_cpu_thread_policy": word})
         assert req.thread_policy is ThreadPolicy(word)
 
     @pytest.mark.parametrize("policy", [None, "shared"])
@@ -287,8 +300,7 @@ class TestThreadPolicy:
         rejects(specs, image, keys=[key], match="CPUThreadPolicyConfigurationInvalid")
 
     def test_thread_policy_with_mixed(self):
-        req = parse({"hw:cpu_policy": "mixed", "hw:cpu_dedicated_mask": "0-3",
-                     "hw:cpu_thread_policy": "require"})
+        req = parse({"hw:cpu_policy": "mixed", "hw:cpu_dedicated_mask": "0-3", "hw:cpu_thread_policy": "require"})
         assert req.thread_policy is ThreadPolicy.REQUIRE
 
     @pytest.mark.parametrize("word", ["Prefer", "avoid", ""])
@@ -309,8 +321,11 @@ class TestEmulatorThreads:
 
     @pytest.mark.parametrize("specs", [{}, {"hw:cpu_policy": "shared"}])
     def test_isolate_without_pinning_is_refused(self, specs):
-        rejects(dict(specs, **{"hw:emulator_threads_policy": "isolate"}),
-                keys=["hw:emulator_threads_policy"], match="BadRequirementEmulatorThreadsPolicy")
+        rejects(
+            dict(specs, **{"hw:emulator_threads_policy": "isolate"}),
+            keys=["hw:emulator_threads_policy"],
+            match="BadRequirementEmulatorThreadsPolicy",
+        )
 
     def test_share_is_fine_with_shared(self):
         assert parse({"hw:emulator_threads_policy": "share"}).emulator_threads is EmulatorThreadsPolicy.SHARE
@@ -320,13 +335,16 @@ class TestEmulatorThreads:
         assert req.emulator_threads is EmulatorThreadsPolicy.ISOLATE
 
     def test_flavor_and_image_disagree(self):
-        rejects({"hw:cpu_policy": "dedicated", "hw:emulator_threads_policy": "share"},
-                {"hw_emulator_threads_policy": "isolate"},
-                keys=["hw:emulator_threads_policy", "hw_emulator_threads_policy"])
+        rejects(
+            {"hw:cpu_policy": "dedicated", "hw:emulator_threads_policy": "share"},
+            {"hw_emulator_threads_policy": "isolate"},
+            keys=["hw:emulator_threads_policy", "hw_emulator_threads_policy"],
+        )
 
     def test_unknown_word(self):
-        rejects({"hw:cpu_policy": "dedicated", "hw:emulator_threads_policy": "shared"},
-                keys=["hw:emulator_threads_policy"])
+        rejects(
+            {"hw:cpu_policy": "dedicated", "hw:emulator_threads_policy": "shared"}, keys=["hw:emulator_threads_policy"]
+        )
 
 
 # --- dedicated mask / mixed (get_dedicated_cpu_constraint) ---------------------------------------
@@ -352,8 +370,11 @@ class TestMixed:
         assert cells(req) == [([0, 1, 2, 3], 4096, [1, 2, 3]), ([4, 5, 6, 7], 4096, [5, 6, 7])]
 
     def test_mixed_without_mask(self):
-        rejects({"hw:cpu_policy": "mixed"}, keys=["hw:cpu_policy", "hw:cpu_dedicated_mask"],
-                match="RequiredMixedOrRealtimeCPUMask")
+        rejects(
+            {"hw:cpu_policy": "mixed"},
+            keys=["hw:cpu_policy", "hw:cpu_dedicated_mask"],
+            match="RequiredMixedOrRealtimeCPUMask",
+        )
 
     @pytest.mark.parametrize("policy", [None, "shared", "dedicated"])
     def test_mask_without_mixed(self, policy):
@@ -375,24 +396,35 @@ class TestMixed:
         rejects({"hw:cpu_policy": "mixed", "hw:cpu_dedicated_mask": mask}, keys=["hw:cpu_dedicated_mask"])
 
     def test_realtime_mask_names_dedicated_vcpus(self):
-        req = parse({"hw:cpu_policy": "mixed", "hw:cpu_realtime": "yes", "hw:cpu_realtime_mask": "^0-1"},
-                    vcpus=4)
+        req = parse({"hw:cpu_policy": "mixed", "hw:cpu_realtime": "yes", "hw:cpu_realtime_mask": "^0-1"}, vcpus=4)
         assert cells(req)[0][2] == [2, 3]
 
     def test_image_realtime_mask_goes_first(self):
-        req = parse({"hw:cpu_policy": "mixed", "hw:cpu_realtime": "true", "hw:cpu_realtime_mask": "^0"},
-                    {"hw_cpu_realtime_mask": "^0-2"}, vcpus=4)
+        req = parse(
+            {"hw:cpu_policy": "mixed", "hw:cpu_realtime": "true", "hw:cpu_realtime_mask": "^0"},
+            {"hw_cpu_realtime_mask": "^0-2"},
+            vcpus=4,
+        )
         assert cells(req)[0][2] == [3]
 
     def test_realtime_and_dedicated_mask_together(self):
-        rejects({"hw:cpu_policy": "mixed", "hw:cpu_realtime": "yes", "hw:cpu_realtime_mask": "^0",
-                 "hw:cpu_dedicated_mask": "^0"},
-                keys=["hw:cpu_dedicated_mask", "hw:cpu_realtime_mask"],
-                match="RequiredMixedOrRealtimeCPUMask")
+        rejects(
+            {
+                "hw:cpu_policy": "mixed",
+                "hw:cpu_realtime": "yes",
+                "hw:cpu_realtime_mask": "^0",
+                "hw:cpu_dedicated_mask": "^0",
+            },
+            keys=["hw:cpu_dedicated_mask", "hw:cpu_realtime_mask"],
+            match="RequiredMixedOrRealtimeCPUMask",
+        )
 
     def test_realtime_needs_pinning(self):
-        rejects({"hw:cpu_realtime": "yes", "hw:cpu_realtime_mask": "^0"},
-                keys=["hw:cpu_realtime"], match="RealtimeConfigurationInvalid")
+        rejects(
+            {"hw:cpu_realtime": "yes", "hw:cpu_realtime_mask": "^0"},
+            keys=["hw:cpu_realtime"],
+            match="RealtimeConfigurationInvalid",
+        )
 
     def test_realtime_off_is_ignored(self):
         # Nova reads hw:cpu_realtime with a non-strict bool: anything not truthy means "off"
@@ -400,10 +432,12 @@ class TestMixed:
         assert req.cpu_policy is CpuPolicy.SHARED
 
     def test_realtime_all_vcpus_needs_emulator_policy(self):
-        rejects({"hw:cpu_policy": "dedicated", "hw:cpu_realtime": "yes"}, keys=["hw:cpu_realtime"],
-                match="RealtimeMaskNotFoundOrInvalid")
-        req = parse({"hw:cpu_policy": "dedicated", "hw:cpu_realtime": "yes",
-                     "hw:emulator_threads_policy": "isolate"})
+        rejects(
+            {"hw:cpu_policy": "dedicated", "hw:cpu_realtime": "yes"},
+            keys=["hw:cpu_realtime"],
+            match="RealtimeMaskNotFoundOrInvalid",
+        )
+        req = parse({"hw:cpu_policy": "dedicated", "hw:cpu_realtime": "yes", "hw:emulator_threads_policy": "isolate"})
         assert req.emulator_threads is EmulatorThreadsPolicy.ISOLATE
 
 
@@ -423,11 +457,23 @@ class TestPageSize:
     @pytest.mark.parametrize(
         "value,expected",
         [
-            ("small", SMALL), ("large", LARGE), ("any", ANY),
-            ("4", kb(4)), ("2048", kb(2048)), ("1048576", kb(1048576)),
-            ("2MB", kb(2048)), ("2MiB", kb(2048)), ("1GB", kb(1048576)), ("1GiB", kb(1048576)),
-            ("2048KB", kb(2048)), ("2048KiB", kb(2048)), ("16Mb", kb(2048)), ("16Mbit", kb(2048)),
-            ("0.5GB", kb(524288)), ("+2MB", kb(2048)), ("64KB", kb(64)),
+            ("small", SMALL),
+            ("large", LARGE),
+            ("any", ANY),
+            ("4", kb(4)),
+            ("2048", kb(2048)),
+            ("1048576", kb(1048576)),
+            ("2MB", kb(2048)),
+            ("2MiB", kb(2048)),
+            ("1GB", kb(1048576)),
+            ("1GiB", kb(1048576)),
+            ("2048KB", kb(2048)),
+            ("2048KiB", kb(2048)),
+            ("16Mb", kb(2048)),
+            ("16Mbit", kb(2048)),
+            ("0.5GB", kb(524288)),
+            ("+2MB", kb(2048)),
+            ("64KB", kb(64)),
         ],
     )
     def test_flavor_values(self, value, expected):
@@ -437,20 +483,41 @@ class TestPageSize:
 
     @pytest.mark.parametrize(
         "value",
-        ["", "Large", "SMALL", "huge", "2M", "2mb", "2kB", "-2MB", "0", "2", "1B", "3b", "2 MB",
-         "1TB", "99999999999999GB", "0x800", "2048.5", "1e3", "²"],
+        [
+            "",
+            "Large",
+            "SMALL",
+            "huge",
+            "2M",
+            "2mb",
+            "2kB",
+            "-2MB",
+            "0",
+            "2",
+            "1B",
+            "3b",
+            "2 MB",
+            "1TB",
+            "99999999999999GB",
+            "0x800",
+            "2048.5",
+            "1e3",
+            "²",
+        ],
     )
     def test_invalid_values(self, value):
         rejects({"hw:mem_page_size": value}, keys=["hw:mem_page_size"])
 
     def test_image_without_flavor_is_forbidden(self):
-        rejects(image={"hw_mem_page_size": "large"}, keys=["hw_mem_page_size", "hw:mem_page_size"],
-                match="MemoryPageSizeForbidden")
+        rejects(
+            image={"hw_mem_page_size": "large"},
+            keys=["hw_mem_page_size", "hw:mem_page_size"],
+            match="MemoryPageSizeForbidden",
+        )
 
     @pytest.mark.parametrize("flavor", ["large", "any"])
     @pytest.mark.parametrize(
-        "image,expected", [("small", SMALL), ("large", LARGE), ("any", ANY), ("2048", kb(2048)),
-                           ("1GB", kb(1048576))]
+        "image,expected", [("small", SMALL), ("large", LARGE), ("any", ANY), ("2048", kb(2048)), ("1GB", kb(1048576))]
     )
     def test_image_refines_large_or_any(self, flavor, image, expected):
         # Nova returns the image's request whatever it is, 'small' included.
@@ -461,8 +528,12 @@ class TestPageSize:
     @pytest.mark.parametrize("image", ["small", "large", "any", "2048", "1GB"])
     def test_image_cannot_override_small_or_explicit(self, flavor, image):
         # even an image repeating the flavor's exact size is refused (Nova)
-        rejects({"hw:mem_page_size": flavor}, {"hw_mem_page_size": image},
-                keys=["hw:mem_page_size", "hw_mem_page_size"], match="MemoryPageSizeForbidden")
+        rejects(
+            {"hw:mem_page_size": flavor},
+            {"hw_mem_page_size": image},
+            keys=["hw:mem_page_size", "hw_mem_page_size"],
+            match="MemoryPageSizeForbidden",
+        )
 
     def test_invalid_image_value_under_large(self):
         rejects({"hw:mem_page_size": "large"}, {"hw_mem_page_size": "huge"}, keys=["hw_mem_page_size"])
@@ -482,8 +553,11 @@ class TestCells:
 
     @pytest.mark.parametrize(
         "specs",
-        [{"hw:cpu_policy": "dedicated"}, {"hw:mem_page_size": "large"},
-         {"hw:cpu_policy": "dedicated", "hw:emulator_threads_policy": "isolate"}],
+        [
+            {"hw:cpu_policy": "dedicated"},
+            {"hw:mem_page_size": "large"},
+            {"hw:cpu_policy": "dedicated", "hw:emulator_threads_policy": "isolate"},
+        ],
     )
     def test_no_numa_nodes_means_one_implicit_cell(self, specs):
         req = parse(specs, vcpus=5, memory_mb=1001)
@@ -503,8 +577,13 @@ class TestCells:
 
     @pytest.mark.parametrize("vcpus,memory_mb", [(6, 8192), (8, 8191), (2, 8192)])
     def test_uneven_split_is_refused(self, vcpus, memory_mb):
-        rejects({"hw:numa_nodes": "4"}, vcpus=vcpus, memory_mb=memory_mb,
-                keys=["hw:numa_nodes"], match="ImageNUMATopologyAsymmetric")
+        rejects(
+            {"hw:numa_nodes": "4"},
+            vcpus=vcpus,
+            memory_mb=memory_mb,
+            keys=["hw:numa_nodes"],
+            match="ImageNUMATopologyAsymmetric",
+        )
 
     @pytest.mark.parametrize("value", ["0", "-1", "02", "2.0", "two", "", " 2", "65", "99999999999999"])
     def test_bad_node_count(self, value):
@@ -515,33 +594,66 @@ class TestCells:
         assert len(req.cells) == 64
 
     def test_node_count_conflict(self):
-        rejects({"hw:numa_nodes": "2"}, {"hw_numa_nodes": "4"}, keys=["hw:numa_nodes", "hw_numa_nodes"],
-                match="ImageNUMATopologyForbidden")
+        rejects(
+            {"hw:numa_nodes": "2"},
+            {"hw_numa_nodes": "4"},
+            keys=["hw:numa_nodes", "hw_numa_nodes"],
+            match="ImageNUMATopologyForbidden",
+        )
 
     def test_same_node_count_in_both_is_accepted(self):
         assert len(parse({"hw:numa_nodes": "2"}, {"hw_numa_nodes": "2"}).cells) == 2
 
     def test_explicit_cells(self):
-        req = parse({"hw:numa_nodes": "2", "hw:cpu_policy": "dedicated",
-                     "hw:numa_cpus.0": "0-2", "hw:numa_cpus.1": "3-7",
-                     "hw:numa_mem.0": "2048", "hw:numa_mem.1": "6144"})
+        req = parse(
+            {
+                "hw:numa_nodes": "2",
+                "hw:cpu_policy": "dedicated",
+                "hw:numa_cpus.0": "0-2",
+                "hw:numa_cpus.1": "3-7",
+                "hw:numa_mem.0": "2048",
+                "hw:numa_mem.1": "6144",
+            }
+        )
         assert cells(req) == [([0, 1, 2], 2048, [0, 1, 2]), ([3, 4, 5, 6, 7], 6144, [3, 4, 5, 6, 7])]
 
     def test_explicit_cells_interleaved_with_exclusions(self):
-        req = parse({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-7,^1,^3,^5,^7", "hw:numa_cpus.1": "1,3,5,7",
-                     "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"})
+        req = parse(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-7,^1,^3,^5,^7",
+                "hw:numa_cpus.1": "1,3,5,7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            }
+        )
         assert cells(req) == [([0, 2, 4, 6], 4096, []), ([1, 3, 5, 7], 4096, [])]
 
     def test_explicit_cells_from_image(self):
-        req = parse({"hw:cpu_policy": "dedicated"},
-                    {"hw_numa_nodes": "2", "hw_numa_cpus.0": "0-3", "hw_numa_cpus.1": "4-7",
-                     "hw_numa_mem.0": 1024, "hw_numa_mem.1": "7168"})
+        req = parse(
+            {"hw:cpu_policy": "dedicated"},
+            {
+                "hw_numa_nodes": "2",
+                "hw_numa_cpus.0": "0-3",
+                "hw_numa_cpus.1": "4-7",
+                "hw_numa_mem.0": 1024,
+                "hw_numa_mem.1": "7168",
+            },
+        )
         assert cells(req)[1] == ([4, 5, 6, 7], 7168, [4, 5, 6, 7])
 
     def test_explicit_cells_mixed(self):
-        req = parse({"hw:numa_nodes": "2", "hw:cpu_policy": "mixed", "hw:cpu_dedicated_mask": "2-5",
-                     "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7",
-                     "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"})
+        req = parse(
+            {
+                "hw:numa_nodes": "2",
+                "hw:cpu_policy": "mixed",
+                "hw:cpu_dedicated_mask": "2-5",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.1": "4-7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            }
+        )
         assert [c[2] for c in cells(req)] == [[2, 3], [4, 5]]
 
     def test_explicit_single_cell_without_numa_nodes(self):
@@ -549,90 +661,202 @@ class TestCells:
         assert req.numa_implicit and len(req.cells) == 1
 
     def test_vcpu_in_two_cells(self):
-        rejects({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-4", "hw:numa_cpus.1": "4-7",
-                 "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"},
-                keys=["hw:numa_cpus.0", "hw:numa_cpus.1"], match="ImageNUMATopologyCPUDuplicates")
+        rejects(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-4",
+                "hw:numa_cpus.1": "4-7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            },
+            keys=["hw:numa_cpus.0", "hw:numa_cpus.1"],
+            match="ImageNUMATopologyCPUDuplicates",
+        )
 
     def test_vcpu_in_no_cell(self):
-        rejects({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-2", "hw:numa_cpus.1": "4-7",
-                 "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"},
-                keys=["hw:numa_cpus.0", "hw:numa_cpus.1"], match="ImageNUMATopologyCPUsUnassigned")
+        rejects(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-2",
+                "hw:numa_cpus.1": "4-7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            },
+            keys=["hw:numa_cpus.0", "hw:numa_cpus.1"],
+            match="ImageNUMATopologyCPUsUnassigned",
+        )
 
     def test_vcpu_out_of_range(self):
-        rejects({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-8",
-                 "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"}, keys=["hw:numa_cpus.1"])
+        rejects(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.1": "4-8",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            },
+            keys=["hw:numa_cpus.1"],
+        )
 
     def test_huge_range_is_refused_cheaply(self):
-        rejects({"hw:numa_nodes": "1", "hw:numa_cpus.0": "0-999999999", "hw:numa_mem.0": "8192"},
-                keys=["hw:numa_cpus.0"])
+        rejects(
+            {"hw:numa_nodes": "1", "hw:numa_cpus.0": "0-999999999", "hw:numa_mem.0": "8192"}, keys=["hw:numa_cpus.0"]
+        )
 
     @pytest.mark.parametrize("spec", ["", "^0", "0-3,^0-3", ","])
     def test_cell_without_vcpus(self, spec):
-        rejects({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-7", "hw:numa_cpus.1": spec,
-                 "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"}, keys=["hw:numa_cpus.1"])
+        rejects(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-7",
+                "hw:numa_cpus.1": spec,
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            },
+            keys=["hw:numa_cpus.1"],
+        )
 
     def test_memory_must_sum(self):
-        rejects({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7",
-                 "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4095"},
-                keys=["hw:numa_mem.0", "hw:numa_mem.1", "memory_mb"], match="ImageNUMATopologyMemoryOutOfRange")
+        rejects(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.1": "4-7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4095",
+            },
+            keys=["hw:numa_mem.0", "hw:numa_mem.1", "memory_mb"],
+            match="ImageNUMATopologyMemoryOutOfRange",
+        )
 
     @pytest.mark.parametrize("mem", ["0", "-1", "1.5", "4GB", "", "x"])
     def test_bad_cell_memory(self, mem):
-        rejects({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7",
-                 "hw:numa_mem.0": "8192", "hw:numa_mem.1": mem}, keys=["hw:numa_mem.1"])
+        rejects(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.1": "4-7",
+                "hw:numa_mem.0": "8192",
+                "hw:numa_mem.1": mem,
+            },
+            keys=["hw:numa_mem.1"],
+        )
 
     def test_missing_cell(self):
-        rejects({"hw:numa_nodes": "3", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.2": "4-7",
-                 "hw:numa_mem.0": "4096", "hw:numa_mem.2": "4096"},
-                keys=["hw:numa_nodes", "hw:numa_cpus.1", "hw:numa_mem.1"], match="Incomplete")
+        rejects(
+            {
+                "hw:numa_nodes": "3",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.2": "4-7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.2": "4096",
+            },
+            keys=["hw:numa_nodes", "hw:numa_cpus.1", "hw:numa_mem.1"],
+            match="Incomplete",
+        )
 
     def test_cell_beyond_node_count(self):
-        rejects({"hw:numa_nodes": "1", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7",
-                 "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"},
-                keys=["hw:numa_cpus.1", "hw:numa_mem.1"], match="Incomplete")
+        rejects(
+            {
+                "hw:numa_nodes": "1",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.1": "4-7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            },
+            keys=["hw:numa_cpus.1", "hw:numa_mem.1"],
+            match="Incomplete",
+        )
 
     def test_cpus_without_mem(self):
-        rejects({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7"},
-                keys=["hw:numa_cpus.0", "hw:numa_cpus.1"], match="Incomplete")
+        rejects(
+            {"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7"},
+            keys=["hw:numa_cpus.0", "hw:numa_cpus.1"],
+            match="Incomplete",
+        )
 
     def test_mem_without_cpus(self):
-        rejects({"hw:numa_nodes": "2", "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"},
-                keys=["hw:numa_mem.0", "hw:numa_mem.1"], match="Incomplete")
+        rejects(
+            {"hw:numa_nodes": "2", "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"},
+            keys=["hw:numa_mem.0", "hw:numa_mem.1"],
+            match="Incomplete",
+        )
 
-    @pytest.mark.parametrize("key", ["hw:numa_cpus.", "hw:numa_cpus.a", "hw:numa_cpus.01", "hw:numa_cpus",
-                                     "hw:numa_mem.-1", "hw:numa_mem.1.0"])
+    @pytest.mark.parametrize(
+        "key",
+        ["hw:numa_cpus.", "hw:numa_cpus.a", "hw:numa_cpus.01", "hw:numa_cpus", "hw:numa_mem.-1", "hw:numa_mem.1.0"],
+    )
     def test_malformed_cell_keys(self, key):
         rejects({"hw:numa_nodes": "1", key: "0"}, keys=[key])
 
     def test_flavor_and_image_cells_disagree(self):
-        rejects({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7",
-                 "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"},
-                {"hw_numa_cpus.0": "0-2", "hw_numa_cpus.1": "3-7"},
-                keys=["hw:numa_cpus.0", "hw_numa_cpus.0"], match="ImageNUMATopologyForbidden")
-        rejects({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7",
-                 "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"},
-                {"hw_numa_mem.0": "2048", "hw_numa_mem.1": "6144"},
-                keys=["hw:numa_mem.1", "hw_numa_mem.1"], match="ImageNUMATopologyForbidden")
+        rejects(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.1": "4-7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            },
+            {"hw_numa_cpus.0": "0-2", "hw_numa_cpus.1": "3-7"},
+            keys=["hw:numa_cpus.0", "hw_numa_cpus.0"],
+            match="ImageNUMATopologyForbidden",
+        )
+        rejects(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.1": "4-7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            },
+            {"hw_numa_mem.0": "2048", "hw_numa_mem.1": "6144"},
+            keys=["hw:numa_mem.1", "hw_numa_mem.1"],
+            match="ImageNUMATopologyForbidden",
+        )
 
     def test_flavor_and_image_cells_agree(self):
-        req = parse({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7",
-                     "hw:numa_mem.0": "4096", "hw:numa_mem.1": "4096"},
-                    {"hw_numa_nodes": "2", "hw_numa_cpus.0": "0,1,2,3", "hw_numa_cpus.1": "4-7",
-                     "hw_numa_mem.0": "4096", "hw_numa_mem.1": "4096"})
+        req = parse(
+            {
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.1": "4-7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+            },
+            {
+                "hw_numa_nodes": "2",
+                "hw_numa_cpus.0": "0,1,2,3",
+                "hw_numa_cpus.1": "4-7",
+                "hw_numa_mem.0": "4096",
+                "hw_numa_mem.1": "4096",
+            },
+        )
         assert len(req.cells) == 2
 
     def test_cells_are_split_across_sources(self):
         # flavor gives the CPUs, image the memory: allowed (each list comes from one source)
-        req = parse({"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7"},
-                    {"hw_numa_mem.0": "4096", "hw_numa_mem.1": "4096"})
+        req = parse(
+            {"hw:numa_nodes": "2", "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4-7"},
+            {"hw_numa_mem.0": "4096", "hw_numa_mem.1": "4096"},
+        )
         assert [c.memory_mb for c in req.cells] == [4096, 4096]
 
 
 class TestCpuSpec:
     @pytest.mark.parametrize(
         "spec,expected",
-        [("0-3,^2,5", {0, 1, 3, 5}), ("1", {1}), (" 1 , 2 ", {1, 2}), ("0-3,^1-2", {0, 3}),
-         ("1,,2", {1, 2}), ("^1,0-2", {0, 2}), ("", set()), ("0 - 2", {0, 1, 2}), ("^50", set())],
+        [
+            ("0-3,^2,5", {0, 1, 3, 5}),
+            ("1", {1}),
+            (" 1 , 2 ", {1, 2}),
+            ("0-3,^1-2", {0, 3}),
+            ("1,,2", {1, 2}),
+            ("^1,0-2", {0, 2}),
+            ("", set()),
+            ("0 - 2", {0, 1, 2}),
+            ("^50", set()),
+        ],
     )
     def test_syntax(self, spec, expected):
         assert parse_cpu_spec(spec, "k", max_id=10) == frozenset(expected)
@@ -655,9 +879,22 @@ class TestMigration:
 
     @pytest.mark.parametrize(
         "word,value",
-        [("true", True), ("True", True), ("YES", True), ("1", True), ("on", True), ("t", True),
-         ("y", True), (" true ", True), ("false", False), ("No", False), ("0", False), ("OFF", False),
-         ("f", False), ("n", False)],
+        [
+            ("true", True),
+            ("True", True),
+            ("YES", True),
+            ("1", True),
+            ("on", True),
+            ("t", True),
+            ("y", True),
+            (" true ", True),
+            ("false", False),
+            ("No", False),
+            ("0", False),
+            ("OFF", False),
+            ("f", False),
+            ("n", False),
+        ],
     )
     def test_bool_words(self, word, value):
         m = parse({"compute:live_migration_auto_converge": word}).migration
@@ -673,8 +910,9 @@ class TestMigration:
         assert m.post_copy is True and m.post_copy_key == "compute_live_migration_post_copy"
 
     def test_flavor_key_recorded_when_both_agree(self):
-        m = parse({"compute:live_migration_auto_converge": "true"},
-                  {"compute_live_migration_auto_converge": "yes"}).migration
+        m = parse(
+            {"compute:live_migration_auto_converge": "true"}, {"compute_live_migration_auto_converge": "yes"}
+        ).migration
         assert m.auto_converge is True and m.auto_converge_key == "compute:live_migration_auto_converge"
 
     @pytest.mark.parametrize("feature", ["auto_converge", "post_copy"])
@@ -686,29 +924,46 @@ class TestMigration:
     @pytest.mark.parametrize(
         "specs,image,keys",
         [
-            ({"compute:live_migration_auto_converge": "true", "compute:live_migration_post_copy": "true"}, {},
-             ["compute:live_migration_auto_converge", "compute:live_migration_post_copy"]),
-            ({"compute:live_migration_auto_converge": "true"}, {"compute_live_migration_post_copy": "1"},
-             ["compute:live_migration_auto_converge", "compute_live_migration_post_copy"]),
-            ({}, {"compute_live_migration_auto_converge": "on", "compute_live_migration_post_copy": "yes"},
-             ["compute_live_migration_auto_converge", "compute_live_migration_post_copy"]),
-            ({"compute:live_migration_post_copy": "true"}, {"compute_live_migration_auto_converge": "true"},
-             ["compute_live_migration_auto_converge", "compute:live_migration_post_copy"]),
+            (
+                {"compute:live_migration_auto_converge": "true", "compute:live_migration_post_copy": "true"},
+                {},
+                ["compute:live_migration_auto_converge", "compute:live_migration_post_copy"],
+            ),
+            (
+                {"compute:live_migration_auto_converge": "true"},
+                {"compute_live_migration_post_copy": "1"},
+                ["compute:live_migration_auto_converge", "compute_live_migration_post_copy"],
+            ),
+            (
+                {},
+                {"compute_live_migration_auto_converge": "on", "compute_live_migration_post_copy": "yes"},
+                ["compute_live_migration_auto_converge", "compute_live_migration_post_copy"],
+            ),
+            (
+                {"compute:live_migration_post_copy": "true"},
+                {"compute_live_migration_auto_converge": "true"},
+                ["compute_live_migration_auto_converge", "compute:live_migration_post_copy"],
+            ),
         ],
     )
     def test_both_features_true(self, specs, image, keys):
         rejects(specs, image, keys=keys)
 
     def test_one_true_one_false(self):
-        m = parse({"compute:live_migration_auto_converge": "false", "compute:live_migration_post_copy": "true"}
-                  ).migration
+        m = parse(
+            {"compute:live_migration_auto_converge": "false", "compute:live_migration_post_copy": "true"}
+        ).migration
         assert m.auto_converge is False and m.post_copy is True
 
     @pytest.mark.parametrize(
         "where,key",
-        [("flavor", "compute:live_migration_postcopy"), ("flavor", "compute:live_migration_auto_converge.0"),
-         ("image", "compute_live_migration_autoconverge"),
-         ("flavor", "compute_live_migration_post_copy"), ("image", "compute:live_migration_post_copy")],
+        [
+            ("flavor", "compute:live_migration_postcopy"),
+            ("flavor", "compute:live_migration_auto_converge.0"),
+            ("image", "compute_live_migration_autoconverge"),
+            ("flavor", "compute_live_migration_post_copy"),
+            ("image", "compute:live_migration_post_copy"),
+        ],
     )
     def test_typos_and_wrong_spelling_for_the_source(self, where, key):
         if where == "flavor":
@@ -725,8 +980,16 @@ class TestMigration:
 
 class TestCanonical:
     def test_shape(self):
-        req = parse({"hw:cpu_policy": "mixed", "hw:cpu_dedicated_mask": "^0", "hw:numa_nodes": "2",
-                     "hw:mem_page_size": "1GB", "compute:live_migration_auto_converge": "yes"}, vcpus=4)
+        req = parse(
+            {
+                "hw:cpu_policy": "mixed",
+                "hw:cpu_dedicated_mask": "^0",
+                "hw:numa_nodes": "2",
+                "hw:mem_page_size": "1GB",
+                "compute:live_migration_auto_converge": "yes",
+            },
+            vcpus=4,
+        )
         out = request_to_json(req)
         assert out == {
             "uuid": UUID,
@@ -746,24 +1009,43 @@ class TestCanonical:
         json.dumps(out)  # JSON-serialisable as is
 
     def test_equivalent_spellings_are_equal(self):
-        a = parse({"hw:cpu_policy": "dedicated", "hw:numa_nodes": "2", "hw:mem_page_size": "2048",
-                   "compute:live_migration_post_copy": "true"})
-        b = parse({"hw:mem_page_size": "2MB"},
-                  {"hw_cpu_policy": "dedicated", "hw_numa_nodes": 2, "compute_live_migration_post_copy": "yes"})
-        c = parse({"hw:cpu_policy": "dedicated", "hw:mem_page_size": "2048", "hw:numa_nodes": "2",
-                   "hw:numa_cpus.0": "0-3", "hw:numa_cpus.1": "4,5,6,7", "hw:numa_mem.0": "4096",
-                   "hw:numa_mem.1": "4096", "compute:live_migration_post_copy": "1"})
+        a = parse(
+            {
+                "hw:cpu_policy": "dedicated",
+                "hw:numa_nodes": "2",
+                "hw:mem_page_size": "2048",
+                "compute:live_migration_post_copy": "true",
+            }
+        )
+        b = parse(
+            {"hw:mem_page_size": "2MB"},
+            {"hw_cpu_policy": "dedicated", "hw_numa_nodes": 2, "compute_live_migration_post_copy": "yes"},
+        )
+        c = parse(
+            {
+                "hw:cpu_policy": "dedicated",
+                "hw:mem_page_size": "2048",
+                "hw:numa_nodes": "2",
+                "hw:numa_cpus.0": "0-3",
+                "hw:numa_cpus.1": "4,5,6,7",
+                "hw:numa_mem.0": "4096",
+                "hw:numa_mem.1": "4096",
+                "compute:live_migration_post_copy": "1",
+            }
+        )
         assert request_to_json(a) == request_to_json(b) == request_to_json(c)
         assert request_fingerprint(a) == request_fingerprint(b) == request_fingerprint(c)
 
     def test_different_requests_differ(self):
         base = {"hw:cpu_policy": "dedicated", "hw:numa_nodes": "2"}
         a = parse(base)
-        for other in (parse(dict(base, **{"hw:numa_nodes": "1"})),
-                      parse(dict(base, **{"hw:cpu_thread_policy": "isolate"})),
-                      parse(dict(base, **{"compute:live_migration_post_copy": "false"})),
-                      parse(base, memory_mb=4096),
-                      parse(base, uuid="00000000-0000-0000-0000-000000000001")):
+        for other in (
+            parse(dict(base, **{"hw:numa_nodes": "1"})),
+            parse(dict(base, **{"hw:cpu_thread_policy": "isolate"})),
+            parse(dict(base, **{"compute:live_migration_post_copy": "false"})),
+            parse(base, memory_mb=4096),
+            parse(base, uuid="00000000-0000-0000-0000-000000000001"),
+        ):
             assert request_to_json(a) != request_to_json(other)
             assert request_fingerprint(a) != request_fingerprint(other)
 
@@ -791,22 +1073,77 @@ def test_every_fit_scenario_instance_parses():
 # --- properties -----------------------------------------------------------------------------------
 
 FLAVOR_KEYS = [
-    "hw:numa_nodes", "hw:numa_cpus.0", "hw:numa_cpus.1", "hw:numa_cpus.2", "hw:numa_mem.0",
-    "hw:numa_mem.1", "hw:numa_mem.2", "hw:cpu_policy", "hw:cpu_thread_policy", "hw:cpu_dedicated_mask",
-    "hw:emulator_threads_policy", "hw:mem_page_size", "hw:cpu_realtime", "hw:cpu_realtime_mask",
-    "compute:live_migration_auto_converge", "compute:live_migration_post_copy", "hw:numa_cpus.x",
+    "hw:numa_nodes",
+    "hw:numa_cpus.0",
+    "hw:numa_cpus.1",
+    "hw:numa_cpus.2",
+    "hw:numa_mem.0",
+    "hw:numa_mem.1",
+    "hw:numa_mem.2",
+    "hw:cpu_policy",
+    "hw:cpu_thread_policy",
+    "hw:cpu_dedicated_mask",
+    "hw:emulator_threads_policy",
+    "hw:mem_page_size",
+    "hw:cpu_realtime",
+    "hw:cpu_realtime_mask",
+    "compute:live_migration_auto_converge",
+    "compute:live_migration_post_copy",
+    "hw:numa_cpus.x",
 ]
 IMAGE_KEYS = [
-    "hw_numa_nodes", "hw_numa_cpus.0", "hw_numa_cpus.1", "hw_numa_mem.0", "hw_numa_mem.1", "hw_cpu_policy",
-    "hw_cpu_thread_policy", "hw_emulator_threads_policy", "hw_mem_page_size", "hw_cpu_realtime_mask",
-    "compute_live_migration_auto_converge", "compute_live_migration_post_copy",
+    "hw_numa_nodes",
+    "hw_numa_cpus.0",
+    "hw_numa_cpus.1",
+    "hw_numa_mem.0",
+    "hw_numa_mem.1",
+    "hw_cpu_policy",
+    "hw_cpu_thread_policy",
+    "hw_emulator_threads_policy",
+    "hw_mem_page_size",
+    "hw_cpu_realtime_mask",
+    "compute_live_migration_auto_converge",
+    "compute_live_migration_post_copy",
 ]
 # plausible words mixed with noise, so that random documents sometimes get deep into the rules
-WORDS = ["0", "1", "2", "4", "0-1", "^0", "0-3", "2-3", "1024", "2048", "4096", "true", "false", "yes",
-         "shared", "dedicated", "mixed", "prefer", "isolate", "require", "share", "small", "large",
-         "any", "2MB", "1GB", ""]
-VALUES = st.one_of(st.sampled_from(WORDS), st.text(max_size=12), st.integers(-5, 5000), st.booleans(),
-                   st.none(), st.floats(allow_nan=True), st.lists(st.integers(), max_size=2))
+WORDS = [
+    "0",
+    "1",
+    "2",
+    "4",
+    "0-1",
+    "^0",
+    "0-3",
+    "2-3",
+    "1024",
+    "2048",
+    "4096",
+    "true",
+    "false",
+    "yes",
+    "shared",
+    "dedicated",
+    "mixed",
+    "prefer",
+    "isolate",
+    "require",
+    "share",
+    "small",
+    "large",
+    "any",
+    "2MB",
+    "1GB",
+    "",
+]
+VALUES = st.one_of(
+    st.sampled_from(WORDS),
+    st.text(max_size=12),
+    st.integers(-5, 5000),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=True),
+    st.lists(st.integers(), max_size=2),
+)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -892,8 +1229,11 @@ def test_explicit_layouts_round_trip(layout):
         if vcpus < 2:
             return
         specs["hw:cpu_dedicated_mask"] = "^0"
-    req = parse(specs, meta if use_image else None, vcpus=vcpus, memory_mb=sum(mems)) if use_image \
+    req = (
+        parse(specs, meta if use_image else None, vcpus=vcpus, memory_mb=sum(mems))
+        if use_image
         else parse({**specs, **meta}, vcpus=vcpus, memory_mb=sum(mems))
+    )
     assert len(req.cells) == nodes and not req.numa_implicit
     seen = [0] * vcpus
     for c in req.cells:
@@ -904,8 +1244,9 @@ def test_explicit_layouts_round_trip(layout):
     assert seen == [1] * vcpus
     assert sum(c.memory_mb for c in req.cells) == req.memory_mb
     dedicated = frozenset(v for c in req.cells for v in c.dedicated_vcpus)
-    expected = {"shared": frozenset(), "dedicated": frozenset(range(vcpus)),
-                "mixed": frozenset(range(1, vcpus))}[policy]
+    expected = {"shared": frozenset(), "dedicated": frozenset(range(vcpus)), "mixed": frozenset(range(1, vcpus))}[
+        policy
+    ]
     assert dedicated == expected
 
 
@@ -920,8 +1261,10 @@ def test_even_splits_round_trip(nodes, per_cpu, per_mem):
 
 
 def test_mixed_realtime_covering_every_vcpu_is_refused():
-    rejects({"hw:cpu_policy": "mixed", "hw:cpu_realtime": "yes", "hw:emulator_threads_policy": "isolate"},
-            keys=["hw:cpu_realtime", "hw:cpu_policy"])
+    rejects(
+        {"hw:cpu_policy": "mixed", "hw:cpu_realtime": "yes", "hw:emulator_threads_policy": "isolate"},
+        keys=["hw:cpu_realtime", "hw:cpu_policy"],
+    )
 
 
 def test_huge_integer_values_are_refused():
