@@ -179,7 +179,7 @@ def run_claims(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         read_only = command in ("list", "show")
         with Ledger.open(state_dir, readonly=read_only) as ledger:
             if command == "list":
-                claims = ledger.list(args.states) if getattr(args, "states", None) else ledger.list()
+                claims = ledger.list_claims(args.states) if getattr(args, "states", None) else ledger.list_claims()
                 if as_json:
                     out.write(json.dumps([c.to_json() for c in claims], indent=2) + "\n")
                 else:
