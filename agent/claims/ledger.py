@@ -1,5 +1,9 @@
 """The durable claim ledger: what this host promised to incoming migrations.
 
+The package, by concern: `model` (claim values, states, input checks), `store` (the SQLite file:
+schema, opening, transactions, rows), `reconcile` (claims against the running domains), and this
+module, `Ledger`, the public entry point that moves claims between states.
+
 A destination agent answers a `claim` with a placement and must hold those pCPUs, MiB and pages from
 that moment until the migration ends, across agent crashes and restarts. The ledger is one SQLite
 file, `<state_dir>/ledger.db`:
@@ -49,7 +53,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar, cast
 
 from agent.claims.errors import ClaimConflict, ClaimEnded, IllegalTransition, NoFitError, UnknownClaim
 from agent.claims.model import (
@@ -75,6 +79,7 @@ from agent.claims.reconcile import Reconciler, SourceReportsFailed, running_keys
 from agent.claims.store import LEDGER_FILE, SCHEMA_VERSION, ClaimStore, open_store
 from agent.config import ClaimsConfig
 from agent.errors import AgentError, InvalidInput
+from agent.numa.fit import fit
 from agent.numa.placement import NoFit, Placement
 from agent.numa.request import InstanceRequest, request_to_json
 from agent.numa.state import HostState
@@ -85,12 +90,6 @@ log = logging.getLogger("compute_agent.claims")
 _DEFAULTS = ClaimsConfig()
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _default_fitter() -> Fitter:
-    from agent.numa.fit import fit  # noqa: PLC0415 (the fitter imports nothing of ours)
-
-    return fit
 
 
 def _logged(method: _F) -> _F:
@@ -104,7 +103,7 @@ def _logged(method: _F) -> _F:
             log.warning("claim ledger: %s refused: %s (%s)", method.__name__, exc, exc.code)
             raise
 
-    return wrapper  # type: ignore[return-value]  # functools.wraps loses the signature for mypy
+    return cast(_F, wrapper)  # functools.wraps keeps the signature at run time, not for mypy
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +385,7 @@ class Ledger:
         return claim
 
     def _fit(self, request: InstanceRequest, state: HostState) -> Placement | NoFit:
-        result = (self._fitter or _default_fitter())(request, state)
+        result = (self._fitter or fit)(request, state)
         if isinstance(result, NoFit):
             return result
         if not getattr(result, "fits", False):  # a fitter's own "no" that is not a NoFit

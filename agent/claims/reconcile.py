@@ -103,7 +103,7 @@ class Reconciler:
         """Ask the source (outside the ledger lock); an exception counts as "don't know"."""
         try:
             failed = bool(source_reports_failed(c))
-        except Exception as exc:  # noqa: BLE001 - a failing callback must not stop reconciliation
+        except Exception as exc:  # any failure of the callback: it must not stop reconciliation
             log.warning("reconcile: claim %s kept: asking source %s failed: %s", c.migration_id, c.source_host, exc)
             return False
         if not failed:
