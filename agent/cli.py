@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from agent import __version__
+from agent.claims.cli import add_claims_parser
+from agent.claims.errors import LedgerError
+from agent.claims.ledger import Ledger
+from agent.claims.model import Claim
+from agent.claims.store import LEDGER_FILE
 from agent.cli_output import ExitCode, console, exit_code_for, print_error, print_json, print_warning, table
 from agent.config import format_cpu_set
 from agent.errors import AgentError, InvalidInput
@@ -22,7 +27,6 @@ from agent.log import setup_logging
 
 if TYPE_CHECKING:
     from agent.claims.hoststate import HostStateReport
-    from agent.claims.model import Claim
     from agent.libvirt_ops.inventory import DomainInventory
     from agent.numa.placement import Placement
     from agent.numa.request import InstanceRequest
@@ -144,10 +148,6 @@ def _print_placement(request: InstanceRequest, placement: Placement) -> None:
 def _live_claims(state_dir: Path) -> list[Claim]:
     """The ledger's live claims, read-only: a look at the host never creates, upgrades or moves
     aside the agent's ledger. No ledger yet: no claims."""
-    from agent.claims.errors import LedgerError
-    from agent.claims.ledger import Ledger
-    from agent.claims.store import LEDGER_FILE
-
     try:
         with Ledger.open(state_dir, readonly=True) as ledger:
             return ledger.live_claims()
@@ -225,11 +225,36 @@ def _print_host_state(
 # --- parser -------------------------------------------------------------------------------------
 
 
+def _add_discover(sub: Any) -> None:
+    p = sub.add_parser("discover", help="print this host's NUMA topology")
+    p.add_argument("--sysfs-root", default="/sys", metavar="DIR", help="read DIR/devices/system/... (default /sys)")
+    p.add_argument("--capabilities", metavar="FILE", help="libvirt capabilities XML to cross-check with")
+    p.add_argument("--hostname", help="hostname to report (default: this host's)")
+    p.add_argument("--json", action="store_true", help="JSON as in formats.md (Host topology)")
+    p.set_defaults(func=_cmd_discover)
+
+
+def _add_fit(sub: Any) -> None:
+    p = sub.add_parser("fit", help="place an instance request on a host state")
+    p.add_argument("--host", required=True, metavar="FILE", help="host state JSON")
+    p.add_argument("--instance", required=True, metavar="FILE", help="instance request JSON")
+    p.add_argument("--preference", choices=("spread", "pack"), default="spread")
+    p.add_argument("--json", action="store_true", help="Placement JSON as in formats.md")
+    p.set_defaults(func=_cmd_fit)
+
+
+def _add_host_state(sub: Any) -> None:
+    p = sub.add_parser("host-state", help="this host's free resources: topology - reservations - domains - claims")
+    p.add_argument("--connection", metavar="URI", help="libvirt URI (default: [libvirt] connection_uri)")
+    p.add_argument("--state-dir", metavar="DIR", help="claim ledger directory (default: [claims] state_dir)")
+    p.add_argument("--sysfs-root", default="/sys", metavar="DIR")
+    p.add_argument("--cross-check", action="store_true", help="compare sysfs with libvirt capabilities")
+    p.add_argument("--json", action="store_true", help="Host state JSON as in formats.md, plus problems")
+    p.set_defaults(func=_cmd_host_state)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="NUMA-aware live migration agent for KVM hypervisors.",
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description="NUMA-aware live migration agent for KVM hypervisors.")
     parser.add_argument("--version", action="version", version=f"compute-agent {__version__}")
     parser.add_argument(
         "--log-level",
@@ -240,35 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="agent config (default /etc/compute-agent/compute-agent.conf)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("discover", help="print this host's NUMA topology")
-    p.add_argument("--sysfs-root", default="/sys", metavar="DIR", help="read DIR/devices/system/... (default /sys)")
-    p.add_argument("--capabilities", metavar="FILE", help="libvirt capabilities XML to cross-check with")
-    p.add_argument("--hostname", help="hostname to report (default: this host's)")
-    p.add_argument("--json", action="store_true", help="JSON as in formats.md (Host topology)")
-    p.set_defaults(func=_cmd_discover)
-
-    p = sub.add_parser("fit", help="place an instance request on a host state")
-    p.add_argument("--host", required=True, metavar="FILE", help="host state JSON")
-    p.add_argument("--instance", required=True, metavar="FILE", help="instance request JSON")
-    p.add_argument("--preference", choices=("spread", "pack"), default="spread")
-    p.add_argument("--json", action="store_true", help="Placement JSON as in formats.md")
-    p.set_defaults(func=_cmd_fit)
-
-    p = sub.add_parser("host-state", help="this host's free resources: topology - reservations - domains - claims")
-    p.add_argument("--connection", metavar="URI", help="libvirt URI (default: [libvirt] connection_uri)")
-    p.add_argument("--state-dir", metavar="DIR", help="claim ledger directory (default: [claims] state_dir)")
-    p.add_argument("--sysfs-root", default="/sys", metavar="DIR")
-    p.add_argument("--cross-check", action="store_true", help="compare sysfs with libvirt capabilities")
-    p.add_argument("--json", action="store_true", help="Host state JSON as in formats.md, plus problems")
-    p.set_defaults(func=_cmd_host_state)
-
-    try:
-        from agent.claims.cli import add_claims_parser
-    except ImportError:  # pragma: no cover - the claims package is always shipped
-        pass
-    else:
-        add_claims_parser(sub)
+    _add_discover(sub)
+    _add_fit(sub)
+    _add_host_state(sub)
+    add_claims_parser(sub)
     return parser
 
 

@@ -188,7 +188,13 @@ def placement_usage(
                 notes.append(f"emulator CPU {cpu} is not an online CPU of any cell")
                 continue
             acc.setdefault(cid, _CellAcc()).pinned.add(cpu)
-    # a pinned CPU recorded on a cell it does not belong to is moved to its real cell
+    _move_to_real_cells(acc, cell_of, notes)
+    return _freeze(name, uuid, acc, {}, source, notes)
+
+
+def _move_to_real_cells(acc: dict[int, _CellAcc], cell_of: CpuCells, notes: list[str]) -> None:
+    """A pinned CPU recorded on a cell it does not belong to is moved to its real cell (one of no
+    online cell is dropped, with a note)."""
     for cid, a in list(acc.items()):
         for cpu in list(a.pinned):
             real = cell_of.get(cpu)
@@ -198,7 +204,6 @@ def placement_usage(
             elif real != cid:
                 a.pinned.discard(cpu)
                 acc.setdefault(real, _CellAcc()).pinned.add(cpu)
-    return _freeze(name, uuid, acc, {}, source, notes)
 
 
 def _cells_touched(cpus: Iterable[int], cell_of: CpuCells) -> set[int]:
