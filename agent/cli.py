@@ -1,29 +1,41 @@
 """`compute-agent` command line.
 
-Exit codes: 0 success, 2 invalid input (the error on stderr), 3 "does not fit" (fit), 4 not found,
-1 the agent could not do it (libvirt unreachable, ledger unusable, ...; the typed error on stderr)
-or an unexpected bug (logged with its traceback, never silent).
+Exit codes (agent.cli_output.ExitCode, where the rendering lives too): 0 success, 2 invalid input
+(the error on stderr), 3 "does not fit" (fit), 4 not found, 1 the agent could not do it (libvirt
+unreachable, ledger unusable, ...; the typed error on stderr) or an unexpected bug (logged with its
+traceback, never silent).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from agent import __version__
+from agent.claims.cli import add_claims_parser
+from agent.claims.errors import LedgerError
+from agent.claims.ledger import Ledger
+from agent.claims.model import Claim
+from agent.claims.store import LEDGER_FILE
+from agent.cli_output import ExitCode, console, exit_code_for, print_error, print_json, print_warning, table
+from agent.config import format_cpu_set
 from agent.errors import AgentError, InvalidInput
 from agent.log import setup_logging
 
+if TYPE_CHECKING:
+    from agent.claims.hoststate import HostStateReport
+    from agent.libvirt_ops.inventory import DomainInventory
+    from agent.numa.placement import Placement
+    from agent.numa.request import InstanceRequest
+    from agent.numa.topology import HostTopology
+
 log = logging.getLogger("compute_agent.cli")
 
-EXIT_OK = 0
-EXIT_UNEXPECTED = 1
-EXIT_INVALID = 2
-EXIT_NOFIT = 3
+PROG = "compute-agent"
+MAX_INPUT_FILE_BYTES = 64 << 20  # a host state or request document is a few KiB; refuse anything absurd
 
 
 def _read_json_file(path: str, what: str) -> Any:
@@ -31,60 +43,57 @@ def _read_json_file(path: str, what: str) -> Any:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InvalidInput(f"{what} file {path}: {exc.strerror or exc}") from None
-    if len(data) > 64 << 20:
+    if len(data) > MAX_INPUT_FILE_BYTES:
         raise InvalidInput(f"{what} file {path}: larger than 64 MiB")
     return data
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 # --- discover -----------------------------------------------------------------------------------
 
 
+def _read_capabilities(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"capabilities file {path}: {exc}") from None
+
+
 def _cmd_discover(args: argparse.Namespace) -> int:
     from agent.numa.capabilities import discover
 
-    caps_xml = None
-    if args.capabilities:
-        try:
-            caps_xml = Path(args.capabilities).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"capabilities file {args.capabilities}: {exc}") from None
+    caps_xml = _read_capabilities(args.capabilities)
     topology, differences = discover(sysfs_root=args.sysfs_root, capabilities_xml=caps_xml, hostname=args.hostname)
     if args.json:
-        _print_json(topology.to_json())
-        return EXIT_OK
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+        print_json(topology.to_json())
+    else:
+        _print_topology(topology, differences)
+    return ExitCode.OK
 
-    from agent.config import format_cpu_set
 
-    console = Console()
-    table = Table(title=escape(f"NUMA topology of {topology.hostname}"))
-    for col in ("cell", "CPUs", "cores", "memory", "hugepages (free/total)", "distances"):
-        table.add_column(col)
-    for cell in topology.cells:
-        pages = ", ".join(f"{_page_label(p.size_kb)}: {p.free}/{p.total}" for p in cell.pages if p.size_kb != 4)
-        table.add_row(
+def _print_topology(topology: HostTopology, differences: Sequence[str]) -> None:
+    columns = ("cell", "CPUs", "cores", "memory", "hugepages (free/total)", "distances")
+    rows = [
+        (
             str(cell.id),
             format_cpu_set(cell.cpus) or "-",
             str(len(cell.siblings)) + (" (SMT)" if any(len(g) > 1 for g in cell.siblings) else ""),
             f"{cell.memory_kb / 1048576:.1f} GiB",
-            pages or "-",
+            ", ".join(f"{_page_label(p.size_kb)}: {p.free}/{p.total}" for p in cell.pages if p.size_kb != 4) or "-",
             " ".join(f"{k}:{v}" for k, v in sorted(cell.distances.items())),
         )
-    console.print(table)
-    console.print(
+        for cell in topology.cells
+    ]
+    screen = console()
+    screen.print(table(f"NUMA topology of {topology.hostname}", columns, rows))
+    screen.print(
         f"online: {format_cpu_set(topology.online_cpus) or '-'}   "
         f"offline: {format_cpu_set(topology.offline_cpus) or '-'}   "
         f"isolated: {format_cpu_set(topology.isolated_cpus) or '-'}"
     )
     for line in differences:
-        console.print(f"[yellow]sysfs and libvirt disagree:[/yellow] {escape(line)}")
-    return EXIT_OK
+        print_warning(screen, "sysfs and libvirt disagree:", line)
 
 
 def _page_label(size_kb: int) -> str:
@@ -100,6 +109,7 @@ def _page_label(size_kb: int) -> str:
 
 def _cmd_fit(args: argparse.Namespace) -> int:
     from agent.numa.fit import fit
+    from agent.numa.placement import NoFit
     from agent.numa.request import parse_request
     from agent.numa.state import HostState
 
@@ -107,41 +117,50 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     request = parse_request(_read_json_file(args.instance, "instance"))
     result = fit(request, state, preference=args.preference)
     if args.json:
-        _print_json(result.to_json())
-    elif result.fits:
-        from rich.console import Console
-        from rich.table import Table
-
-        from agent.config import format_cpu_set
-
-        table = Table(title=f"placement of {request.uuid}")
-        for col in ("guest cell", "host cell", "vCPU -> host CPUs", "memory", "page size"):
-            table.add_column(col)
-        for cell in result.cells:
-            pins = " ".join(f"{v}->{format_cpu_set(cell.cpu_pins[v])}" for v in cell.vcpus)
-            table.add_row(
-                str(cell.guest_cell),
-                str(cell.host_cell),
-                pins,
-                f"{cell.memory_mb} MiB",
-                _page_label(cell.pagesize_kb),
-            )
-        console = Console()
-        console.print(table)
-        console.print(f"emulator threads: {format_cpu_set(result.emulator_pins) or '-'}")
-    else:
+        print_json(result.to_json())
+    elif isinstance(result, NoFit):
         sys.stdout.write(f"does not fit: {result.reason}\n")
-    return EXIT_OK if result.fits else EXIT_NOFIT
+    else:
+        _print_placement(request, result)
+    return ExitCode.NO_FIT if isinstance(result, NoFit) else ExitCode.OK
+
+
+def _print_placement(request: InstanceRequest, placement: Placement) -> None:
+    columns = ("guest cell", "host cell", "vCPU -> host CPUs", "memory", "page size")
+    rows = [
+        (
+            str(cell.guest_cell),
+            str(cell.host_cell),
+            " ".join(f"{v}->{format_cpu_set(cell.cpu_pins[v])}" for v in cell.vcpus),
+            f"{cell.memory_mb} MiB",
+            _page_label(cell.pagesize_kb),
+        )
+        for cell in placement.cells
+    ]
+    screen = console()
+    screen.print(table(f"placement of {request.uuid}", columns, rows))
+    screen.print(f"emulator threads: {format_cpu_set(placement.emulator_pins) or '-'}")
 
 
 # --- host-state ---------------------------------------------------------------------------------
 
 
+def _live_claims(state_dir: Path) -> list[Claim]:
+    """The ledger's live claims, read-only: a look at the host never creates, upgrades or moves
+    aside the agent's ledger. No ledger yet: no claims."""
+    try:
+        with Ledger.open(state_dir, readonly=True) as ledger:
+            return ledger.live_claims()
+    except LedgerError as exc:
+        if (state_dir / LEDGER_FILE).exists():
+            raise
+        log.info("no claim ledger in %s (%s): counting no claims", state_dir, exc)
+        return []
+
+
 def _cmd_host_state(args: argparse.Namespace) -> int:
     """This host's true state: topology - config reservations - domains - live claims."""
-    from agent.claims.errors import LedgerError
     from agent.claims.hoststate import compute_host_state
-    from agent.claims.ledger import Ledger
     from agent.config import load_config
     from agent.libvirt_ops.connection import connection
     from agent.libvirt_ops.inventory import read_domains
@@ -153,16 +172,7 @@ def _cmd_host_state(args: argparse.Namespace) -> int:
         inventory = read_domains(conn)
         caps_xml = conn.getCapabilities() if args.cross_check else None
     topology, differences = discover(sysfs_root=args.sysfs_root, capabilities_xml=caps_xml)
-    state_dir = Path(args.state_dir) if args.state_dir else cfg.claims.state_dir
-    try:
-        # read-only: a look at the host never creates, upgrades or moves aside the agent's ledger
-        with Ledger.open(state_dir, readonly=True) as ledger:
-            claims = ledger.live_claims()
-    except LedgerError as exc:
-        if (state_dir / "ledger.db").exists():
-            raise
-        log.info("no claim ledger in %s (%s): counting no claims", state_dir, exc)
-        claims = []
+    claims = _live_claims(Path(args.state_dir) if args.state_dir else cfg.claims.state_dir)
     # the inventory says which domains are active (an incoming, not yet running copy of a claimed
     # instance is counted once, through its claim)
     report = compute_host_state(topology, inventory, claims, cfg.compute)
@@ -173,50 +183,78 @@ def _cmd_host_state(args: argparse.Namespace) -> int:
         # unbound_memory_mb is HostState's own (small pages bound to no cell: what the fitter
         # subtracts); unbound hugepage memory, if any, is among the problems (report notes)
         doc["problems"] = problems
-        _print_json(doc)
-        return EXIT_OK
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+        print_json(doc)
+    else:
+        _print_host_state(topology, inventory, claims, report, problems)
+    return ExitCode.OK
 
-    from agent.config import format_cpu_set
 
-    table = Table(
-        title=f"free resources of {escape(topology.hostname)} "
-        f"({len(inventory.domains)} domains, {len(claims)} live claims)"
-    )
-    for col in ("cell", "pinned", "free dedicated", "shared", "floating room", "small MiB free", "hugepages free"):
-        table.add_column(col)
+def _print_host_state(
+    topology: HostTopology,
+    inventory: DomainInventory,
+    claims: list[Claim],
+    report: HostStateReport,
+    problems: list[str],
+) -> None:
+    columns = ("cell", "pinned", "free dedicated", "shared", "floating room", "small MiB free", "hugepages free")
+    rows = []
     for res in report.state.all_resources():
         usage = report.state.cell_usage(res.cell.id)
-        table.add_row(
-            str(res.cell.id),
-            format_cpu_set(usage.pinned_cpus) or "-",
-            format_cpu_set(res.dedicated_cpus) or "-",
-            format_cpu_set(res.shared_cpus) or "-",
-            str(res.floating_capacity),
-            str(res.small_free_mb),
-            ", ".join(f"{_page_label(s)}: {n}" for s, n in sorted(res.free_pages.items())) or "-",
+        rows.append(
+            (
+                str(res.cell.id),
+                format_cpu_set(usage.pinned_cpus) or "-",
+                format_cpu_set(res.dedicated_cpus) or "-",
+                format_cpu_set(res.shared_cpus) or "-",
+                str(res.floating_capacity),
+                str(res.small_free_mb),
+                ", ".join(f"{_page_label(s)}: {n}" for s, n in sorted(res.free_pages.items())) or "-",
+            )
         )
-    console = Console()
-    console.print(table)
-    console.print(
+    title = f"free resources of {topology.hostname} ({len(inventory.domains)} domains, {len(claims)} live claims)"
+    screen = console()
+    screen.print(table(title, columns, rows))
+    screen.print(
         f"reserved host memory: {report.state.reserved_memory_mb} MiB; "
         f"memory not bound to a cell: {report.unbound_memory_mb} MiB"
     )
     for line in problems:
-        console.print(f"[yellow]warning:[/yellow] {escape(line)}")
-    return EXIT_OK
+        print_warning(screen, "warning:", line)
 
 
 # --- parser -------------------------------------------------------------------------------------
 
 
+def _add_discover(sub: Any) -> None:
+    p = sub.add_parser("discover", help="print this host's NUMA topology")
+    p.add_argument("--sysfs-root", default="/sys", metavar="DIR", help="read DIR/devices/system/... (default /sys)")
+    p.add_argument("--capabilities", metavar="FILE", help="libvirt capabilities XML to cross-check with")
+    p.add_argument("--hostname", help="hostname to report (default: this host's)")
+    p.add_argument("--json", action="store_true", help="JSON as in formats.md (Host topology)")
+    p.set_defaults(func=_cmd_discover)
+
+
+def _add_fit(sub: Any) -> None:
+    p = sub.add_parser("fit", help="place an instance request on a host state")
+    p.add_argument("--host", required=True, metavar="FILE", help="host state JSON")
+    p.add_argument("--instance", required=True, metavar="FILE", help="instance request JSON")
+    p.add_argument("--preference", choices=("spread", "pack"), default="spread")
+    p.add_argument("--json", action="store_true", help="Placement JSON as in formats.md")
+    p.set_defaults(func=_cmd_fit)
+
+
+def _add_host_state(sub: Any) -> None:
+    p = sub.add_parser("host-state", help="this host's free resources: topology - reservations - domains - claims")
+    p.add_argument("--connection", metavar="URI", help="libvirt URI (default: [libvirt] connection_uri)")
+    p.add_argument("--state-dir", metavar="DIR", help="claim ledger directory (default: [claims] state_dir)")
+    p.add_argument("--sysfs-root", default="/sys", metavar="DIR")
+    p.add_argument("--cross-check", action="store_true", help="compare sysfs with libvirt capabilities")
+    p.add_argument("--json", action="store_true", help="Host state JSON as in formats.md, plus problems")
+    p.set_defaults(func=_cmd_host_state)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="compute-agent",
-        description="NUMA-aware live migration agent for KVM hypervisors.",
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description="NUMA-aware live migration agent for KVM hypervisors.")
     parser.add_argument("--version", action="version", version=f"compute-agent {__version__}")
     parser.add_argument(
         "--log-level",
@@ -227,35 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="agent config (default /etc/compute-agent/compute-agent.conf)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("discover", help="print this host's NUMA topology")
-    p.add_argument("--sysfs-root", default="/sys", metavar="DIR", help="read DIR/devices/system/... (default /sys)")
-    p.add_argument("--capabilities", metavar="FILE", help="libvirt capabilities XML to cross-check with")
-    p.add_argument("--hostname", help="hostname to report (default: this host's)")
-    p.add_argument("--json", action="store_true", help="JSON as in formats.md (Host topology)")
-    p.set_defaults(func=_cmd_discover)
-
-    p = sub.add_parser("fit", help="place an instance request on a host state")
-    p.add_argument("--host", required=True, metavar="FILE", help="host state JSON")
-    p.add_argument("--instance", required=True, metavar="FILE", help="instance request JSON")
-    p.add_argument("--preference", choices=("spread", "pack"), default="spread")
-    p.add_argument("--json", action="store_true", help="Placement JSON as in formats.md")
-    p.set_defaults(func=_cmd_fit)
-
-    p = sub.add_parser("host-state", help="this host's free resources: topology - reservations - domains - claims")
-    p.add_argument("--connection", metavar="URI", help="libvirt URI (default: [libvirt] connection_uri)")
-    p.add_argument("--state-dir", metavar="DIR", help="claim ledger directory (default: [claims] state_dir)")
-    p.add_argument("--sysfs-root", default="/sys", metavar="DIR")
-    p.add_argument("--cross-check", action="store_true", help="compare sysfs with libvirt capabilities")
-    p.add_argument("--json", action="store_true", help="Host state JSON as in formats.md, plus problems")
-    p.set_defaults(func=_cmd_host_state)
-
-    try:
-        from agent.claims.cli import add_claims_parser
-    except ImportError:  # pragma: no cover - the claims package is always shipped
-        pass
-    else:
-        add_claims_parser(sub)
+    _add_discover(sub)
+    _add_fit(sub)
+    _add_host_state(sub)
+    add_claims_parser(sub)
     return parser
 
 
@@ -265,24 +278,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         return int(args.func(args))
-    except InvalidInput as exc:
-        log.debug("invalid input", exc_info=True)
-        sys.stderr.write(f"compute-agent: error: {exc}\n")
-        return EXIT_INVALID
     except AgentError as exc:
-        sys.stderr.write(f"compute-agent: error: {exc}\n")
-        return EXIT_INVALID if getattr(exc, "code", "") in {"discovery_error"} else EXIT_UNEXPECTED
+        if isinstance(exc, InvalidInput):
+            log.debug("invalid input", exc_info=True)
+        print_error(PROG, f"error: {exc}")
+        return exit_code_for(exc)
     except KeyboardInterrupt:
-        return 130
+        return 130  # 128 + SIGINT, as shells report it
     except Exception as exc:
-        if type(exc).__name__ == "libvirtError":  # a libvirt call not yet wrapped at its edge
-            log.debug("libvirt error", exc_info=True)
-            sys.stderr.write(f"compute-agent: libvirt error: {exc}\n")
-            return EXIT_UNEXPECTED
-        # an unexpected bug: say so loudly, with the traceback in the log
-        log.exception("unexpected error in %s", args.command)
-        sys.stderr.write("compute-agent: unexpected error (see the log above)\n")
-        return EXIT_UNEXPECTED
+        return _unexpected(args.command, exc)
+
+
+def _unexpected(command: str, exc: Exception) -> int:
+    if type(exc).__name__ == "libvirtError":  # a libvirt call not yet wrapped at its edge
+        log.debug("libvirt error", exc_info=True)
+        print_error(PROG, f"libvirt error: {exc}")
+        return ExitCode.ERROR
+    # an unexpected bug: say so loudly, with the traceback in the log
+    log.exception("unexpected error in %s", command)
+    print_error(PROG, "unexpected error (see the log above)")
+    return ExitCode.ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

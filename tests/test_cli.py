@@ -145,3 +145,28 @@ def test_hostname_with_markup_is_printed_verbatim(capsys):
         capsys, "discover", "--sysfs-root", str(FIXTURES / "sysfs" / "single_no_smt"), "--hostname", "[/oops]"
     )
     assert rc == 0 and "[/oops]" in out
+
+
+def test_cli_output_exit_codes_and_escaping():
+    import io
+
+    from agent.claims.errors import LedgerError, UnknownClaim
+    from agent.cli_output import ExitCode, console, exit_code_for, print_error, print_json, table
+    from agent.errors import DiscoveryError, InvalidInput
+
+    # the documented exit codes (README, agent/cli.py): a change here is a change of the interface
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4]
+    assert exit_code_for(UnknownClaim("m")) is ExitCode.NOT_FOUND
+    assert exit_code_for(InvalidInput("x")) is ExitCode.INVALID_INPUT
+    assert exit_code_for(DiscoveryError("x")) is ExitCode.INVALID_INPUT
+    assert exit_code_for(LedgerError("x")) is ExitCode.ERROR
+    out, err = io.StringIO(), io.StringIO()
+    print_json({"a": [1]}, out)
+    print_error("compute-agent", "error: boom", err)
+    assert json.loads(out.getvalue()) == {"a": [1]} and out.getvalue().endswith("}\n")
+    assert err.getvalue() == "compute-agent: error: boom\n"
+    # free text is shown as it is, never read as rich markup
+    shown = io.StringIO()
+    console(shown, width=120).print(table("[b]t[/b]", ["[i]c[/i]"], [["[libvirt] [red]x[/red]"]]))
+    assert "[b]t[/b]" in shown.getvalue() and "[i]c[/i]" in shown.getvalue()
+    assert "[libvirt] [red]x[/red]" in shown.getvalue()

@@ -10,25 +10,28 @@ or move aside a ledger (a damaged one is reported and left for the agent).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
-
-# Everything printed through rich that is not ours is escaped: reasons are free text (operators,
-# libvirt messages like "[libvirt] ..."), source hosts and instance ids come from remote callers.
-from rich.markup import escape
+from typing import Any, Callable, TextIO
 
 from agent.claims.errors import UnknownClaim
-from agent.claims.ledger import LEDGER_FILE, Claim, ClaimState, Ledger, Transition
+from agent.claims.ledger import Ledger
+from agent.claims.model import Claim, ClaimState, Transition
+from agent.claims.store import LEDGER_FILE
+from agent.cli_output import (
+    CLAIMS_TABLE_WIDTH,
+    ExitCode,
+    console,
+    exit_code_for,
+    print_error,
+    print_json,
+    table,
+)
 from agent.config import format_cpu_set, load_config
 from agent.errors import AgentError, InvalidInput
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_BAD_INPUT = 2
-EXIT_NOT_FOUND = 4
+PROG = "compute-agent claims"
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -96,119 +99,119 @@ def _memory(claim: Claim) -> str:
 
 
 def _print_list(claims: list[Claim], out: TextIO) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     now = time.time()
-    table = Table(title=f"{len(claims)} claim(s)")
-    for col in ("migration", "instance", "source", "state", "cells", "pinned CPUs", "memory", "expires", "reason"):
-        table.add_column(col)
-    for c in claims:
-        table.add_row(
-            escape(c.migration_id),
-            escape(c.instance_uuid),
-            escape(c.source_host),
+    columns = ("migration", "instance", "source", "state", "cells", "pinned CPUs", "memory", "expires", "reason")
+    rows = [
+        (
+            c.migration_id,
+            c.instance_uuid,
+            c.source_host,
             c.state.value,
             ",".join(map(str, c.placement.host_nodeset)),
             format_cpu_set(c.placement.pinned_cpus) or "-",
             _memory(c),
             _when(c.expires_at, now) if c.is_live else "-",
-            escape(c.reason or ""),
+            c.reason or "",
         )
-    Console(file=out, width=200).print(table)
+        for c in claims
+    ]
+    console(out, width=CLAIMS_TABLE_WIDTH).print(table(f"{len(claims)} claim(s)", columns, rows))
 
 
-def _print_show(claim: Claim, transitions: list[Transition], out: TextIO) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    now = time.time()
-    console = Console(file=out, width=200)
-    info = Table(show_header=False, title=f"claim {escape(claim.migration_id)}")
-    info.add_column("key")
-    info.add_column("value")
-    rows = [
-        ("instance", escape(claim.instance_uuid)),
-        ("source host", escape(claim.source_host)),
+def _claim_rows(claim: Claim, now: float) -> list[tuple[str, str]]:
+    emulator = format_cpu_set(claim.placement.emulator_pins)
+    return [
+        ("instance", claim.instance_uuid),
+        ("source host", claim.source_host),
         ("state", claim.state.value),
         ("created", _when(claim.created_at, now)),
         ("updated", _when(claim.updated_at, now)),
         ("expires", _when(claim.expires_at, now) if claim.is_live else "-"),
         ("ttl", f"{claim.ttl_s:g}s"),
-        ("reason", escape(claim.reason or "")),
+        ("reason", claim.reason or ""),
         ("pinned CPUs", format_cpu_set(claim.placement.pinned_cpus) or "-"),
-        (
-            "emulator",
-            format_cpu_set(claim.placement.emulator_pins)
-            + (" (isolated)" if claim.placement.emulator_isolated else ""),
-        ),
+        ("emulator", emulator + (" (isolated)" if claim.placement.emulator_isolated else "")),
     ]
-    for k, v in rows:
-        info.add_row(k, v)
-    console.print(info)
-    cells = Table(title="placement")
-    for col in ("guest cell", "host cell", "vCPU -> pCPU", "memory", "page size"):
-        cells.add_column(col)
-    for c in claim.placement.cells:
-        pins = " ".join(f"{v}:{format_cpu_set(c.cpu_pins[v])}" for v in c.vcpus)
-        cells.add_row(str(c.guest_cell), str(c.host_cell), pins, f"{c.memory_mb} MiB", f"{c.pagesize_kb} KiB")
-    console.print(cells)
-    hist = Table(title="transitions")
-    for col in ("at", "from", "to", "reason"):
-        hist.add_column(col)
-    for t in transitions:
-        hist.add_row(
-            _when(t.at, now), t.from_state.value if t.from_state else "-", t.to_state.value, escape(t.reason or "")
+
+
+def _print_show(claim: Claim, transitions: list[Transition], out: TextIO) -> None:
+    now = time.time()
+    screen = console(out, width=CLAIMS_TABLE_WIDTH)
+    screen.print(table(f"claim {claim.migration_id}", ("key", "value"), _claim_rows(claim, now), show_header=False))
+    cells = [
+        (
+            str(c.guest_cell),
+            str(c.host_cell),
+            " ".join(f"{v}:{format_cpu_set(c.cpu_pins[v])}" for v in c.vcpus),
+            f"{c.memory_mb} MiB",
+            f"{c.pagesize_kb} KiB",
         )
-    console.print(hist)
+        for c in claim.placement.cells
+    ]
+    screen.print(table("placement", ("guest cell", "host cell", "vCPU -> pCPU", "memory", "page size"), cells))
+    history = [
+        (_when(t.at, now), t.from_state.value if t.from_state else "-", t.to_state.value, t.reason or "")
+        for t in transitions
+    ]
+    screen.print(table("transitions", ("at", "from", "to", "reason"), history))
+
+
+# --- the commands: each runs on an open ledger ------------------------------------------------------
+
+
+def _list(ledger: Ledger, args: argparse.Namespace, as_json: bool, out: TextIO) -> None:
+    states = getattr(args, "states", None)
+    claims = ledger.list_claims(states) if states else ledger.list_claims()
+    if as_json:
+        print_json([c.to_json() for c in claims], out)
+    else:
+        _print_list(claims, out)
+
+
+def _show(ledger: Ledger, args: argparse.Namespace, as_json: bool, out: TextIO) -> None:
+    claim = ledger.get(args.migration_id)
+    transitions = ledger.transitions(args.migration_id)
+    if not as_json:
+        _print_show(claim, transitions, out)
+        return
+    doc = claim.to_json()
+    doc["transitions"] = [t.to_json() for t in transitions]
+    print_json(doc, out)
+
+
+def _release(ledger: Ledger, args: argparse.Namespace, as_json: bool, out: TextIO) -> None:
+    claim = ledger.release(args.migration_id, f"operator: {args.reason}")
+    if as_json:
+        print_json(claim.to_json(), out)
+    else:
+        out.write(f"claim {claim.migration_id}: {claim.state.value} ({claim.reason})\n")
+
+
+_Command = Callable[[Ledger, argparse.Namespace, bool, TextIO], None]
+_COMMANDS: dict[str, _Command] = {"list": _list, "show": _show, "release": _release}
+_READ_ONLY = frozenset({"list", "show"})  # these never create, upgrade or move aside a ledger
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> ExitCode:
+    command = getattr(args, "claims_command", None)
+    run = _COMMANDS.get(command) if isinstance(command, str) else None
+    if run is None:
+        raise InvalidInput(f"unknown claims command {command!r} (list, show, release)")
+    as_json = bool(getattr(args, "json", False))
+    state_dir = _state_dir(args)
+    if not (state_dir / LEDGER_FILE).exists():
+        if command != "list":
+            raise UnknownClaim(args.migration_id)
+        out.write("[]\n" if as_json else f"no claim ledger in {state_dir}\n")
+        return ExitCode.OK
+    with Ledger.open(state_dir, readonly=command in _READ_ONLY) as ledger:
+        run(ledger, args, as_json, out)
+    return ExitCode.OK
 
 
 def run_claims(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out = out or sys.stdout
-    err = err or sys.stderr
-    as_json = bool(getattr(args, "json", False))
-    command = getattr(args, "claims_command", None)
     try:
-        state_dir = _state_dir(args)
-        if not (state_dir / LEDGER_FILE).exists():
-            if command == "list":
-                out.write("[]\n" if as_json else f"no claim ledger in {state_dir}\n")
-                return EXIT_OK
-            if command in ("show", "release"):
-                raise UnknownClaim(args.migration_id)
-        read_only = command in ("list", "show")
-        with Ledger.open(state_dir, readonly=read_only) as ledger:
-            if command == "list":
-                claims = ledger.list(args.states) if getattr(args, "states", None) else ledger.list()
-                if as_json:
-                    out.write(json.dumps([c.to_json() for c in claims], indent=2) + "\n")
-                else:
-                    _print_list(claims, out)
-            elif command == "show":
-                claim = ledger.get(args.migration_id)
-                transitions = ledger.transitions(args.migration_id)
-                if as_json:
-                    doc = claim.to_json()
-                    doc["transitions"] = [t.to_json() for t in transitions]
-                    out.write(json.dumps(doc, indent=2) + "\n")
-                else:
-                    _print_show(claim, transitions, out)
-            elif command == "release":
-                reason = f"operator: {args.reason}"
-                claim = ledger.release(args.migration_id, reason)
-                if as_json:
-                    out.write(json.dumps(claim.to_json(), indent=2) + "\n")
-                else:
-                    out.write(f"claim {claim.migration_id}: {claim.state.value} ({claim.reason})\n")
-            else:
-                raise InvalidInput(f"unknown claims command {command!r} (list, show, release)")
-    except UnknownClaim as exc:
-        err.write(f"compute-agent claims: {exc}\n")
-        return EXIT_NOT_FOUND
-    except InvalidInput as exc:
-        err.write(f"compute-agent claims: {exc}\n")
-        return EXIT_BAD_INPUT
+        return _run(args, out or sys.stdout)
     except AgentError as exc:
-        err.write(f"compute-agent claims: {exc}\n")
-        return EXIT_ERROR
-    return EXIT_OK
+        print_error(PROG, exc, err)
+        return exit_code_for(exc)

@@ -54,7 +54,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-from agent.claims.ledger import Claim, ClaimState, uuid_key
+from agent.claims.model import Claim, ClaimState, uuid_key
 from agent.config import ComputeConfig, format_cpu_set
 from agent.errors import InvalidInput
 from agent.libvirt_ops.domain_xml import DomainPlacement
@@ -76,6 +76,14 @@ class _CellAcc:
     memory_mb: int = 0
     pages: dict[int, int] = field(default_factory=dict)
     floating: int = 0
+
+    def frozen(self) -> CellUsage:
+        return CellUsage(
+            pinned_cpus=frozenset(self.pinned),
+            used_memory_mb=self.memory_mb,
+            used_pages=dict(self.pages),
+            floating_vcpus=self.floating,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,15 +138,7 @@ def cpu_cells(topology: HostTopology) -> dict[int, int]:
 def _freeze(
     name: str, uuid: str, acc: dict[int, _CellAcc], unbound_kib: Mapping[int, int], source: str, notes: list[str]
 ) -> DomainUsage:
-    cells = {
-        cid: CellUsage(
-            pinned_cpus=frozenset(a.pinned),
-            used_memory_mb=a.memory_mb,
-            used_pages=dict(a.pages),
-            floating_vcpus=a.floating,
-        )
-        for cid, a in sorted(acc.items())
-    }
+    cells = {cid: a.frozen() for cid, a in sorted(acc.items())}
     total = sum(unbound_kib.values())
     return DomainUsage(
         name=name,
@@ -188,7 +188,13 @@ def placement_usage(
                 notes.append(f"emulator CPU {cpu} is not an online CPU of any cell")
                 continue
             acc.setdefault(cid, _CellAcc()).pinned.add(cpu)
-    # a pinned CPU recorded on a cell it does not belong to is moved to its real cell
+    _move_to_real_cells(acc, cell_of, notes)
+    return _freeze(name, uuid, acc, {}, source, notes)
+
+
+def _move_to_real_cells(acc: dict[int, _CellAcc], cell_of: CpuCells, notes: list[str]) -> None:
+    """A pinned CPU recorded on a cell it does not belong to is moved to its real cell (one of no
+    online cell is dropped, with a note)."""
     for cid, a in list(acc.items()):
         for cpu in list(a.pinned):
             real = cell_of.get(cpu)
@@ -198,7 +204,6 @@ def placement_usage(
             elif real != cid:
                 a.pinned.discard(cpu)
                 acc.setdefault(real, _CellAcc()).pinned.add(cpu)
-    return _freeze(name, uuid, acc, {}, source, notes)
 
 
 def _cells_touched(cpus: Iterable[int], cell_of: CpuCells) -> set[int]:
@@ -226,22 +231,15 @@ def _agent_placement(domain: DomainPlacement) -> Placement | None:
         return None
 
 
-def domain_usage(
-    domain: DomainPlacement, topology: HostTopology, compute_cfg: ComputeConfig, *, cpu_cell: CpuCells | None = None
-) -> DomainUsage:
-    """What `domain` holds on this host (see the module doc for the heuristic)."""
-    cell_of = cpu_cells(topology) if cpu_cell is None else cpu_cell
-    placement = _agent_placement(domain)
-    if placement is not None:
-        return placement_usage(
-            placement, topology, name=domain.name, uuid=domain.uuid, source="agent_placement", cpu_cell=cell_of
-        )
-
-    acc: dict[int, _CellAcc] = {}
-    notes: list[str] = []
-    cells_with_cpus = {c.id for c in topology.cells if c.cpus}
-
-    # --- CPUs
+def _vcpu_usage(
+    domain: DomainPlacement,
+    compute_cfg: ComputeConfig,
+    cell_of: CpuCells,
+    cells_with_cpus: set[int],
+    acc: dict[int, _CellAcc],
+    notes: list[str],
+) -> set[int]:
+    """Pinned and floating vCPUs into `acc`; returns the CPUs the vCPUs pin."""
     vcpu_pinned: set[int] = set()
     for v in range(max(0, domain.vcpus)):
         pins = domain.vcpu_pins.get(v, domain.vcpu_cpuset)
@@ -259,6 +257,18 @@ def domain_usage(
             notes.append(f"vCPU {v} pinned to {format_cpu_set(pins)}, no online CPU of any cell")
         for cid in touched:
             acc.setdefault(cid, _CellAcc()).floating += 1
+    return vcpu_pinned
+
+
+def _thread_usage(
+    domain: DomainPlacement,
+    compute_cfg: ComputeConfig,
+    cell_of: CpuCells,
+    vcpu_pinned: set[int],
+    acc: dict[int, _CellAcc],
+    notes: list[str],
+) -> None:
+    """Emulator and iothreads pinned to one dedicated CPU of their own into `acc`."""
     extra_threads = [("emulator", domain.emulator_pins)]
     extra_threads += [(f"iothread {i}", p) for i, p in sorted(domain.iothread_pins.items())]
     for what, pins in extra_threads:
@@ -271,31 +281,59 @@ def domain_usage(
             continue
         acc.setdefault(cid, _CellAcc()).pinned.add(cpu)
 
-    # --- memory
+
+def _guest_page_kb(domain: DomainPlacement, guest_cell: int) -> int:
+    """Page size of a guest cell: its `<page nodeset>`, else a `<page>` without nodeset, else 4 KiB."""
+    if not domain.hugepages:
+        return SMALL_PAGE_KB
+    chosen = next((h for h in domain.hugepages if h.guest_nodeset is not None and guest_cell in h.guest_nodeset), None)
+    if chosen is None:
+        chosen = next((h for h in domain.hugepages if h.guest_nodeset is None), None)
+    if chosen is None:
+        return SMALL_PAGE_KB
+    return chosen.size_kib or DEFAULT_HUGEPAGE_KB
+
+
+def _memory_usage(
+    domain: DomainPlacement, topology: HostTopology, acc: dict[int, _CellAcc], notes: list[str]
+) -> dict[int, int]:
+    """Bound memory of each guest cell into `acc`; returns the unbound KiB per page size."""
     guest_cells = [(g.id, g.memory_kib) for g in domain.guest_cells] or [(0, domain.memory_kib)]
     unbound_kib: dict[int, int] = {}  # page size -> KiB
     for gid, kib in guest_cells:
         nodes = domain.memnodes.get(gid)
         if nodes is None and domain.numatune_nodeset is not None:
             nodes = domain.numatune_nodeset
-        size_kb = SMALL_PAGE_KB
-        if domain.hugepages:
-            chosen = next((h for h in domain.hugepages if h.guest_nodeset is not None and gid in h.guest_nodeset), None)
-            if chosen is None:
-                chosen = next((h for h in domain.hugepages if h.guest_nodeset is None), None)
-            if chosen is not None:
-                size_kb = chosen.size_kib or DEFAULT_HUGEPAGE_KB
-        if nodes is None or len(nodes) != 1:
-            unbound_kib[size_kb] = unbound_kib.get(size_kb, 0) + kib
-            continue
-        (host_cell,) = nodes
-        if host_cell not in topology.cell_ids:
+        size_kb = _guest_page_kb(domain, gid)
+        host_cell = next(iter(nodes)) if nodes is not None and len(nodes) == 1 else None
+        if host_cell is not None and host_cell not in topology.cell_ids:
             notes.append(f"guest cell {gid} memory bound to host node {host_cell}, which does not exist")
+            host_cell = None
+        if host_cell is None:
             unbound_kib[size_kb] = unbound_kib.get(size_kb, 0) + kib
             continue
         if size_kb != SMALL_PAGE_KB and topology.cell(host_cell).page_pool(size_kb) is None:
             notes.append(f"guest cell {gid} uses {size_kb} KiB pages, which host cell {host_cell} lacks")
         _add_memory(acc.setdefault(host_cell, _CellAcc()), topology, host_cell, kib, size_kb)
+    return unbound_kib
+
+
+def domain_usage(
+    domain: DomainPlacement, topology: HostTopology, compute_cfg: ComputeConfig, *, cpu_cell: CpuCells | None = None
+) -> DomainUsage:
+    """What `domain` holds on this host (see the module doc for the heuristic)."""
+    cell_of = cpu_cells(topology) if cpu_cell is None else cpu_cell
+    placement = _agent_placement(domain)
+    if placement is not None:
+        return placement_usage(
+            placement, topology, name=domain.name, uuid=domain.uuid, source="agent_placement", cpu_cell=cell_of
+        )
+    acc: dict[int, _CellAcc] = {}
+    notes: list[str] = []
+    cells_with_cpus = {c.id for c in topology.cells if c.cpus}
+    vcpu_pinned = _vcpu_usage(domain, compute_cfg, cell_of, cells_with_cpus, acc, notes)
+    _thread_usage(domain, compute_cfg, cell_of, vcpu_pinned, acc, notes)
+    unbound_kib = _memory_usage(domain, topology, acc, notes)
     return _freeze(domain.name, domain.uuid, acc, unbound_kib, "pins", notes)
 
 
@@ -315,6 +353,136 @@ def _domains_of(
     return listed, frozenset(uuid_key(u) for u in active), unreadable
 
 
+def _claim_holders(
+    claims: Iterable[Claim], topology: HostTopology, domain_uuids: set[str], cell_of: CpuCells
+) -> tuple[list[DomainUsage], dict[str, list[Claim]]]:
+    """(usage of every claim that holds something, live claims by uuid_key of their instance)."""
+    holders: list[DomainUsage] = []
+    live_claims: dict[str, list[Claim]] = {}
+    for c in claims:
+        if c.state in (ClaimState.HELD, ClaimState.MIGRATING):
+            live_claims.setdefault(uuid_key(c.instance_uuid), []).append(c)
+            name = f"claim {c.migration_id}"
+        elif c.state is ClaimState.CONFIRMED and uuid_key(c.instance_uuid) not in domain_uuids:
+            name = f"claim {c.migration_id} (confirmed)"
+        else:
+            continue
+        holders.append(placement_usage(c.placement, topology, name=name, uuid=c.instance_uuid, cpu_cell=cell_of))
+    return holders, live_claims
+
+
+def _counted_by_its_claim(domain: DomainPlacement, active: frozenset[str], its_claims: list[Claim]) -> bool:
+    """Is `domain` the incoming copy of a live claim (so the claim counts it, not the domain)?"""
+    if uuid_key(domain.uuid) not in active:
+        return True  # the incoming (not yet running) copy of a live claim
+    mine = _agent_placement(domain)
+    if mine is not None and any(mine == c.placement for c in its_claims):
+        return True  # the incoming domain carries exactly the claim's placement: counted once
+    log.warning(
+        "domain %s (%s) runs here and also has a live claim (%s): counting both",
+        domain.name,
+        domain.uuid,
+        ", ".join(c.migration_id for c in its_claims),
+    )
+    return False
+
+
+def _domain_holders(
+    domains: list[DomainPlacement],
+    active: frozenset[str],
+    live_claims: Mapping[str, list[Claim]],
+    topology: HostTopology,
+    compute_cfg: ComputeConfig,
+    cell_of: CpuCells,
+) -> list[DomainUsage]:
+    holders = []
+    for d in domains:
+        its_claims = live_claims.get(uuid_key(d.uuid))
+        if its_claims and _counted_by_its_claim(d, active, its_claims):
+            continue
+        holders.append(domain_usage(d, topology, compute_cfg, cpu_cell=cell_of))
+    return holders
+
+
+@dataclass(slots=True)
+class _Totals:
+    """What every holder takes, summed per host cell, while `compute_host_state` counts."""
+
+    topology: HostTopology
+    acc: dict[int, _CellAcc]
+    pinned_by: dict[int, list[str]] = field(default_factory=dict)  # CPU -> holder names
+    unbound_small: int = 0  # MiB of small pages on no cell
+    unbound_other: int = 0  # MiB of hugepages on no cell
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, h: DomainUsage) -> None:
+        self.notes.extend(f"{h.name}: {n}" for n in h.notes)
+        self._add_unbound(h)
+        for cid, u in h.cells.items():
+            self._add_cell(h, cid, u)
+
+    def _add_unbound(self, h: DomainUsage) -> None:
+        topology = self.topology
+        single_cell = topology.cells[0].id if len(topology.cells) == 1 else None
+        for size, mb in h.unbound_by_size_mb.items():
+            if single_cell is not None:
+                _add_memory(self.acc[single_cell], topology, single_cell, mb * 1024, size)
+            elif size == SMALL_PAGE_KB:
+                self.unbound_small += mb
+            else:
+                self.unbound_other += mb
+                self.notes.append(
+                    f"{h.name}: {mb} MiB of {size} KiB pages bound to no single host cell: counted on no cell"
+                )
+
+    def _add_cell(self, h: DomainUsage, cid: int, u: CellUsage) -> None:
+        a = self.acc.get(cid)
+        if a is None:
+            self.notes.append(f"{h.name}: uses host cell {cid}, which does not exist")
+            return
+        for cpu in u.pinned_cpus:
+            self.pinned_by.setdefault(cpu, []).append(h.name or h.uuid)
+        a.pinned |= u.pinned_cpus
+        a.memory_mb += u.used_memory_mb
+        a.floating += u.floating_vcpus
+        for size, n in u.used_pages.items():
+            a.pages[size] = a.pages.get(size, 0) + n
+
+    def overlaps(self) -> tuple[str, ...]:
+        """One line per CPU pinned by more than one holder (each logged at WARNING)."""
+        lines = tuple(
+            f"CPU {cpu} is pinned by {len(names)} holders: {', '.join(sorted(names))}"
+            for cpu, names in sorted(self.pinned_by.items())
+            if len(names) > 1
+        )
+        for line in lines:
+            log.warning("host state: %s", line)
+        return lines
+
+
+def _reserved_pages(compute_cfg: ComputeConfig) -> dict[int, dict[int, int]]:
+    """host cell -> page size KiB -> pages the operator reserved."""
+    reserved: dict[int, dict[int, int]] = {}
+    for node, size, count in compute_cfg.reserved_huge_pages:
+        per_size = reserved.setdefault(node, {})
+        per_size[size] = per_size.get(size, 0) + count
+    return reserved
+
+
+def _host_state(topology: HostTopology, totals: _Totals, compute_cfg: ComputeConfig) -> HostState:
+    return HostState(
+        topology=topology,
+        usage={cid: a.frozen() for cid, a in totals.acc.items()},
+        cpu_dedicated_set=compute_cfg.cpu_dedicated_set,
+        cpu_shared_set=compute_cfg.cpu_shared_set,
+        reserved_memory_mb=compute_cfg.reserved_host_memory_mb,
+        reserved_pages=_reserved_pages(compute_cfg),
+        cpu_allocation_ratio=compute_cfg.cpu_allocation_ratio,
+        ram_allocation_ratio=compute_cfg.ram_allocation_ratio,
+        unbound_memory_mb=totals.unbound_small,
+    )
+
+
 def compute_host_state(
     topology: HostTopology,
     domains: DomainInventory | Iterable[DomainPlacement],
@@ -329,113 +497,20 @@ def compute_host_state(
     `active_uuids` overrides which are active (default for a plain list: all of them). This never
     raises for unreadable domains (they are in the report); `host_state_fn` does.
     """
-    domains, active, unreadable = _domains_of(domains, active_uuids)
-    claims = list(claims)
+    listed, active, unreadable = _domains_of(domains, active_uuids)
     cell_of = cpu_cells(topology)
-    domain_uuids = {uuid_key(d.uuid) for d in domains}
-    holders: list[DomainUsage] = []
-    live_claims: dict[str, list[Claim]] = {}
-    for c in claims:
-        if c.state in (ClaimState.HELD, ClaimState.MIGRATING):
-            live_claims.setdefault(uuid_key(c.instance_uuid), []).append(c)
-            holders.append(
-                placement_usage(
-                    c.placement, topology, name=f"claim {c.migration_id}", uuid=c.instance_uuid, cpu_cell=cell_of
-                )
-            )
-        elif c.state is ClaimState.CONFIRMED and uuid_key(c.instance_uuid) not in domain_uuids:
-            holders.append(
-                placement_usage(
-                    c.placement,
-                    topology,
-                    name=f"claim {c.migration_id} (confirmed)",
-                    uuid=c.instance_uuid,
-                    cpu_cell=cell_of,
-                )
-            )
-    for d in domains:
-        key = uuid_key(d.uuid)
-        its_claims = live_claims.get(key)
-        if its_claims:
-            if key not in active:
-                continue  # the incoming (not yet running) copy of a live claim: the claim counts it
-            mine = _agent_placement(d)
-            if mine is not None and any(mine == c.placement for c in its_claims):
-                continue  # the incoming domain carries exactly the claim's placement: counted once
-            log.warning(
-                "domain %s (%s) runs here and also has a live claim (%s): counting both",
-                d.name,
-                d.uuid,
-                ", ".join(c.migration_id for c in its_claims),
-            )
-        holders.append(domain_usage(d, topology, compute_cfg, cpu_cell=cell_of))
-
-    pinned_by: dict[int, list[str]] = {}
-    acc: dict[int, _CellAcc] = {c.id: _CellAcc() for c in topology.cells}
-    single_cell = topology.cells[0].id if len(topology.cells) == 1 else None
-    unbound_small = 0
-    unbound_other = 0
-    notes: list[str] = []
+    holders, live_claims = _claim_holders(claims, topology, {uuid_key(d.uuid) for d in listed}, cell_of)
+    holders += _domain_holders(listed, active, live_claims, topology, compute_cfg, cell_of)
+    totals = _Totals(topology, {c.id: _CellAcc() for c in topology.cells})
     for h in holders:
-        notes.extend(f"{h.name}: {n}" for n in h.notes)
-        for size, mb in h.unbound_by_size_mb.items():
-            if single_cell is not None:
-                _add_memory(acc[single_cell], topology, single_cell, mb * 1024, size)
-            elif size == SMALL_PAGE_KB:
-                unbound_small += mb
-            else:
-                unbound_other += mb
-                notes.append(f"{h.name}: {mb} MiB of {size} KiB pages bound to no single host cell: counted on no cell")
-        for cid, u in h.cells.items():
-            a = acc.get(cid)
-            if a is None:
-                notes.append(f"{h.name}: uses host cell {cid}, which does not exist")
-                continue
-            for cpu in u.pinned_cpus:
-                pinned_by.setdefault(cpu, []).append(h.name or h.uuid)
-            a.pinned |= u.pinned_cpus
-            a.memory_mb += u.used_memory_mb
-            a.floating += u.floating_vcpus
-            for size, n in u.used_pages.items():
-                a.pages[size] = a.pages.get(size, 0) + n
-    overlaps = tuple(
-        f"CPU {cpu} is pinned by {len(names)} holders: {', '.join(sorted(names))}"
-        for cpu, names in sorted(pinned_by.items())
-        if len(names) > 1
-    )
-    for line in overlaps:
-        log.warning("host state: %s", line)
-
-    usage = {
-        cid: CellUsage(
-            pinned_cpus=frozenset(a.pinned),
-            used_memory_mb=a.memory_mb,
-            used_pages=dict(a.pages),
-            floating_vcpus=a.floating,
-        )
-        for cid, a in acc.items()
-    }
-    reserved_pages: dict[int, dict[int, int]] = {}
-    for node, size, count in compute_cfg.reserved_huge_pages:
-        reserved_pages.setdefault(node, {})
-        reserved_pages[node][size] = reserved_pages[node].get(size, 0) + count
-    state = HostState(
-        topology=topology,
-        usage=usage,
-        cpu_dedicated_set=compute_cfg.cpu_dedicated_set,
-        cpu_shared_set=compute_cfg.cpu_shared_set,
-        reserved_memory_mb=compute_cfg.reserved_host_memory_mb,
-        reserved_pages=reserved_pages,
-        cpu_allocation_ratio=compute_cfg.cpu_allocation_ratio,
-        ram_allocation_ratio=compute_cfg.ram_allocation_ratio,
-        unbound_memory_mb=unbound_small,
-    )
+        totals.add(h)
+    overlaps = totals.overlaps()
     return HostStateReport(
-        state=state,
+        state=_host_state(topology, totals, compute_cfg),
         overlaps=overlaps,
-        unbound_memory_mb=unbound_small + unbound_other,
+        unbound_memory_mb=totals.unbound_small + totals.unbound_other,
         holders=tuple(holders),
-        notes=tuple(notes),
+        notes=tuple(totals.notes),
         active_uuids=active,
         unreadable=unreadable,
     )

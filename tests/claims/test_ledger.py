@@ -7,6 +7,7 @@ import sqlite3
 
 import pytest
 
+from agent.claims import store
 from agent.claims.errors import (
     ClaimConflict,
     ClaimEnded,
@@ -120,8 +121,8 @@ def test_bad_requests_and_parameters(ledger):
     with pytest.raises(InvalidInput):
         ledger.release("m", "")
     with pytest.raises(InvalidInput):
-        ledger.list(["bogus"])
-    assert ledger.list() == []
+        ledger.list_claims(["bogus"])
+    assert ledger.list_claims() == []
 
 
 def test_claim_from_request_document(ledger):
@@ -144,7 +145,7 @@ def test_idempotent_by_migration_id_and_conflicts(ledger, clock):
     c1 = ledger.claim("m", req, "src", 60, FN)
     clock.advance(5)
     assert ledger.claim("m", req, "src", 120, FN) == c1  # same request: same claim (ttl not changed)
-    assert len(ledger.list()) == 1 and len(ledger.transitions("m")) == 1
+    assert len(ledger.list_claims()) == 1 and len(ledger.transitions("m")) == 1
     with pytest.raises(ClaimConflict):
         ledger.claim("m", request(4, 1024, uuid=req.uuid), "src", 60, FN)
     with pytest.raises(ClaimConflict):
@@ -293,7 +294,7 @@ def test_not_a_database_is_moved_aside(tmp_path, caplog):
     assert "corrupt" in caplog.text
     # the daemon may choose to start fresh: the corrupt file stays, and is surfaced
     with Ledger.open(tmp_path) as led:
-        assert led.list() == [] and led.corrupt_files == (moved,)
+        assert led.list_claims() == [] and led.corrupt_files == (moved,)
 
 
 def test_damaged_database_is_moved_aside_or_recreated(tmp_path):
@@ -310,7 +311,7 @@ def test_damaged_database_is_moved_aside_or_recreated(tmp_path):
     led = Ledger.open(tmp_path, on_corrupt="recreate")
     with led:
         assert led.recovered_from_corrupt is not None and led.recovered_from_corrupt.exists()
-        assert led.list() == []
+        assert led.list_claims() == []
         assert led.corrupt_files == (led.recovered_from_corrupt,)
 
 
@@ -318,7 +319,7 @@ def test_closed_ledger_raises_typed_error(tmp_path):
     led = Ledger.open(tmp_path)
     led.close()
     with pytest.raises(AgentError):
-        led.list()
+        led.list_claims()
 
 
 def test_reconcile_decisions(ledger, clock, caplog):
@@ -394,7 +395,7 @@ def test_fitter_double_booking_is_refused(tmp_path):
         led.claim("a", request(), "s", 60, FN)
         with pytest.raises(AgentError, match="refusing"):
             led.claim("b", request(), "s", 60, FN)
-        assert [c.migration_id for c in led.list()] == ["a"]
+        assert [c.migration_id for c in led.list_claims()] == ["a"]
 
 
 def test_pinning_never_starves_existing_floating_vcpus(tmp_path):
@@ -408,7 +409,7 @@ def test_pinning_never_starves_existing_floating_vcpus(tmp_path):
         with pytest.raises(NoFitError, match="floating vCPUs already on the cell") as ei:
             led.claim("pin", request(1, 2, page_kb=None), "s", 60, fn)
         assert ei.value.nofit is not None and not ei.value.nofit.fits
-        assert [c.migration_id for c in led.list()] == ["float"]
+        assert [c.migration_id for c in led.list_claims()] == ["float"]
     # two CPUs at ratio 1.0: one may be pinned (the floating vCPU keeps the other)...
     topo2 = topology(cells=1, cores_per_cell=2, threads=1, huge_2m=0)
     fn2 = state_fn(topo2, cfg=ComputeConfig(reserved_host_memory_mb=0, cpu_allocation_ratio=1.0))
@@ -516,7 +517,7 @@ def test_claim_for_an_instance_running_here_is_refused_and_its_cpus_stay_taken(t
         with Ledger.open(tmp_path / str(id(domains))) as led:
             with pytest.raises(ClaimConflict, match="already runs on this host"):
                 led.claim("m-x", request(2, 1024, page_kb=4, uuid=x.upper()), "other-host", 600, fn)
-            assert led.list() == []
+            assert led.list_claims() == []
             b = led.claim("m-y", request(2, 1024, page_kb=4, uuid=y), "other-host", 600, fn)
             c = led.claim("m-z", request(2, 1024, page_kb=4), "other-host", 600, fn)
             assert not (b.placement.pinned_cpus | c.placement.pinned_cpus) & {2, 3}
@@ -539,7 +540,7 @@ def test_no_claim_on_a_host_with_unreadable_domains(tmp_path):
     with Ledger.open(tmp_path) as led:
         with pytest.raises(IncompleteInventory, match="vm3"):
             led.claim("m", request(), "s", 60, fn)
-        assert led.list() == []
+        assert led.list_claims() == []
 
 
 # --- B3: reconcile decides from the fresh row ----------------------------------------------------
@@ -595,7 +596,7 @@ def test_sqlite_error_in_a_write_rolls_back_and_raises_ledger_error(tmp_path, ca
                     ok.append(led.claim(f"m{i}", request(1, 16, page_kb=4), "src", 60, fn).migration_id)
         assert "rolled back" in caplog.text
         assert not led._conn.in_transaction
-        assert [c.migration_id for c in led.list()] == ok  # the failed claim left nothing behind
+        assert [c.migration_id for c in led.list_claims()] == ok  # the failed claim left nothing behind
         led._conn.execute("PRAGMA max_page_count=1073741823")  # space again: the ledger still works
         assert led.claim("again", request(1, 16, page_kb=4), "src", 60, fn).state is ClaimState.HELD
 
@@ -608,7 +609,7 @@ def test_programming_error_is_a_bug_not_corruption(tmp_path, monkeypatch):
     def buggy(conn, path):
         raise sqlite3.ProgrammingError("Incorrect number of bindings supplied")
 
-    monkeypatch.setattr(Ledger, "_migrate", staticmethod(buggy))
+    monkeypatch.setattr(store, "migrate", buggy)
     with pytest.raises(LedgerError) as ei:
         Ledger.open(tmp_path)
     assert not isinstance(ei.value, LedgerCorrupt)
@@ -665,7 +666,7 @@ def test_readonly_open_never_writes_upgrades_or_moves(tmp_path):
     with Ledger.open(tmp_path, clock=FakeClock()) as led:
         led.claim("m", request(), "s", 60, FN)
     with Ledger.open(tmp_path, readonly=True) as ro:
-        assert ro.readonly and [c.migration_id for c in ro.list()] == ["m"]
+        assert ro.readonly and [c.migration_id for c in ro.list_claims()] == ["m"]
         assert len(ro.transitions("m")) == 1
         with pytest.raises(LedgerError, match="read-only"):
             ro.release("m", "no")

@@ -100,7 +100,7 @@ class LedgerMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _sync_expiry(self) -> None:
-        for c in self.ledger.list():
+        for c in self.ledger.list_claims():
             if self.expected[c.migration_id] in LIVE_STATES and c.state is ClaimState.EXPIRED:
                 self.expected[c.migration_id] = ClaimState.EXPIRED
 
@@ -252,7 +252,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def no_double_booking(self):
         if not hasattr(self, "ledger"):
             return
-        claims = self.ledger.list()
+        claims = self.ledger.list_claims()
         assert {c.migration_id: c.state for c in claims} == self.expected
         # confirmed claims became domain usage: they hold nothing once their domain is gone
         live = [c for c in claims if c.state in LIVE_STATES]
