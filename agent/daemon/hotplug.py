@@ -39,6 +39,10 @@ class TopologyEvent:
         return f"{self.sys_name} {self.action}"
 
 
+#: Stands for uevents the kernel dropped: whatever they were, the topology must be read again.
+LOST_EVENTS = TopologyEvent("", "lost", "uevents")
+
+
 class Debouncer:
     """Batches events: due `quiet_s` after the last one, or `max_wait_s` after the first.
 
@@ -111,6 +115,8 @@ class HotplugWatcher:
         self._stopping.set()
         os.write(self._wake_w, b"x")
         self._thread.join(timeout)
+        if self._thread.is_alive():  # only a callback that never returns can hold it
+            log.warning("hotplug watcher still busy in its callback after %.0f s; leaving it", timeout)
         for fd in (self._wake_r, self._wake_w):
             os.close(fd)
         self._thread, self._wake_r, self._wake_w = None, -1, -1
@@ -133,10 +139,14 @@ class HotplugWatcher:
             self._deliver(self._debouncer.take_due(self._clock()))
 
     def _drain(self, monitor: pyudev.Monitor) -> None:
-        while (device := monitor.poll(timeout=0)) is not None:
-            event = TopologyEvent(device.subsystem or "", device.action or "", device.sys_name)
-            log.debug("uevent %s %s", event.subsystem, event)
-            self._debouncer.add(event, self._clock())
+        try:
+            while (device := monitor.poll(timeout=0)) is not None:
+                event = TopologyEvent(device.subsystem or "", device.action or "", device.sys_name)
+                log.debug("uevent %s %s", event.subsystem, event)
+                self._debouncer.add(event, self._clock())
+        except OSError as exc:  # ENOBUFS: a storm overflowed the socket, so events were lost
+            log.warning("uevents lost (%s): reporting a topology change anyway", exc)
+            self._debouncer.add(LOST_EVENTS, self._clock())
 
     def _deliver(self, batch: tuple[TopologyEvent, ...]) -> None:
         if not batch:

@@ -1,5 +1,6 @@
 """The udev watcher: a real kernel uevent reaches the callback; the debounce on a fake clock."""
 
+import errno
 import glob
 import queue
 import threading
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from agent.daemon.errors import HotplugWatchError
-from agent.daemon.hotplug import Debouncer, HotplugWatcher, TopologyEvent
+from agent.daemon.hotplug import LOST_EVENTS, Debouncer, HotplugWatcher, TopologyEvent
 
 CPU = TopologyEvent("cpu", "change", "cpu0")
 MEM = TopologyEvent("memory", "online", "memory7")
@@ -121,6 +122,24 @@ def test_a_failing_callback_does_not_end_the_watch(caplog):
     finally:
         w.stop()
     assert "topology change callback failed" in caplog.text
+
+
+class OverflowedMonitor:
+    """A monitor whose socket overflowed: the kernel dropped uevents (ENOBUFS)."""
+
+    def poll(self, timeout):
+        raise OSError(errno.ENOBUFS, "No buffer space available")
+
+
+def test_lost_uevents_still_report_a_change(caplog):
+    batches = []
+    w = HotplugWatcher(batches.append, debounce_s=0.5, clock=lambda: 10.0)
+    w._drain(OverflowedMonitor())
+    assert "uevents lost" in caplog.text
+    w._deliver(w._debouncer.take_due(10.4))
+    assert batches == []
+    w._deliver(w._debouncer.take_due(10.5))
+    assert batches == [(LOST_EVENTS,)]
 
 
 def test_an_unknown_source_is_a_typed_error():
