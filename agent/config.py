@@ -151,6 +151,7 @@ class AgentConfig:
     claims: ClaimsConfig = field(default_factory=ClaimsConfig)
     host: str | None = None  # [DEFAULT] host: name published on the bus; default = hostname
     log_level: str = "INFO"
+    metrics_listen: tuple[str, int] | None = None  # [DEFAULT] metrics_listen = host:port; None = no endpoint
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -278,12 +279,24 @@ _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
     },
 }
 _SECTION_TYPES = {"compute": ComputeConfig, "libvirt": LibvirtConfig, "claims": ClaimsConfig}
-_DEFAULT_OPTIONS = frozenset({"host", "log_level"})
+_DEFAULT_OPTIONS = frozenset({"host", "log_level", "metrics_listen"})
 # configparser copies [DEFAULT] into every section (and hides a section's own value of an option
 # that [DEFAULT] also has from a naive "skip defaults" filter). We want none of that: [DEFAULT] is
-# read as a plain section holding only host and log_level, so name the parser's default section
+# read as a plain section holding only _DEFAULT_OPTIONS, so name the parser's default section
 # something no file can contain.
 _NO_DEFAULT_SECTION = "\x00compute-agent: no default section"
+
+
+def parse_listen_address(text: str) -> tuple[str, int] | None:
+    """'127.0.0.1:9180' or '[::1]:9180' -> (host, port); '' -> None (off)."""
+    value = text.strip()
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or (":" in host and not value.startswith("[")):
+        raise ValueError("want host:port ([v6-address]:port for IPv6)")
+    return host, _int_range(1, 65535)(port)
 
 
 def load_config(path: str | Path | None = None, *, text: str | None = None) -> AgentConfig:
@@ -343,4 +356,12 @@ def load_config(path: str | Path | None = None, *, text: str | None = None) -> A
         claims=sections["claims"],
         host=(defaults.get("host") or "").strip() or None,
         log_level=log_level,
+        metrics_listen=_default_option(source, defaults, "metrics_listen", parse_listen_address),
     )
+
+
+def _default_option(source: str, defaults: dict[str, str], option: str, conv: Callable[[str], Any]) -> Any:
+    try:
+        return conv(defaults.get(option, ""))
+    except ValueError as exc:
+        raise ConfigError(f"{source}: [DEFAULT] {option} = {defaults[option]!r}: {exc}") from None

@@ -1,0 +1,1 @@
+"""The daemon's edges (systemd notify, metrics, hotplug, host load); the wiring composes them."""
