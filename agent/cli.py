@@ -60,7 +60,7 @@ def _cmd_discover(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from agent.config import format_cpu_set
+    from agent.cpuset import format_cpu_set
 
     console = Console()
     table = Table(title=escape(f"NUMA topology of {topology.hostname}"))
@@ -179,7 +179,7 @@ def _cmd_host_state(args: argparse.Namespace) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from agent.config import format_cpu_set
+    from agent.cpuset import format_cpu_set
 
     table = Table(
         title=f"free resources of {escape(topology.hostname)} "

@@ -14,90 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from agent.cpuset import format_cpu_set, parse_cpu_set
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/compute-agent/compute-agent.conf")
-
-
-#: Largest CPU / node id parse_cpu_set accepts by default (far above any kernel's NR_CPUS).
-MAX_CPU_SET_ID = 1 << 20
-#: Most ids a CPU set may expand to, counted over every range (included or excluded), and most
-#: comma-separated elements: bounds the work any text can cause (a few ms), whatever its length.
-MAX_CPU_SET_IDS = 1 << 17
-MAX_CPU_SET_TOKENS = 1 << 16
-_CPU_ID_RE = re.compile(r"[0-9]{1,7}")
-
-
-def _cpu_id(text: str, raw: str, max_id: int) -> int:
-    t = text.strip()
-    # ASCII digits only: int() would also take "1_0", "+3", " 3", Unicode digits and 5000-digit strings
-    if not _CPU_ID_RE.fullmatch(t):
-        raise ValueError(f"bad element {raw.strip()[:40]!r}")
-    value = int(t)
-    if value > max_id:
-        raise ValueError(f"id {value} above {max_id}")
-    return value
-
-
-def parse_cpu_set(
-    text: str,
-    *,
-    max_id: int = MAX_CPU_SET_ID,
-    allow_exclude: bool = True,
-    allow_empty_elements: bool = True,
-) -> frozenset[int]:
-    """Parse a CPU set like "0-3,^2,8" (Nova/libvirt syntax) into ids; ValueError on garbage.
-
-    Numbers are plain ASCII digits (at most 7); every id (range ends included) must be <= `max_id`,
-    checked before anything is expanded; at most MAX_CPU_SET_TOKENS elements and MAX_CPU_SET_IDS
-    ids in all. `allow_exclude=False` refuses "^N" (the kernel's list syntax has none);
-    `allow_empty_elements=False` refuses "1,,2".
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"a CPU set must be text, not {type(text).__name__}")
-    if not text.strip():
-        return frozenset()
-    tokens = text.split(",")
-    if len(tokens) > MAX_CPU_SET_TOKENS:
-        raise ValueError(f"more than {MAX_CPU_SET_TOKENS} elements")
-    include: set[int] = set()
-    exclude: set[int] = set()
-    budget = MAX_CPU_SET_IDS
-    for raw in tokens:
-        part = raw.strip()
-        if not part:
-            if allow_empty_elements:
-                continue
-            raise ValueError("empty element")
-        target = include
-        if part.startswith("^"):
-            if not allow_exclude:
-                raise ValueError(f"bad element {part[:40]!r}")
-            target, part = exclude, part[1:].strip()
-        lo_s, dash, hi_s = part.partition("-")
-        lo = _cpu_id(lo_s, raw, max_id)
-        hi = _cpu_id(hi_s, raw, max_id) if dash else lo
-        if lo > hi:
-            raise ValueError(f"descending range {raw.strip()[:40]!r}")
-        budget -= hi - lo + 1
-        if budget < 0:
-            raise ValueError(f"selects more than {MAX_CPU_SET_IDS} ids")
-        target.update(range(lo, hi + 1))
-    return frozenset(include - exclude)
-
-
-def format_cpu_set(cpus: frozenset[int] | set[int] | tuple[int, ...] | list[int]) -> str:
-    """Render CPU ids as a compact range string ("0-3,8"), the inverse of parse_cpu_set."""
-    ids = sorted(set(cpus))
-    out: list[str] = []
-    i = 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 @dataclass(frozen=True, slots=True)

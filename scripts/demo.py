@@ -34,7 +34,8 @@ from rich.table import Table  # noqa: E402
 
 from agent.claims.hoststate import host_state_fn  # noqa: E402
 from agent.claims.ledger import Ledger  # noqa: E402
-from agent.config import ComputeConfig, LibvirtConfig, format_cpu_set  # noqa: E402
+from agent.config import ComputeConfig, LibvirtConfig  # noqa: E402
+from agent.cpuset import format_cpu_set  # noqa: E402
 from agent.libvirt_ops.domain_xml import parse_domain  # noqa: E402
 from agent.libvirt_ops.inventory import read_domains  # noqa: E402
 from agent.libvirt_ops.migration import MigrationProgress, MigrationRunner, MigrationTarget  # noqa: E402

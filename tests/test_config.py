@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig, format_cpu_set, load_config, parse_cpu_set
+from agent.config import AgentConfig, load_config
+from agent.cpuset import format_cpu_set, parse_cpu_set
 from agent.errors import ConfigError
 
 

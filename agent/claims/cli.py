@@ -22,7 +22,8 @@ from rich.markup import escape
 
 from agent.claims.errors import UnknownClaim
 from agent.claims.ledger import LEDGER_FILE, Claim, ClaimState, Ledger, Transition
-from agent.config import format_cpu_set, load_config
+from agent.config import load_config
+from agent.cpuset import format_cpu_set
 from agent.errors import AgentError, InvalidInput
 
 EXIT_OK = 0

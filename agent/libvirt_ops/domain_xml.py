@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from xml.sax.saxutils import escape as _xml_escape
 
-from agent.config import format_cpu_set, parse_cpu_set
+from agent.cpuset import format_cpu_set, parse_cpu_set
 from agent.errors import DomainXMLError
-from agent.numa.capabilities import scale_to_kib
 from agent.numa.placement import Placement
+from agent.units import scale_to_kib
 
 # Namespace of the metadata element the agent writes into domains it places, so that host state
 # can count exactly what a domain holds (isolated siblings, emulator CPU) instead of guessing.

@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import DiscoveryError, DomainXMLError
-from agent.numa.discovery import MAX_CPU_ID, _cpu_list, _CpuListSyntax, discover_sysfs, sibling_partition
-from agent.numa.topology import SMALL_PAGE_KB, HostTopology, NumaCell, PagePool
+from agent.cpuset import parse_kernel_cpu_list
+from agent.limits import MAX_HOST_CPU_ID
+from agent.numa.discovery import discover_sysfs, sibling_partition
+from agent.numa.topology import HostTopology, NumaCell, PagePool
+from agent.units import SMALL_PAGE_KB, scale_to_kib
 
 __all__ = [
     "MAX_XML_BYTES",
@@ -47,23 +50,6 @@ MAX_XML_BYTES = 8 * 1024 * 1024
 MEMORY_TOLERANCE = 0.01
 
 _FORBIDDEN = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
-
-_UNIT_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
-
-
-def scale_to_kib(value: int, unit: str | None) -> int:
-    """libvirt's scaled integers (virScaleInteger; formatdomain "memory" unit attribute) in KiB:
-    b/bytes; k, KiB (1024) vs KB (1000); M, MiB, MB; ... up to E; no unit = KiB. Rounded up to
-    whole KiB, as libvirt does. Shared by capabilities and domain XML parsing. ValueError on an
-    unknown unit."""
-    low = (unit if unit is not None else "KiB").strip().lower()
-    if low in ("b", "bytes"):
-        factor = 1
-    elif low and low[0] in _UNIT_POWERS and low[1:] in ("", "ib", "b"):
-        factor = (1000 if low[1:] == "b" else 1024) ** _UNIT_POWERS[low[0]]
-    else:
-        raise ValueError(f"unknown unit {unit!r}")
-    return -(-(value * factor) // 1024)
 
 
 def parse_xml(xml: str | bytes, what: str = "capabilities") -> ET.Element:
@@ -106,8 +92,8 @@ def _kib(value: int, unit: str | None, where: str) -> int:
 
 def _cpus(text: str, where: str) -> frozenset[int]:
     try:
-        return _cpu_list(text)
-    except _CpuListSyntax as exc:
+        return parse_kernel_cpu_list(text)
+    except ValueError as exc:
         raise DomainXMLError(f"capabilities {where}: cannot parse CPU list {text!r}: {exc}") from None
 
 
@@ -130,7 +116,7 @@ def topology_from_capabilities(xml: str | bytes, hostname: str | None = None) ->
     cells: list[NumaCell] = []
     owner: dict[int, int] = {}
     for index, cell_el in enumerate(cells_el.findall("cell")):
-        cell_id = _int(cell_el.get("id"), f"cell[{index}] id", hi=MAX_CPU_ID)
+        cell_id = _int(cell_el.get("id"), f"cell[{index}] id", hi=MAX_HOST_CPU_ID)
         where = f"cell {cell_id}"
         if any(c.id == cell_id for c in cells):
             raise DomainXMLError(f"capabilities {where}: duplicate cell id")
@@ -150,13 +136,13 @@ def topology_from_capabilities(xml: str | bytes, hostname: str | None = None) ->
 
         distances: dict[int, int] = {}
         for s in cell_el.findall("./distances/sibling"):
-            other = _int(s.get("id"), f"{where} distances sibling id", hi=MAX_CPU_ID)
+            other = _int(s.get("id"), f"{where} distances sibling id", hi=MAX_HOST_CPU_ID)
             distances[other] = _int(s.get("value"), f"{where} distances sibling {other}", lo=1, hi=255)
 
         cpu_set: set[int] = set()
         sib_of: dict[int, frozenset[int]] = {}
         for cpu_el in cell_el.findall("./cpus/cpu"):
-            cpu = _int(cpu_el.get("id"), f"{where} cpu id", hi=MAX_CPU_ID)
+            cpu = _int(cpu_el.get("id"), f"{where} cpu id", hi=MAX_HOST_CPU_ID)
             if cpu in owner or cpu in cpu_set:
                 raise DomainXMLError(f"capabilities {where}: CPU {cpu} listed twice")
             cpu_set.add(cpu)

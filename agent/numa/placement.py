@@ -10,12 +10,8 @@ from typing import Any, Mapping
 import msgspec
 
 from agent.errors import InvalidInput
+from agent.limits import MAX_DOC_MEMORY_MB, MAX_DOC_PAGESIZE_KB, MAX_ID
 from agent.numa.topology import decode_schema
-
-# Bounds Placement.from_json accepts (the same ranges the host state documents accept).
-MAX_ID = 1 << 20  # CPU, vCPU and cell ids
-MAX_MEMORY_MB = 1 << 40
-MAX_PAGESIZE_KB = 1 << 30
 
 
 def _ids_ok(ids: Any) -> bool:
@@ -116,10 +112,10 @@ class Placement:
             seen_guest.add(c.guest_cell)
             if not (0 <= c.host_cell <= MAX_ID):
                 raise InvalidInput(f"{where}.host_cell: {c.host_cell} out of range")
-            if not (0 <= c.memory_mb <= MAX_MEMORY_MB):
-                raise InvalidInput(f"{where}.memory_mb: {c.memory_mb} out of range (0..{MAX_MEMORY_MB})")
-            if not (0 < c.pagesize_kb <= MAX_PAGESIZE_KB):
-                raise InvalidInput(f"{where}.pagesize_kb: {c.pagesize_kb} out of range (1..{MAX_PAGESIZE_KB})")
+            if not (0 <= c.memory_mb <= MAX_DOC_MEMORY_MB):
+                raise InvalidInput(f"{where}.memory_mb: {c.memory_mb} out of range (0..{MAX_DOC_MEMORY_MB})")
+            if not (0 < c.pagesize_kb <= MAX_DOC_PAGESIZE_KB):
+                raise InvalidInput(f"{where}.pagesize_kb: {c.pagesize_kb} out of range (1..{MAX_DOC_PAGESIZE_KB})")
             vcpus = set(c.vcpus)
             if len(vcpus) != len(c.vcpus):
                 raise InvalidInput(f"{where}.vcpus: duplicate vCPU ids")

@@ -14,11 +14,15 @@ import json
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import msgspec
 
+from agent.cpuset import format_id_list, parse_cpu_set
 from agent.errors import InvalidRequest
+from agent.limits import MAX_MEMORY_MB as MAX_MEMORY_MB  # re-exported: claims and tests name it here
+from agent.limits import MAX_NUMA_NODES, MAX_PAGE_SIZE_KB
+from agent.limits import MAX_VCPUS as MAX_VCPUS  # re-exported: claims and tests name it here
 
 
 class CpuPolicy(enum.Enum):
@@ -114,10 +118,6 @@ class InstanceRequest:
 # repeats the *same* NUMA layout (Nova refuses any overlap), and we honour the image property
 # ``hw_emulator_threads_policy`` (Nova reads the flavor only).
 
-MAX_VCPUS = 4096
-MAX_MEMORY_MB = 64 * 1024 * 1024  # 64 TiB
-MAX_NUMA_NODES = 64
-MAX_PAGE_SIZE_KB = 16 * 1024 * 1024  # 16 GiB, the largest hugepage any platform offers
 
 _FLAVOR = "hw:"
 _IMAGE = "hw_"
@@ -136,7 +136,6 @@ _FALSE_STRINGS = frozenset({"0", "f", "false", "off", "n", "no"})
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CELL_KEY_RE = re.compile(r"(?:hw:|hw_)numa_(?:cpus|mem)\.(0|[1-9][0-9]{0,5})")
 _INT_RE = re.compile(r"[1-9][0-9]{0,11}")  # Nova: strutils.is_int_like (no sign, no padding)
-_CPU_TOKEN_RE = re.compile(r"(\^)?\s*([0-9]{1,9})\s*(?:-\s*([0-9]{1,9}))?", re.ASCII)
 # oslo_utils.strutils.string_to_bytes, unit_system="IEC" (what Nova uses for hw:mem_page_size)
 _IEC_SIZE_RE = re.compile(r"\+?((?:[0-9]{0,20}\.)?[0-9]{1,20})([KMGTPEZY]i?)?(b|bit|B)", re.ASCII)
 _IEC_EXPONENT = {"K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6, "Z": 7, "Y": 8}
@@ -217,26 +216,12 @@ def parse_cpu_spec(spec: str, key: str, max_id: int) -> frozenset[int]:
     Ids above `max_id` are refused when included (Nova: ImageNUMATopologyCPUOutOfRange / mask not a
     subset) and ignored when excluded; ranges are never materialised beyond `max_id`.
     """
-    include: set[int] = set()
-    exclude: set[int] = set()
-    for raw in spec.split(","):
-        token = raw.strip()
-        if not token:  # Nova tolerates repeated commas
-            continue
-        match = _CPU_TOKEN_RE.fullmatch(token)
-        if match is None:
-            raise InvalidRequest(f"{key}: invalid CPU list element {_show(token)} in {_show(spec)}", [key])
-        negate, first, last = match.group(1), int(match.group(2)), match.group(3)
-        end = first if last is None else int(last)
-        if first > end:
-            raise InvalidRequest(f"{key}: invalid range {_show(token)} (start > end)", [key])
-        if negate:
-            exclude.update(range(first, min(end, max_id) + 1))
-        else:
-            if end > max_id:
-                raise InvalidRequest(f"{key}: vCPU {end} is out of range (the instance has vCPUs 0-{max_id})", [key])
-            include.update(range(first, end + 1))
-    return frozenset(include - exclude)
+    try:
+        return parse_cpu_set(spec, max_id=max_id, clip_excluded=True)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"{key}: invalid CPU list {_show(spec)}: {exc} (the instance has vCPUs 0-{max_id})", [key]
+        ) from None
 
 
 def parse_bool(value: str, key: str) -> bool:
@@ -727,7 +712,7 @@ def _manual_cells(
         extra = [given[n][0] for n in wrong if n in given]
         missing = [n for n in wrong if n not in given]
         if missing:
-            detail.append(f"no {prefix}numa_{what}.N for cell(s) {_format_ids(missing)}")
+            detail.append(f"no {prefix}numa_{what}.N for cell(s) {format_id_list(missing)}")
             bad_keys += [f"{prefix}numa_{what}.{n}" for n in missing[:16]]
         if extra:
             detail.append(f"{', '.join(extra[:16])} beyond the {nodes} cell(s)")
@@ -755,7 +740,7 @@ def _manual_cells(
     unassigned = sorted(set(range(vcpus)) - set(seen))
     if unassigned:
         raise InvalidRequest(
-            f"vCPU(s) {_format_ids(unassigned)} are in no guest cell (ImageNUMATopologyCPUsUnassigned)",
+            f"vCPU(s) {format_id_list(unassigned)} are in no guest cell (ImageNUMATopologyCPUsUnassigned)",
             sorted(k for k, _ in cpu_list.values()) + ["vcpus"],
         )
     total = sum(c.memory_mb for c in cells)
@@ -766,13 +751,6 @@ def _manual_cells(
             sorted(k for k, _ in mem_list.values()) + ["memory_mb"],
         )
     return tuple(cells)
-
-
-def _format_ids(ids: Iterable[int]) -> str:
-    ids = sorted(ids)
-    if len(ids) > 16:
-        return ",".join(map(str, ids[:16])) + ",..."
-    return ",".join(map(str, ids))
 
 
 # --- canonical form (claim ledger) ------------------------------------------------------------------

@@ -13,8 +13,8 @@ from typing import Any, Iterable, Mapping
 import msgspec
 
 from agent.errors import InvalidHostState
-
-SMALL_PAGE_KB = 4
+from agent.limits import MAX_DOC_MEMORY_KB, MAX_DOC_PAGE_COUNT, MAX_DOC_PAGESIZE_KB, MAX_ID
+from agent.units import SMALL_PAGE_KB as SMALL_PAGE_KB  # re-exported: the page size host documents name
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +106,7 @@ class HostTopology:
 # --- wire schema (shared/formats.md); extra keys are ignored by msgspec by default ---------------
 
 _NonNeg = msgspec.Meta(ge=0)
-_Count = msgspec.Meta(ge=0, le=1 << 48)  # absurd sizes are refused, not overflowed later
+_Count = msgspec.Meta(ge=0, le=MAX_DOC_PAGE_COUNT)  # absurd sizes are refused, not overflowed later
 
 
 class PageDoc(msgspec.Struct, frozen=True):
@@ -147,7 +147,7 @@ def decode_schema(data: Any, schema: type, error: type[Exception]) -> Any:
 def _check_ids(values: Iterable[int], what: str) -> frozenset[int]:
     out = frozenset(values)
     for v in out:
-        if v < 0 or v > 1 << 20:
+        if v < 0 or v > MAX_ID:
             raise InvalidHostState(f"{what}: id {v} out of range")
     return out
 
@@ -165,7 +165,7 @@ def topology_from_doc(doc: TopologyDoc) -> HostTopology:
         if cpus & seen_cpus:
             raise InvalidHostState(f"{where}: CPUs {sorted(cpus & seen_cpus)} belong to two cells")
         seen_cpus |= cpus
-        if c.memory_kb < 0 or c.memory_kb > 1 << 50:
+        if c.memory_kb < 0 or c.memory_kb > MAX_DOC_MEMORY_KB:
             raise InvalidHostState(f"{where}.memory_kb: {c.memory_kb} out of range")
         if c.siblings is None:
             siblings = tuple((cpu,) for cpu in sorted(cpus))
@@ -180,9 +180,9 @@ def topology_from_doc(doc: TopologyDoc) -> HostTopology:
         pages = []
         sizes = set()
         for p in c.pages:
-            if p.size_kb <= 0 or p.size_kb > 1 << 30 or p.size_kb in sizes:
+            if p.size_kb <= 0 or p.size_kb > MAX_DOC_PAGESIZE_KB or p.size_kb in sizes:
                 raise InvalidHostState(f"{where}.pages: bad or duplicate size_kb {p.size_kb}")
-            if not (0 <= p.free <= p.total <= 1 << 48):
+            if not (0 <= p.free <= p.total <= MAX_DOC_PAGE_COUNT):
                 raise InvalidHostState(f"{where}.pages[{p.size_kb}]: need 0 <= free ({p.free}) <= total ({p.total})")
             sizes.add(p.size_kb)
             pages.append(PagePool(p.size_kb, p.total, p.free))

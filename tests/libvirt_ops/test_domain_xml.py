@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import format_cpu_set
+from agent.cpuset import format_cpu_set
 from agent.errors import DomainXMLError, InvalidInput
 from agent.libvirt_ops.domain_xml import (
     MAX_XML_BYTES,
