@@ -2,10 +2,8 @@
 
 - `topology_from_capabilities(xml)` parses ``<host><topology><cells>`` of ``virConnectGetCapabilities``.
   Capabilities carry page *totals* only, so every pool's ``free`` is set to its ``total`` (an upper
-  bound; use `topology_from_libvirt` for real free counts).  They do not say which CPUs are offline
+  bound; `agent.libvirt_ops.host.topology_from_libvirt` fills real free counts).  They do not say which CPUs are offline
   or isolated: ``online_cpus`` is the union of the cells' CPUs, ``offline``/``isolated`` are empty.
-- `topology_from_libvirt(conn)` does the same through a live connection and fills ``free`` from
-  ``virNodeGetFreePages`` where the driver supports it.
 - `compare_topologies(sysfs, caps)` lists human-readable disagreements.
 - `discover(...)` is what ``compute-agent discover`` calls: sysfs wins, capabilities cross-check it
   or stand in for it when sysfs cannot be read.
@@ -25,8 +23,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from agent.errors import DiscoveryError, DomainXMLError
 from agent.cpuset import parse_kernel_cpu_list
+from agent.errors import DiscoveryError, DomainXMLError
 from agent.limits import MAX_HOST_CPU_ID
 from agent.numa.discovery import discover_sysfs, sibling_partition
 from agent.numa.topology import HostTopology, NumaCell, PagePool
@@ -39,7 +37,6 @@ __all__ = [
     "discover",
     "parse_xml",
     "topology_from_capabilities",
-    "topology_from_libvirt",
 ]
 
 log = logging.getLogger("compute_agent.discovery")
@@ -169,69 +166,6 @@ def topology_from_capabilities(xml: str | bytes, hostname: str | None = None) ->
         cells=tuple(sorted(cells, key=lambda c: c.id)),
         online_cpus=frozenset(owner),
     )
-
-
-def topology_from_libvirt(conn: Any, hostname: str | None = None) -> HostTopology:
-    """Topology of the host behind an open libvirt connection, with real free page counts.
-
-    Free counts come from ``virNodeGetFreePages`` per cell; where the driver does not support it
-    (or omits a size), ``free`` stays equal to ``total``.  Free counts above the total (libvirt's 4 KiB
-    count is MemFree/4 and is not clamped) are clamped.  Connection errors raise `DiscoveryError`
-    naming the connection URI.
-    """
-    try:
-        import libvirt  # noqa: PLC0415 - only this function needs the binding
-
-        lv_error: type[BaseException] = libvirt.libvirtError
-    except ImportError:  # pragma: no cover - the binding is a hard dependency
-        lv_error = Exception
-
-    try:
-        uri = conn.getURI()
-    except lv_error:
-        uri = "libvirt connection"
-    try:
-        xml = conn.getCapabilities()
-    except lv_error as exc:
-        raise DiscoveryError(f"getCapabilities failed: {exc}", uri) from None
-    if hostname is None:
-        try:
-            hostname = conn.getHostname()
-        except lv_error:
-            hostname = socket.gethostname()
-    topo = topology_from_capabilities(xml, hostname)
-
-    cells = []
-    for cell in topo.cells:
-        sizes = [p.size_kb for p in cell.pages]
-        free: dict[int, int] = {}
-        if sizes:
-            try:
-                answer = conn.getFreePages(sizes, cell.id, 1) or {}
-            except lv_error as exc:
-                log.debug("getFreePages(%s, cell %d) on %s failed: %s", sizes, cell.id, uri, exc)
-                answer = {}
-            per_cell = answer.get(cell.id, answer.get(str(cell.id), {})) if isinstance(answer, dict) else {}
-            if isinstance(per_cell, dict):
-                for size, count in per_cell.items():
-                    try:
-                        free[int(size)] = int(count)
-                    except (TypeError, ValueError):
-                        continue
-        pages = tuple(
-            PagePool(p.size_kb, p.total, max(0, min(free.get(p.size_kb, p.free), p.total))) for p in cell.pages
-        )
-        cells.append(
-            NumaCell(
-                id=cell.id,
-                cpus=cell.cpus,
-                siblings=cell.siblings,
-                memory_kb=cell.memory_kb,
-                pages=pages,
-                distances=cell.distances,
-            )
-        )
-    return HostTopology(hostname=topo.hostname, cells=tuple(cells), online_cpus=topo.online_cpus)
 
 
 def _ids(values: Any) -> str:

@@ -19,13 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import DiscoveryError, DomainXMLError
+from agent.libvirt_ops.host import topology_from_libvirt
 from agent.numa.capabilities import (
     MAX_XML_BYTES,
     compare_topologies,
     discover,
     parse_xml,
     topology_from_capabilities,
-    topology_from_libvirt,
 )
 from agent.numa.discovery import discover_sysfs, parse_cpu_list
 from agent.numa.topology import HostTopology
@@ -309,7 +309,7 @@ def test_capabilities_match_expected_topology(case):
     assert caps["online_cpus"] == exp["online_cpus"]
     assert caps["offline_cpus"] == [] and caps["isolated_cpus"] == []
     assert len(caps["cells"]) == len(exp["cells"])
-    for got, want in zip(caps["cells"], exp["cells"]):
+    for got, want in zip(caps["cells"], exp["cells"], strict=True):
         for key in ("id", "cpus", "siblings", "memory_kb", "distances"):
             assert got[key] == want[key], (case, got["id"], key)
         # capabilities carry totals only: free == total
