@@ -8,6 +8,7 @@ libvirt error in a typed error of `agent.libvirt_ops.errors`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from typing import Any, Mapping
@@ -94,14 +95,7 @@ def _int_counts(per_cell: Mapping[Any, Any]) -> dict[int, int]:
 
 def _with_free_pages(cell: NumaCell, free: Mapping[int, int]) -> NumaCell:
     pages = tuple(PagePool(p.size_kb, p.total, max(0, min(free.get(p.size_kb, p.free), p.total))) for p in cell.pages)
-    return NumaCell(
-        id=cell.id,
-        cpus=cell.cpus,
-        siblings=cell.siblings,
-        memory_kb=cell.memory_kb,
-        pages=pages,
-        distances=cell.distances,
-    )
+    return dataclasses.replace(cell, pages=pages)
 
 
 # --- migration traits ----------------------------------------------------------------------------

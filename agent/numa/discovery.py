@@ -42,7 +42,7 @@ from pathlib import Path
 from agent.cpuset import parse_kernel_cpu_list
 from agent.errors import DiscoveryError
 from agent.limits import MAX_HOST_CPU_ID, MAX_SYSFS_DIGITS, MAX_SYSFS_FILE_BYTES
-from agent.numa.topology import HostTopology, NumaCell, PagePool
+from agent.numa.topology import HostTopology, NumaCell, PagePool, numa_cell
 from agent.units import SMALL_PAGE_KB
 
 __all__ = ["discover_sysfs", "parse_cpu_list"]
@@ -140,7 +140,7 @@ def _parse_distance(path: Path, node_ids: list[int]) -> dict[int, int]:
             f"expected {len(node_ids)} distances (one per node {node_ids}), got {text.strip()!r}", str(path)
         )
     out: dict[int, int] = {}
-    for other, word in zip(node_ids, words):
+    for other, word in zip(node_ids, words, strict=True):
         if not (word.isascii() and word.isdigit()) or len(word) > 3 or not 0 < int(word) <= 255:
             raise DiscoveryError(
                 f"bad distance {word[:40]!r} (SLIT values are 1..255) in {text.strip()[:200]!r}", str(path)
@@ -266,16 +266,9 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
             small_total = max(0, mem_total - huge_kb) // SMALL_PAGE_KB
             pages.append(PagePool(SMALL_PAGE_KB, small_total, min(mem_free // SMALL_PAGE_KB, small_total)))
 
-        cells.append(
-            NumaCell(
-                id=node_id,
-                cpus=cpus,
-                siblings=_sibling_groups(cpu_dir, cpus),
-                memory_kb=mem_total,
-                pages=tuple(sorted(pages, key=lambda p: p.size_kb)),
-                distances=_parse_distance(node_dir / "distance", node_ids),
-            )
-        )
+        siblings = _sibling_groups(cpu_dir, cpus)
+        distances = _parse_distance(node_dir / "distance", node_ids)
+        cells.append(numa_cell(node_id, cpus, siblings, mem_total, pages, distances))
 
     return HostTopology(
         hostname=hostname if hostname is not None else socket.gethostname(),

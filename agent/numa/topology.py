@@ -64,6 +64,19 @@ class NumaCell:
         }
 
 
+def numa_cell(
+    cell_id: int,
+    cpus: frozenset[int],
+    siblings: tuple[tuple[int, ...], ...],
+    memory_kb: int,
+    pages: Iterable[PagePool],
+    distances: Mapping[int, int],
+) -> NumaCell:
+    """A NumaCell as the host readers (sysfs, capabilities) build it: pools in page-size order."""
+    ordered = tuple(sorted(pages, key=lambda p: p.size_kb))
+    return NumaCell(id=cell_id, cpus=cpus, siblings=siblings, memory_kb=memory_kb, pages=ordered, distances=distances)
+
+
 @dataclass(frozen=True, slots=True)
 class HostTopology:
     hostname: str

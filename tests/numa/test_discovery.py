@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from agent.errors import DiscoveryError, DomainXMLError
 from agent.libvirt_ops.host import topology_from_libvirt
+from agent.limits import MAX_XML_BYTES
 from agent.numa.capabilities import (
-    MAX_XML_BYTES,
     compare_topologies,
     discover,
     parse_xml,
@@ -343,8 +343,11 @@ _BILLION_LAUGHS = """<?xml version="1.0"?>
 <!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
 <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
 <capabilities><host>&lol3;</host></capabilities>"""
-_XXE = """<?xml version="1.0"?><!DOCTYPE c [<!ENTITY x SYSTEM "file:///etc/passwd">]>
-<capabilities><host><topology><cells><cell id='0'><memory>&x;</memory></cell></cells></topology></host></capabilities>"""
+_XXE = (
+    '<?xml version="1.0"?><!DOCTYPE c [<!ENTITY x SYSTEM "file:///etc/passwd">]>\n'
+    "<capabilities><host><topology><cells><cell id='0'><memory>&x;</memory></cell></cells>"
+    "</topology></host></capabilities>"
+)
 _CELL = "<capabilities><host><topology><cells>{}</cells></topology></host></capabilities>"
 
 
@@ -682,7 +685,7 @@ def test_cli_discover_with_huge_cell_id_reports_an_error_not_a_traceback(tmp_pat
     [("KiB", 1, 1), ("b", 1, 1), ("bytes", 1025, 2), ("KB", 1, 1), ("MB", 1, 977), ("MiB", 2, 2048), ("G", 1, 1 << 20)],
 )
 def test_capabilities_units_round_up_like_domain_xml(unit, value, kib):
-    from agent.libvirt_ops.domain_xml import _scale_to_kib
+    from agent.libvirt_ops.domain_read import _scale_to_kib
 
     xml = _CELL.format(f"<cell id='0'><memory unit='{unit}'>{value}</memory></cell>")
     assert topology_from_capabilities(xml).cells[0].memory_kb == kib
