@@ -131,7 +131,7 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 
 def _reserved_pages(text: str) -> tuple[tuple[int, int, int], ...]:
-    out = []
+    out: list[tuple[int, int, int]] = []
     for item in text.split(","):
         item = item.strip()
         if not item:

@@ -13,7 +13,7 @@ from typing import Iterable
 
 from agent.limits import MAX_CPU_SET_DIGITS, MAX_CPU_SET_IDS, MAX_CPU_SET_TOKENS, MAX_HOST_CPU_ID, MAX_ID
 
-__all__ = ["MAX_CPU_SET_ID", "format_cpu_set", "parse_cpu_set", "parse_kernel_cpu_list"]
+__all__ = ["MAX_CPU_SET_ID", "format_cpu_set", "format_id_list", "parse_cpu_set", "parse_kernel_cpu_list"]
 
 #: Largest CPU / node id parse_cpu_set accepts by default (far above any kernel's NR_CPUS).
 MAX_CPU_SET_ID = MAX_ID
@@ -105,8 +105,9 @@ def format_cpu_set(cpus: Iterable[int]) -> str:
     return ",".join(out)
 
 
-def format_id_list(ids: Iterable[int], *, at_most: int = 16) -> str:
-    """Ids one by one ("1,2,5"), cut after `at_most` with ",..." (error messages about few ids)."""
+def format_id_list(ids: Iterable[int], *, at_most: int | None = 16) -> str:
+    """Ids one by one ("1,2,5"), cut after `at_most` (None: never) with ",..." (for messages)."""
     ordered = sorted(ids)
-    shown = ",".join(map(str, ordered[:at_most]))
-    return shown + ",..." if len(ordered) > at_most else shown
+    if at_most is None or len(ordered) <= at_most:
+        return ",".join(map(str, ordered))
+    return ",".join(map(str, ordered[:at_most])) + ",..."

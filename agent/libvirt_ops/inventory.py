@@ -44,7 +44,7 @@ def _label(dom: Any) -> str:
     for getter in ("name", "UUIDString"):
         try:
             value = getattr(dom, getter)()
-        except Exception:  # noqa: BLE001 - libvirtError or a broken binding: try the next one
+        except Exception:  # libvirtError or a broken binding: try the next one
             continue
         if isinstance(value, str) and value:
             return value
@@ -79,7 +79,7 @@ def read_domains(conn: Any) -> DomainInventory:
             log.error("domain %s: cannot read its placement: %s", name, exc)
             unreadable.append(f"{name}: {exc}")
             continue
-        except Exception as exc:  # noqa: BLE001 - one domain must never break the host's inventory
+        except Exception as exc:  # one domain must never break the host's inventory
             log.exception("domain %s: unexpected error reading its placement", name)
             unreadable.append(f"{name}: cannot read its placement ({type(exc).__name__}: {str(exc)[:200]})")
             continue

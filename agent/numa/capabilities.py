@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import socket
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Iterable, Mapping
 
-from agent.cpuset import parse_kernel_cpu_list
+from agent.cpuset import format_id_list, parse_kernel_cpu_list
 from agent.errors import DiscoveryError, DomainXMLError
 from agent.limits import MAX_DOC_PAGE_COUNT, MAX_HOST_CPU_ID
 from agent.numa.discovery import discover_sysfs, sibling_partition
@@ -149,8 +149,8 @@ def _read_cpus(cell_el: Node, where: str, owner: Mapping[int, int]) -> dict[int,
     return sib_of
 
 
-def _ids(values: Any) -> str:
-    return "[" + ",".join(str(v) for v in sorted(values)) + "]"
+def _ids(values: Iterable[int]) -> str:
+    return f"[{format_id_list(values, at_most=None)}]"
 
 
 def compare_topologies(sysfs: HostTopology, caps: HostTopology) -> list[str]:

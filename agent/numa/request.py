@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import msgspec
 
@@ -486,20 +486,27 @@ def _cell_lists(
             out[n] = (k, int(v))
         return out
 
-    result = []
-    for what, conv in (("cpus", cpus), ("mem", mems)):
-        flavor = conv(_cell_map(meta.flavor, _FLAVOR, what))
-        image = conv(_cell_map(meta.image, _IMAGE, what))
-        if flavor and image:
-            same = flavor.keys() == image.keys() and all(flavor[n][1] == image[n][1] for n in flavor)
-            if not same:
-                keys = [k for k, _ in flavor.values()] + [k for k, _ in image.values()]
-                raise InvalidRequest(
-                    f"flavor hw:numa_{what}.N and image hw_numa_{what}.N disagree (ImageNUMATopologyForbidden)",
-                    sorted(keys),
-                )
-        result.append(flavor or image or None)
-    return result[0], result[1]
+    return _one_cell_map(meta, "cpus", cpus), _one_cell_map(meta, "mem", mems)
+
+
+_V = TypeVar("_V")
+
+
+def _one_cell_map(
+    meta: _Meta, what: str, conv: Callable[[dict[int, tuple[str, str]]], dict[int, tuple[str, _V]]]
+) -> dict[int, tuple[str, _V]] | None:
+    """hw:numa_<what>.N from the flavor or the image; both may give it only if they agree."""
+    flavor = conv(_cell_map(meta.flavor, _FLAVOR, what))
+    image = conv(_cell_map(meta.image, _IMAGE, what))
+    if flavor and image:
+        same = flavor.keys() == image.keys() and all(flavor[n][1] == image[n][1] for n in flavor)
+        if not same:
+            keys = [k for k, _ in flavor.values()] + [k for k, _ in image.values()]
+            raise InvalidRequest(
+                f"flavor hw:numa_{what}.N and image hw_numa_{what}.N disagree (ImageNUMATopologyForbidden)",
+                sorted(keys),
+            )
+    return flavor or image or None
 
 
 def _migration(meta: _Meta) -> MigrationWishes:

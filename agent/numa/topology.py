@@ -181,9 +181,9 @@ def topology_from_doc(doc: TopologyDoc) -> HostTopology:
         if c.memory_kb < 0 or c.memory_kb > MAX_DOC_MEMORY_KB:
             raise InvalidHostState(f"{where}.memory_kb: {c.memory_kb} out of range")
         if c.siblings is None:
-            siblings = tuple((cpu,) for cpu in sorted(cpus))
+            siblings: tuple[tuple[int, ...], ...] = tuple((cpu,) for cpu in sorted(cpus))
         else:
-            groups = [tuple(sorted(g)) for g in c.siblings if g]
+            groups: list[tuple[int, ...]] = [tuple(sorted(g)) for g in c.siblings if g]
             flat = [cpu for g in groups for cpu in g]
             if len(flat) != len(set(flat)):
                 raise InvalidHostState(f"{where}.siblings: a CPU appears in two groups")
