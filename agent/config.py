@@ -208,42 +208,63 @@ _NO_DEFAULT_SECTION = "\x00compute-agent: no default section"
 
 def load_config(path: str | Path | None = None, *, text: str | None = None) -> AgentConfig:
     """Read the config file (or `text`); a missing default file means all defaults."""
+    read = _read_ini(path, text)
+    if read is None:
+        return AgentConfig()
+    parser, source = read
+    sections = {name: _read_section(parser, source, name, kind) for name, kind in _SECTION_TYPES.items()}
+    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"DEFAULT", "upgrade_levels", "workarounds", "bus"}
+    if extra:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(extra))}")
+    host, log_level = _read_defaults(parser, source)
+    compute = sections["compute"]
+    if compute.cpu_dedicated_set and compute.cpu_shared_set and compute.cpu_dedicated_set & compute.cpu_shared_set:
+        both = format_cpu_set(compute.cpu_dedicated_set & compute.cpu_shared_set)
+        raise ConfigError(f"{source}: [compute] cpu_dedicated_set and cpu_shared_set overlap on {both}")
+    return AgentConfig(
+        compute=compute, libvirt=sections["libvirt"], claims=sections["claims"], host=host, log_level=log_level
+    )
+
+
+def _read_ini(path: str | Path | None, text: str | None) -> tuple[configparser.ConfigParser, str] | None:
+    """(the parsed file, its name for messages); None when the default file does not exist."""
     parser = configparser.ConfigParser(interpolation=None, default_section=_NO_DEFAULT_SECTION)
-    source = "<text>"
+    source = "<text>" if text is not None else str(Path(path) if path is not None else DEFAULT_CONFIG_PATH)
     try:
         if text is not None:
             parser.read_string(text, source=source)
-        else:
-            cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-            source = str(cfg_path)
-            if not cfg_path.exists():
-                if path is not None:
-                    raise ConfigError(f"{cfg_path}: config file not found")
-                return AgentConfig()
-            with open(cfg_path, encoding="utf-8") as fh:
-                parser.read_file(fh, source=source)
+            return parser, source
+        if not Path(source).exists():
+            if path is not None:
+                raise ConfigError(f"{source}: config file not found")
+            return None
+        with open(source, encoding="utf-8") as fh:
+            parser.read_file(fh, source=source)
     except configparser.Error as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read: {exc}") from None
+    return parser, source
 
-    sections: dict[str, Any] = {}
-    for name, kind in _SECTION_TYPES.items():
-        values: dict[str, Any] = {}
-        if parser.has_section(name):
-            known = {f.name for f in fields(kind)}
-            for option, raw in parser.items(name, raw=True):
-                if option not in known:
-                    raise ConfigError(f"{source}: [{name}] {option}: unknown option")
-                try:
-                    values[option] = _CONVERTERS[name][option](raw)
-                except (ValueError, TypeError) as exc:
-                    raise ConfigError(f"{source}: [{name}] {option} = {raw!r}: {exc}") from None
-        sections[name] = kind(**values)
 
-    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"DEFAULT", "upgrade_levels", "workarounds", "bus"}
-    if extra:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(extra))}")
+def _read_section(parser: configparser.ConfigParser, source: str, name: str, kind: type) -> Any:
+    """One section as its dataclass; every option known and converted, else ConfigError."""
+    values: dict[str, Any] = {}
+    if not parser.has_section(name):
+        return kind()
+    known = {f.name for f in fields(kind)}
+    for option, raw in parser.items(name, raw=True):
+        if option not in known:
+            raise ConfigError(f"{source}: [{name}] {option}: unknown option")
+        try:
+            values[option] = _CONVERTERS[name][option](raw)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: [{name}] {option} = {raw!r}: {exc}") from None
+    return kind(**values)
+
+
+def _read_defaults(parser: configparser.ConfigParser, source: str) -> tuple[str | None, str]:
+    """[DEFAULT]: (host, log_level); any other option there is refused."""
     defaults = dict(parser.items("DEFAULT", raw=True)) if parser.has_section("DEFAULT") else {}
     for option in sorted(set(defaults) - _DEFAULT_OPTIONS):
         raise ConfigError(
@@ -253,14 +274,4 @@ def load_config(path: str | Path | None = None, *, text: str | None = None) -> A
     log_level = defaults.get("log_level", "INFO").strip().upper()
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"{source}: [DEFAULT] log_level = {log_level!r}: not a log level")
-    compute = sections["compute"]
-    if compute.cpu_dedicated_set and compute.cpu_shared_set and compute.cpu_dedicated_set & compute.cpu_shared_set:
-        both = format_cpu_set(compute.cpu_dedicated_set & compute.cpu_shared_set)
-        raise ConfigError(f"{source}: [compute] cpu_dedicated_set and cpu_shared_set overlap on {both}")
-    return AgentConfig(
-        compute=compute,
-        libvirt=sections["libvirt"],
-        claims=sections["claims"],
-        host=(defaults.get("host") or "").strip() or None,
-        log_level=log_level,
-    )
+    return (defaults.get("host") or "").strip() or None, log_level
