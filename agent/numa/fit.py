@@ -94,7 +94,8 @@ Interpretations (documented here because the issue text leaves them open):
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+import itertools
+from typing import Iterator, Literal, NamedTuple, Sequence
 
 from agent.errors import InvalidInput, InvalidRequest
 from agent.numa.placement import CellPlacement, NoFit, Placement, cell_placement
@@ -223,39 +224,45 @@ class _HostCell:
         reserved: set[int] = set()
         if count <= 0:
             return picked, reserved
+        for entry, siblings in itertools.islice(self._candidates(policy), count):
+            picked.append(entry)
+            reserved.update(siblings)
+        if len(picked) < count:  # pragma: no cover
+            raise AssertionError("select() called beyond capacity")
+        return picked, reserved
+
+    def _candidates(self, policy: ThreadPolicy) -> Iterator[tuple[tuple[int, int, int], tuple[int, ...]]]:
+        """((cpu, core_first_id, thread_pos), siblings it reserves) in the order `policy` picks them."""
         if policy is ThreadPolicy.PREFER:
-            buckets: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-            for gf in self.cores:
-                k = len(gf[1])
-                if k in buckets:
-                    buckets[k].append(gf)
-                else:
-                    buckets[k] = [gf]
-            for k in sorted(buckets, reverse=True):
-                for group, ft in buckets[k]:
-                    first = group[0]
-                    for cpu in ft:
-                        picked.append((cpu, first, group.index(cpu)))
-                        if len(picked) == count:
-                            return picked, reserved
-        elif policy is ThreadPolicy.REQUIRE:
-            sup = self.free.issuperset
-            for group in self._groups():
-                if len(group) >= 2 and sup(group):
-                    first = group[0]
-                    for pos, cpu in enumerate(group):
-                        picked.append((cpu, first, pos))
-                        if len(picked) == count:
-                            return picked, reserved
-        else:  # ISOLATE
-            sup = self.free.issuperset
-            for group in self._groups():
-                if sup(group):
-                    picked.append((group[0], group[0], 0))
-                    reserved.update(group[1:])
-                    if len(picked) == count:
-                        return picked, reserved
-        raise AssertionError("select() called beyond capacity")  # pragma: no cover
+            return self._prefer_order()
+        if policy is ThreadPolicy.REQUIRE:
+            return self._require_order()
+        return self._isolate_order()
+
+    def _prefer_order(self) -> Iterator[tuple[tuple[int, int, int], tuple[int, ...]]]:
+        """Cores with the most free threads first (fewest cores touched), threads in core order."""
+        buckets: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        for gf in self.cores:
+            buckets.setdefault(len(gf[1]), []).append(gf)
+        for k in sorted(buckets, reverse=True):
+            for group, ft in buckets[k]:
+                for cpu in ft:
+                    yield (cpu, group[0], group.index(cpu)), ()
+
+    def _require_order(self) -> Iterator[tuple[tuple[int, int, int], tuple[int, ...]]]:
+        """Every thread of whole free cores with siblings."""
+        sup = self.free.issuperset
+        for group in self._groups():
+            if len(group) >= 2 and sup(group):
+                for pos, cpu in enumerate(group):
+                    yield (cpu, group[0], pos), ()
+
+    def _isolate_order(self) -> Iterator[tuple[tuple[int, int, int], tuple[int, ...]]]:
+        """The first thread of each whole free core, its siblings reserved."""
+        sup = self.free.issuperset
+        for group in self._groups():
+            if sup(group):
+                yield (group[0], group[0], 0), group[1:]
 
 
 # --- per pair feasibility ------------------------------------------------------------------------
@@ -497,52 +504,54 @@ def _hungarian(cost: Sequence[Sequence[int]], m: int) -> list[int]:
     """Min-cost assignment of n rows to distinct columns of an n x m integer matrix (n <= m).
     Returns the column of each row. Classic O(n^2 m) potentials algorithm."""
     n = len(cost)
-    inf = float("inf")
     u: list[float] = [0] * (n + 1)  # potentials: they meet `inf` only if a row had no column at all
     v: list[float] = [0] * (m + 1)
     p = [0] * (m + 1)  # p[j]: row (1-based) assigned to column j
     way = [0] * (m + 1)
     for i in range(1, n + 1):
         p[0] = i
-        j0 = 0
-        minv = [inf] * (m + 1)
-        used = [False] * (m + 1)
-        while True:
-            used[j0] = True
-            i0 = p[j0]
-            row = cost[i0 - 1]
-            ui0 = u[i0]
-            delta = inf
-            j1 = 0
-            for j in range(1, m + 1):
-                if not used[j]:
-                    cur = row[j - 1] - ui0 - v[j]
-                    if cur < minv[j]:
-                        minv[j] = cur
-                        way[j] = j0
-                    if minv[j] < delta:
-                        delta = minv[j]
-                        j1 = j
-            for j in range(m + 1):
-                if used[j]:
-                    u[p[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while True:
+        j0 = _free_column(cost, m, u, v, p, way)
+        while j0:  # augment along the path back to column 0
             j1 = way[j0]
             p[j0] = p[j1]
             j0 = j1
-            if j0 == 0:
-                break
     out = [-1] * n
     for j in range(1, m + 1):
         if p[j]:
             out[p[j] - 1] = j - 1
     return out
+
+
+def _free_column(
+    cost: Sequence[Sequence[int]], m: int, u: list[float], v: list[float], p: list[int], way: list[int]
+) -> int:
+    """Grow the shortest alternating path from row p[0] (updating the potentials u, v and the path
+    links `way`) until it reaches an unassigned column; return that column."""
+    inf = float("inf")
+    j0 = 0
+    minv = [inf] * (m + 1)
+    used = [False] * (m + 1)
+    while True:
+        used[j0] = True
+        row, ui0 = cost[p[j0] - 1], u[p[j0]]
+        delta, j1 = inf, 0
+        for j in range(1, m + 1):
+            if not used[j]:
+                cur = row[j - 1] - ui0 - v[j]
+                if cur < minv[j]:
+                    minv[j] = cur
+                    way[j] = j0
+                if minv[j] < delta:
+                    delta, j1 = minv[j], j
+        for j in range(m + 1):
+            if used[j]:
+                u[p[j]] += delta
+                v[j] -= delta
+            else:
+                minv[j] -= delta
+        j0 = j1
+        if p[j0] == 0:
+            return j0
 
 
 def _join_ids(ids: Sequence[int]) -> str:
