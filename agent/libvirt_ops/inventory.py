@@ -15,7 +15,8 @@ from typing import Any
 
 from agent.errors import AgentError, DomainXMLError
 from agent.libvirt_ops.connection import _libvirt
-from agent.libvirt_ops.domain_xml import DomainPlacement, parse_domain
+from agent.libvirt_ops.domain_model import DomainPlacement
+from agent.libvirt_ops.domain_read import parse_domain
 from agent.libvirt_ops.errors import LibvirtOpError
 
 log = logging.getLogger("compute_agent.inventory")
