@@ -927,3 +927,35 @@ def test_per_guest_cell_memory_and_page_size() -> None:
     rewrite_for_placement(only1, _two_cells(1024, 4, 2048, 1048576))
     with pytest.raises(DomainXMLError, match="guest cell 0 uses 2048 KiB pages"):
         rewrite_for_placement(only1, _two_cells(1024, 2048, 2048, 1048576))
+
+
+# --- one page-size rule per guest cell (the rewriter and host state) ---------------------------------
+
+
+def test_guest_cell_page_kib_with_and_without_a_default_hugepage_size():
+    from agent.libvirt_ops.domain_xml import guest_cell_page_kib
+
+    cells = (GuestNumaCell(0, frozenset({0}), 1024), GuestNumaCell(1, frozenset({1}), 1024))
+    base = DomainPlacement(name="d", uuid="", vcpus=2, memory_kib=2048, guest_cells=cells)
+    assert guest_cell_page_kib(base, 0) == 4
+    sized = DomainPlacement(
+        name="d",
+        uuid="",
+        vcpus=2,
+        memory_kib=2048,
+        guest_cells=cells,
+        hugepages=(HugepageBacking(1 << 20, frozenset({1})), HugepageBacking(2048, None)),
+    )
+    assert guest_cell_page_kib(sized, 1) == 1 << 20 and guest_cell_page_kib(sized, 0) == 2048
+    only_cell1 = DomainPlacement(
+        name="d",
+        uuid="",
+        vcpus=2,
+        memory_kib=2048,
+        guest_cells=cells,
+        hugepages=(HugepageBacking(2048, frozenset({1})),),
+    )
+    assert guest_cell_page_kib(only_cell1, 0) == 4  # no <page> for the cell: libvirt backs it with small pages
+    bare = DomainPlacement(name="d", uuid="", vcpus=2, memory_kib=2048, hugepages=(HugepageBacking(None, None),))
+    assert guest_cell_page_kib(bare, 0) is None
+    assert guest_cell_page_kib(bare, 0, default_hugepage_kb=2048) == 2048

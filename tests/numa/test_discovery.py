@@ -690,3 +690,19 @@ def test_capabilities_units_round_up_like_domain_xml(unit, value, kib):
     xml = _CELL.format(f"<cell id='0'><memory unit='{unit}'>{value}</memory></cell>")
     assert topology_from_capabilities(xml).cells[0].memory_kb == kib
     assert _scale_to_kib(str(value), unit, "x") == kib
+
+
+# --- the capabilities reader shares agent.xmlsafe with domain XML: the same limits ------------------
+
+
+@pytest.mark.parametrize(
+    "xml, fragment",
+    [
+        ("<capabilities>" + "<a>" * 100 + "</a>" * 100 + "</capabilities>", "deep"),
+        ("<capabilities><host>" + "<x/>" * 200_001 + "</host></capabilities>", "elements"),
+        ('<!DOCTYPE capabilities SYSTEM "http://127.0.0.1:9/c.dtd"><capabilities/>', "DOCTYPE"),
+    ],
+)
+def test_capabilities_use_the_shared_xml_limits(xml, fragment):
+    with pytest.raises(DomainXMLError, match=fragment):
+        topology_from_capabilities(xml)
