@@ -21,9 +21,11 @@ from agent.claims.ledger import Ledger
 from agent.claims.model import Claim
 from agent.claims.store import LEDGER_FILE
 from agent.cli_output import ExitCode, console, exit_code_for, print_error, print_json, print_warning, table
-from agent.config import format_cpu_set
+from agent.cpuset import format_cpu_set
 from agent.errors import AgentError, InvalidInput
+from agent.limits import MAX_CLI_FILE_BYTES
 from agent.log import setup_logging
+from agent.units import page_label
 
 if TYPE_CHECKING:
     from agent.claims.hoststate import HostStateReport
@@ -35,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("compute_agent.cli")
 
 PROG = "compute-agent"
-MAX_INPUT_FILE_BYTES = 64 << 20  # a host state or request document is a few KiB; refuse anything absurd
 
 
 def _read_json_file(path: str, what: str) -> Any:
@@ -43,7 +44,7 @@ def _read_json_file(path: str, what: str) -> Any:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InvalidInput(f"{what} file {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_INPUT_FILE_BYTES:
+    if len(data) > MAX_CLI_FILE_BYTES:
         raise InvalidInput(f"{what} file {path}: larger than 64 MiB")
     return data
 
@@ -80,7 +81,7 @@ def _print_topology(topology: HostTopology, differences: Sequence[str]) -> None:
             format_cpu_set(cell.cpus) or "-",
             str(len(cell.siblings)) + (" (SMT)" if any(len(g) > 1 for g in cell.siblings) else ""),
             f"{cell.memory_kb / 1048576:.1f} GiB",
-            ", ".join(f"{_page_label(p.size_kb)}: {p.free}/{p.total}" for p in cell.pages if p.size_kb != 4) or "-",
+            ", ".join(f"{page_label(p.size_kb)}: {p.free}/{p.total}" for p in cell.pages if p.size_kb != 4) or "-",
             " ".join(f"{k}:{v}" for k, v in sorted(cell.distances.items())),
         )
         for cell in topology.cells
@@ -94,14 +95,6 @@ def _print_topology(topology: HostTopology, differences: Sequence[str]) -> None:
     )
     for line in differences:
         print_warning(screen, "sysfs and libvirt disagree:", line)
-
-
-def _page_label(size_kb: int) -> str:
-    if size_kb >= 1048576:
-        return f"{size_kb // 1048576}G"
-    if size_kb >= 1024:
-        return f"{size_kb // 1024}M"
-    return f"{size_kb}K"
 
 
 # --- fit ----------------------------------------------------------------------------------------
@@ -133,7 +126,7 @@ def _print_placement(request: InstanceRequest, placement: Placement) -> None:
             str(cell.host_cell),
             " ".join(f"{v}->{format_cpu_set(cell.cpu_pins[v])}" for v in cell.vcpus),
             f"{cell.memory_mb} MiB",
-            _page_label(cell.pagesize_kb),
+            page_label(cell.pagesize_kb),
         )
         for cell in placement.cells
     ]
@@ -208,7 +201,7 @@ def _print_host_state(
                 format_cpu_set(res.shared_cpus) or "-",
                 str(res.floating_capacity),
                 str(res.small_free_mb),
-                ", ".join(f"{_page_label(s)}: {n}" for s, n in sorted(res.free_pages.items())) or "-",
+                ", ".join(f"{page_label(s)}: {n}" for s, n in sorted(res.free_pages.items())) or "-",
             )
         )
     title = f"free resources of {topology.hostname} ({len(inventory.domains)} domains, {len(claims)} live claims)"

@@ -14,90 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from agent.cpuset import format_cpu_set, parse_cpu_set
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/compute-agent/compute-agent.conf")
-
-
-#: Largest CPU / node id parse_cpu_set accepts by default (far above any kernel's NR_CPUS).
-MAX_CPU_SET_ID = 1 << 20
-#: Most ids a CPU set may expand to, counted over every range (included or excluded), and most
-#: comma-separated elements: bounds the work any text can cause (a few ms), whatever its length.
-MAX_CPU_SET_IDS = 1 << 17
-MAX_CPU_SET_TOKENS = 1 << 16
-_CPU_ID_RE = re.compile(r"[0-9]{1,7}")
-
-
-def _cpu_id(text: str, raw: str, max_id: int) -> int:
-    t = text.strip()
-    # ASCII digits only: int() would also take "1_0", "+3", " 3", Unicode digits and 5000-digit strings
-    if not _CPU_ID_RE.fullmatch(t):
-        raise ValueError(f"bad element {raw.strip()[:40]!r}")
-    value = int(t)
-    if value > max_id:
-        raise ValueError(f"id {value} above {max_id}")
-    return value
-
-
-def parse_cpu_set(
-    text: str,
-    *,
-    max_id: int = MAX_CPU_SET_ID,
-    allow_exclude: bool = True,
-    allow_empty_elements: bool = True,
-) -> frozenset[int]:
-    """Parse a CPU set like "0-3,^2,8" (Nova/libvirt syntax) into ids; ValueError on garbage.
-
-    Numbers are plain ASCII digits (at most 7); every id (range ends included) must be <= `max_id`,
-    checked before anything is expanded; at most MAX_CPU_SET_TOKENS elements and MAX_CPU_SET_IDS
-    ids in all. `allow_exclude=False` refuses "^N" (the kernel's list syntax has none);
-    `allow_empty_elements=False` refuses "1,,2".
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"a CPU set must be text, not {type(text).__name__}")
-    if not text.strip():
-        return frozenset()
-    tokens = text.split(",")
-    if len(tokens) > MAX_CPU_SET_TOKENS:
-        raise ValueError(f"more than {MAX_CPU_SET_TOKENS} elements")
-    include: set[int] = set()
-    exclude: set[int] = set()
-    budget = MAX_CPU_SET_IDS
-    for raw in tokens:
-        part = raw.strip()
-        if not part:
-            if allow_empty_elements:
-                continue
-            raise ValueError("empty element")
-        target = include
-        if part.startswith("^"):
-            if not allow_exclude:
-                raise ValueError(f"bad element {part[:40]!r}")
-            target, part = exclude, part[1:].strip()
-        lo_s, dash, hi_s = part.partition("-")
-        lo = _cpu_id(lo_s, raw, max_id)
-        hi = _cpu_id(hi_s, raw, max_id) if dash else lo
-        if lo > hi:
-            raise ValueError(f"descending range {raw.strip()[:40]!r}")
-        budget -= hi - lo + 1
-        if budget < 0:
-            raise ValueError(f"selects more than {MAX_CPU_SET_IDS} ids")
-        target.update(range(lo, hi + 1))
-    return frozenset(include - exclude)
-
-
-def format_cpu_set(cpus: frozenset[int] | set[int] | tuple[int, ...] | list[int]) -> str:
-    """Render CPU ids as a compact range string ("0-3,8"), the inverse of parse_cpu_set."""
-    ids = sorted(set(cpus))
-    out: list[str] = []
-    i = 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +132,7 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 
 def _reserved_pages(text: str) -> tuple[tuple[int, int, int], ...]:
-    out = []
+    out: list[tuple[int, int, int]] = []
     for item in text.split(","):
         item = item.strip()
         if not item:
@@ -301,42 +221,61 @@ def parse_listen_address(text: str) -> tuple[str, int] | None:
 
 def load_config(path: str | Path | None = None, *, text: str | None = None) -> AgentConfig:
     """Read the config file (or `text`); a missing default file means all defaults."""
+    read = _read_ini(path, text)
+    if read is None:
+        return AgentConfig()
+    parser, source = read
+    sections = {name: _read_section(parser, source, name, kind) for name, kind in _SECTION_TYPES.items()}
+    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"DEFAULT", "upgrade_levels", "workarounds", "bus"}
+    if extra:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(extra))}")
+    defaults = _read_defaults(parser, source)
+    compute = sections["compute"]
+    if compute.cpu_dedicated_set and compute.cpu_shared_set and compute.cpu_dedicated_set & compute.cpu_shared_set:
+        both = format_cpu_set(compute.cpu_dedicated_set & compute.cpu_shared_set)
+        raise ConfigError(f"{source}: [compute] cpu_dedicated_set and cpu_shared_set overlap on {both}")
+    return AgentConfig(compute=compute, libvirt=sections["libvirt"], claims=sections["claims"], **defaults)
+
+
+def _read_ini(path: str | Path | None, text: str | None) -> tuple[configparser.ConfigParser, str] | None:
+    """(the parsed file, its name for messages); None when the default file does not exist."""
     parser = configparser.ConfigParser(interpolation=None, default_section=_NO_DEFAULT_SECTION)
-    source = "<text>"
+    source = "<text>" if text is not None else str(Path(path) if path is not None else DEFAULT_CONFIG_PATH)
     try:
         if text is not None:
             parser.read_string(text, source=source)
-        else:
-            cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-            source = str(cfg_path)
-            if not cfg_path.exists():
-                if path is not None:
-                    raise ConfigError(f"{cfg_path}: config file not found")
-                return AgentConfig()
-            with open(cfg_path, encoding="utf-8") as fh:
-                parser.read_file(fh, source=source)
+            return parser, source
+        if not Path(source).exists():
+            if path is not None:
+                raise ConfigError(f"{source}: config file not found")
+            return None
+        with open(source, encoding="utf-8") as fh:
+            parser.read_file(fh, source=source)
     except configparser.Error as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read: {exc}") from None
+    return parser, source
 
-    sections: dict[str, Any] = {}
-    for name, kind in _SECTION_TYPES.items():
-        values: dict[str, Any] = {}
-        if parser.has_section(name):
-            known = {f.name for f in fields(kind)}
-            for option, raw in parser.items(name, raw=True):
-                if option not in known:
-                    raise ConfigError(f"{source}: [{name}] {option}: unknown option")
-                try:
-                    values[option] = _CONVERTERS[name][option](raw)
-                except (ValueError, TypeError) as exc:
-                    raise ConfigError(f"{source}: [{name}] {option} = {raw!r}: {exc}") from None
-        sections[name] = kind(**values)
 
-    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"DEFAULT", "upgrade_levels", "workarounds", "bus"}
-    if extra:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(extra))}")
+def _read_section(parser: configparser.ConfigParser, source: str, name: str, kind: type) -> Any:
+    """One section as its dataclass; every option known and converted, else ConfigError."""
+    values: dict[str, Any] = {}
+    if not parser.has_section(name):
+        return kind()
+    known = {f.name for f in fields(kind)}
+    for option, raw in parser.items(name, raw=True):
+        if option not in known:
+            raise ConfigError(f"{source}: [{name}] {option}: unknown option")
+        try:
+            values[option] = _CONVERTERS[name][option](raw)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: [{name}] {option} = {raw!r}: {exc}") from None
+    return kind(**values)
+
+
+def _read_defaults(parser: configparser.ConfigParser, source: str) -> dict[str, Any]:
+    """[DEFAULT]'s options as AgentConfig keywords; any option not in _DEFAULT_OPTIONS is refused."""
     defaults = dict(parser.items("DEFAULT", raw=True)) if parser.has_section("DEFAULT") else {}
     for option in sorted(set(defaults) - _DEFAULT_OPTIONS):
         raise ConfigError(
@@ -346,18 +285,11 @@ def load_config(path: str | Path | None = None, *, text: str | None = None) -> A
     log_level = defaults.get("log_level", "INFO").strip().upper()
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"{source}: [DEFAULT] log_level = {log_level!r}: not a log level")
-    compute = sections["compute"]
-    if compute.cpu_dedicated_set and compute.cpu_shared_set and compute.cpu_dedicated_set & compute.cpu_shared_set:
-        both = format_cpu_set(compute.cpu_dedicated_set & compute.cpu_shared_set)
-        raise ConfigError(f"{source}: [compute] cpu_dedicated_set and cpu_shared_set overlap on {both}")
-    return AgentConfig(
-        compute=compute,
-        libvirt=sections["libvirt"],
-        claims=sections["claims"],
-        host=(defaults.get("host") or "").strip() or None,
-        log_level=log_level,
-        metrics_listen=_default_option(source, defaults, "metrics_listen", parse_listen_address),
-    )
+    return {
+        "host": (defaults.get("host") or "").strip() or None,
+        "log_level": log_level,
+        "metrics_listen": _default_option(source, defaults, "metrics_listen", parse_listen_address),
+    }
 
 
 def _default_option(source: str, defaults: dict[str, str], option: str, conv: Callable[[str], Any]) -> Any:

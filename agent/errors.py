@@ -2,6 +2,16 @@
 
 Each error carries a short machine-readable ``code`` so the CLI, the bus and the logs can report it
 without parsing messages. Bad input never escapes as a bare ValueError/KeyError/traceback.
+
+    AgentError
+    ├── InvalidInput                 input from outside is malformed or contradictory
+    │   ├── InvalidRequest           flavor extra specs / image properties (names the keys)
+    │   ├── InvalidHostState         host topology / host state documents
+    │   ├── ConfigError              the agent's configuration file
+    │   └── DomainXMLError           libvirt domain / capabilities XML
+    └── DiscoveryError               sysfs or libvirt could not be read (names the file)
+
+The libvirt edge adds its own subtree under AgentError (agent.libvirt_ops.errors).
 """
 
 from __future__ import annotations
@@ -35,11 +45,8 @@ class InvalidRequest(InvalidInput):
     code = "invalid_request"
 
     def __init__(self, message: str, keys: tuple[str, ...] | list[str] = ()) -> None:
-        keys = tuple(keys)
-        if keys:
-            message = f"{message} [keys: {', '.join(keys)}]"
-        super().__init__(message)
-        self.keys = keys
+        self.keys = tuple(keys)
+        super().__init__(f"{message} [keys: {', '.join(self.keys)}]" if self.keys else message)
 
 
 class InvalidHostState(InvalidInput):
@@ -54,10 +61,8 @@ class DiscoveryError(AgentError):
     code = "discovery_error"
 
     def __init__(self, message: str, path: str | None = None) -> None:
-        if path is not None and path not in message:
-            message = f"{path}: {message}"
-        super().__init__(message)
         self.path = path
+        super().__init__(message if path is None or path in message else f"{path}: {message}")
 
 
 class ConfigError(InvalidInput):

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'scenario':<{width}}  {'fits':>5}  {'median_ms':>10}  {'p95_ms':>10}  {'runs':>6}")
     for r in rows:
         print(
-            f"{r['name']:<{width}}  {str(r['fits']).lower():>5}  {r['median_ms']:>10.3f}  {r['p95_ms']:>10.3f}  {r['runs']:>6}"
+            f"{r['name']:<{width}}  {str(r['fits']).lower():>5}  "
+            f"{r['median_ms']:>10.3f}  {r['p95_ms']:>10.3f}  {r['runs']:>6}"
         )
     if rows:
         worst_med = max(rows, key=lambda r: r["median_ms"])
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'family':<16}  {'n':>3}  {'max median_ms':>13}  {'max p95_ms':>10}")
         for fam, rs in families.items():
             print(
-                f"{fam:<16}  {len(rs):>3}  {max(r['median_ms'] for r in rs):>13.3f}  {max(r['p95_ms'] for r in rs):>10.3f}"
+                f"{fam:<16}  {len(rs):>3}  "
+                f"{max(r['median_ms'] for r in rs):>13.3f}  {max(r['p95_ms'] for r in rs):>10.3f}"
             )
     return 0
 

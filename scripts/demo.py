@@ -34,12 +34,13 @@ from rich.table import Table  # noqa: E402
 
 from agent.claims.hoststate import host_state_fn  # noqa: E402
 from agent.claims.ledger import Ledger  # noqa: E402
-from agent.config import ComputeConfig, LibvirtConfig, format_cpu_set  # noqa: E402
+from agent.config import ComputeConfig, LibvirtConfig  # noqa: E402
+from agent.cpuset import format_cpu_set  # noqa: E402
 from agent.libvirt_ops.domain_xml import parse_domain  # noqa: E402
+from agent.libvirt_ops.host import topology_from_libvirt  # noqa: E402
 from agent.libvirt_ops.inventory import read_domains  # noqa: E402
 from agent.libvirt_ops.migration import MigrationProgress, MigrationRunner, MigrationTarget  # noqa: E402
 from agent.log import setup_logging  # noqa: E402
-from agent.numa.capabilities import topology_from_libvirt  # noqa: E402
 from agent.numa.request import parse_request  # noqa: E402
 from tests.testbed import (  # noqa: E402
     TICK_LINE,

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig, format_cpu_set, load_config, parse_cpu_set
+from agent.config import AgentConfig, load_config
+from agent.cpuset import format_cpu_set, parse_cpu_set
 from agent.errors import ConfigError
 
 
@@ -170,3 +171,41 @@ def test_parse_cpu_set_syntax_kept():
         parse_cpu_set("0,^1", allow_exclude=False)
     with pytest.raises(ValueError):
         parse_cpu_set("0,,1", allow_empty_elements=False)
+
+
+# --- agent.cpuset / agent.units: the shared vocabulary the config uses -------------------------------
+
+
+def test_parse_cpu_set_clip_excluded_ignores_excluded_ids_above_max():
+    # Nova's masks: "^50" on a 4-vCPU flavor excludes nothing; an included id above max is refused
+    assert parse_cpu_set("0-3,^50", max_id=3, clip_excluded=True) == {0, 1, 2, 3}
+    assert parse_cpu_set("0-3,^2-60", max_id=3, clip_excluded=True) == {0, 1}
+    with pytest.raises(ValueError):
+        parse_cpu_set("0-3,^50", max_id=3)
+    with pytest.raises(ValueError):
+        parse_cpu_set("0-4", max_id=3, clip_excluded=True)
+
+
+def test_kernel_cpu_list_and_id_list_formatter():
+    from agent.cpuset import format_id_list, parse_kernel_cpu_list
+
+    assert parse_kernel_cpu_list("0-3,8") == {0, 1, 2, 3, 8}
+    for bad in ("0,^1", "0,,1", "65537"):
+        with pytest.raises(ValueError):
+            parse_kernel_cpu_list(bad)
+    assert format_id_list([5, 1, 2]) == "1,2,5"
+    assert format_id_list(range(20)) == ",".join(map(str, range(16))) + ",..."
+    assert format_id_list(range(20), at_most=None) == ",".join(map(str, range(20)))
+    assert format_id_list([]) == ""
+
+
+def test_units():
+    from agent.units import SMALL_PAGE_KB, mib_from_kib, page_label, pages_for, scale_to_kib
+
+    assert SMALL_PAGE_KB == 4
+    assert [mib_from_kib(k) for k in (0, 1, 1024, 1025)] == [0, 1, 1, 2]
+    assert [pages_for(k, 4) for k in (0, 4, 4097)] == [0, 1, 1025]
+    assert [page_label(s) for s in (4, 2048, 1048576)] == ["4K", "2M", "1G"]
+    assert scale_to_kib(1, "GiB") == 1 << 20 and scale_to_kib(1, "MB") == 977 and scale_to_kib(5, None) == 5
+    with pytest.raises(ValueError):
+        scale_to_kib(1, "parsecs")

@@ -28,7 +28,8 @@ from agent.cli_output import (
     print_json,
     table,
 )
-from agent.config import format_cpu_set, load_config
+from agent.config import load_config
+from agent.cpuset import format_cpu_set
 from agent.errors import AgentError, InvalidInput
 
 PROG = "compute-agent claims"

@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
 from agent.claims.model import Claim, ClaimState, uuid_key
-from agent.config import ComputeConfig, format_cpu_set
+from agent.config import ComputeConfig
+from agent.cpuset import format_cpu_set
 from agent.errors import InvalidInput
 from agent.libvirt_ops.domain_xml import DomainPlacement
 from agent.libvirt_ops.inventory import DomainInventory

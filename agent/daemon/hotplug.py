@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pyudev  # type: ignore[import-untyped]  # pyudev ships no type hints
+import pyudev
 
 from agent.daemon.errors import HotplugWatchError
 

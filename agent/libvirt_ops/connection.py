@@ -22,7 +22,7 @@ _quiet = False
 def _libvirt() -> Any:
     global _quiet
     try:
-        import libvirt  # noqa: PLC0415
+        import libvirt
     except ImportError as exc:  # pragma: no cover - depends on the host
         raise LibvirtConnectionError(
             "python module 'libvirt' is missing (install libvirt-python)", libvirt_message=str(exc)
@@ -54,7 +54,7 @@ def close_quietly(conn: Any) -> None:
         return
     try:
         conn.close()
-    except Exception as exc:  # noqa: BLE001 - closing must never mask the real outcome
+    except Exception as exc:  # closing must never mask the real outcome
         LOG.debug("closing libvirt connection failed: %s", exc)
 
 
@@ -69,7 +69,7 @@ def connection(uri: str, *, readonly: bool = False) -> Iterator[Any]:
 
 
 def _looks_like_uuid(text: str) -> bool:
-    import uuid as _uuid  # noqa: PLC0415
+    import uuid as _uuid
 
     try:
         _uuid.UUID(text)

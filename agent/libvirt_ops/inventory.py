@@ -15,7 +15,8 @@ from typing import Any
 
 from agent.errors import AgentError, DomainXMLError
 from agent.libvirt_ops.connection import _libvirt
-from agent.libvirt_ops.domain_xml import DomainPlacement, parse_domain
+from agent.libvirt_ops.domain_model import DomainPlacement
+from agent.libvirt_ops.domain_read import parse_domain
 from agent.libvirt_ops.errors import LibvirtOpError
 
 log = logging.getLogger("compute_agent.inventory")
@@ -44,7 +45,7 @@ def _label(dom: Any) -> str:
     for getter in ("name", "UUIDString"):
         try:
             value = getattr(dom, getter)()
-        except Exception:  # noqa: BLE001 - libvirtError or a broken binding: try the next one
+        except Exception:  # libvirtError or a broken binding: try the next one
             continue
         if isinstance(value, str) and value:
             return value
@@ -79,7 +80,7 @@ def read_domains(conn: Any) -> DomainInventory:
             log.error("domain %s: cannot read its placement: %s", name, exc)
             unreadable.append(f"{name}: {exc}")
             continue
-        except Exception as exc:  # noqa: BLE001 - one domain must never break the host's inventory
+        except Exception as exc:  # one domain must never break the host's inventory
             log.exception("domain %s: unexpected error reading its placement", name)
             unreadable.append(f"{name}: cannot read its placement ({type(exc).__name__}: {str(exc)[:200]})")
             continue

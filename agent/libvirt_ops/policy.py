@@ -3,7 +3,7 @@ typed parameters and host traits that go with it.
 
 Pure: importable and usable without the libvirt module (the constants table below holds libvirt's
 values; when the module is importable its own values are used, and a test checks they agree).
-Only `host_traits` talks to a connection.
+`agent.libvirt_ops.host.host_traits` applies the version table below to a connection.
 
 Rules (metadata = flavor extra spec `compute:live_migration_{auto_converge,post_copy}` or image
 property `compute_live_migration_{auto_converge,post_copy}`, already merged by parse_request into
@@ -26,7 +26,7 @@ MigrationWishes; host config = `[libvirt] live_migration_permit_{auto_converge,p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from agent.config import LibvirtConfig
 from agent.errors import InvalidRequest
@@ -41,24 +41,37 @@ _FLAG_VALUES: dict[str, int] = {
     "VIR_MIGRATE_PEER2PEER": 1 << 1,
     "VIR_MIGRATE_PERSIST_DEST": 1 << 3,
     "VIR_MIGRATE_UNDEFINE_SOURCE": 1 << 4,
-    "VIR_MIGRATE_AUTO_CONVERGE": 1 << 13,  # Since: 1.2.3
-    "VIR_MIGRATE_POSTCOPY": 1 << 15,  # Since: 1.3.3
+    "VIR_MIGRATE_AUTO_CONVERGE": 1 << 13,
+    "VIR_MIGRATE_POSTCOPY": 1 << 15,
 }
 # virDomainMigrate3 typed-parameter names.
 _PARAM_NAMES: dict[str, str] = {
-    "VIR_MIGRATE_PARAM_URI": "migrate_uri",  # string, Since: 1.1.0
-    "VIR_MIGRATE_PARAM_DEST_XML": "destination_xml",  # string, Since: 1.1.0
-    "VIR_MIGRATE_PARAM_PERSIST_XML": "persistent_xml",  # string, Since: 1.3.4
-    "VIR_MIGRATE_PARAM_BANDWIDTH": "bandwidth",  # ullong MiB/s, Since: 1.1.0
-    "VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY": "bandwidth.postcopy",  # ullong MiB/s, Since: 5.1.0
-    "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL": "auto_converge.initial",  # int %, Since: 2.0.0
-    "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT": "auto_converge.increment",  # int %, Since: 2.0.0
+    "VIR_MIGRATE_PARAM_URI": "migrate_uri",  # string
+    "VIR_MIGRATE_PARAM_DEST_XML": "destination_xml",  # string
+    "VIR_MIGRATE_PARAM_PERSIST_XML": "persistent_xml",  # string
+    "VIR_MIGRATE_PARAM_BANDWIDTH": "bandwidth",  # ullong MiB/s
+    "VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY": "bandwidth.postcopy",  # ullong MiB/s
+    "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL": "auto_converge.initial",  # int %
+    "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT": "auto_converge.increment",  # int %
+}
+# libvirt version each flag and parameter above appeared in ("Since:" in libvirt-domain.h), encoded
+# as libvirt does: major * 1_000_000 + minor * 1_000 + micro. The four base flags predate migrate3.
+LIBVIRT_SINCE: dict[str, int] = {
+    "VIR_MIGRATE_AUTO_CONVERGE": 1_002_003,
+    "VIR_MIGRATE_POSTCOPY": 1_003_003,
+    "VIR_MIGRATE_PARAM_URI": 1_001_000,
+    "VIR_MIGRATE_PARAM_DEST_XML": 1_001_000,
+    "VIR_MIGRATE_PARAM_PERSIST_XML": 1_003_004,
+    "VIR_MIGRATE_PARAM_BANDWIDTH": 1_001_000,
+    "VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY": 5_001_000,
+    "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL": 2_000_000,
+    "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT": 2_000_000,
 }
 
 
 def _from_libvirt(table: dict[str, Any]) -> dict[str, Any]:
     try:
-        import libvirt  # noqa: PLC0415
+        import libvirt
     except ImportError:  # pragma: no cover - libvirt-python is a hard dependency in production
         return dict(table)
     return {name: getattr(libvirt, name, value) for name, value in table.items()}
@@ -74,31 +87,66 @@ VIR_MIGRATE_UNDEFINE_SOURCE: int = FLAGS["VIR_MIGRATE_UNDEFINE_SOURCE"]
 VIR_MIGRATE_AUTO_CONVERGE: int = FLAGS["VIR_MIGRATE_AUTO_CONVERGE"]
 VIR_MIGRATE_POSTCOPY: int = FLAGS["VIR_MIGRATE_POSTCOPY"]
 
-PARAM_URI: str = PARAMS["VIR_MIGRATE_PARAM_URI"]
-PARAM_DEST_XML: str = PARAMS["VIR_MIGRATE_PARAM_DEST_XML"]
-PARAM_PERSIST_XML: str = PARAMS["VIR_MIGRATE_PARAM_PERSIST_XML"]
-PARAM_BANDWIDTH: str = PARAMS["VIR_MIGRATE_PARAM_BANDWIDTH"]
-PARAM_BANDWIDTH_POSTCOPY: str = PARAMS["VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY"]
-PARAM_AUTO_CONVERGE_INITIAL: str = PARAMS["VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL"]
-PARAM_AUTO_CONVERGE_INCREMENT: str = PARAMS["VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT"]
+# the parameter names in _PARAM_NAMES' order (test_constants_match_libvirt_module pins the values)
+(
+    PARAM_URI,
+    PARAM_DEST_XML,
+    PARAM_PERSIST_XML,
+    PARAM_BANDWIDTH,
+    PARAM_BANDWIDTH_POSTCOPY,
+    PARAM_AUTO_CONVERGE_INITIAL,
+    PARAM_AUTO_CONVERGE_INCREMENT,
+) = (str(PARAMS[name]) for name in _PARAM_NAMES)
 
 BASE_FLAGS = VIR_MIGRATE_LIVE | VIR_MIGRATE_PEER2PEER | VIR_MIGRATE_PERSIST_DEST | VIR_MIGRATE_UNDEFINE_SOURCE
 
-# --- traits and versions --------------------------------------------------------------------------
+# --- features, traits and minimum versions: one table ---------------------------------------------
 
 TRAIT_AUTO_CONVERGE = "COMPUTE_MIGRATE_AUTO_CONVERGE"
 TRAIT_POST_COPY = "COMPUTE_MIGRATE_POST_COPY"
 
-# libvirt encodes versions as major * 1_000_000 + minor * 1_000 + micro.
-# Auto-converge: VIR_MIGRATE_AUTO_CONVERGE is "Since: 1.2.3" in libvirt-domain.h; QEMU gained the
-# auto-converge capability in 1.6 (Nova's commit adding live_migration_permit_auto_converge states
-# "Since QEMU 1.6 and Libvirt 1.2.3").
-# Post-copy: VIR_MIGRATE_POSTCOPY is "Since: 1.3.3"; Nova's MIN_LIBVIRT_POSTCOPY_VERSION = (1, 3, 3)
-# and MIN_QEMU_POSTCOPY_VERSION = (2, 5, 0).
-MIN_LIBVIRT_AUTO_CONVERGE = 1_002_003
-MIN_QEMU_AUTO_CONVERGE = 1_006_000
-MIN_LIBVIRT_POST_COPY = 1_003_003
-MIN_QEMU_POST_COPY = 2_005_000
+
+@dataclass(frozen=True, slots=True)
+class MigrationFeature:
+    """An optional migration feature: the flag that arms it, every typed parameter the runner may
+    pass with it, and the versions a host needs for all of them."""
+
+    name: str  # the MigrationPolicy field that turns it on
+    trait: str
+    flag: str  # a _FLAG_VALUES name
+    params: tuple[str, ...]  # _PARAM_NAMES names
+    min_qemu: int  # same encoding as libvirt versions
+
+    @property
+    def min_libvirt(self) -> int:
+        """The newest "Since" of the flag and the parameters: each is passed when the feature is on."""
+        return max(LIBVIRT_SINCE[name] for name in (self.flag, *self.params))
+
+    @property
+    def flag_value(self) -> int:
+        return int(FLAGS[self.flag])
+
+
+# QEMU: the auto-converge capability came in 1.6 (Nova's commit adding
+# live_migration_permit_auto_converge: "Since QEMU 1.6 and Libvirt 1.2.3"); post-copy in 2.5
+# (Nova's MIN_QEMU_POSTCOPY_VERSION). libvirt: the newest of the flag and the parameters, i.e. 2.0.0
+# for auto_converge.initial/increment and 5.1.0 for bandwidth.postcopy.
+MIGRATION_FEATURES: tuple[MigrationFeature, ...] = (
+    MigrationFeature(
+        "auto_converge",
+        TRAIT_AUTO_CONVERGE,
+        "VIR_MIGRATE_AUTO_CONVERGE",
+        ("VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL", "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT"),
+        min_qemu=1_006_000,
+    ),
+    MigrationFeature(
+        "post_copy",
+        TRAIT_POST_COPY,
+        "VIR_MIGRATE_POSTCOPY",
+        ("VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY",),
+        min_qemu=2_005_000,
+    ),
+)
 
 
 def version_tuple(version: int) -> tuple[int, int, int]:
@@ -108,18 +156,13 @@ def version_tuple(version: int) -> tuple[int, int, int]:
 def traits_for_versions(libvirt_version: int, qemu_version: int) -> frozenset[str]:
     """Migration traits this host can honour, whatever the config permits (the metadata may ask
     for a feature the host config does not permit, so the capability is what matters)."""
-    out = set()
-    if libvirt_version >= MIN_LIBVIRT_AUTO_CONVERGE and qemu_version >= MIN_QEMU_AUTO_CONVERGE:
-        out.add(TRAIT_AUTO_CONVERGE)
-    if libvirt_version >= MIN_LIBVIRT_POST_COPY and qemu_version >= MIN_QEMU_POST_COPY:
-        out.add(TRAIT_POST_COPY)
-    return frozenset(out)
+    return frozenset(
+        f.trait for f in MIGRATION_FEATURES if libvirt_version >= f.min_libvirt and qemu_version >= f.min_qemu
+    )
 
 
-def host_traits(conn: Any) -> frozenset[str]:
-    """Traits for the host behind a libvirt connection (library version of the daemon, hypervisor
-    version). A driver that is not QEMU reports its own version number, which is compared as is."""
-    return traits_for_versions(int(conn.getLibVersion()), int(conn.getVersion()))
+def _features(policy: "MigrationPolicy") -> tuple[MigrationFeature, ...]:
+    return tuple(f for f in MIGRATION_FEATURES if getattr(policy, f.name))
 
 
 # --- the decision ---------------------------------------------------------------------------------
@@ -191,13 +234,19 @@ def decide_policy(wishes: MigrationWishes, cfg: LibvirtConfig, *, domain_paused:
     return MigrationPolicy(auto_converge=ac, post_copy=pc, reason=reason)
 
 
+# what each feature parameter is set to (None: not passed; 0 MiB/s means unlimited, libvirt's default)
+_FEATURE_PARAM_VALUES: dict[str, Callable[[LibvirtConfig], int | None]] = {
+    "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL": lambda cfg: cfg.live_migration_auto_converge_initial,
+    "VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT": lambda cfg: cfg.live_migration_auto_converge_increment,
+    "VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY": lambda cfg: cfg.live_migration_post_copy_bandwidth_mib or None,
+}
+
+
 def migration_flags(policy: MigrationPolicy) -> int:
     """virDomainMigrateToURI3 / migrate3 flags for the policy."""
     flags = BASE_FLAGS
-    if policy.post_copy:
-        flags |= VIR_MIGRATE_POSTCOPY
-    if policy.auto_converge:
-        flags |= VIR_MIGRATE_AUTO_CONVERGE
+    for feature in _features(policy):
+        flags |= feature.flag_value
     return flags
 
 
@@ -216,9 +265,9 @@ def migration_params(
     }
     if cfg.live_migration_bandwidth_mib > 0:
         params[PARAM_BANDWIDTH] = cfg.live_migration_bandwidth_mib
-    if policy.auto_converge:
-        params[PARAM_AUTO_CONVERGE_INITIAL] = cfg.live_migration_auto_converge_initial
-        params[PARAM_AUTO_CONVERGE_INCREMENT] = cfg.live_migration_auto_converge_increment
-    if policy.post_copy and cfg.live_migration_post_copy_bandwidth_mib > 0:
-        params[PARAM_BANDWIDTH_POSTCOPY] = cfg.live_migration_post_copy_bandwidth_mib
+    for feature in _features(policy):
+        for name in feature.params:
+            value = _FEATURE_PARAM_VALUES[name](cfg)
+            if value is not None:
+                params[PARAMS[name]] = value
     return params

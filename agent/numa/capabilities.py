@@ -2,91 +2,51 @@
 
 - `topology_from_capabilities(xml)` parses ``<host><topology><cells>`` of ``virConnectGetCapabilities``.
   Capabilities carry page *totals* only, so every pool's ``free`` is set to its ``total`` (an upper
-  bound; use `topology_from_libvirt` for real free counts).  They do not say which CPUs are offline
+  bound; `agent.libvirt_ops.host.topology_from_libvirt` fills real free counts).  They do not say which CPUs are offline
   or isolated: ``online_cpus`` is the union of the cells' CPUs, ``offline``/``isolated`` are empty.
-- `topology_from_libvirt(conn)` does the same through a live connection and fills ``free`` from
-  ``virNodeGetFreePages`` where the driver supports it.
 - `compare_topologies(sysfs, caps)` lists human-readable disagreements.
 - `discover(...)` is what ``compute-agent discover`` calls: sysfs wins, capabilities cross-check it
   or stand in for it when sysfs cannot be read.
 
-XML hardening (stdlib only, no extra dependency): documents over `MAX_XML_BYTES` are refused, and so
-is any DOCTYPE (hence any DTD, entity declaration or external entity); with no DTD, expat only knows
-the five predefined entities, so entity-expansion and XXE attacks cannot happen.  Any problem raises
-`DomainXMLError`.
+XML hardening: agent.xmlsafe, the parser domain XML uses too (documents over `MAX_XML_BYTES`, too
+deep or with too many elements are refused, and so is any DOCTYPE, entity declaration or external
+entity). Any problem raises `DomainXMLError`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import socket
-import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Iterable, Mapping
 
+from agent.cpuset import format_id_list, parse_kernel_cpu_list
 from agent.errors import DiscoveryError, DomainXMLError
-from agent.numa.discovery import MAX_CPU_ID, _cpu_list, _CpuListSyntax, discover_sysfs, sibling_partition
-from agent.numa.topology import SMALL_PAGE_KB, HostTopology, NumaCell, PagePool
+from agent.limits import MAX_DOC_PAGE_COUNT, MAX_HOST_CPU_ID
+from agent.numa.discovery import discover_sysfs, sibling_partition
+from agent.numa.topology import HostTopology, NumaCell, PagePool, numa_cell
+from agent.units import SMALL_PAGE_KB, scale_to_kib
+from agent.xmlsafe import Node, parse, to_bytes
 
 __all__ = [
-    "MAX_XML_BYTES",
     "MEMORY_TOLERANCE",
     "compare_topologies",
     "discover",
     "parse_xml",
     "topology_from_capabilities",
-    "topology_from_libvirt",
 ]
 
 log = logging.getLogger("compute_agent.discovery")
 
-#: Capabilities of a 2-socket host with every machine type listed are ~100 KiB; allow plenty.
-MAX_XML_BYTES = 8 * 1024 * 1024
 #: Relative difference of a cell's memory that `compare_topologies` tolerates.
 MEMORY_TOLERANCE = 0.01
 
-_FORBIDDEN = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
-_UNIT_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
-
-
-def scale_to_kib(value: int, unit: str | None) -> int:
-    """libvirt's scaled integers (virScaleInteger; formatdomain "memory" unit attribute) in KiB:
-    b/bytes; k, KiB (1024) vs KB (1000); M, MiB, MB; ... up to E; no unit = KiB. Rounded up to
-    whole KiB, as libvirt does. Shared by capabilities and domain XML parsing. ValueError on an
-    unknown unit."""
-    low = (unit if unit is not None else "KiB").strip().lower()
-    if low in ("b", "bytes"):
-        factor = 1
-    elif low and low[0] in _UNIT_POWERS and low[1:] in ("", "ib", "b"):
-        factor = (1000 if low[1:] == "b" else 1024) ** _UNIT_POWERS[low[0]]
-    else:
-        raise ValueError(f"unknown unit {unit!r}")
-    return -(-(value * factor) // 1024)
-
-
-def parse_xml(xml: str | bytes, what: str = "capabilities") -> ET.Element:
-    """Parse an XML document safely (size limit, no DOCTYPE/entities); errors -> `DomainXMLError`."""
-    if isinstance(xml, bytes):
-        if len(xml) > MAX_XML_BYTES:
-            raise DomainXMLError(f"{what} XML larger than {MAX_XML_BYTES} bytes")
-        try:
-            xml = xml.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DomainXMLError(f"{what} XML is not UTF-8: {exc}") from None
-    if not isinstance(xml, str):
-        raise DomainXMLError(f"{what} XML must be str or bytes, not {type(xml).__name__}")
-    if len(xml) > MAX_XML_BYTES:
-        raise DomainXMLError(f"{what} XML larger than {MAX_XML_BYTES} characters")
-    if _FORBIDDEN.search(xml):
-        raise DomainXMLError(f"{what} XML contains a DOCTYPE or ENTITY declaration (refused)")
-    try:
-        return ET.fromstring(xml)
-    except ET.ParseError as exc:
-        raise DomainXMLError(f"{what} XML is not well-formed: {exc}") from None
-    except (ValueError, LookupError) as exc:  # e.g. an unknown encoding in the XML declaration
-        raise DomainXMLError(f"{what} XML cannot be decoded: {exc}") from None
+def parse_xml(xml: str | bytes, what: str = "capabilities", root: str = "capabilities") -> Node:
+    """Parse an XML document with agent.xmlsafe (size, depth and element limits, no DOCTYPE or
+    entities; bytes must be UTF-8) into its <`root`> element; errors -> `DomainXMLError`."""
+    data, _ = to_bytes(xml, what, require_utf8=True)
+    return parse(data, what=what, root=root, utf8=True)
 
 
 def _int(text: str | None, where: str, *, lo: int = 0, hi: int = 1 << 60) -> int:
@@ -106,8 +66,8 @@ def _kib(value: int, unit: str | None, where: str) -> int:
 
 def _cpus(text: str, where: str) -> frozenset[int]:
     try:
-        return _cpu_list(text)
-    except _CpuListSyntax as exc:
+        return parse_kernel_cpu_list(text)
+    except ValueError as exc:
         raise DomainXMLError(f"capabilities {where}: cannot parse CPU list {text!r}: {exc}") from None
 
 
@@ -120,64 +80,17 @@ def topology_from_capabilities(xml: str | bytes, hostname: str | None = None) ->
     whose topology could not be read, so every listed CPU counts as online; a missing ``siblings``
     attribute gives a group of one.  A cell without ``<memory>`` (libvirt omits it when 0) has 0 KiB.
     """
-    root = parse_xml(xml)
-    if root.tag != "capabilities":
-        raise DomainXMLError(f"capabilities XML: root element is <{root.tag}>, expected <capabilities>")
-    cells_el = root.find("./host/topology/cells")
+    cells_el = parse_xml(xml).find_path("host/topology/cells")
     if cells_el is None:
         raise DomainXMLError("capabilities XML has no <host><topology><cells> (no NUMA information)")
-
     cells: list[NumaCell] = []
-    owner: dict[int, int] = {}
-    for index, cell_el in enumerate(cells_el.findall("cell")):
-        cell_id = _int(cell_el.get("id"), f"cell[{index}] id", hi=MAX_CPU_ID)
-        where = f"cell {cell_id}"
-        if any(c.id == cell_id for c in cells):
-            raise DomainXMLError(f"capabilities {where}: duplicate cell id")
-
-        mem_el = cell_el.find("memory")
-        memory_kb = 0
-        if mem_el is not None:
-            memory_kb = _kib(_int(mem_el.text, f"{where} memory"), mem_el.get("unit"), f"{where} memory")
-
-        pages: dict[int, PagePool] = {}
-        for p in cell_el.findall("pages"):
-            size_kb = _kib(_int(p.get("size"), f"{where} pages size", lo=1), p.get("unit"), f"{where} pages")
-            if size_kb <= 0 or size_kb in pages:
-                raise DomainXMLError(f"capabilities {where}: bad or duplicate page size {p.get('size')!r}")
-            count = _int(p.text, f"{where} pages[{size_kb}]", hi=1 << 48) if (p.text or "").strip() else 0
-            pages[size_kb] = PagePool(size_kb, count, count)
-
-        distances: dict[int, int] = {}
-        for s in cell_el.findall("./distances/sibling"):
-            other = _int(s.get("id"), f"{where} distances sibling id", hi=MAX_CPU_ID)
-            distances[other] = _int(s.get("value"), f"{where} distances sibling {other}", lo=1, hi=255)
-
-        cpu_set: set[int] = set()
-        sib_of: dict[int, frozenset[int]] = {}
-        for cpu_el in cell_el.findall("./cpus/cpu"):
-            cpu = _int(cpu_el.get("id"), f"{where} cpu id", hi=MAX_CPU_ID)
-            if cpu in owner or cpu in cpu_set:
-                raise DomainXMLError(f"capabilities {where}: CPU {cpu} listed twice")
-            cpu_set.add(cpu)
-            sibs = cpu_el.get("siblings")
-            sib_of[cpu] = _cpus(sibs, f"{where} cpu {cpu} siblings") | {cpu} if sibs is not None else frozenset({cpu})
-        owner.update((c, cell_id) for c in cpu_set)
-        cpus = frozenset(cpu_set)
-
-        cells.append(
-            NumaCell(
-                id=cell_id,
-                cpus=cpus,
-                siblings=sibling_partition(cpus, sib_of),
-                memory_kb=memory_kb,
-                pages=tuple(sorted(pages.values(), key=lambda p: p.size_kb)),
-                distances=distances,
-            )
-        )
+    owner: dict[int, int] = {}  # CPU -> cell, to refuse a CPU listed by two cells
+    for index, cell_el in enumerate(cells_el.find_all("cell")):
+        cell = _read_cell(cell_el, index, owner, {c.id for c in cells})
+        owner.update((c, cell.id) for c in cell.cpus)
+        cells.append(cell)
     if not cells:
         raise DomainXMLError("capabilities XML: <cells> lists no <cell>")
-
     return HostTopology(
         hostname=hostname if hostname is not None else socket.gethostname(),
         cells=tuple(sorted(cells, key=lambda c: c.id)),
@@ -185,71 +98,59 @@ def topology_from_capabilities(xml: str | bytes, hostname: str | None = None) ->
     )
 
 
-def topology_from_libvirt(conn: Any, hostname: str | None = None) -> HostTopology:
-    """Topology of the host behind an open libvirt connection, with real free page counts.
-
-    Free counts come from ``virNodeGetFreePages`` per cell; where the driver does not support it
-    (or omits a size), ``free`` stays equal to ``total``.  Free counts above the total (libvirt's 4 KiB
-    count is MemFree/4 and is not clamped) are clamped.  Connection errors raise `DiscoveryError`
-    naming the connection URI.
-    """
-    try:
-        import libvirt  # noqa: PLC0415 - only this function needs the binding
-
-        lv_error: type[BaseException] = libvirt.libvirtError
-    except ImportError:  # pragma: no cover - the binding is a hard dependency
-        lv_error = Exception
-
-    try:
-        uri = conn.getURI()
-    except lv_error:
-        uri = "libvirt connection"
-    try:
-        xml = conn.getCapabilities()
-    except lv_error as exc:
-        raise DiscoveryError(f"getCapabilities failed: {exc}", uri) from None
-    if hostname is None:
-        try:
-            hostname = conn.getHostname()
-        except lv_error:
-            hostname = socket.gethostname()
-    topo = topology_from_capabilities(xml, hostname)
-
-    cells = []
-    for cell in topo.cells:
-        sizes = [p.size_kb for p in cell.pages]
-        free: dict[int, int] = {}
-        if sizes:
-            try:
-                answer = conn.getFreePages(sizes, cell.id, 1) or {}
-            except lv_error as exc:
-                log.debug("getFreePages(%s, cell %d) on %s failed: %s", sizes, cell.id, uri, exc)
-                answer = {}
-            per_cell = answer.get(cell.id, answer.get(str(cell.id), {})) if isinstance(answer, dict) else {}
-            if isinstance(per_cell, dict):
-                for size, count in per_cell.items():
-                    try:
-                        free[int(size)] = int(count)
-                    except (TypeError, ValueError):
-                        continue
-        pages = tuple(
-            PagePool(p.size_kb, p.total, max(0, min(free.get(p.size_kb, p.free), p.total))) for p in cell.pages
-        )
-        cells.append(
-            NumaCell(
-                id=cell.id,
-                cpus=cell.cpus,
-                siblings=cell.siblings,
-                memory_kb=cell.memory_kb,
-                pages=pages,
-                distances=cell.distances,
-            )
-        )
-    return HostTopology(hostname=topo.hostname, cells=tuple(cells), online_cpus=topo.online_cpus)
+def _read_cell(cell_el: Node, index: int, owner: Mapping[int, int], cell_ids: set[int]) -> NumaCell:
+    """One <cell id=...>: memory, page pools, distances, CPUs and their SMT siblings."""
+    cell_id = _int(cell_el.attrs.get("id"), f"cell[{index}] id", hi=MAX_HOST_CPU_ID)
+    where = f"cell {cell_id}"
+    if cell_id in cell_ids:
+        raise DomainXMLError(f"capabilities {where}: duplicate cell id")
+    mem_el = cell_el.find_path("memory")
+    memory_kb = 0
+    if mem_el is not None:
+        memory_kb = _kib(_int(mem_el.text, f"{where} memory"), mem_el.attrs.get("unit"), f"{where} memory")
+    pages = _read_pages(cell_el, where)
+    distances = _read_distances(cell_el, where)
+    sib_of = _read_cpus(cell_el, where, owner)
+    cpus = frozenset(sib_of)
+    return numa_cell(cell_id, cpus, sibling_partition(cpus, sib_of), memory_kb, pages, distances)
 
 
-def _ids(values: Any) -> str:
-    return "[" + ",".join(str(v) for v in sorted(values)) + "]"
+def _read_pages(cell_el: Node, where: str) -> list[PagePool]:
+    """<pages size= unit=>count</pages>: totals only, so free == total."""
+    pages: dict[int, PagePool] = {}
+    for p in cell_el.find_all("pages"):
+        size = p.attrs.get("size")
+        size_kb = _kib(_int(size, f"{where} pages size", lo=1), p.attrs.get("unit"), f"{where} pages")
+        if size_kb <= 0 or size_kb in pages:
+            raise DomainXMLError(f"capabilities {where}: bad or duplicate page size {size!r}")
+        count = _int(p.text, f"{where} pages[{size_kb}]", hi=MAX_DOC_PAGE_COUNT) if p.text.strip() else 0
+        pages[size_kb] = PagePool(size_kb, count, count)
+    return list(pages.values())
+
+
+def _read_distances(cell_el: Node, where: str) -> dict[int, int]:
+    """<distances><sibling id= value=>: SLIT distances, 1..255."""
+    distances: dict[int, int] = {}
+    for s in cell_el.iter_path("distances/sibling"):
+        other = _int(s.attrs.get("id"), f"{where} distances sibling id", hi=MAX_HOST_CPU_ID)
+        distances[other] = _int(s.attrs.get("value"), f"{where} distances sibling {other}", lo=1, hi=255)
+    return distances
+
+
+def _read_cpus(cell_el: Node, where: str, owner: Mapping[int, int]) -> dict[int, frozenset[int]]:
+    """<cpus><cpu id= siblings=>: CPU -> its SMT siblings (itself included), each CPU listed once."""
+    sib_of: dict[int, frozenset[int]] = {}
+    for cpu_el in cell_el.iter_path("cpus/cpu"):
+        cpu = _int(cpu_el.attrs.get("id"), f"{where} cpu id", hi=MAX_HOST_CPU_ID)
+        if cpu in owner or cpu in sib_of:
+            raise DomainXMLError(f"capabilities {where}: CPU {cpu} listed twice")
+        sibs = cpu_el.attrs.get("siblings")
+        sib_of[cpu] = _cpus(sibs, f"{where} cpu {cpu} siblings") | {cpu} if sibs is not None else frozenset({cpu})
+    return sib_of
+
+
+def _ids(values: Iterable[int]) -> str:
+    return f"[{format_id_list(values, at_most=None)}]"
 
 
 def compare_topologies(sysfs: HostTopology, caps: HostTopology) -> list[str]:
@@ -268,37 +169,56 @@ def compare_topologies(sysfs: HostTopology, caps: HostTopology) -> list[str]:
         diffs.append(f"cells {_ids(c_ids - s_ids)} are in libvirt capabilities but not in sysfs")
     for cid in sorted(s_ids & c_ids):
         a, b = sysfs.cell(cid), caps.cell(cid)
-        if a.cpus != b.cpus:
-            parts = []
-            if a.cpus - b.cpus:
-                parts.append(f"only sysfs has {_ids(a.cpus - b.cpus)}")
-            if b.cpus - a.cpus:
-                parts.append(f"only capabilities have {_ids(b.cpus - a.cpus)}")
-            diffs.append(f"cell {cid}: CPUs differ ({'; '.join(parts)})")
-        elif a.siblings != b.siblings:
-            only_a = sorted(set(a.siblings) - set(b.siblings))
-            only_b = sorted(set(b.siblings) - set(a.siblings))
-            diffs.append(
-                f"cell {cid}: SMT sibling groups differ (sysfs {[list(g) for g in only_a]}, "
-                f"capabilities {[list(g) for g in only_b]})"
-            )
-        big = max(a.memory_kb, b.memory_kb)
-        if big and abs(a.memory_kb - b.memory_kb) > MEMORY_TOLERANCE * big:
-            diffs.append(
-                f"cell {cid}: memory differs by more than {MEMORY_TOLERANCE:.0%} "
-                f"(sysfs {a.memory_kb} KiB, capabilities {b.memory_kb} KiB)"
-            )
-        sizes = {p.size_kb for p in a.pages} | {p.size_kb for p in b.pages}
-        for size in sorted(sizes - {SMALL_PAGE_KB}):
-            pa, pb = a.page_pool(size), b.page_pool(size)
-            ta, tb = (pa.total if pa else 0), (pb.total if pb else 0)
-            if ta != tb:
-                diffs.append(f"cell {cid}: {size} KiB hugepages total differs (sysfs {ta}, capabilities {tb})")
-        if a.distances and b.distances and dict(a.distances) != dict(b.distances):
-            da = {str(k): v for k, v in sorted(a.distances.items())}
-            db = {str(k): v for k, v in sorted(b.distances.items())}
-            diffs.append(f"cell {cid}: distances differ (sysfs {da}, capabilities {db})")
+        for compare in (_cpu_diffs, _memory_diffs, _hugepage_diffs, _distance_diffs):
+            diffs.extend(f"cell {cid}: {d}" for d in compare(a, b))
     return diffs
+
+
+def _cpu_diffs(a: NumaCell, b: NumaCell) -> list[str]:
+    """CPUs, else (same CPUs) the SMT sibling groups."""
+    if a.cpus != b.cpus:
+        parts = []
+        if a.cpus - b.cpus:
+            parts.append(f"only sysfs has {_ids(a.cpus - b.cpus)}")
+        if b.cpus - a.cpus:
+            parts.append(f"only capabilities have {_ids(b.cpus - a.cpus)}")
+        return [f"CPUs differ ({'; '.join(parts)})"]
+    if a.siblings != b.siblings:
+        only_a = sorted(set(a.siblings) - set(b.siblings))
+        only_b = sorted(set(b.siblings) - set(a.siblings))
+        return [
+            f"SMT sibling groups differ (sysfs {[list(g) for g in only_a]}, capabilities {[list(g) for g in only_b]})"
+        ]
+    return []
+
+
+def _memory_diffs(a: NumaCell, b: NumaCell) -> list[str]:
+    big = max(a.memory_kb, b.memory_kb)
+    if big and abs(a.memory_kb - b.memory_kb) > MEMORY_TOLERANCE * big:
+        return [
+            f"memory differs by more than {MEMORY_TOLERANCE:.0%} "
+            f"(sysfs {a.memory_kb} KiB, capabilities {b.memory_kb} KiB)"
+        ]
+    return []
+
+
+def _hugepage_diffs(a: NumaCell, b: NumaCell) -> list[str]:
+    diffs = []
+    sizes = {p.size_kb for p in a.pages} | {p.size_kb for p in b.pages}
+    for size in sorted(sizes - {SMALL_PAGE_KB}):
+        pa, pb = a.page_pool(size), b.page_pool(size)
+        ta, tb = (pa.total if pa else 0), (pb.total if pb else 0)
+        if ta != tb:
+            diffs.append(f"{size} KiB hugepages total differs (sysfs {ta}, capabilities {tb})")
+    return diffs
+
+
+def _distance_diffs(a: NumaCell, b: NumaCell) -> list[str]:
+    if a.distances and b.distances and dict(a.distances) != dict(b.distances):
+        da = {str(k): v for k, v in sorted(a.distances.items())}
+        db = {str(k): v for k, v in sorted(b.distances.items())}
+        return [f"distances differ (sysfs {da}, capabilities {db})"]
+    return []
 
 
 def discover(

@@ -39,50 +39,31 @@ import re
 import socket
 from pathlib import Path
 
-from agent.config import parse_cpu_set
+from agent.cpuset import parse_kernel_cpu_list
 from agent.errors import DiscoveryError
-from agent.numa.topology import SMALL_PAGE_KB, HostTopology, NumaCell, PagePool
+from agent.limits import MAX_HOST_CPU_ID, MAX_SYSFS_DIGITS, MAX_SYSFS_FILE_BYTES
+from agent.numa.topology import HostTopology, NumaCell, PagePool, numa_cell
+from agent.units import SMALL_PAGE_KB
 
-__all__ = ["discover_sysfs", "parse_cpu_list", "MAX_CPU_ID"]
+__all__ = ["discover_sysfs", "parse_cpu_list"]
 
-#: Largest CPU / node id accepted from any source (kernel NR_CPUS tops out at 8192 today).
-MAX_CPU_ID = 1 << 16
-_MAX_FILE_BYTES = 1 << 20
-
-#: Most digits of any number read from sysfs (a u64 has 20); a longer run is garbage, and int() of
-#: more than 4300 digits raises a plain ValueError.
-_MAX_DIGITS = 20
 _NODE_DIR_RE = re.compile(r"^node(\d+)$", re.ASCII)
 _HUGEPAGE_DIR_RE = re.compile(r"^hugepages-(\d+)kB$", re.ASCII)
 _MEMINFO_RE = re.compile(r"^Node\s+(\d+)\s+([A-Za-z0-9_()]+):\s+(\d+)(?:\s+kB)?$", re.ASCII)
 
 
-class _CpuListSyntax(Exception):
-    """Internal: raised by `_cpu_list` and converted by callers into their own error type."""
-
-
-def _cpu_list(text: str) -> frozenset[int]:
-    """Parse the kernel's list syntax ("0-3,8,10-11"; empty means none): `agent.config.parse_cpu_set`
-    without "^" exclusions or empty elements, ids up to MAX_CPU_ID (its id, element and expansion
-    limits bound the work of any input)."""
-    try:
-        return parse_cpu_set(text, max_id=MAX_CPU_ID, allow_exclude=False, allow_empty_elements=False)
-    except ValueError as exc:
-        raise _CpuListSyntax(str(exc)) from None
-
-
 def _small_int(digits: str, what: str, path: str | Path | None) -> int:
     """int() of an ASCII digit string matched by a regex, refusing absurdly long ones."""
-    if len(digits) > _MAX_DIGITS:
-        raise DiscoveryError(f"{what} {digits[:20]}... has more than {_MAX_DIGITS} digits", _p(path))
+    if len(digits) > MAX_SYSFS_DIGITS:
+        raise DiscoveryError(f"{what} {digits[:20]}... has more than {MAX_SYSFS_DIGITS} digits", _p(path))
     return int(digits)
 
 
 def parse_cpu_list(text: str, path: str | Path | None = None) -> frozenset[int]:
     """Parse a kernel CPU list ("0-3,8,10-11"); garbage raises `DiscoveryError` naming `path`."""
     try:
-        return _cpu_list(text)
-    except _CpuListSyntax as exc:
+        return parse_kernel_cpu_list(text)
+    except ValueError as exc:
         raise DiscoveryError(f"cannot parse CPU list {text.strip()!r}: {exc}", _p(path)) from None
 
 
@@ -93,7 +74,7 @@ def _p(path: str | Path | None) -> str | None:
 def _read(path: Path) -> str:
     try:
         with open(path, "rb") as fh:
-            data = fh.read(_MAX_FILE_BYTES + 1)
+            data = fh.read(MAX_SYSFS_FILE_BYTES + 1)
     except FileNotFoundError:
         raise DiscoveryError("missing file", str(path)) from None
     except IsADirectoryError:
@@ -101,8 +82,8 @@ def _read(path: Path) -> str:
     except OSError as exc:
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "I/O error")
         raise DiscoveryError(f"cannot read: {reason}", str(path)) from None
-    if len(data) > _MAX_FILE_BYTES:
-        raise DiscoveryError(f"file larger than {_MAX_FILE_BYTES} bytes", str(path))
+    if len(data) > MAX_SYSFS_FILE_BYTES:
+        raise DiscoveryError(f"file larger than {MAX_SYSFS_FILE_BYTES} bytes", str(path))
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:
@@ -159,7 +140,7 @@ def _parse_distance(path: Path, node_ids: list[int]) -> dict[int, int]:
             f"expected {len(node_ids)} distances (one per node {node_ids}), got {text.strip()!r}", str(path)
         )
     out: dict[int, int] = {}
-    for other, word in zip(node_ids, words):
+    for other, word in zip(node_ids, words, strict=True):
         if not (word.isascii() and word.isdigit()) or len(word) > 3 or not 0 < int(word) <= 255:
             raise DiscoveryError(
                 f"bad distance {word[:40]!r} (SLIT values are 1..255) in {text.strip()[:200]!r}", str(path)
@@ -258,7 +239,7 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
     node_ids = [n for n in node_ids if (node_root / f"node{n}").is_dir()]
     if not node_ids:
         raise DiscoveryError("no nodeN directories", str(node_root))
-    if node_ids[-1] > MAX_CPU_ID:
+    if node_ids[-1] > MAX_HOST_CPU_ID:
         raise DiscoveryError(f"implausible node id {node_ids[-1]}", str(node_root))
 
     online = _online_cpus(cpu_dir)
@@ -285,16 +266,9 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
             small_total = max(0, mem_total - huge_kb) // SMALL_PAGE_KB
             pages.append(PagePool(SMALL_PAGE_KB, small_total, min(mem_free // SMALL_PAGE_KB, small_total)))
 
-        cells.append(
-            NumaCell(
-                id=node_id,
-                cpus=cpus,
-                siblings=_sibling_groups(cpu_dir, cpus),
-                memory_kb=mem_total,
-                pages=tuple(sorted(pages, key=lambda p: p.size_kb)),
-                distances=_parse_distance(node_dir / "distance", node_ids),
-            )
-        )
+        siblings = _sibling_groups(cpu_dir, cpus)
+        distances = _parse_distance(node_dir / "distance", node_ids)
+        cells.append(numa_cell(node_id, cpus, siblings, mem_total, pages, distances))
 
     return HostTopology(
         hostname=hostname if hostname is not None else socket.gethostname(),

@@ -94,10 +94,11 @@ Interpretations (documented here because the issue text leaves them open):
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+import itertools
+from typing import Iterator, Literal, NamedTuple, Sequence
 
 from agent.errors import InvalidInput, InvalidRequest
-from agent.numa.placement import CellPlacement, NoFit, Placement
+from agent.numa.placement import CellPlacement, NoFit, Placement, cell_placement
 from agent.numa.request import (
     EmulatorThreadsPolicy,
     GuestCell,
@@ -223,39 +224,45 @@ class _HostCell:
         reserved: set[int] = set()
         if count <= 0:
             return picked, reserved
+        for entry, siblings in itertools.islice(self._candidates(policy), count):
+            picked.append(entry)
+            reserved.update(siblings)
+        if len(picked) < count:  # pragma: no cover
+            raise AssertionError("select() called beyond capacity")
+        return picked, reserved
+
+    def _candidates(self, policy: ThreadPolicy) -> Iterator[tuple[tuple[int, int, int], tuple[int, ...]]]:
+        """((cpu, core_first_id, thread_pos), siblings it reserves) in the order `policy` picks them."""
         if policy is ThreadPolicy.PREFER:
-            buckets: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-            for gf in self.cores:
-                k = len(gf[1])
-                if k in buckets:
-                    buckets[k].append(gf)
-                else:
-                    buckets[k] = [gf]
-            for k in sorted(buckets, reverse=True):
-                for group, ft in buckets[k]:
-                    first = group[0]
-                    for cpu in ft:
-                        picked.append((cpu, first, group.index(cpu)))
-                        if len(picked) == count:
-                            return picked, reserved
-        elif policy is ThreadPolicy.REQUIRE:
-            sup = self.free.issuperset
-            for group in self._groups():
-                if len(group) >= 2 and sup(group):
-                    first = group[0]
-                    for pos, cpu in enumerate(group):
-                        picked.append((cpu, first, pos))
-                        if len(picked) == count:
-                            return picked, reserved
-        else:  # ISOLATE
-            sup = self.free.issuperset
-            for group in self._groups():
-                if sup(group):
-                    picked.append((group[0], group[0], 0))
-                    reserved.update(group[1:])
-                    if len(picked) == count:
-                        return picked, reserved
-        raise AssertionError("select() called beyond capacity")  # pragma: no cover
+            return self._prefer_order()
+        if policy is ThreadPolicy.REQUIRE:
+            return self._require_order()
+        return self._isolate_order()
+
+    def _prefer_order(self) -> Iterator[tuple[tuple[int, int, int], tuple[int, ...]]]:
+        """Cores with the most free threads first (fewest cores touched), threads in core order."""
+        buckets: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        for gf in self.cores:
+            buckets.setdefault(len(gf[1]), []).append(gf)
+        for k in sorted(buckets, reverse=True):
+            for group, ft in buckets[k]:
+                for cpu in ft:
+                    yield (cpu, group[0], group.index(cpu)), ()
+
+    def _require_order(self) -> Iterator[tuple[tuple[int, int, int], tuple[int, ...]]]:
+        """Every thread of whole free cores with siblings."""
+        sup = self.free.issuperset
+        for group in self._groups():
+            if len(group) >= 2 and sup(group):
+                for pos, cpu in enumerate(group):
+                    yield (cpu, group[0], pos), ()
+
+    def _isolate_order(self) -> Iterator[tuple[tuple[int, int, int], tuple[int, ...]]]:
+        """The first thread of each whole free core, its siblings reserved."""
+        sup = self.free.issuperset
+        for group in self._groups():
+            if sup(group):
+                yield (group[0], group[0], 0), group[1:]
 
 
 # --- per pair feasibility ------------------------------------------------------------------------
@@ -497,52 +504,54 @@ def _hungarian(cost: Sequence[Sequence[int]], m: int) -> list[int]:
     """Min-cost assignment of n rows to distinct columns of an n x m integer matrix (n <= m).
     Returns the column of each row. Classic O(n^2 m) potentials algorithm."""
     n = len(cost)
-    inf = float("inf")
-    u = [0] * (n + 1)
-    v = [0] * (m + 1)
+    u: list[float] = [0] * (n + 1)  # potentials: they meet `inf` only if a row had no column at all
+    v: list[float] = [0] * (m + 1)
     p = [0] * (m + 1)  # p[j]: row (1-based) assigned to column j
     way = [0] * (m + 1)
     for i in range(1, n + 1):
         p[0] = i
-        j0 = 0
-        minv = [inf] * (m + 1)
-        used = [False] * (m + 1)
-        while True:
-            used[j0] = True
-            i0 = p[j0]
-            row = cost[i0 - 1]
-            ui0 = u[i0]
-            delta = inf
-            j1 = 0
-            for j in range(1, m + 1):
-                if not used[j]:
-                    cur = row[j - 1] - ui0 - v[j]
-                    if cur < minv[j]:
-                        minv[j] = cur
-                        way[j] = j0
-                    if minv[j] < delta:
-                        delta = minv[j]
-                        j1 = j
-            for j in range(m + 1):
-                if used[j]:
-                    u[p[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while True:
+        j0 = _free_column(cost, m, u, v, p, way)
+        while j0:  # augment along the path back to column 0
             j1 = way[j0]
             p[j0] = p[j1]
             j0 = j1
-            if j0 == 0:
-                break
     out = [-1] * n
     for j in range(1, m + 1):
         if p[j]:
             out[p[j] - 1] = j - 1
     return out
+
+
+def _free_column(
+    cost: Sequence[Sequence[int]], m: int, u: list[float], v: list[float], p: list[int], way: list[int]
+) -> int:
+    """Grow the shortest alternating path from row p[0] (updating the potentials u, v and the path
+    links `way`) until it reaches an unassigned column; return that column."""
+    inf = float("inf")
+    j0 = 0
+    minv = [inf] * (m + 1)
+    used = [False] * (m + 1)
+    while True:
+        used[j0] = True
+        row, ui0 = cost[p[j0] - 1], u[p[j0]]
+        delta, j1 = inf, 0
+        for j in range(1, m + 1):
+            if not used[j]:
+                cur = row[j - 1] - ui0 - v[j]
+                if cur < minv[j]:
+                    minv[j] = cur
+                    way[j] = j0
+                if minv[j] < delta:
+                    delta, j1 = minv[j], j
+        for j in range(m + 1):
+            if used[j]:
+                u[p[j]] += delta
+                v[j] -= delta
+            else:
+                minv[j] -= delta
+        j0 = j1
+        if p[j0] == 0:
+            return j0
 
 
 def _join_ids(ids: Sequence[int]) -> str:
@@ -584,36 +593,65 @@ def fit(request: InstanceRequest, state: HostState, *, preference: Preference = 
     hosts = f.hosts
     n, m = len(guests), len(hosts)
 
-    # per-pair feasibility
-    # guest cells with the same shape (CPUs needed, floating vCPUs, memory) share one row
-    rows: dict[tuple[int, int, int], list[_PairFit | None]] = {}
-    pairs: list[list[_PairFit | None]] = []
-    for g in guests:
-        shape = (f.cpus_needed(g), len(g.vcpus) - len(g.dedicated_vcpus), g.memory_mb)
-        row = rows.get(shape)
-        if row is None:
-            row = rows[shape] = [f.pair(g, h) for h in hosts]
-        pairs.append(row)
+    pairs = _pairs(f)
     adj = [[j for j in range(m) if pairs[i][j] is not None] for i in range(n)]
-
     if n > m or any(not a for a in adj):
         return _no_fit(f, pairs, None)
     mg, mh = _kuhn(adj, m)
     if -1 in mg:
         return _no_fit(f, pairs, _hall_violator(adj, mg, mh))
 
-    # host-level small-page budget (reserved_memory_mb, unbound_memory_mb)
-    if f.overcommit_ok:
-        small_pool = sum(h.res.small_floating_mb for h in hosts)
-    else:
-        small_pool = sum(h.res.small_free_mb for h in hosts)
-    # (clamped at 0: an instance that puts no small-page memory on the host is never blocked by it)
-    budget = max(0, small_pool - state.reserved_memory_mb - state.unbound_memory_mb)
+    small_pool, budget = _small_page_budget(f)
+    pref, max_pref = _preference(f, pairs, adj, preference)
+    infeasible = max_pref * (n + 1)
+    assign = _hungarian(
+        [[pref[i][j] if pairs[i][j] is not None else infeasible for j in range(m)] for i in range(n)], m
+    )
+    if _small_mb(pairs, assign) > budget:
+        # minimise small-page MiB first, preference second (exact for the budget constraint)
+        if f.page_kind is PageSizeKind.ANY:
+            assign = _hungarian(_small_first_costs(f, pairs, pref, max_pref), m)
+        used = _small_mb(pairs, assign)
+        if used > budget:
+            return _reserved_no_fit(f, pairs, used, small_pool, budget)
+    return _build(f, assign, pairs)
 
-    # preference cost: rank pairs by (free dedicated CPUs, free MiB of the chosen page size)
-    # (floating-only instances rank by floating capacity instead of free dedicated CPUs)
-    cpu_free = [h.n_free if f.pinned else h.res.floating_capacity for h in hosts]
-    keys = sorted({(cpu_free[j], pairs[i][j].free_mem_mb) for i in range(n) for j in adj[i]})  # type: ignore[union-attr]
+
+def _pairs(f: _Fitter) -> list[list[_PairFit | None]]:
+    """Per-pair feasibility: pairs[i][j] = how guest cell i fits host cell j (None: it does not).
+    Guest cells with the same shape (CPUs needed, floating vCPUs, memory) share one row."""
+    rows: dict[tuple[int, int, int], list[_PairFit | None]] = {}
+    pairs: list[list[_PairFit | None]] = []
+    for g in f.request.cells:
+        shape = (f.cpus_needed(g), len(g.vcpus) - len(g.dedicated_vcpus), g.memory_mb)
+        row = rows.get(shape)
+        if row is None:
+            row = rows[shape] = [f.pair(g, h) for h in f.hosts]
+        pairs.append(row)
+    return pairs
+
+
+def _small_page_budget(f: _Fitter) -> tuple[int, int]:
+    """(small-page pool, what the instance may take of it) at host level: reserved_memory_mb and
+    unbound_memory_mb come off the pool (clamped at 0: an instance that puts no small-page memory
+    on the host is never blocked by it)."""
+    if f.overcommit_ok:
+        small_pool = sum(h.res.small_floating_mb for h in f.hosts)
+    else:
+        small_pool = sum(h.res.small_free_mb for h in f.hosts)
+    return small_pool, max(0, small_pool - f.state.reserved_memory_mb - f.state.unbound_memory_mb)
+
+
+def _preference(
+    f: _Fitter, pairs: list[list[_PairFit | None]], adj: list[list[int]], preference: Preference
+) -> tuple[list[list[int]], int]:
+    """(preference cost of each feasible pair, a bound above any entry). Pairs rank by (free
+    dedicated CPUs, free MiB of the chosen page size); floating-only instances rank by floating
+    capacity instead of free dedicated CPUs."""
+    n, m = len(pairs), len(f.hosts)
+    cpu_free = [h.n_free if f.pinned else h.res.floating_capacity for h in f.hosts]
+    free_mem = {(i, j): _pair(pairs, i, j).free_mem_mb for i in range(n) for j in adj[i]}
+    keys = sorted({(cpu_free[j], free_mem[i, j]) for i, j in free_mem})
     rank = {k: r for r, k in enumerate(keys)}
     top = len(keys) - 1
     # tie break, below one rank step: lower host cell ids first, then guest cells in host-id order
@@ -621,35 +659,35 @@ def fit(request: InstanceRequest, state: HostState, *, preference: Preference = 
     k_id = n * n * m + 1
     w = n * (m * k_id + n * m) + 1
     pref = [[0] * m for _ in range(n)]
-    for i in range(n):
-        for j in adj[i]:
-            pf = pairs[i][j]
-            r = rank[(cpu_free[j], pf.free_mem_mb)]  # type: ignore[union-attr]
-            r = top - r if preference == "spread" else r
-            pref[i][j] = r * w + j * k_id + (n - 1 - i) * j
-    max_pref = (top + 1) * w  # > any single pref entry
-    infeasible = max_pref * (n + 1)
-    cost = [[pref[i][j] if pairs[i][j] is not None else infeasible for j in range(m)] for i in range(n)]
-    assign = _hungarian(cost, m)
+    for (i, j), mem in free_mem.items():
+        r = rank[(cpu_free[j], mem)]
+        r = top - r if preference == "spread" else r
+        pref[i][j] = r * w + j * k_id + (n - 1 - i) * j
+    return pref, (top + 1) * w
 
-    def small_of(a: list[int]) -> int:
-        return sum(pairs[i][a[i]].small_mb for i in range(n))  # type: ignore[union-attr]
 
-    if small_of(assign) > budget:
-        # minimise small-page MiB first, preference second (exact for the budget constraint)
-        if f.page_kind is PageSizeKind.ANY:
-            big = max_pref * (n + 1)
-            infeasible2 = big * (sum(g.memory_mb for g in guests) + 2)
-            cost2 = [
-                [big * pairs[i][j].small_mb + pref[i][j] if pairs[i][j] is not None else infeasible2 for j in range(m)]  # type: ignore[union-attr]
-                for i in range(n)
-            ]
-            assign = _hungarian(cost2, m)
-        used = small_of(assign)
-        if used > budget:
-            return _reserved_no_fit(f, pairs, used, small_pool, budget)
+def _small_first_costs(
+    f: _Fitter, pairs: list[list[_PairFit | None]], pref: list[list[int]], max_pref: int
+) -> list[list[int]]:
+    """Costs that order assignments by small-page MiB first, preference second."""
+    n, m = len(pairs), len(f.hosts)
+    big = max_pref * (n + 1)
+    infeasible = big * (sum(g.memory_mb for g in f.request.cells) + 2)
+    return [
+        [big * pf.small_mb + pref[i][j] if (pf := pairs[i][j]) is not None else infeasible for j in range(m)]
+        for i in range(n)
+    ]
 
-    return _build(f, assign, pairs)
+
+def _pair(pairs: list[list[_PairFit | None]], i: int, j: int) -> _PairFit:
+    pf = pairs[i][j]
+    assert pf is not None  # callers only ask for feasible pairs
+    return pf
+
+
+def _small_mb(pairs: list[list[_PairFit | None]], assign: list[int]) -> int:
+    """Small-page MiB an assignment puts on the host."""
+    return sum(_pair(pairs, i, j).small_mb for i, j in enumerate(assign))
 
 
 def _build(f: _Fitter, assign: list[int], pairs: list[list[_PairFit | None]]) -> Placement:
@@ -669,7 +707,7 @@ def _build(f: _Fitter, assign: list[int], pairs: list[list[_PairFit | None]]) ->
             picked = picked[:-1]
         picked.sort(key=lambda t: (t[1], t[2]))
         pins: dict[int, tuple[int, ...]] = {}
-        for v, (cpu, _, _) in zip(sorted(g.dedicated_vcpus), picked):
+        for v, (cpu, _, _) in zip(sorted(g.dedicated_vcpus), picked, strict=False):
             pins[v] = (cpu,)
             all_pins.add(cpu)
         floating = g.floating_vcpus
@@ -681,16 +719,7 @@ def _build(f: _Fitter, assign: list[int], pairs: list[list[_PairFit | None]]) ->
                 pins[v] = shared
             all_pins.update(shared)
         cells.append(
-            CellPlacement(
-                guest_cell=g.id,
-                host_cell=h.id,
-                vcpus=tuple(sorted(g.vcpus)),
-                cpu_pins=pins,
-                memory_mb=g.memory_mb,
-                pagesize_kb=pf.pagesize_kb,
-                dedicated_vcpus=frozenset(g.dedicated_vcpus),
-                reserved_cpus=frozenset(reserved),
-            )
+            cell_placement(g.id, h.id, g.vcpus, pins, g.memory_mb, pf.pagesize_kb, g.dedicated_vcpus, reserved)
         )
     if f.emu_isolate:
         return Placement(cells=tuple(cells), emulator_pins=emulator, emulator_isolated=True)
@@ -730,7 +759,8 @@ def _no_fit(f: _Fitter, pairs: list[list[_PairFit | None]], violator: tuple[list
     nowhere = [g.id for i, g in enumerate(f.request.cells) if all(p is None for p in pairs[i])]
     if nowhere and m:
         lines.append(
-            f"guest cell{'s' if len(nowhere) > 1 else ''} {_join_ids(nowhere)} fit{'s' if len(nowhere) == 1 else ''} no host cell"
+            f"guest cell{'s' if len(nowhere) > 1 else ''} {_join_ids(nowhere)} "
+            f"fit{'s' if len(nowhere) == 1 else ''} no host cell"
         )
     if violator is not None:
         gs, hs = violator

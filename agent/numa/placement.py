@@ -5,17 +5,13 @@ rewriter."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import msgspec
 
 from agent.errors import InvalidInput
+from agent.limits import MAX_DOC_MEMORY_MB, MAX_DOC_PAGESIZE_KB, MAX_ID
 from agent.numa.topology import decode_schema
-
-# Bounds Placement.from_json accepts (the same ranges the host state documents accept).
-MAX_ID = 1 << 20  # CPU, vCPU and cell ids
-MAX_MEMORY_MB = 1 << 40
-MAX_PAGESIZE_KB = 1 << 30
 
 
 def _ids_ok(ids: Any) -> bool:
@@ -109,59 +105,11 @@ class Placement:
         seen_vcpus: set[int] = set()
         for c in doc.cells:
             where = f"placement cell {c.guest_cell}"
-            if not (0 <= c.guest_cell <= MAX_ID):
-                raise InvalidInput(f"{where}.guest_cell: {c.guest_cell} out of range")
-            if c.guest_cell in seen_guest:
-                raise InvalidInput(f"{where}.guest_cell: guest cell {c.guest_cell} placed twice")
+            _check_cell_numbers(c, where, seen_guest)
             seen_guest.add(c.guest_cell)
-            if not (0 <= c.host_cell <= MAX_ID):
-                raise InvalidInput(f"{where}.host_cell: {c.host_cell} out of range")
-            if not (0 <= c.memory_mb <= MAX_MEMORY_MB):
-                raise InvalidInput(f"{where}.memory_mb: {c.memory_mb} out of range (0..{MAX_MEMORY_MB})")
-            if not (0 < c.pagesize_kb <= MAX_PAGESIZE_KB):
-                raise InvalidInput(f"{where}.pagesize_kb: {c.pagesize_kb} out of range (1..{MAX_PAGESIZE_KB})")
-            vcpus = set(c.vcpus)
-            if len(vcpus) != len(c.vcpus):
-                raise InvalidInput(f"{where}.vcpus: duplicate vCPU ids")
-            if any(not (0 <= v <= MAX_ID) for v in vcpus):
-                raise InvalidInput(f"{where}.vcpus: vCPU ids must be in 0..{MAX_ID}")
-            if vcpus & seen_vcpus:
-                raise InvalidInput(f"{where}.vcpus: vCPUs {sorted(vcpus & seen_vcpus)} are in two guest cells")
+            vcpus = _check_cell_vcpus(c, where, seen_vcpus)
             seen_vcpus |= vcpus
-            try:
-                pins = {int(k): tuple(sorted(v)) for k, v in c.cpu_pins.items()}
-            except ValueError:
-                raise InvalidInput(f"{where}: cpu_pins keys must be vCPU ids") from None
-            if set(pins) != vcpus:
-                raise InvalidInput(f"{where}: cpu_pins must map exactly its vcpus")
-            for v, pin in pins.items():
-                if not pin:
-                    raise InvalidInput(f"{where}.cpu_pins[{v}]: empty list of host CPUs")
-                if not _ids_ok(pin):
-                    raise InvalidInput(f"{where}.cpu_pins[{v}]: host CPU ids must be in 0..{MAX_ID}")
-            if not _ids_ok(c.reserved_cpus):
-                raise InvalidInput(f"{where}.reserved_cpus: host CPU ids must be in 0..{MAX_ID}")
-            if c.dedicated_vcpus is not None and not set(c.dedicated_vcpus) <= vcpus:
-                raise InvalidInput(
-                    f"{where}.dedicated_vcpus: {sorted(set(c.dedicated_vcpus) - vcpus)} not among its vcpus"
-                )
-            dedicated = (
-                frozenset(c.dedicated_vcpus)
-                if c.dedicated_vcpus is not None
-                else frozenset(v for v, p in pins.items() if len(p) == 1)
-            )
-            cells.append(
-                CellPlacement(
-                    guest_cell=c.guest_cell,
-                    host_cell=c.host_cell,
-                    vcpus=tuple(sorted(c.vcpus)),
-                    cpu_pins=pins,
-                    memory_mb=c.memory_mb,
-                    pagesize_kb=c.pagesize_kb,
-                    dedicated_vcpus=dedicated,
-                    reserved_cpus=frozenset(c.reserved_cpus),
-                )
-            )
+            cells.append(_cell_from_doc(c, where, vcpus))
         if not _ids_ok(doc.emulator_pins):
             raise InvalidInput(f"placement emulator_pins: host CPU ids must be in 0..{MAX_ID}")
         return cls(
@@ -169,6 +117,81 @@ class Placement:
             emulator_pins=tuple(sorted(doc.emulator_pins)),
             emulator_isolated=doc.emulator_isolated,
         )
+
+
+def cell_placement(
+    guest_cell: int,
+    host_cell: int,
+    vcpus: Iterable[int],
+    cpu_pins: Mapping[int, tuple[int, ...]],
+    memory_mb: int,
+    pagesize_kb: int,
+    dedicated_vcpus: Iterable[int],
+    reserved_cpus: Iterable[int],
+) -> CellPlacement:
+    """A CellPlacement in its normal form (vCPUs sorted, sets frozen), from the fitter or a document."""
+    return CellPlacement(
+        guest_cell=guest_cell,
+        host_cell=host_cell,
+        vcpus=tuple(sorted(vcpus)),
+        cpu_pins=cpu_pins,
+        memory_mb=memory_mb,
+        pagesize_kb=pagesize_kb,
+        dedicated_vcpus=frozenset(dedicated_vcpus),
+        reserved_cpus=frozenset(reserved_cpus),
+    )
+
+
+def _check_cell_numbers(c: CellPlacementDoc, where: str, seen_guest: set[int]) -> None:
+    if not (0 <= c.guest_cell <= MAX_ID):
+        raise InvalidInput(f"{where}.guest_cell: {c.guest_cell} out of range")
+    if c.guest_cell in seen_guest:
+        raise InvalidInput(f"{where}.guest_cell: guest cell {c.guest_cell} placed twice")
+    if not (0 <= c.host_cell <= MAX_ID):
+        raise InvalidInput(f"{where}.host_cell: {c.host_cell} out of range")
+    if not (0 <= c.memory_mb <= MAX_DOC_MEMORY_MB):
+        raise InvalidInput(f"{where}.memory_mb: {c.memory_mb} out of range (0..{MAX_DOC_MEMORY_MB})")
+    if not (0 < c.pagesize_kb <= MAX_DOC_PAGESIZE_KB):
+        raise InvalidInput(f"{where}.pagesize_kb: {c.pagesize_kb} out of range (1..{MAX_DOC_PAGESIZE_KB})")
+
+
+def _check_cell_vcpus(c: CellPlacementDoc, where: str, seen_vcpus: set[int]) -> set[int]:
+    vcpus = set(c.vcpus)
+    if len(vcpus) != len(c.vcpus):
+        raise InvalidInput(f"{where}.vcpus: duplicate vCPU ids")
+    if any(not (0 <= v <= MAX_ID) for v in vcpus):
+        raise InvalidInput(f"{where}.vcpus: vCPU ids must be in 0..{MAX_ID}")
+    if vcpus & seen_vcpus:
+        raise InvalidInput(f"{where}.vcpus: vCPUs {sorted(vcpus & seen_vcpus)} are in two guest cells")
+    return vcpus
+
+
+def _pins_from_doc(c: CellPlacementDoc, where: str, vcpus: set[int]) -> dict[int, tuple[int, ...]]:
+    try:
+        pins = {int(k): tuple(sorted(v)) for k, v in c.cpu_pins.items()}
+    except ValueError:
+        raise InvalidInput(f"{where}: cpu_pins keys must be vCPU ids") from None
+    if set(pins) != vcpus:
+        raise InvalidInput(f"{where}: cpu_pins must map exactly its vcpus")
+    for v, pin in pins.items():
+        if not pin:
+            raise InvalidInput(f"{where}.cpu_pins[{v}]: empty list of host CPUs")
+        if not _ids_ok(pin):
+            raise InvalidInput(f"{where}.cpu_pins[{v}]: host CPU ids must be in 0..{MAX_ID}")
+    return pins
+
+
+def _cell_from_doc(c: CellPlacementDoc, where: str, vcpus: set[int]) -> CellPlacement:
+    pins = _pins_from_doc(c, where, vcpus)
+    if not _ids_ok(c.reserved_cpus):
+        raise InvalidInput(f"{where}.reserved_cpus: host CPU ids must be in 0..{MAX_ID}")
+    if c.dedicated_vcpus is not None and not set(c.dedicated_vcpus) <= vcpus:
+        raise InvalidInput(f"{where}.dedicated_vcpus: {sorted(set(c.dedicated_vcpus) - vcpus)} not among its vcpus")
+    # documents older than dedicated_vcpus: a vCPU pinned to one CPU is dedicated
+    dedicated = c.dedicated_vcpus if c.dedicated_vcpus is not None else [v for v, p in pins.items() if len(p) == 1]
+    return cell_placement(
+        c.guest_cell, c.host_cell, c.vcpus, pins, c.memory_mb, c.pagesize_kb, dedicated, c.reserved_cpus
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,15 @@ import json
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import msgspec
 
+from agent.cpuset import format_id_list, parse_cpu_set
 from agent.errors import InvalidRequest
+from agent.limits import MAX_MEMORY_MB as MAX_MEMORY_MB  # re-exported: claims and tests name it here
+from agent.limits import MAX_NUMA_NODES, MAX_PAGE_SIZE_KB
+from agent.limits import MAX_VCPUS as MAX_VCPUS  # re-exported: claims and tests name it here
 
 
 class CpuPolicy(enum.Enum):
@@ -114,10 +118,6 @@ class InstanceRequest:
 # repeats the *same* NUMA layout (Nova refuses any overlap), and we honour the image property
 # ``hw_emulator_threads_policy`` (Nova reads the flavor only).
 
-MAX_VCPUS = 4096
-MAX_MEMORY_MB = 64 * 1024 * 1024  # 64 TiB
-MAX_NUMA_NODES = 64
-MAX_PAGE_SIZE_KB = 16 * 1024 * 1024  # 16 GiB, the largest hugepage any platform offers
 
 _FLAVOR = "hw:"
 _IMAGE = "hw_"
@@ -136,7 +136,6 @@ _FALSE_STRINGS = frozenset({"0", "f", "false", "off", "n", "no"})
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CELL_KEY_RE = re.compile(r"(?:hw:|hw_)numa_(?:cpus|mem)\.(0|[1-9][0-9]{0,5})")
 _INT_RE = re.compile(r"[1-9][0-9]{0,11}")  # Nova: strutils.is_int_like (no sign, no padding)
-_CPU_TOKEN_RE = re.compile(r"(\^)?\s*([0-9]{1,9})\s*(?:-\s*([0-9]{1,9}))?", re.ASCII)
 # oslo_utils.strutils.string_to_bytes, unit_system="IEC" (what Nova uses for hw:mem_page_size)
 _IEC_SIZE_RE = re.compile(r"\+?((?:[0-9]{0,20}\.)?[0-9]{1,20})([KMGTPEZY]i?)?(b|bit|B)", re.ASCII)
 _IEC_EXPONENT = {"K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6, "Z": 7, "Y": 8}
@@ -217,26 +216,12 @@ def parse_cpu_spec(spec: str, key: str, max_id: int) -> frozenset[int]:
     Ids above `max_id` are refused when included (Nova: ImageNUMATopologyCPUOutOfRange / mask not a
     subset) and ignored when excluded; ranges are never materialised beyond `max_id`.
     """
-    include: set[int] = set()
-    exclude: set[int] = set()
-    for raw in spec.split(","):
-        token = raw.strip()
-        if not token:  # Nova tolerates repeated commas
-            continue
-        match = _CPU_TOKEN_RE.fullmatch(token)
-        if match is None:
-            raise InvalidRequest(f"{key}: invalid CPU list element {_show(token)} in {_show(spec)}", [key])
-        negate, first, last = match.group(1), int(match.group(2)), match.group(3)
-        end = first if last is None else int(last)
-        if first > end:
-            raise InvalidRequest(f"{key}: invalid range {_show(token)} (start > end)", [key])
-        if negate:
-            exclude.update(range(first, min(end, max_id) + 1))
-        else:
-            if end > max_id:
-                raise InvalidRequest(f"{key}: vCPU {end} is out of range (the instance has vCPUs 0-{max_id})", [key])
-            include.update(range(first, end + 1))
-    return frozenset(include - exclude)
+    try:
+        return parse_cpu_set(spec, max_id=max_id, clip_excluded=True)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"{key}: invalid CPU list {_show(spec)}: {exc} (the instance has vCPUs 0-{max_id})", [key]
+        ) from None
 
 
 def parse_bool(value: str, key: str) -> bool:
@@ -501,55 +486,34 @@ def _cell_lists(
             out[n] = (k, int(v))
         return out
 
-    result = []
-    for what, conv in (("cpus", cpus), ("mem", mems)):
-        flavor = conv(_cell_map(meta.flavor, _FLAVOR, what))
-        image = conv(_cell_map(meta.image, _IMAGE, what))
-        if flavor and image:
-            same = flavor.keys() == image.keys() and all(flavor[n][1] == image[n][1] for n in flavor)
-            if not same:
-                keys = [k for k, _ in flavor.values()] + [k for k, _ in image.values()]
-                raise InvalidRequest(
-                    f"flavor hw:numa_{what}.N and image hw_numa_{what}.N disagree (ImageNUMATopologyForbidden)",
-                    sorted(keys),
-                )
-        result.append(flavor or image or None)
-    return result[0], result[1]
+    return _one_cell_map(meta, "cpus", cpus), _one_cell_map(meta, "mem", mems)
+
+
+_V = TypeVar("_V")
+
+
+def _one_cell_map(
+    meta: _Meta, what: str, conv: Callable[[dict[int, tuple[str, str]]], dict[int, tuple[str, _V]]]
+) -> dict[int, tuple[str, _V]] | None:
+    """hw:numa_<what>.N from the flavor or the image; both may give it only if they agree."""
+    flavor = conv(_cell_map(meta.flavor, _FLAVOR, what))
+    image = conv(_cell_map(meta.image, _IMAGE, what))
+    if flavor and image:
+        same = flavor.keys() == image.keys() and all(flavor[n][1] == image[n][1] for n in flavor)
+        if not same:
+            keys = [k for k, _ in flavor.values()] + [k for k, _ in image.values()]
+            raise InvalidRequest(
+                f"flavor hw:numa_{what}.N and image hw_numa_{what}.N disagree (ImageNUMATopologyForbidden)",
+                sorted(keys),
+            )
+    return flavor or image or None
 
 
 def _migration(meta: _Meta) -> MigrationWishes:
-    # Typos in our own namespace are errors (a silently ignored migration wish is dangerous).
-    known = {k for pair in _MIGRATION_KEYS.values() for k in pair}
-    for source in (meta.flavor, meta.image):
-        for key in source:
-            if isinstance(key, str) and key.startswith(_MIGRATION_PREFIXES) and key not in known:
-                raise InvalidRequest(f"unknown live-migration key {key}", [key])
-    # The flavor spelling is only read from extra specs, the image spelling from image properties.
-    for source, other in ((meta.flavor, 1), (meta.image, 0)):
-        for key in source:
-            if any(key == pair[other] for pair in _MIGRATION_KEYS.values()):
-                where = "image property" if other == 1 else "flavor extra spec"
-                raise InvalidRequest(f"{key} is an {where} key, not valid here", [key])
-
-    values: dict[str, tuple[bool | None, str | None]] = {}
-    true_keys: list[str] = []
-    for feature, (fkey, ikey) in _MIGRATION_KEYS.items():
-        fraw, iraw = meta.flavor.get(fkey), meta.image.get(ikey)
-        fval = parse_bool(_Meta._text(fkey, fraw), fkey) if fraw is not None else None
-        ival = parse_bool(_Meta._text(ikey, iraw), ikey) if iraw is not None else None
-        if fval is not None and ival is not None and fval != ival:
-            raise InvalidRequest(f"flavor {fkey}={_show(fraw)} and image {ikey}={_show(iraw)} disagree", [fkey, ikey])
-        if fval is not None:
-            values[feature] = (fval, fkey)
-            if fval:
-                true_keys.append(fkey)
-        elif ival is not None:
-            values[feature] = (ival, ikey)
-        else:
-            values[feature] = (None, None)
-        if ival:
-            true_keys.append(ikey)
+    _check_migration_keys(meta)
+    values = {feature: _migration_value(meta, fkey, ikey) for feature, (fkey, ikey) in _MIGRATION_KEYS.items()}
     if values["auto_converge"][0] and values["post_copy"][0]:
+        true_keys = [k for _, _, keys in values.values() for k in keys]
         raise InvalidRequest("auto-converge and post-copy cannot both be enabled for one live migration", true_keys)
     return MigrationWishes(
         auto_converge=values["auto_converge"][0],
@@ -557,6 +521,37 @@ def _migration(meta: _Meta) -> MigrationWishes:
         auto_converge_key=values["auto_converge"][1],
         post_copy_key=values["post_copy"][1],
     )
+
+
+def _check_migration_keys(meta: _Meta) -> None:
+    """Typos in our own namespace are errors (a silently ignored migration wish is dangerous), and
+    the flavor spelling is only read from extra specs, the image spelling from image properties."""
+    known = {k for pair in _MIGRATION_KEYS.values() for k in pair}
+    for source in (meta.flavor, meta.image):
+        for key in source:
+            if isinstance(key, str) and key.startswith(_MIGRATION_PREFIXES) and key not in known:
+                raise InvalidRequest(f"unknown live-migration key {key}", [key])
+    for source, other in ((meta.flavor, 1), (meta.image, 0)):
+        for key in source:
+            if any(key == pair[other] for pair in _MIGRATION_KEYS.values()):
+                where = "image property" if other == 1 else "flavor extra spec"
+                raise InvalidRequest(f"{key} is an {where} key, not valid here", [key])
+
+
+def _migration_value(meta: _Meta, fkey: str, ikey: str) -> tuple[bool | None, str | None, list[str]]:
+    """(value, the key that decided it, the keys that said true) of one feature; the flavor wins,
+    and flavor and image must agree when both say something."""
+    fraw, iraw = meta.flavor.get(fkey), meta.image.get(ikey)
+    fval = parse_bool(_Meta._text(fkey, fraw), fkey) if fraw is not None else None
+    ival = parse_bool(_Meta._text(ikey, iraw), ikey) if iraw is not None else None
+    if fval is not None and ival is not None and fval != ival:
+        raise InvalidRequest(f"flavor {fkey}={_show(fraw)} and image {ikey}={_show(iraw)} disagree", [fkey, ikey])
+    true_keys = [k for k, v in ((fkey, fval), (ikey, ival)) if v]
+    if fval is not None:
+        return fval, fkey, true_keys
+    if ival is not None:
+        return ival, ikey, true_keys
+    return None, None, true_keys
 
 
 # --- putting it together ---------------------------------------------------------------------------
@@ -569,87 +564,13 @@ def parse_request(doc: Any) -> InstanceRequest:
     nothing else escapes for bad input.
     """
     raw = _decode_doc(doc)
-    if not _UUID_RE.fullmatch(raw.uuid):
-        raise InvalidRequest(f"uuid {raw.uuid[:64]!r} is not a UUID", ["uuid"])
-    if not 1 <= raw.vcpus <= MAX_VCPUS:
-        raise InvalidRequest(f"vcpus={raw.vcpus} is out of range 1-{MAX_VCPUS}", ["vcpus"])
-    if not 1 <= raw.memory_mb <= MAX_MEMORY_MB:
-        raise InvalidRequest(f"memory_mb={raw.memory_mb} is out of range 1-{MAX_MEMORY_MB}", ["memory_mb"])
+    _check_sizes(raw)
     vcpus, memory_mb = raw.vcpus, raw.memory_mb
     meta = _Meta(raw.extra_specs, raw.image_properties)
-
-    cpu_policy, policy_keys = _cpu_policy(meta)
-    thread_policy, thread_keys = _thread_policy(meta)
-    emulator, emulator_keys = _emulator_policy(meta)
-    realtime, realtime_keys = _realtime_mask(meta, vcpus, emulator is not None)
-    dedicated, mask_key = _dedicated_mask(meta, vcpus)
-
-    # Sanity checks between policies (numa_get_constraints).
-    policy_word = "shared" if cpu_policy is None else cpu_policy.value
-    if cpu_policy in (None, CpuPolicy.SHARED):
-        if thread_policy is not None:
-            raise InvalidRequest(
-                f"a CPU thread policy needs hw:cpu_policy=dedicated or mixed, not {policy_word} "
-                "(CPUThreadPolicyConfigurationInvalid)",
-                thread_keys + policy_keys,
-            )
-        if emulator is EmulatorThreadsPolicy.ISOLATE:
-            raise InvalidRequest(
-                f"isolated emulator threads need hw:cpu_policy=dedicated or mixed, not {policy_word} "
-                "(BadRequirementEmulatorThreadsPolicy)",
-                emulator_keys + policy_keys,
-            )
-        if dedicated is not None:
-            raise InvalidRequest(
-                f"{mask_key} needs hw:cpu_policy=mixed, not {policy_word} (RequiredMixedInstancePolicy)",
-                [mask_key] + policy_keys,
-            )
-        if realtime is not None:
-            raise InvalidRequest(
-                f"realtime needs hw:cpu_policy=dedicated or mixed, not {policy_word} (RealtimeConfigurationInvalid)",
-                realtime_keys + policy_keys,
-            )
-    elif cpu_policy is CpuPolicy.DEDICATED:
-        if dedicated is not None:
-            raise InvalidRequest(
-                f"{mask_key} needs hw:cpu_policy=mixed, not dedicated (RequiredMixedInstancePolicy)",
-                [mask_key] + policy_keys,
-            )
-    else:  # MIXED
-        if dedicated is not None and realtime is not None:
-            raise InvalidRequest(
-                "a mixed instance names its dedicated vCPUs with either hw:cpu_dedicated_mask or the "
-                "realtime mask, not both (RequiredMixedOrRealtimeCPUMask)",
-                [mask_key] + realtime_keys + policy_keys,
-            )
-        if dedicated is None and realtime is None:
-            raise InvalidRequest(
-                "hw:cpu_policy=mixed needs hw:cpu_dedicated_mask (or a realtime mask) naming the "
-                "dedicated vCPUs (RequiredMixedOrRealtimeCPUMask)",
-                policy_keys + [mask_key],
-            )
-        dedicated = dedicated if dedicated is not None else realtime
-        assert dedicated is not None
-        if len(dedicated) == vcpus:
-            # DIFFERS FROM NOVA: a realtime mask covering every vCPU would leave a "mixed" instance
-            # with no shared vCPU; Nova lets that through, we ask for hw:cpu_policy=dedicated.
-            raise InvalidRequest(
-                "hw:cpu_policy=mixed needs at least one shared vCPU; the realtime mask covers them "
-                "all (use hw:cpu_policy=dedicated)",
-                realtime_keys + policy_keys,
-            )
-
+    p = _read_policies(meta, vcpus)
+    pinned = _pinned_vcpus(p, vcpus)
     nodes, nodes_keys = _numa_nodes(meta)
     page_size, _page_keys = _page_size(meta)
-    cpu_list, mem_list = _cell_lists(meta, vcpus)
-
-    if cpu_policy is CpuPolicy.DEDICATED:
-        pinned = frozenset(range(vcpus))
-    elif cpu_policy is CpuPolicy.MIXED and dedicated is not None:
-        pinned = dedicated
-    else:
-        pinned = frozenset()
-
     # Nova builds a NUMA topology only for hw:numa_nodes, pinning, a page size (or vPMEM); a plain
     # shared instance gets none and may float over the whole host. KNOWN LIMITATION (not fixed): we
     # always make at least one cell, so such an instance is modelled as one implicit cell
@@ -658,33 +579,148 @@ def parse_request(doc: Any) -> InstanceRequest:
     # must fit that cell), never spread over the whole host. So it can be refused on a host whose
     # cells are each too small although the host as a whole has room. numa_implicit only records
     # that the cell was not asked for; the fitter does not look at it.
-    implicit = nodes is None
-    count = nodes or 1
-
-    if cpu_list is None and mem_list is None:
-        cells = _auto_cells(count, vcpus, memory_mb, pinned, nodes_keys)
-    elif cpu_list is not None and mem_list is not None:
-        cells = _manual_cells(count, vcpus, memory_mb, pinned, cpu_list, mem_list, nodes_keys)
-    else:
-        given = cpu_list or mem_list
-        assert given is not None
-        missing = "hw:numa_mem.N" if mem_list is None else "hw:numa_cpus.N"
-        raise InvalidRequest(
-            f"guest cell vCPUs and memory must be given together; {missing} is missing (ImageNUMATopologyIncomplete)",
-            sorted(k for k, _ in given.values()),
-        )
-
+    cells = _guest_cells(meta, nodes or 1, vcpus, memory_mb, pinned, nodes_keys)
     return InstanceRequest(
         uuid=raw.uuid.lower(),
         vcpus=vcpus,
         memory_mb=memory_mb,
         cells=cells,
-        cpu_policy=cpu_policy or CpuPolicy.SHARED,
-        thread_policy=thread_policy or ThreadPolicy.PREFER,
-        emulator_threads=emulator or EmulatorThreadsPolicy.SHARE,
+        cpu_policy=p.cpu_policy or CpuPolicy.SHARED,
+        thread_policy=p.thread_policy or ThreadPolicy.PREFER,
+        emulator_threads=p.emulator or EmulatorThreadsPolicy.SHARE,
         page_size=page_size,
         migration=_migration(meta),
-        numa_implicit=implicit,
+        numa_implicit=nodes is None,
+    )
+
+
+def _check_sizes(raw: Any) -> None:
+    if not _UUID_RE.fullmatch(raw.uuid):
+        raise InvalidRequest(f"uuid {raw.uuid[:64]!r} is not a UUID", ["uuid"])
+    if not 1 <= raw.vcpus <= MAX_VCPUS:
+        raise InvalidRequest(f"vcpus={raw.vcpus} is out of range 1-{MAX_VCPUS}", ["vcpus"])
+    if not 1 <= raw.memory_mb <= MAX_MEMORY_MB:
+        raise InvalidRequest(f"memory_mb={raw.memory_mb} is out of range 1-{MAX_MEMORY_MB}", ["memory_mb"])
+
+
+@dataclass(frozen=True, slots=True)
+class _Policies:
+    """The CPU-related policies of a request, each with the keys that said it (for errors)."""
+
+    cpu_policy: CpuPolicy | None
+    policy_keys: list[str]
+    thread_policy: ThreadPolicy | None
+    thread_keys: list[str]
+    emulator: EmulatorThreadsPolicy | None
+    emulator_keys: list[str]
+    realtime: frozenset[int] | None
+    realtime_keys: list[str]
+    dedicated: frozenset[int] | None
+    mask_key: str
+
+
+def _read_policies(meta: _Meta, vcpus: int) -> _Policies:
+    cpu_policy, policy_keys = _cpu_policy(meta)
+    thread_policy, thread_keys = _thread_policy(meta)
+    emulator, emulator_keys = _emulator_policy(meta)
+    realtime, realtime_keys = _realtime_mask(meta, vcpus, emulator is not None)
+    dedicated, mask_key = _dedicated_mask(meta, vcpus)
+    return _Policies(
+        cpu_policy,
+        policy_keys,
+        thread_policy,
+        thread_keys,
+        emulator,
+        emulator_keys,
+        realtime,
+        realtime_keys,
+        dedicated,
+        mask_key,
+    )
+
+
+def _pinned_vcpus(p: _Policies, vcpus: int) -> frozenset[int]:
+    """The dedicated vCPUs, after the sanity checks between policies (numa_get_constraints)."""
+    if p.cpu_policy in (None, CpuPolicy.SHARED):
+        _check_shared_policy(p)
+        return frozenset()
+    if p.cpu_policy is CpuPolicy.DEDICATED:
+        if p.dedicated is not None:
+            raise InvalidRequest(
+                f"{p.mask_key} needs hw:cpu_policy=mixed, not dedicated (RequiredMixedInstancePolicy)",
+                [p.mask_key] + p.policy_keys,
+            )
+        return frozenset(range(vcpus))
+    return _mixed_dedicated(p, vcpus)
+
+
+def _check_shared_policy(p: _Policies) -> None:
+    """A shared instance asks for nothing that needs dedicated CPUs."""
+    policy_word = "shared" if p.cpu_policy is None else p.cpu_policy.value
+    if p.thread_policy is not None:
+        raise InvalidRequest(
+            f"a CPU thread policy needs hw:cpu_policy=dedicated or mixed, not {policy_word} "
+            "(CPUThreadPolicyConfigurationInvalid)",
+            p.thread_keys + p.policy_keys,
+        )
+    if p.emulator is EmulatorThreadsPolicy.ISOLATE:
+        raise InvalidRequest(
+            f"isolated emulator threads need hw:cpu_policy=dedicated or mixed, not {policy_word} "
+            "(BadRequirementEmulatorThreadsPolicy)",
+            p.emulator_keys + p.policy_keys,
+        )
+    if p.dedicated is not None:
+        raise InvalidRequest(
+            f"{p.mask_key} needs hw:cpu_policy=mixed, not {policy_word} (RequiredMixedInstancePolicy)",
+            [p.mask_key] + p.policy_keys,
+        )
+    if p.realtime is not None:
+        raise InvalidRequest(
+            f"realtime needs hw:cpu_policy=dedicated or mixed, not {policy_word} (RealtimeConfigurationInvalid)",
+            p.realtime_keys + p.policy_keys,
+        )
+
+
+def _mixed_dedicated(p: _Policies, vcpus: int) -> frozenset[int]:
+    """A mixed instance's dedicated vCPUs: from exactly one of the masks, leaving a shared vCPU."""
+    if p.dedicated is not None and p.realtime is not None:
+        raise InvalidRequest(
+            "a mixed instance names its dedicated vCPUs with either hw:cpu_dedicated_mask or the "
+            "realtime mask, not both (RequiredMixedOrRealtimeCPUMask)",
+            [p.mask_key] + p.realtime_keys + p.policy_keys,
+        )
+    dedicated = p.dedicated if p.dedicated is not None else p.realtime
+    if dedicated is None:
+        raise InvalidRequest(
+            "hw:cpu_policy=mixed needs hw:cpu_dedicated_mask (or a realtime mask) naming the "
+            "dedicated vCPUs (RequiredMixedOrRealtimeCPUMask)",
+            p.policy_keys + [p.mask_key],
+        )
+    if len(dedicated) == vcpus:
+        # DIFFERS FROM NOVA: a realtime mask covering every vCPU would leave a "mixed" instance
+        # with no shared vCPU; Nova lets that through, we ask for hw:cpu_policy=dedicated.
+        raise InvalidRequest(
+            "hw:cpu_policy=mixed needs at least one shared vCPU; the realtime mask covers them "
+            "all (use hw:cpu_policy=dedicated)",
+            p.realtime_keys + p.policy_keys,
+        )
+    return dedicated
+
+
+def _guest_cells(
+    meta: _Meta, count: int, vcpus: int, memory_mb: int, pinned: frozenset[int], nodes_keys: list[str]
+) -> tuple[GuestCell, ...]:
+    """Guest cells: split evenly, or as hw:numa_cpus.N / hw:numa_mem.N say (both or neither)."""
+    cpu_list, mem_list = _cell_lists(meta, vcpus)
+    if cpu_list is None and mem_list is None:
+        return _auto_cells(count, vcpus, memory_mb, pinned, nodes_keys)
+    if cpu_list is not None and mem_list is not None:
+        return _manual_cells(count, vcpus, memory_mb, pinned, cpu_list, mem_list, nodes_keys)
+    given_keys = [k for k, _ in cpu_list.values()] if cpu_list else [k for k, _ in (mem_list or {}).values()]
+    missing = "hw:numa_mem.N" if mem_list is None else "hw:numa_cpus.N"
+    raise InvalidRequest(
+        f"guest cell vCPUs and memory must be given together; {missing} is missing (ImageNUMATopologyIncomplete)",
+        sorted(given_keys),
     )
 
 
@@ -706,16 +742,13 @@ def _auto_cells(
     return tuple(cells)
 
 
-def _manual_cells(
+def _check_cell_numbers(
     nodes: int,
-    vcpus: int,
-    memory_mb: int,
-    pinned: frozenset[int],
     cpu_list: dict[int, tuple[str, frozenset[int]]],
     mem_list: dict[int, tuple[str, int]],
     nodes_keys: list[str],
-) -> tuple[GuestCell, ...]:
-    """_get_numa_topology_manual: every cell 0..N-1 given, every vCPU exactly once, memory sums."""
+) -> None:
+    """hw:numa_cpus.N and hw:numa_mem.N each for exactly the cells 0..nodes-1."""
     detail: list[str] = []
     bad_keys: list[str] = []
     for what, given in (("cpus", cpu_list), ("mem", mem_list)):
@@ -727,7 +760,7 @@ def _manual_cells(
         extra = [given[n][0] for n in wrong if n in given]
         missing = [n for n in wrong if n not in given]
         if missing:
-            detail.append(f"no {prefix}numa_{what}.N for cell(s) {_format_ids(missing)}")
+            detail.append(f"no {prefix}numa_{what}.N for cell(s) {format_id_list(missing)}")
             bad_keys += [f"{prefix}numa_{what}.{n}" for n in missing[:16]]
         if extra:
             detail.append(f"{', '.join(extra[:16])} beyond the {nodes} cell(s)")
@@ -737,6 +770,19 @@ def _manual_cells(
             f"the instance has {nodes} NUMA node(s) but {'; '.join(detail)} (ImageNUMATopologyIncomplete)",
             nodes_keys + bad_keys,
         )
+
+
+def _manual_cells(
+    nodes: int,
+    vcpus: int,
+    memory_mb: int,
+    pinned: frozenset[int],
+    cpu_list: dict[int, tuple[str, frozenset[int]]],
+    mem_list: dict[int, tuple[str, int]],
+    nodes_keys: list[str],
+) -> tuple[GuestCell, ...]:
+    """_get_numa_topology_manual: every cell 0..N-1 given, every vCPU exactly once, memory sums."""
+    _check_cell_numbers(nodes, cpu_list, mem_list, nodes_keys)
     seen: dict[int, str] = {}
     cells = []
     for n in range(nodes):
@@ -755,7 +801,7 @@ def _manual_cells(
     unassigned = sorted(set(range(vcpus)) - set(seen))
     if unassigned:
         raise InvalidRequest(
-            f"vCPU(s) {_format_ids(unassigned)} are in no guest cell (ImageNUMATopologyCPUsUnassigned)",
+            f"vCPU(s) {format_id_list(unassigned)} are in no guest cell (ImageNUMATopologyCPUsUnassigned)",
             sorted(k for k, _ in cpu_list.values()) + ["vcpus"],
         )
     total = sum(c.memory_mb for c in cells)
@@ -766,13 +812,6 @@ def _manual_cells(
             sorted(k for k, _ in mem_list.values()) + ["memory_mb"],
         )
     return tuple(cells)
-
-
-def _format_ids(ids: Iterable[int]) -> str:
-    ids = sorted(ids)
-    if len(ids) > 16:
-        return ",".join(map(str, ids[:16])) + ",..."
-    return ",".join(map(str, ids))
 
 
 # --- canonical form (claim ledger) ------------------------------------------------------------------

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from agent.errors import InvalidHostState
+from agent.limits import MAX_DOC_MEMORY_MB, MAX_DOC_PAGE_COUNT, MAX_ID
 from agent.numa.topology import (
     SMALL_PAGE_KB,
     CellDoc,
@@ -198,7 +199,7 @@ def _size_map(raw: Mapping[str, int], where: str) -> dict[int, int]:
             size = int(k)
         except ValueError:
             raise InvalidHostState(f"{where}: page size key {k!r} is not a number of KiB") from None
-        if size <= 0 or v < 0 or v > 1 << 48:
+        if size <= 0 or v < 0 or v > MAX_DOC_PAGE_COUNT:
             raise InvalidHostState(f"{where}[{k}]: {v} out of range")
         out[size] = v
     return out
@@ -212,7 +213,7 @@ def host_state_from_doc(doc: HostStateDoc) -> HostState:
         pinned = frozenset(c.pinned_cpus)
         if not pinned <= frozenset(c.cpus):
             raise InvalidHostState(f"{where}.pinned_cpus: {sorted(pinned - set(c.cpus))} not in the cell")
-        if not (0 <= c.used_memory_mb <= 1 << 40) or not (0 <= c.floating_vcpus <= 1 << 20):
+        if not (0 <= c.used_memory_mb <= MAX_DOC_MEMORY_MB) or not (0 <= c.floating_vcpus <= MAX_ID):
             raise InvalidHostState(f"{where}: used_memory_mb / floating_vcpus out of range")
         usage[c.id] = CellUsage(
             pinned_cpus=pinned,
@@ -231,9 +232,9 @@ def host_state_from_doc(doc: HostStateDoc) -> HostState:
         ratio = getattr(doc, ratio_name)
         if not (0 < ratio <= 1000):
             raise InvalidHostState(f"{ratio_name}: {ratio} must be > 0 and <= 1000")
-    if not (0 <= doc.reserved_memory_mb <= 1 << 40):
+    if not (0 <= doc.reserved_memory_mb <= MAX_DOC_MEMORY_MB):
         raise InvalidHostState(f"reserved_memory_mb: {doc.reserved_memory_mb} out of range")
-    if not (0 <= doc.unbound_memory_mb <= 1 << 40):
+    if not (0 <= doc.unbound_memory_mb <= MAX_DOC_MEMORY_MB):
         raise InvalidHostState(f"unbound_memory_mb: {doc.unbound_memory_mb} out of range")
     return HostState(
         topology=topology,

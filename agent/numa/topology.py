@@ -13,8 +13,8 @@ from typing import Any, Iterable, Mapping
 import msgspec
 
 from agent.errors import InvalidHostState
-
-SMALL_PAGE_KB = 4
+from agent.limits import MAX_DOC_MEMORY_KB, MAX_DOC_PAGE_COUNT, MAX_DOC_PAGESIZE_KB, MAX_ID
+from agent.units import SMALL_PAGE_KB as SMALL_PAGE_KB  # re-exported: the page size host documents name
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +64,19 @@ class NumaCell:
         }
 
 
+def numa_cell(
+    cell_id: int,
+    cpus: frozenset[int],
+    siblings: tuple[tuple[int, ...], ...],
+    memory_kb: int,
+    pages: Iterable[PagePool],
+    distances: Mapping[int, int],
+) -> NumaCell:
+    """A NumaCell as the host readers (sysfs, capabilities) build it: pools in page-size order."""
+    ordered = tuple(sorted(pages, key=lambda p: p.size_kb))
+    return NumaCell(id=cell_id, cpus=cpus, siblings=siblings, memory_kb=memory_kb, pages=ordered, distances=distances)
+
+
 @dataclass(frozen=True, slots=True)
 class HostTopology:
     hostname: str
@@ -106,7 +119,7 @@ class HostTopology:
 # --- wire schema (shared/formats.md); extra keys are ignored by msgspec by default ---------------
 
 _NonNeg = msgspec.Meta(ge=0)
-_Count = msgspec.Meta(ge=0, le=1 << 48)  # absurd sizes are refused, not overflowed later
+_Count = msgspec.Meta(ge=0, le=MAX_DOC_PAGE_COUNT)  # absurd sizes are refused, not overflowed later
 
 
 class PageDoc(msgspec.Struct, frozen=True):
@@ -147,59 +160,56 @@ def decode_schema(data: Any, schema: type, error: type[Exception]) -> Any:
 def _check_ids(values: Iterable[int], what: str) -> frozenset[int]:
     out = frozenset(values)
     for v in out:
-        if v < 0 or v > 1 << 20:
+        if v < 0 or v > MAX_ID:
             raise InvalidHostState(f"{what}: id {v} out of range")
     return out
 
 
+def _siblings_from_doc(c: CellDoc, cpus: frozenset[int], where: str) -> tuple[tuple[int, ...], ...]:
+    """SMT sibling groups: a partition of the cell's CPUs (each CPU alone when not given)."""
+    if c.siblings is None:
+        return tuple((cpu,) for cpu in sorted(cpus))
+    groups: list[tuple[int, ...]] = [tuple(sorted(g)) for g in c.siblings if g]
+    flat = [cpu for g in groups for cpu in g]
+    if len(flat) != len(set(flat)):
+        raise InvalidHostState(f"{where}.siblings: a CPU appears in two groups")
+    if set(flat) != set(cpus):
+        raise InvalidHostState(f"{where}.siblings: groups cover {sorted(set(flat))}, cell has {sorted(cpus)}")
+    return tuple(sorted(groups))
+
+
+def _pages_from_doc(c: CellDoc, where: str) -> list[PagePool]:
+    """Page pools: sizes unique and in range, 0 <= free <= total."""
+    pages: dict[int, PagePool] = {}
+    for p in c.pages:
+        if p.size_kb <= 0 or p.size_kb > MAX_DOC_PAGESIZE_KB or p.size_kb in pages:
+            raise InvalidHostState(f"{where}.pages: bad or duplicate size_kb {p.size_kb}")
+        if not (0 <= p.free <= p.total <= MAX_DOC_PAGE_COUNT):
+            raise InvalidHostState(f"{where}.pages[{p.size_kb}]: need 0 <= free ({p.free}) <= total ({p.total})")
+        pages[p.size_kb] = PagePool(p.size_kb, p.total, p.free)
+    return list(pages.values())
+
+
 def topology_from_doc(doc: TopologyDoc) -> HostTopology:
     cells: list[NumaCell] = []
-    seen_cells: set[int] = set()
     seen_cpus: set[int] = set()
     for i, c in enumerate(doc.cells):
         where = f"cells[{i}] (id {c.id})"
-        if c.id in seen_cells:
+        if any(cell.id == c.id for cell in cells):
             raise InvalidHostState(f"{where}: duplicate cell id")
-        seen_cells.add(c.id)
         cpus = _check_ids(c.cpus, f"{where}.cpus")
         if cpus & seen_cpus:
             raise InvalidHostState(f"{where}: CPUs {sorted(cpus & seen_cpus)} belong to two cells")
         seen_cpus |= cpus
-        if c.memory_kb < 0 or c.memory_kb > 1 << 50:
+        if c.memory_kb < 0 or c.memory_kb > MAX_DOC_MEMORY_KB:
             raise InvalidHostState(f"{where}.memory_kb: {c.memory_kb} out of range")
-        if c.siblings is None:
-            siblings = tuple((cpu,) for cpu in sorted(cpus))
-        else:
-            groups = [tuple(sorted(g)) for g in c.siblings if g]
-            flat = [cpu for g in groups for cpu in g]
-            if len(flat) != len(set(flat)):
-                raise InvalidHostState(f"{where}.siblings: a CPU appears in two groups")
-            if set(flat) != set(cpus):
-                raise InvalidHostState(f"{where}.siblings: groups cover {sorted(set(flat))}, cell has {sorted(cpus)}")
-            siblings = tuple(sorted(groups))
-        pages = []
-        sizes = set()
-        for p in c.pages:
-            if p.size_kb <= 0 or p.size_kb > 1 << 30 or p.size_kb in sizes:
-                raise InvalidHostState(f"{where}.pages: bad or duplicate size_kb {p.size_kb}")
-            if not (0 <= p.free <= p.total <= 1 << 48):
-                raise InvalidHostState(f"{where}.pages[{p.size_kb}]: need 0 <= free ({p.free}) <= total ({p.total})")
-            sizes.add(p.size_kb)
-            pages.append(PagePool(p.size_kb, p.total, p.free))
+        siblings = _siblings_from_doc(c, cpus, where)
+        pages = _pages_from_doc(c, where)
         try:
             distances = {int(k): int(v) for k, v in c.distances.items()}
         except ValueError:
             raise InvalidHostState(f"{where}.distances: keys must be cell ids") from None
-        cells.append(
-            NumaCell(
-                id=c.id,
-                cpus=cpus,
-                siblings=siblings,
-                memory_kb=c.memory_kb,
-                pages=tuple(sorted(pages, key=lambda p: p.size_kb)),
-                distances=distances,
-            )
-        )
+        cells.append(numa_cell(c.id, cpus, siblings, c.memory_kb, pages, distances))
     online = _check_ids(doc.online_cpus, "online_cpus") if doc.online_cpus is not None else frozenset(seen_cpus)
     return HostTopology(
         hostname=doc.hostname,

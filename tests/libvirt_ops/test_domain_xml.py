@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import format_cpu_set
+from agent.cpuset import format_cpu_set
 from agent.errors import DomainXMLError, InvalidInput
 from agent.libvirt_ops.domain_xml import (
     MAX_XML_BYTES,
@@ -572,19 +572,84 @@ def test_fuzzed_documents_never_raise_anything_but_domain_xml_error(data) -> Non
 # --- property: random documents x random placements -----------------------------------------------
 
 
+def _draw_groups(draw, n: int, k: int) -> list[list[int]]:
+    """The vCPUs of each guest NUMA cell (one group of all vCPUs without <cpu><numa>)."""
+    if not k:
+        return [list(range(n))]
+    cuts = sorted(draw(st.lists(st.integers(1, n - 1), min_size=k - 1, max_size=k - 1, unique=True))) if k > 1 else []
+    bounds = [0, *cuts, n]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
+
+
+def _metadata_lines(draw) -> list[tuple[int, str]]:
+    meta = draw(st.sampled_from(["none", "other", "ours", "both", "empty"]))
+    if meta == "none":
+        return []
+    inner: list[tuple[int, str]] = []
+    if meta in ("other", "both"):
+        inner.append((2, '<x:keep xmlns:x="urn:x"><x:y z="1"/></x:keep>'))
+    if meta in ("ours", "both"):
+        inner.append((2, f'<old:placement xmlns:old="{PLACEMENT_NS}">{{"fits": true}}</old:placement>'))
+    return [(1, "<metadata>"), *inner, (1, "</metadata>")] if inner else [(1, "<metadata/>")]
+
+
+def _vcpu_line(draw, a, cpus, n: int) -> tuple[int, str]:
+    vattrs = {"placement": draw(st.sampled_from(["static", "auto"]))}
+    if draw(st.booleans()):
+        vattrs["cpuset"] = format_cpu_set(draw(cpus))
+    if draw(st.booleans()):
+        vattrs["current"] = 1
+    return (1, f"<vcpu{a(**vattrs)}>{n}</vcpu>")
+
+
+def _cputune_pins(draw, a, cpus, n: int, iothreads: int) -> list[tuple[int, str]]:
+    pinned = draw(st.lists(st.sampled_from(range(n)), unique=True))
+    inner = [(2, f"<vcpupin{a(vcpu=v, cpuset=format_cpu_set(draw(cpus)))}/>") for v in pinned]
+    if draw(st.booleans()):
+        inner.append((2, f"<emulatorpin{a(cpuset=format_cpu_set(draw(cpus)))}/>"))
+    for t in range(1, iothreads + 1):
+        if draw(st.booleans()):
+            inner.append((2, f"<iothreadpin{a(iothread=t, cpuset=format_cpu_set(draw(cpus)))}/>"))
+    return inner
+
+
+def _cputune_lines(draw, a, cpus, n: int, iothreads: int) -> list[tuple[int, str]]:
+    tune = draw(st.sampled_from(["none", "empty", "knobs", "pins", "all"]))
+    if tune in ("none", "empty"):
+        return [(1, "<cputune/>")] if tune == "empty" else []
+    inner = [(2, "<shares>1024</shares>")] if tune in ("knobs", "all") else []
+    if tune in ("pins", "all"):
+        inner += _cputune_pins(draw, a, cpus, n, iothreads)
+    if tune == "all":
+        inner.append((2, f"<vcpusched{a(vcpus='0', scheduler='fifo', priority=1)}/>"))
+    return [(1, "<cputune>"), *inner, (1, "</cputune>")]
+
+
+def _numatune_lines(draw, a, k: int) -> list[tuple[int, str]]:
+    numa = draw(st.sampled_from(["none", "memory", "memnodes"]))
+    if numa == "none":
+        return []
+    inner = [(2, f"<memory{a(mode='interleave', nodeset='0-1')}/>")]
+    if numa == "memnodes" and k:
+        inner += [(2, f"<memnode{a(cellid=g, mode='preferred', nodeset=g)}/>") for g in range(k)]
+    return [(1, "<numatune>"), *inner, (1, "</numatune>")]
+
+
+_HUGEPAGES = [
+    (1, "<memoryBacking>"),
+    (2, "<hugepages>"),
+    (3, "<page{}/>"),
+    (2, "</hugepages>"),
+    (1, "</memoryBacking>"),
+]
+
+
 @st.composite
 def documents(draw):
     """A random but libvirt-shaped domain XML, plus facts about it."""
     n = draw(st.integers(1, 8))
     k = draw(st.integers(0, min(3, n)))  # guest NUMA cells; 0 = no <cpu><numa>
-    if k:
-        cuts = (
-            sorted(draw(st.lists(st.integers(1, n - 1), min_size=k - 1, max_size=k - 1, unique=True))) if k > 1 else []
-        )
-        bounds = [0, *cuts, n]
-        groups = [list(range(bounds[i], bounds[i + 1])) for i in range(k)]
-    else:
-        groups = [list(range(n))]
+    groups = _draw_groups(draw, n, k)
     q = draw(st.sampled_from(["'", '"']))
     unit = draw(st.sampled_from(["  ", "    ", "\t"]))
     one_line = draw(st.booleans())
@@ -596,61 +661,18 @@ def documents(draw):
     lines: list[tuple[int, str]] = [(1, "<name>g-1</name>"), (1, f"<uuid>{uuidlib.UUID(int=n * 7919 + k)}</uuid>")]
     if draw(st.booleans()):
         lines.append((1, "<description>random &amp; “unicode” ☃</description>"))
-    meta = draw(st.sampled_from(["none", "other", "ours", "both", "empty"]))
-    if meta != "none":
-        inner: list[tuple[int, str]] = []
-        if meta in ("other", "both"):
-            inner.append((2, '<x:keep xmlns:x="urn:x"><x:y z="1"/></x:keep>'))
-        if meta in ("ours", "both"):
-            inner.append((2, f'<old:placement xmlns:old="{PLACEMENT_NS}">{{"fits": true}}</old:placement>'))
-        if inner:
-            lines += [(1, "<metadata>"), *inner, (1, "</metadata>")]
-        else:
-            lines.append((1, "<metadata/>"))
+    lines += _metadata_lines(draw)
     lines.append((1, f"<memory{a(unit='KiB')}>{1048576 * n}</memory>"))
     if draw(st.booleans()):
         lines.append((1, f"<!-- comment {draw(st.integers(0, 9))} -->"))
-    vattrs = {"placement": draw(st.sampled_from(["static", "auto"]))}
-    if draw(st.booleans()):
-        vattrs["cpuset"] = format_cpu_set(draw(cpus))
-    if draw(st.booleans()):
-        vattrs["current"] = 1
-    lines.append((1, f"<vcpu{a(**vattrs)}>{n}</vcpu>"))
+    lines.append(_vcpu_line(draw, a, cpus, n))
     iothreads = draw(st.integers(0, 2))
     if iothreads:
         lines.append((1, f"<iothreads>{iothreads}</iothreads>"))
-    tune = draw(st.sampled_from(["none", "empty", "knobs", "pins", "all"]))
-    if tune == "empty":
-        lines.append((1, "<cputune/>"))
-    elif tune != "none":
-        inner = []
-        if tune in ("knobs", "all"):
-            inner.append((2, "<shares>1024</shares>"))
-        if tune in ("pins", "all"):
-            pinned = draw(st.lists(st.sampled_from(range(n)), unique=True))
-            inner += [(2, f"<vcpupin{a(vcpu=v, cpuset=format_cpu_set(draw(cpus)))}/>") for v in pinned]
-            if draw(st.booleans()):
-                inner.append((2, f"<emulatorpin{a(cpuset=format_cpu_set(draw(cpus)))}/>"))
-            for t in range(1, iothreads + 1):
-                if draw(st.booleans()):
-                    inner.append((2, f"<iothreadpin{a(iothread=t, cpuset=format_cpu_set(draw(cpus)))}/>"))
-        if tune == "all":
-            inner.append((2, f"<vcpusched{a(vcpus='0', scheduler='fifo', priority=1)}/>"))
-        lines += [(1, "<cputune>"), *inner, (1, "</cputune>")] if inner else [(1, "<cputune>"), (1, "</cputune>")]
-    numa = draw(st.sampled_from(["none", "memory", "memnodes"]))
-    if numa != "none":
-        inner = [(2, f"<memory{a(mode='interleave', nodeset='0-1')}/>")]
-        if numa == "memnodes" and k:
-            inner += [(2, f"<memnode{a(cellid=g, mode='preferred', nodeset=g)}/>") for g in range(k)]
-        lines += [(1, "<numatune>"), *inner, (1, "</numatune>")]
+    lines += _cputune_lines(draw, a, cpus, n, iothreads)
+    lines += _numatune_lines(draw, a, k)
     if draw(st.booleans()):
-        lines += [
-            (1, "<memoryBacking>"),
-            (2, "<hugepages>"),
-            (3, f"<page{a(size=2048, unit='KiB')}/>"),
-            (2, "</hugepages>"),
-            (1, "</memoryBacking>"),
-        ]
+        lines += [(d, t.format(a(size=2048, unit="KiB"))) for d, t in _HUGEPAGES]
     lines.append((1, f"<os><type{a(arch='x86_64')}>hvm</type></os>"))
     if k:
         lines += [(1, "<cpu>"), (2, "<numa>")]
@@ -658,11 +680,9 @@ def documents(draw):
         lines += [(2, "</numa>"), (1, "</cpu>")]
     lines.append((1, f"<devices><disk{a(type='file')}><source{a(file='/x')}/></disk></devices>"))
     if one_line:
-        body = "".join(t for _, t in lines)
-        xml = f"<domain{a(type='kvm')}>{body}</domain>"
+        xml = f"<domain{a(type='kvm')}>{''.join(t for _, t in lines)}</domain>"
     else:
-        body = "".join("\n" + unit * d + t for d, t in lines)
-        xml = f"<domain{a(type='kvm')}>{body}\n</domain>\n"
+        xml = f"<domain{a(type='kvm')}>{''.join(chr(10) + unit * d + t for d, t in lines)}\n</domain>\n"
     return xml, groups, k
 
 
@@ -907,3 +927,35 @@ def test_per_guest_cell_memory_and_page_size() -> None:
     rewrite_for_placement(only1, _two_cells(1024, 4, 2048, 1048576))
     with pytest.raises(DomainXMLError, match="guest cell 0 uses 2048 KiB pages"):
         rewrite_for_placement(only1, _two_cells(1024, 2048, 2048, 1048576))
+
+
+# --- one page-size rule per guest cell (the rewriter and host state) ---------------------------------
+
+
+def test_guest_cell_page_kib_with_and_without_a_default_hugepage_size():
+    from agent.libvirt_ops.domain_xml import guest_cell_page_kib
+
+    cells = (GuestNumaCell(0, frozenset({0}), 1024), GuestNumaCell(1, frozenset({1}), 1024))
+    base = DomainPlacement(name="d", uuid="", vcpus=2, memory_kib=2048, guest_cells=cells)
+    assert guest_cell_page_kib(base, 0) == 4
+    sized = DomainPlacement(
+        name="d",
+        uuid="",
+        vcpus=2,
+        memory_kib=2048,
+        guest_cells=cells,
+        hugepages=(HugepageBacking(1 << 20, frozenset({1})), HugepageBacking(2048, None)),
+    )
+    assert guest_cell_page_kib(sized, 1) == 1 << 20 and guest_cell_page_kib(sized, 0) == 2048
+    only_cell1 = DomainPlacement(
+        name="d",
+        uuid="",
+        vcpus=2,
+        memory_kib=2048,
+        guest_cells=cells,
+        hugepages=(HugepageBacking(2048, frozenset({1})),),
+    )
+    assert guest_cell_page_kib(only_cell1, 0) == 4  # no <page> for the cell: libvirt backs it with small pages
+    bare = DomainPlacement(name="d", uuid="", vcpus=2, memory_kib=2048, hugepages=(HugepageBacking(None, None),))
+    assert guest_cell_page_kib(bare, 0) is None
+    assert guest_cell_page_kib(bare, 0, default_hugepage_kb=2048) == 2048

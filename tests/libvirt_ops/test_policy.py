@@ -12,11 +12,12 @@ import pytest
 from agent.config import LibvirtConfig
 from agent.errors import InvalidRequest
 from agent.libvirt_ops import policy as pol
+from agent.libvirt_ops.errors import LibvirtConnectionError, LibvirtOpError
+from agent.libvirt_ops.host import host_traits
 from agent.libvirt_ops.policy import (
     MigrationPolicy,
     PolicyConflict,
     decide_policy,
-    host_traits,
     migration_flags,
     migration_params,
     traits_for_versions,
@@ -257,12 +258,15 @@ AC_ONLY = frozenset({"COMPUTE_MIGRATE_AUTO_CONVERGE"})
     "lib,qemu,expected",
     [
         (9_000_000, 7_002_000, BOTH),  # Debian 12
-        (1_003_003, 2_005_000, BOTH),  # exactly the post-copy minimums
-        (1_003_002, 2_005_000, AC_ONLY),
-        (1_003_003, 2_004_001, AC_ONLY),
-        (1_002_003, 1_006_000, AC_ONLY),  # exactly the auto-converge minimums
-        (1_002_002, 2_005_000, frozenset()),
-        (1_002_003, 1_005_003, frozenset()),
+        (5_001_000, 2_005_000, BOTH),  # exactly the post-copy minimums (bandwidth.postcopy: 5.1.0)
+        (5_000_999, 2_005_000, AC_ONLY),
+        (5_001_000, 2_004_001, AC_ONLY),
+        (2_000_000, 1_006_000, AC_ONLY),  # exactly the auto-converge minimums (auto_converge.*: 2.0.0)
+        (1_009_999, 2_005_000, frozenset()),
+        (2_000_000, 1_005_003, frozenset()),
+        # issue 11 defect 9: the old minimums (the flags' "Since") are too old for the parameters
+        (1_003_003, 2_005_000, frozenset()),
+        (1_002_003, 1_006_000, frozenset()),
         (0, 0, frozenset()),
     ],
 )
@@ -276,8 +280,16 @@ def test_traits_do_not_depend_on_config() -> None:
 
 
 class _FakeConn:
-    def __init__(self, lib: int, hv: int) -> None:
-        self.lib, self.hv = lib, hv
+    def __init__(self, lib: object, hv: object, driver: str = "QEMU", error: BaseException | None = None) -> None:
+        self.lib, self.hv, self.driver, self.error = lib, hv, driver, error
+
+    def getURI(self) -> str:  # noqa: N802
+        return "qemu:///fake"
+
+    def getType(self) -> str:  # noqa: N802
+        if self.error is not None:
+            raise self.error
+        return self.driver
 
     def getLibVersion(self) -> int:  # noqa: N802
         return self.lib
@@ -288,7 +300,42 @@ class _FakeConn:
 
 def test_host_traits_fake() -> None:
     assert host_traits(_FakeConn(9_000_000, 7_002_022)) == BOTH
-    assert host_traits(_FakeConn(1_002_003, 2_000_000)) == AC_ONLY
+    assert host_traits(_FakeConn(2_000_000, 2_000_000)) == AC_ONLY
+
+
+@pytest.mark.parametrize("driver", ["Test", "LXC", "Xen", "VBOX", ""])
+def test_host_traits_need_a_qemu_driver(driver: str) -> None:
+    # issue 11 defect 9: versions of another driver mean nothing for QEMU's migration features
+    assert host_traits(_FakeConn(9_000_000, 9_000_000, driver=driver)) == frozenset()
+
+
+def test_host_traits_wrap_libvirt_errors() -> None:
+    libvirt = pytest.importorskip("libvirt")
+    with pytest.raises(LibvirtConnectionError) as info:
+        host_traits(_FakeConn(9_000_000, 7_002_000, error=libvirt.libvirtError("connection lost")))
+    assert info.value.uri == "qemu:///fake" and "connection lost" in str(info.value)
+
+
+def test_host_traits_refuse_nonsense_versions() -> None:
+    with pytest.raises(LibvirtOpError, match="not integers"):
+        host_traits(_FakeConn("nine", 7_002_000))
+
+
+def test_feature_minimums_cover_every_flag_and_param_the_policy_passes() -> None:
+    c = cfg(True, True, live_migration_post_copy_bandwidth_mib=100, live_migration_bandwidth_mib=50)
+    base = migration_params(MigrationPolicy(False, False, ""), dest_xml="d", persistent_xml="p", migrate_uri="u", cfg=c)
+    for feature in pol.MIGRATION_FEATURES:
+        policy = MigrationPolicy(feature.name == "auto_converge", feature.name == "post_copy", "")
+        params = migration_params(policy, dest_xml="d", persistent_xml="p", migrate_uri="u", cfg=c)
+        names = {n for n, v in pol._PARAM_NAMES.items() if v in set(params) - set(base)}
+        assert names and names <= set(feature.params), feature.name
+        since = [pol.LIBVIRT_SINCE[n] for n in names] + [pol.LIBVIRT_SINCE[feature.flag]]
+        assert feature.min_libvirt == max(since), feature.name
+        assert migration_flags(policy) == pol.BASE_FLAGS | feature.flag_value
+    assert {f.name: pol.version_tuple(f.min_libvirt) for f in pol.MIGRATION_FEATURES} == {
+        "auto_converge": (2, 0, 0),
+        "post_copy": (5, 1, 0),
+    }
 
 
 def test_host_traits_test_driver() -> None:

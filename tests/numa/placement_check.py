@@ -22,8 +22,9 @@ Rules checked here that are easy to get wrong:
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 
-from agent.numa.placement import Placement
+from agent.numa.placement import CellPlacement, Placement
 from agent.numa.request import EmulatorThreadsPolicy, InstanceRequest, PageSizeKind, ThreadPolicy
 from agent.numa.state import CellResources, HostState
 
@@ -173,6 +174,34 @@ def brute_force_fits(request: InstanceRequest, state: HostState) -> bool:
     return False
 
 
+@dataclass
+class _Audit:
+    """What check_placement accumulates over the placement's cells."""
+
+    request: InstanceRequest
+    state: HostState
+    placement: Placement
+    used: set[int] = field(default_factory=set)  # every host CPU the instance takes exclusively
+    vcpu_union: set[int] = field(default_factory=set)
+    floating_pins: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    small_total: int = 0
+
+    @property
+    def policy(self) -> ThreadPolicy:
+        return self.request.thread_policy
+
+    @property
+    def emu_isolate(self) -> bool:
+        return self.request.emulator_threads is EmulatorThreadsPolicy.ISOLATE
+
+    def take(self, cpu: int, what: str) -> None:
+        assert cpu not in self.used, f"host CPU {cpu} used twice ({what})"
+        self.used.add(cpu)
+
+    def isolated_emulator_on(self, cp: CellPlacement) -> bool:
+        return self.emu_isolate and cp.guest_cell == 0 and bool(self.placement.emulator_pins)
+
+
 def check_placement(request: InstanceRequest, state: HostState, placement: Placement) -> None:
     """Assert that `placement` obeys every fitting rule for `request` on `state`."""
     assert placement.fits is True
@@ -182,123 +211,140 @@ def check_placement(request: InstanceRequest, state: HostState, placement: Place
     assert len(set(hosts)) == n, f"guest cells share a host cell: {hosts}"
     host_ids = {c.id for c in state.topology.cells}
     assert set(hosts) <= host_ids
-    policy = request.thread_policy
-    used: set[int] = set()  # every host CPU the instance takes exclusively
-    small_total = 0
-    emu_isolate = request.emulator_threads is EmulatorThreadsPolicy.ISOLATE
-    vcpu_union: set[int] = set()
-    floating_pins: dict[int, tuple[int, ...]] = {}
-
-    def take(cpu: int, what: str) -> None:
-        assert cpu not in used, f"host CPU {cpu} used twice ({what})"
-        used.add(cpu)
-
+    audit = _Audit(request, state, placement)
     for cp in placement.cells:
-        g = request.cells[cp.guest_cell]
-        res = state.resources(cp.host_cell)
-        free = res.dedicated_cpus
-        cores = _cores(res)
-        core_of = {c: grp for grp in cores for c in grp}
-        assert set(cp.vcpus) == set(g.vcpus) and list(cp.vcpus) == sorted(g.vcpus)
-        assert cp.dedicated_vcpus == g.dedicated_vcpus
-        assert set(cp.cpu_pins) == set(g.vcpus)
-        assert cp.memory_mb == g.memory_mb
-        ded_cpus = []
-        for v in sorted(g.dedicated_vcpus):
-            pin = cp.cpu_pins[v]
-            assert len(pin) == 1, f"dedicated vCPU {v} pinned to {pin}"
-            cpu = pin[0]
-            assert cpu in free, f"vCPU {v} on {cpu}, not a free dedicated CPU of cell {cp.host_cell}"
-            take(cpu, f"vCPU {v}")
-            ded_cpus.append(cpu)
-            vcpu_union.add(cpu)
-        # every CPU the instance takes on this host cell: vCPUs, reserved siblings, isolated emulator
-        mine = set(ded_cpus) | set(cp.reserved_cpus)
-        n_sel = len(ded_cpus)
-        if emu_isolate and cp.guest_cell == 0 and placement.emulator_pins:
-            mine.add(placement.emulator_pins[0])
-            n_sel += 1
-        assert mine == expected_taken(policy, res, n_sel), (
-            f"CPUs taken on host cell {cp.host_cell} {sorted(mine)} are not the selection rule's"
+        _check_cell(audit, cp)
+    _check_emulator(audit)
+    _check_exclusive(audit, host_ids)
+    # host-level small-page budget
+    assert audit.small_total <= small_budget(request, state), "reserved_memory_mb / unbound_memory_mb violated"
+
+
+def _check_cell(a: _Audit, cp: CellPlacement) -> None:
+    g = a.request.cells[cp.guest_cell]
+    res = a.state.resources(cp.host_cell)
+    assert set(cp.vcpus) == set(g.vcpus) and list(cp.vcpus) == sorted(g.vcpus)
+    assert cp.dedicated_vcpus == g.dedicated_vcpus
+    assert set(cp.cpu_pins) == set(g.vcpus)
+    assert cp.memory_mb == g.memory_mb
+    ded_cpus = _check_dedicated(a, cp, res)
+    # every CPU the instance takes on this host cell: vCPUs, reserved siblings, isolated emulator
+    mine = set(ded_cpus) | set(cp.reserved_cpus)
+    n_sel = len(ded_cpus)
+    if a.isolated_emulator_on(cp):
+        mine.add(a.placement.emulator_pins[0])
+        n_sel += 1
+    assert mine == expected_taken(a.policy, res, n_sel), (
+        f"CPUs taken on host cell {cp.host_cell} {sorted(mine)} are not the selection rule's"
+    )
+    _check_floating(a, cp, res, mine)
+    _check_thread_policy(a, cp, res, ded_cpus)
+    for cpu in cp.reserved_cpus:
+        assert cpu in res.dedicated_cpus
+        a.take(cpu, "reserved sibling")
+    # memory
+    want = expected_pagesize(a.request, res, g.memory_mb)
+    assert want is not None, f"guest cell {g.id} memory does not fit host cell {cp.host_cell}"
+    assert cp.pagesize_kb == want, f"page size {cp.pagesize_kb} != expected {want}"
+    if want == 4:
+        a.small_total += g.memory_mb
+
+
+def _check_dedicated(a: _Audit, cp: CellPlacement, res: CellResources) -> list[int]:
+    """Each dedicated vCPU on its own free dedicated CPU; returns those CPUs."""
+    ded_cpus = []
+    for v in sorted(cp.dedicated_vcpus):
+        pin = cp.cpu_pins[v]
+        assert len(pin) == 1, f"dedicated vCPU {v} pinned to {pin}"
+        cpu = pin[0]
+        assert cpu in res.dedicated_cpus, f"vCPU {v} on {cpu}, not a free dedicated CPU of cell {cp.host_cell}"
+        a.take(cpu, f"vCPU {v}")
+        ded_cpus.append(cpu)
+        a.vcpu_union.add(cpu)
+    return ded_cpus
+
+
+def _check_floating(a: _Audit, cp: CellPlacement, res: CellResources, mine: set[int]) -> None:
+    """Floating vCPUs on the shared CPUs minus the instance's own, within the ratio, starving no one."""
+    floating = set(cp.vcpus) - cp.dedicated_vcpus
+    pool, room = floating_pool(a.state, res, mine)
+    for v in floating:
+        assert tuple(cp.cpu_pins[v]) == tuple(sorted(pool)), (
+            f"floating vCPU {v} on {cp.cpu_pins[v]}, expected the shared CPUs minus the instance's own"
         )
-        floating = g.vcpus - g.dedicated_vcpus
-        pool, room = floating_pool(state, res, mine)
-        for v in floating:
-            assert tuple(cp.cpu_pins[v]) == tuple(sorted(pool)), (
-                f"floating vCPU {v} on {cp.cpu_pins[v]}, expected the shared CPUs minus the instance's own"
-            )
-            vcpu_union.update(cp.cpu_pins[v])
-            floating_pins[v] = tuple(cp.cpu_pins[v])
-        if floating:
-            assert pool, "floating vCPUs without a shared CPU"
-            assert len(floating) <= room, "cpu_allocation_ratio exceeded"
-        assert not starves(state, res, mine, len(floating)), (
-            f"host cell {cp.host_cell}: the instance's CPUs there {sorted(mine)} leave too few shared CPUs"
-            f" for the cell's floating vCPUs"
-        )
-        # thread policy
-        for cpu in ded_cpus:
-            grp = core_of[cpu]
-            if policy is ThreadPolicy.REQUIRE:
-                assert len(grp) >= 2 and all(c in free for c in grp), f"require: {cpu} not on a whole free SMT core"
-            elif policy is ThreadPolicy.ISOLATE:
-                assert all(c in free for c in grp), f"isolate: core of {cpu} not fully free"
-                for sib in grp:
-                    if sib != cpu:
-                        assert sib in cp.reserved_cpus, f"isolate: sibling {sib} of {cpu} not reserved"
-        if policy is ThreadPolicy.ISOLATE:
-            per_core: dict[tuple[int, ...], int] = {}
-            for cpu in ded_cpus:
-                per_core[core_of[cpu]] = per_core.get(core_of[cpu], 0) + 1
-            assert all(k == 1 for k in per_core.values()), "isolate: two vCPUs on one core"
-        else:
-            assert not cp.reserved_cpus, "reserved CPUs without thread policy isolate"
-        if policy is ThreadPolicy.ISOLATE:
-            owners = set(ded_cpus)
-            if emu_isolate and cp.guest_cell == 0 and placement.emulator_pins:
-                owners.add(placement.emulator_pins[0])
-            siblings = {s for c in owners if c in core_of for s in core_of[c] if s != c}
-            assert set(cp.reserved_cpus) == siblings, "isolate: reserved CPUs are not exactly the siblings"
-        for cpu in cp.reserved_cpus:
-            assert cpu in free
-            take(cpu, "reserved sibling")
-        # memory
-        want = expected_pagesize(request, res, g.memory_mb)
-        assert want is not None, f"guest cell {g.id} memory does not fit host cell {cp.host_cell}"
-        assert cp.pagesize_kb == want, f"page size {cp.pagesize_kb} != expected {want}"
-        if want == 4:
-            small_total += g.memory_mb
-    # emulator threads
-    if emu_isolate:
-        assert placement.emulator_isolated
-        assert len(placement.emulator_pins) == 1
-        cpu = placement.emulator_pins[0]
-        c0 = placement.cell_for_guest(0)
-        res = state.resources(c0.host_cell)
-        free = res.dedicated_cpus
-        assert cpu in free, "isolated emulator CPU must be a free dedicated CPU of guest cell 0's host cell"
-        take(cpu, "emulator")
-        grp = {c: g for g in _cores(res) for c in g}[cpu]
-        if policy is ThreadPolicy.REQUIRE:
-            assert len(grp) >= 2 and all(c in free for c in grp)
-        elif policy is ThreadPolicy.ISOLATE:
-            assert all(c in free for c in grp)
+        a.vcpu_union.update(cp.cpu_pins[v])
+        a.floating_pins[v] = tuple(cp.cpu_pins[v])
+    if floating:
+        assert pool, "floating vCPUs without a shared CPU"
+        assert len(floating) <= room, "cpu_allocation_ratio exceeded"
+    assert not starves(a.state, res, mine, len(floating)), (
+        f"host cell {cp.host_cell}: the instance's CPUs there {sorted(mine)} leave too few shared CPUs"
+        f" for the cell's floating vCPUs"
+    )
+
+
+def _check_thread_policy(a: _Audit, cp: CellPlacement, res: CellResources, ded_cpus: list[int]) -> None:
+    free = res.dedicated_cpus
+    core_of = {c: grp for grp in _cores(res) for c in grp}
+    for cpu in ded_cpus:
+        grp = core_of[cpu]
+        if a.policy is ThreadPolicy.REQUIRE:
+            assert len(grp) >= 2 and all(c in free for c in grp), f"require: {cpu} not on a whole free SMT core"
+        elif a.policy is ThreadPolicy.ISOLATE:
+            assert all(c in free for c in grp), f"isolate: core of {cpu} not fully free"
             for sib in grp:
                 if sib != cpu:
-                    assert sib in c0.reserved_cpus
-    else:
+                    assert sib in cp.reserved_cpus, f"isolate: sibling {sib} of {cpu} not reserved"
+    if a.policy is not ThreadPolicy.ISOLATE:
+        assert not cp.reserved_cpus, "reserved CPUs without thread policy isolate"
+        return
+    per_core: dict[tuple[int, ...], int] = {}
+    for cpu in ded_cpus:
+        per_core[core_of[cpu]] = per_core.get(core_of[cpu], 0) + 1
+    assert all(k == 1 for k in per_core.values()), "isolate: two vCPUs on one core"
+    owners = set(ded_cpus)
+    if a.isolated_emulator_on(cp):
+        owners.add(a.placement.emulator_pins[0])
+    siblings = {s for c in owners if c in core_of for s in core_of[c] if s != c}
+    assert set(cp.reserved_cpus) == siblings, "isolate: reserved CPUs are not exactly the siblings"
+
+
+def _check_emulator(a: _Audit) -> None:
+    placement, state, policy = a.placement, a.state, a.policy
+    if not a.emu_isolate:
         assert not placement.emulator_isolated
         if state.cpu_shared_set:
             assert placement.emulator_pins == tuple(sorted(state.cpu_shared_set))
         else:
-            assert placement.emulator_pins == tuple(sorted(vcpu_union))
+            assert placement.emulator_pins == tuple(sorted(a.vcpu_union))
+        return
+    assert placement.emulator_isolated
+    assert len(placement.emulator_pins) == 1
+    cpu = placement.emulator_pins[0]
+    c0 = placement.cell_for_guest(0)
+    res = state.resources(c0.host_cell)
+    free = res.dedicated_cpus
+    assert cpu in free, "isolated emulator CPU must be a free dedicated CPU of guest cell 0's host cell"
+    a.take(cpu, "emulator")
+    grp = {c: g for g in _cores(res) for c in g}[cpu]
+    if policy is ThreadPolicy.REQUIRE:
+        assert len(grp) >= 2 and all(c in free for c in grp)
+    elif policy is ThreadPolicy.ISOLATE:
+        assert all(c in free for c in grp)
+        for sib in grp:
+            if sib != cpu:
+                assert sib in c0.reserved_cpus
+
+
+def _check_exclusive(a: _Audit, host_ids: set[int]) -> None:
+    placement, state = a.placement, a.state
     # the dedicated guarantee: no floating vCPU may run on a CPU the instance takes exclusively
-    for v, pin in floating_pins.items():
-        assert used.isdisjoint(pin), f"floating vCPU {v} floats over exclusive CPUs {sorted(used & set(pin))}"
+    for v, pin in a.floating_pins.items():
+        assert a.used.isdisjoint(pin), f"floating vCPU {v} floats over exclusive CPUs {sorted(a.used & set(pin))}"
     # no starvation, counted from what the placement takes as a whole (independent of `mine` above):
     # every host cell whose shared pool loses a CPU or gains floating vCPUs must still hold them all
     exclusive = placement.pinned_cpus
-    assert exclusive == used, "Placement.pinned_cpus is not what the cells and emulator take"
+    assert exclusive == a.used, "Placement.pinned_cpus is not what the cells and emulator take"
     for cid in host_ids:
         res = state.resources(cid)
         new = sum(len(c.vcpus) - len(c.dedicated_vcpus) for c in placement.cells if c.host_cell == cid)
@@ -311,5 +357,3 @@ def check_placement(request: InstanceRequest, state: HostState, placement: Place
             f"host cell {cid}: {total} floating vCPUs on {len(left)} shared CPUs left (ratio exceeded)"
         )
         assert left or not total, f"host cell {cid}: floating vCPUs left without a shared CPU"
-    # host-level small-page budget
-    assert small_total <= small_budget(request, state), "reserved_memory_mb / unbound_memory_mb violated"

@@ -19,13 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import DiscoveryError, DomainXMLError
+from agent.libvirt_ops.host import topology_from_libvirt
+from agent.limits import MAX_XML_BYTES
 from agent.numa.capabilities import (
-    MAX_XML_BYTES,
     compare_topologies,
     discover,
     parse_xml,
     topology_from_capabilities,
-    topology_from_libvirt,
 )
 from agent.numa.discovery import discover_sysfs, parse_cpu_list
 from agent.numa.topology import HostTopology
@@ -309,7 +309,7 @@ def test_capabilities_match_expected_topology(case):
     assert caps["online_cpus"] == exp["online_cpus"]
     assert caps["offline_cpus"] == [] and caps["isolated_cpus"] == []
     assert len(caps["cells"]) == len(exp["cells"])
-    for got, want in zip(caps["cells"], exp["cells"]):
+    for got, want in zip(caps["cells"], exp["cells"], strict=True):
         for key in ("id", "cpus", "siblings", "memory_kb", "distances"):
             assert got[key] == want[key], (case, got["id"], key)
         # capabilities carry totals only: free == total
@@ -343,8 +343,11 @@ _BILLION_LAUGHS = """<?xml version="1.0"?>
 <!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
 <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>
 <capabilities><host>&lol3;</host></capabilities>"""
-_XXE = """<?xml version="1.0"?><!DOCTYPE c [<!ENTITY x SYSTEM "file:///etc/passwd">]>
-<capabilities><host><topology><cells><cell id='0'><memory>&x;</memory></cell></cells></topology></host></capabilities>"""
+_XXE = (
+    '<?xml version="1.0"?><!DOCTYPE c [<!ENTITY x SYSTEM "file:///etc/passwd">]>\n'
+    "<capabilities><host><topology><cells><cell id='0'><memory>&x;</memory></cell></cells>"
+    "</topology></host></capabilities>"
+)
 _CELL = "<capabilities><host><topology><cells>{}</cells></topology></host></capabilities>"
 
 
@@ -682,8 +685,24 @@ def test_cli_discover_with_huge_cell_id_reports_an_error_not_a_traceback(tmp_pat
     [("KiB", 1, 1), ("b", 1, 1), ("bytes", 1025, 2), ("KB", 1, 1), ("MB", 1, 977), ("MiB", 2, 2048), ("G", 1, 1 << 20)],
 )
 def test_capabilities_units_round_up_like_domain_xml(unit, value, kib):
-    from agent.libvirt_ops.domain_xml import _scale_to_kib
+    from agent.libvirt_ops.domain_read import _scale_to_kib
 
     xml = _CELL.format(f"<cell id='0'><memory unit='{unit}'>{value}</memory></cell>")
     assert topology_from_capabilities(xml).cells[0].memory_kb == kib
     assert _scale_to_kib(str(value), unit, "x") == kib
+
+
+# --- the capabilities reader shares agent.xmlsafe with domain XML: the same limits ------------------
+
+
+@pytest.mark.parametrize(
+    "xml, fragment",
+    [
+        ("<capabilities>" + "<a>" * 100 + "</a>" * 100 + "</capabilities>", "deep"),
+        ("<capabilities><host>" + "<x/>" * 200_001 + "</host></capabilities>", "elements"),
+        ('<!DOCTYPE capabilities SYSTEM "http://127.0.0.1:9/c.dtd"><capabilities/>', "DOCTYPE"),
+    ],
+)
+def test_capabilities_use_the_shared_xml_limits(xml, fragment):
+    with pytest.raises(DomainXMLError, match=fragment):
+        topology_from_capabilities(xml)

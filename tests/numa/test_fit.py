@@ -816,6 +816,25 @@ def test_host_without_cells_does_not_crash():
 # --- property tests ------------------------------------------------------------------------------
 
 
+def _draw_pages(draw: st.DrawFn, roomy: bool) -> tuple[list[dict[str, int]], int]:
+    """A cell's page pools (small, 2 MiB, 1 GiB, each maybe) and the KiB its hugepages hold."""
+    pages = []
+    if draw(st.booleans()):
+        total = draw(st.sampled_from([0, 1024, 2048, 4096, 8192])) * 256
+        free = draw(st.one_of(st.just(total), st.integers(0, total)))
+        pages.append({"size_kb": 4, "total": total, "free": free})
+    huge_kb = 0
+    if roomy or draw(st.booleans()):
+        total = draw(st.sampled_from([0, 256, 512, 1024, 1536]))
+        pages.append({"size_kb": 2048, "total": total, "free": draw(st.one_of(st.just(total), st.integers(0, total)))})
+        huge_kb += total * 2048
+    if draw(st.booleans()):
+        total = draw(st.integers(0, 3))
+        pages.append({"size_kb": GiB_KB, "total": total, "free": draw(st.integers(0, total))})
+        huge_kb += total * GiB_KB
+    return pages, huge_kb
+
+
 @st.composite
 def host_states(draw: st.DrawFn, roomy: bool = False) -> HostState:
     """Random small hosts; `roomy` ones have 3-4 cells with more CPUs and memory, so that multi-cell
@@ -836,22 +855,7 @@ def host_states(draw: st.DrawFn, roomy: bool = False) -> HostState:
             siblings = [[c] for c in cpus]
         max_pinned = max(1, k // 4 if roomy else k // 2)
         pinned = sorted(draw(st.sets(st.sampled_from(cpus), max_size=max_pinned))) if cpus else []
-        pages = []
-        if draw(st.booleans()):
-            total = draw(st.sampled_from([0, 1024, 2048, 4096, 8192])) * 256
-            free = draw(st.one_of(st.just(total), st.integers(0, total)))
-            pages.append({"size_kb": 4, "total": total, "free": free})
-        huge_kb = 0
-        if roomy or draw(st.booleans()):
-            total = draw(st.sampled_from([0, 256, 512, 1024, 1536]))
-            pages.append(
-                {"size_kb": 2048, "total": total, "free": draw(st.one_of(st.just(total), st.integers(0, total)))}
-            )
-            huge_kb += total * 2048
-        if draw(st.booleans()):
-            total = draw(st.integers(0, 3))
-            pages.append({"size_kb": GiB_KB, "total": total, "free": draw(st.integers(0, total))})
-            huge_kb += total * GiB_KB
+        pages, huge_kb = _draw_pages(draw, roomy)
         used_pages = {}
         if draw(st.booleans()):
             used_pages["2048"] = draw(st.sampled_from([0, 128, 512]))
@@ -874,8 +878,8 @@ def host_states(draw: st.DrawFn, roomy: bool = False) -> HostState:
         roles = draw(
             st.lists(st.sampled_from(["d", "d", "d", "s", "b", "-"]), min_size=len(all_cpus), max_size=len(all_cpus))
         )
-        doc["cpu_dedicated_set"] = [c for c, r in zip(all_cpus, roles) if r in "db"]
-        doc["cpu_shared_set"] = [c for c, r in zip(all_cpus, roles) if r in "sb"]
+        doc["cpu_dedicated_set"] = [c for c, r in zip(all_cpus, roles, strict=True) if r in "db"]
+        doc["cpu_shared_set"] = [c for c, r in zip(all_cpus, roles, strict=True) if r in "sb"]
     doc["reserved_memory_mb"] = draw(st.sampled_from([0, 0, 0, 512, 2048, 6000]))
     if draw(st.booleans()):
         doc["reserved_pages"] = {str(draw(st.integers(0, n_cells - 1))): {"2048": draw(st.sampled_from([64, 256]))}}

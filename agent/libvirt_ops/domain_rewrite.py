@@ -1,0 +1,292 @@
+"""Rewrite a domain's XML for a new Placement: `rewrite_for_placement(xml, placement)` gives the
+destination XML of a live migration.
+
+Method: agent.xmlsafe parses with byte spans; a chain of small per-element updates (in the manner
+of Nova's `get_updated_guest_xml`) records splices of the owned elements; every other byte
+(comments, quoting style, attribute order, devices, whitespace) is copied through unchanged. The
+result is read back (`_verify`) and must say exactly what the placement says.
+
+Owned by the rewriter:
+  <vcpu cpuset=...> (and placement='auto' -> 'static', since libvirt ignores cpuset with auto)
+  <cputune>/<vcpupin>, <emulatorpin>, <iothreadpin>
+  <numatune>/<memory>, <memnode>
+  <metadata>/<ca:placement xmlns:ca=PLACEMENT_NS>
+New elements go where the first removed one was, else at a libvirt-like position, each on its own
+line with the indentation of its siblings, so rewriting twice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+from xml.sax.saxutils import escape as _xml_escape
+
+from agent.cpuset import format_cpu_set
+from agent.errors import DomainXMLError
+from agent.libvirt_ops.domain_model import PLACEMENT_NS, DomainPlacement, guest_cell_page_kib
+from agent.libvirt_ops.domain_read import parse_domain, placement_elements, read_domain
+from agent.numa.placement import Placement
+from agent.units import SMALL_PAGE_KB, mib_from_kib
+from agent.xmlsafe import Node, Splicer, parse, to_bytes
+
+__all__ = ["floating_vcpus", "placement_json_text", "rewrite_for_placement"]
+
+# where a missing container goes: after the last of these children of <domain> (libvirt's order)
+_METADATA_AFTER = ("name", "uuid", "genid", "title", "description")
+_CPUTUNE_AFTER = _METADATA_AFTER + (
+    "metadata", "maxMemory", "memory", "currentMemory", "blkiotune", "memtune", "memoryBacking",
+    "vcpu", "vcpus", "iothreads", "iothreadids", "defaultiothread",
+)  # fmt: skip
+_NUMATUNE_AFTER = _CPUTUNE_AFTER + ("cputune",)
+# inside an existing <cputune> without pins: pins go before the first of these (libvirt's order)
+_CPUTUNE_PINS_BEFORE = ("vcpusched", "iothreadsched", "emulatorsched", "cachetune", "memorytune")
+
+
+def floating_vcpus(placement: Placement) -> frozenset[int]:
+    """vCPUs of the placement that are not pinned one-to-one."""
+    return frozenset(v for c in placement.cells for v in c.vcpus if v not in c.dedicated_vcpus)
+
+
+def placement_json_text(placement: Placement) -> str:
+    """The exact JSON the rewriter stores in <metadata>."""
+    return json.dumps(placement.to_json(), sort_keys=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rewrite:
+    """Everything an element update needs: the parsed document, the splicer collecting the edits,
+    what the domain says today, and what it must say afterwards."""
+
+    root: Node
+    splicer: Splicer
+    unit: bytes  # the document's indentation step
+    dom: DomainPlacement
+    placement: Placement
+    emulator_pins: tuple[int, ...]  # sorted
+    floating_cpuset: frozenset[int]  # empty when every vCPU is dedicated
+
+
+def rewrite_for_placement(
+    xml: str | bytes, placement: Placement, *, floating_cpuset: frozenset[int] | None = None
+) -> str:
+    """The domain XML for the destination of a live migration, pinned to `placement`.
+
+    - `cputune/vcpupin`: one per vCPU, cpuset = the vCPU's cpu_pins (floating vCPUs included).
+    - `cputune/emulatorpin`: placement.emulator_pins (removed when the placement has none).
+    - `cputune/iothreadpin`: only those already present, each pinned to emulator_pins (Nova's
+      choice: I/O threads are emulator-side work and share the emulator's CPUs); removed when the
+      placement has no emulator pins (they would point at source-host CPUs).
+    - `<vcpu cpuset=...>`: with floating vCPUs, `floating_cpuset` if given, else the union of the
+      floating vCPUs' pins; removed when every vCPU is dedicated. placement='auto' becomes 'static'.
+    - `numatune/memory mode=strict nodeset=<host cells>`, plus one `memnode cellid=G mode=strict
+      nodeset=H` per guest cell when the domain has a guest NUMA topology (libvirt refuses memnode
+      without `<cpu><numa>`).
+    - `<metadata><ca:placement xmlns:ca=PLACEMENT_NS>` = placement_json_text(placement).
+
+    Guest-side elements (`cpu/numa`, hugepage `page@nodeset`, vCPU count) and every other byte of
+    the document stay as they were. Raises DomainXMLError when the XML is bad or the placement is
+    not for this domain (other vCPU count or guest cells).
+    """
+    data, _ = to_bytes(xml, "domain", require_utf8=True)
+    root = parse(data, what="domain", root="domain", utf8=True, offsets=True)
+    dom = read_domain(root)
+    check_matches(dom, placement)
+    if floating_cpuset is not None and not floating_cpuset:
+        raise DomainXMLError("floating_cpuset must not be empty")
+    splicer = Splicer(data)
+    rw = _Rewrite(
+        root=root,
+        splicer=splicer,
+        unit=splicer.indent_unit(root),
+        dom=dom,
+        placement=placement,
+        emulator_pins=tuple(sorted(set(placement.emulator_pins))),
+        floating_cpuset=_floating_cpuset(placement, floating_cpuset),
+    )
+    for update in _UPDATES:
+        update(rw)
+    out = splicer.apply().decode("utf-8")
+    _verify(out, rw)
+    return out
+
+
+def _floating_cpuset(placement: Placement, given: frozenset[int] | None) -> frozenset[int]:
+    """<vcpu cpuset>: `given`, else the union of the floating vCPUs' pins; empty without floating vCPUs."""
+    floating = floating_vcpus(placement)
+    if not floating:
+        return frozenset()
+    if given is not None:
+        return frozenset(given)
+    return frozenset(p for c in placement.cells for v in c.vcpus if v in floating for p in c.cpu_pins[v])
+
+
+# --- per-element updates -------------------------------------------------------------------------
+
+
+def _update_vcpu(rw: _Rewrite) -> None:
+    """<vcpu cpuset=...>: the floating vCPUs' CPUs, or no cpuset; placement='auto' -> 'static'."""
+    vcpu_el = rw.root.find_one("vcpu")
+    if vcpu_el is None:
+        if rw.floating_cpuset:
+            raise DomainXMLError("domain has no <vcpu> element to carry the floating vCPUs' cpuset")
+        return
+    changes: dict[str, str | None] = {"cpuset": format_cpu_set(rw.floating_cpuset) if rw.floating_cpuset else None}
+    if vcpu_el.attrs.get("placement") == "auto":
+        changes["placement"] = "static"
+    rw.splicer.edit_attrs(vcpu_el, changes)
+
+
+def _cputune_items(rw: _Rewrite, with_iothreads: bool) -> list[bytes]:
+    pins = {v: c.cpu_pins[v] for c in rw.placement.cells for v in c.vcpus}
+    items = [f"<vcpupin vcpu='{v}' cpuset='{format_cpu_set(pins[v])}'/>".encode() for v in sorted(pins)]
+    if rw.emulator_pins:
+        emu = format_cpu_set(rw.emulator_pins)
+        items.append(f"<emulatorpin cpuset='{emu}'/>".encode())
+        if with_iothreads:
+            items += [f"<iothreadpin iothread='{t}' cpuset='{emu}'/>".encode() for t in rw.dom.iothread_pins]
+    return items
+
+
+def _update_cputune(rw: _Rewrite) -> None:
+    """<cputune>: vcpupin per vCPU, emulatorpin, and the existing iothreadpins on the emulator's CPUs."""
+    cputune = rw.root.find_one("cputune")
+    if cputune is None:
+        rw.splicer.create_container(rw.root, "cputune", _cputune_items(rw, False), rw.unit, _CPUTUNE_AFTER)
+        return
+    owned = [c for c in cputune.children if c.tag in ("vcpupin", "emulatorpin", "iothreadpin")]
+    rw.splicer.replace_children(cputune, owned, _cputune_items(rw, True), rw.unit, before=_CPUTUNE_PINS_BEFORE)
+
+
+def _update_numatune(rw: _Rewrite) -> None:
+    """<numatune>: strict memory on the placement's host cells, one memnode per guest cell."""
+    items = [f"<memory mode='strict' nodeset='{format_cpu_set(rw.placement.host_nodeset)}'/>".encode()]
+    if rw.dom.guest_cells:
+        cells = sorted(rw.placement.cells, key=lambda c: c.guest_cell)
+        items += [f"<memnode cellid='{c.guest_cell}' mode='strict' nodeset='{c.host_cell}'/>".encode() for c in cells]
+    numatune = rw.root.find_one("numatune")
+    if numatune is None:
+        rw.splicer.create_container(rw.root, "numatune", items, rw.unit, _NUMATUNE_AFTER)
+        return
+    owned = [c for c in numatune.children if c.tag in ("memory", "memnode")]
+    rw.splicer.replace_children(numatune, owned, items, rw.unit)
+
+
+def _update_metadata(rw: _Rewrite) -> None:
+    """<metadata><ca:placement>: the placement JSON, replacing ours if present."""
+    text = _xml_escape(placement_json_text(rw.placement))
+    element = f'<ca:placement xmlns:ca="{PLACEMENT_NS}">{text}</ca:placement>'.encode()
+    metadata = rw.root.find_one("metadata")
+    if metadata is None:
+        rw.splicer.create_container(rw.root, "metadata", [element], rw.unit, _METADATA_AFTER)
+        return
+    ours = placement_elements(metadata)
+    if ours:
+        rw.splicer.replace(ours[0].start, ours[0].end, element)
+    else:
+        rw.splicer.replace_children(metadata, [], [element], rw.unit)
+
+
+_UPDATES: tuple[Callable[[_Rewrite], None], ...] = (_update_vcpu, _update_cputune, _update_numatune, _update_metadata)
+
+
+# --- the placement must be for this domain -------------------------------------------------------
+
+
+def check_matches(dom: DomainPlacement, placement: Placement) -> None:
+    """The placement must be for this domain: same vCPUs, same guest cells, same memory and page size."""
+    _check_vcpus(dom, placement)
+    _check_guest_cells(dom, placement)
+    for c in placement.cells:
+        _check_cell_memory(dom, c.guest_cell, c.memory_mb, c.pagesize_kb)
+
+
+def _check_vcpus(dom: DomainPlacement, placement: Placement) -> None:
+    """Each vCPU of the domain in exactly one cell, pinned to some host CPUs."""
+    if not placement.cells:
+        raise DomainXMLError("placement has no cells")
+    seen: set[int] = set()
+    for c in placement.cells:
+        vs = set(c.vcpus)
+        if vs & seen:
+            raise DomainXMLError(f"placement: vCPUs {format_cpu_set(vs & seen)} appear in two cells")
+        seen |= vs
+        if set(c.cpu_pins) != vs or any(not c.cpu_pins[v] for v in vs):
+            raise DomainXMLError(f"placement cell {c.guest_cell}: cpu_pins must give host CPUs to exactly its vCPUs")
+    if seen != set(range(dom.vcpus)):
+        raise DomainXMLError(
+            f"placement covers vCPUs {format_cpu_set(seen) or 'none'} but domain {dom.name!r} has "
+            f"{dom.vcpus} vCPUs (0-{dom.vcpus - 1})"
+        )
+
+
+def _check_guest_cells(dom: DomainPlacement, placement: Placement) -> None:
+    """The placement's guest cells are the domain's <cpu><numa> cells (one cell without them)."""
+    if not dom.guest_cells:
+        if len(placement.cells) != 1:
+            raise DomainXMLError(
+                f"placement has {len(placement.cells)} guest cells but domain {dom.name!r} has no <cpu><numa> topology"
+            )
+        return
+    want = {c.id: c.cpus for c in dom.guest_cells}
+    got = {c.guest_cell: frozenset(c.vcpus) for c in placement.cells}
+    if set(want) != set(got):
+        raise DomainXMLError(
+            f"placement guest cells {sorted(got)} do not match the domain's <cpu><numa> cells {sorted(want)}"
+        )
+    for cid, cpus in want.items():
+        if cpus != got[cid]:
+            raise DomainXMLError(
+                f"placement guest cell {cid} has vCPUs {format_cpu_set(got[cid])}, the domain's cell "
+                f"{cid} has {format_cpu_set(cpus) or 'none'}"
+            )
+
+
+def _check_cell_memory(dom: DomainPlacement, guest_cell: int, memory_mb: int, pagesize_kb: int) -> None:
+    """Memory and page size: the placement must be for this domain's memory, or the host it claims
+    resources on would be charged something other than what the guest will take."""
+    cell_kib = {c.id: c.memory_kib for c in dom.guest_cells}
+    kib = cell_kib.get(guest_cell, dom.memory_kib) if dom.guest_cells else dom.memory_kib
+    want_mb = mib_from_kib(kib)
+    if memory_mb != want_mb:
+        what = f"guest cell {guest_cell}" if dom.guest_cells else f"domain {dom.name!r}"
+        raise DomainXMLError(
+            f"placement guest cell {guest_cell} has {memory_mb} MiB of memory, {what} has {want_mb} MiB ({kib} KiB)"
+        )
+    size = guest_cell_page_kib(dom, guest_cell if dom.guest_cells else 0)
+    if size is None:  # bare <hugepages/>: the host's default hugepage size, whatever it is
+        ok, wanted = pagesize_kb != SMALL_PAGE_KB, "a hugepage size (bare <hugepages/>)"
+    else:
+        ok, wanted = pagesize_kb == size, f"{size} KiB pages"
+    if not ok:
+        raise DomainXMLError(
+            f"placement guest cell {guest_cell} uses {pagesize_kb} KiB pages, the domain's "
+            f"{'guest cell ' + str(guest_cell) if dom.guest_cells else 'memory'} uses {wanted}"
+        )
+
+
+# --- read-back -----------------------------------------------------------------------------------
+
+
+def _verify(out: str, rw: _Rewrite) -> None:
+    """Read the result back: it must say exactly what the placement says (guards the splicer)."""
+    after, before, placement, emu = parse_domain(out), rw.dom, rw.placement, frozenset(rw.emulator_pins)
+    want_memnodes = {c.guest_cell: frozenset([c.host_cell]) for c in placement.cells} if before.guest_cells else {}
+    checks = {
+        "vcpupin": dict(after.vcpu_pins) == {v: frozenset(c.cpu_pins[v]) for c in placement.cells for v in c.vcpus},
+        "emulatorpin": after.emulator_pins == (emu or None),
+        "iothreadpin": dict(after.iothread_pins) == ({t: emu for t in before.iothread_pins} if emu else {}),
+        "vcpu cpuset": after.vcpu_cpuset == (rw.floating_cpuset or None),
+        "numatune memory": after.numatune_mode == "strict"
+        and after.numatune_nodeset == frozenset(placement.host_nodeset),
+        "numatune memnode": dict(after.memnodes) == want_memnodes,
+        "metadata placement": after.agent_placement == json.loads(placement_json_text(placement)),
+        "guest-side elements": _guest_side(after) == _guest_side(before),
+    }
+    problems = [name for name, ok in checks.items() if not ok]
+    if problems:
+        raise DomainXMLError(f"internal error: rewritten XML does not reflect the placement ({', '.join(problems)})")
+
+
+def _guest_side(dom: DomainPlacement) -> tuple[object, ...]:
+    return dom.name, dom.uuid, dom.vcpus, dom.memory_kib, dom.guest_cells, dom.hugepages
