@@ -14,11 +14,10 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import msgspec
 from kombu import Queue
-from kombu.message import Message
 
 from agent.bus.envelope import Dropped, DropReason, Envelope, Opener, seal
 from agent.bus.errors import BusUnavailable, CallTimeout
@@ -124,15 +123,13 @@ class EventSubscriber:
             q.bind_to(events, routing_key=pattern)
         return [q]
 
-    def _on_message(self, body: bytes, message: Message) -> None:
-        message.ack()
+    def _on_message(self, body: bytes, props: Mapping[str, Any], key: str) -> None:
         try:
             env = self._opener.open(body)
         except Dropped as drop:
             self.drops[drop.reason] += 1
             log.warning("bus: dropped event: %s", drop)
             return
-        key = message.delivery_info.get("routing_key", "")
         if env.method != key:  # the signed routing key must be the one it was routed by
             self.drops[DropReason.BAD_ENVELOPE] += 1
             log.warning("bus: event %s signed for %r arrived as %r", env.id, env.method, key)

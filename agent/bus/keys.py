@@ -93,11 +93,14 @@ class Keyring:
 
     def verify(self, envelope_without_sig: Mapping[str, Any], kid: str, sig: str) -> bool:
         """True when `sig` is the signature of the envelope with key `kid` (constant-time compare)."""
+        return self.verify_bytes(kid, canonical_json(envelope_without_sig), sig)
+
+    def verify_bytes(self, kid: str, payload: bytes, sig: str) -> bool:
+        """True when `sig` (hex) is the HMAC of `payload` with key `kid` (constant-time compare)."""
         secret = self.secrets.get(kid)
-        if secret is None:
+        if secret is None or not sig.isascii():  # compare_digest refuses non-ASCII str
             return False
-        expected = hmac.new(secret, canonical_json(envelope_without_sig), hashlib.sha256).hexdigest()
-        return hmac.compare_digest(expected, sig)
+        return hmac.compare_digest(hmac.new(secret, payload, hashlib.sha256).hexdigest(), sig)
 
 
 def _parse_line(entry: str, where: str) -> tuple[str, bytes]:

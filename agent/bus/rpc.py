@@ -23,12 +23,11 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import msgspec
 from kombu import Queue
-from kombu.message import Message
 
 from agent.bus.envelope import Dropped, DropReason, Envelope, Opener, seal
 from agent.bus.errors import (
@@ -163,15 +162,13 @@ class RpcServer:
             q.declare()
         return queues
 
-    def _on_message(self, body: bytes, message: Message) -> None:
-        message.ack()  # at-most-once: acked before anything runs, dropped ones are never requeued
+    def _on_message(self, body: bytes, props: Mapping[str, Any], routing_key: str) -> None:
         try:
             env = self._opener.open(body)
         except Dropped as drop:
             self.drops[drop.reason] += 1
             log.warning("bus: dropped message on %s: %s", self.host, drop)
             return
-        props = message.properties
         try:
             reg, typed = self._check(env)
         except RemoteError as exc:
@@ -280,12 +277,31 @@ def _busy() -> RemoteError:
 # --- client ---------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class _Pending:
-    host: str | None  # None: a broadcast (any sender)
-    event: threading.Event = field(default_factory=threading.Event)
-    replies: list[Envelope] = field(default_factory=list)
-    failure: BaseException | None = None
+    """One call waiting for its reply (or a broadcast collecting replies) by message id."""
+
+    __slots__ = ("host", "msg_id", "replies", "failure", "_done")
+
+    def __init__(self, host: str | None) -> None:
+        self.host = host  # None: a broadcast (any sender)
+        self.msg_id = ""
+        self.replies: list[Envelope] = []
+        self.failure: BaseException | None = None
+        self._done = threading.Lock()  # held until woken: lighter than an Event on the hot path
+        self._done.acquire()
+
+    def wake(self) -> None:
+        try:
+            self._done.release()
+        except RuntimeError:  # woken twice (a reply and a late publish failure)
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.acquire(timeout=max(timeout, 0.0))
+
+    def fail(self, exc: BaseException) -> None:
+        self.failure = exc
+        self.wake()
 
 
 class RpcClient:
@@ -314,7 +330,9 @@ class RpcClient:
             clock=clock,
         )
         self.publisher = PublisherThread(cfg, f"rpc-client-pub-{sender}", clock)
-        self.consumer = ConsumerThread(cfg, f"rpc-client-replies-{sender}", self._declare, self._on_reply)
+        self.consumer = ConsumerThread(
+            cfg, f"rpc-client-replies-{sender}", self._declare, self._on_reply, auto_ack=True
+        )
         self.publisher.start()
         self.consumer.start()
 
@@ -336,7 +354,7 @@ class RpcClient:
         timeout = self.cfg.call_timeout_s if timeout is None else timeout
         pending = _Pending(host)
         self._send_call(self.names.rpc, Names.host_key(host), method, body, timeout, version, pending)
-        if not pending.event.wait(timeout):
+        if not pending.wait(timeout):
             self._forget(pending)
             raise CallTimeout(f"no reply from {host} to {method} in {timeout} s")
         self._forget(pending)
@@ -348,7 +366,7 @@ class RpcClient:
         """Call every live agent; waits the whole `timeout`, then {host: result or RemoteError}."""
         pending = _Pending(None)
         self._send_call(self.names.broadcast, "", method, body, timeout, version, pending)
-        pending.event.wait(timeout)  # set early only by a publish failure
+        pending.wait(timeout)  # woken early only by a publish failure
         self._forget(pending)
         if pending.failure is not None:
             raise pending.failure
@@ -391,8 +409,7 @@ class RpcClient:
         with self._lock:
             pending, self._pending = self._pending, {}
         for p in pending.values():
-            p.failure = BusUnavailable("the RPC client was closed")
-            p.event.set()
+            p.fail(BusUnavailable("the RPC client was closed"))
 
     def __enter__(self) -> RpcClient:
         return self
@@ -434,31 +451,22 @@ class RpcClient:
             now=now,
             ttl_s=timeout,
         )
+        pending.msg_id = msg_id
         with self._lock:
             self._pending[msg_id] = pending
-        done: Future[None] = Future()
-        done.add_done_callback(lambda f: self._publish_failed(pending, f))
-        self.publisher.submit(Outgoing(exchange, routing_key, data, now + timeout, msg_id, reply_to, done=done))
-
-    @staticmethod
-    def _publish_failed(pending: _Pending, done: Future[None]) -> None:
-        exc = done.exception()
-        if exc is not None:
-            pending.failure = exc
-            pending.event.set()
+        out = Outgoing(exchange, routing_key, data, now + timeout, msg_id, reply_to, on_failure=pending.fail)
+        self.publisher.submit(out)
 
     def _forget(self, pending: _Pending) -> None:
         with self._lock:
-            for key in [k for k, v in self._pending.items() if v is pending]:
-                del self._pending[key]
+            self._pending.pop(pending.msg_id, None)
 
     def _declare(self, channel: Any) -> list[Queue]:
         q = Queue(self.names.private_queue("reply"), exclusive=True, auto_delete=True)(channel)
         q.declare()
         return [q]
 
-    def _on_reply(self, body: bytes, message: Message) -> None:
-        message.ack()
+    def _on_reply(self, body: bytes, props: Mapping[str, Any], routing_key: str) -> None:
         try:
             env = self._opener.open(body)
         except Dropped as drop:
@@ -472,7 +480,7 @@ class RpcClient:
             return
         pending.replies.append(env)
         if pending.host is not None:
-            pending.event.set()
+            pending.wake()
 
 
 def _result(env: Envelope) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Extra keys in a body are ignored (formats.md: readers ignore what they do not kn
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -281,6 +282,7 @@ def method_since(method: str) -> str | None:
     return min(versions, key=parse_version) if versions else None
 
 
+@functools.lru_cache(maxsize=64)  # called per message with a handful of distinct values
 def parse_version(text: str) -> tuple[int, int]:
     """ "1.1" -> (1, 1); ValueError for anything else."""
     major, dot, minor = text.partition(".")
