@@ -223,12 +223,11 @@ class RpcServer:
             return _builtins(reg.handler(typed))
         except RemoteError:
             raise
-        except AgentError as exc:
+        except Exception as exc:
             cls = self._map_error(exc)
-            if cls is RemoteInternal:
-                log.exception("bus: %s %s from %s failed", env.method, env.id, env.sender)
-            raise cls(exc.message, details={"code": exc.code}) from None
-        except Exception:
+            if cls is not RemoteInternal and isinstance(exc, AgentError):
+                raise cls(exc.message, details={"code": exc.code}) from None
+            # unexpected: the details stay in our log, the caller learns where to look
             log.exception("bus: %s %s from %s failed unexpectedly", env.method, env.id, env.sender)
             raise RemoteInternal(f"{env.method} failed on {self.host}; see the agent's log for call {env.id}") from None
 
