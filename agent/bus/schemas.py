@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
-from agent.bus.errors import RemoteInvalidRequest
-from agent.numa.placement import Placement, PlacementDoc
+from agent.bus.errors import RemoteInvalidRequest, RemoteNoFit
+from agent.numa.placement import NoFit, Placement, PlacementDoc
 from agent.numa.request import InstanceRequest, parse_request
 
 # --- bounded field types (each bound: far above any real value, far below what hurts) ----------------
@@ -289,6 +289,12 @@ def parse_version(text: str) -> tuple[int, int]:
     if not dot or not major.isdigit() or not minor.isdigit() or len(major) > 3 or len(minor) > 3:
         raise ValueError(f"version {text[:20]!r} is not major.minor")
     return int(major), int(minor)
+
+
+def no_fit_error(result: NoFit) -> RemoteNoFit:
+    """The wire error for a fitter's NoFit: details {"reason", "cells": {"<host cell id>": why}}."""
+    cells = {str(cell): why for cell, why in sorted(result.cell_reasons.items())}
+    return RemoteNoFit(result.reason, details={"reason": result.reason, "cells": cells})
 
 
 # --- decoding at the edge ----------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import uuid
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -220,3 +223,112 @@ def test_any_flipped_byte_is_dropped_or_identical(position, byte):
 def test_envelope_struct_ignores_nothing_it_needs():
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"v": "1.1"}, type=Envelope)
+
+
+# --- the examples of docs/protocol.md ---------------------------------------------------------------
+
+DOC_KEY = Keyring.single("k2026a", bytes(range(32)))  # the documented example key: 000102...1f
+DOC_TS = 1796131260.25
+DOC_INSTANCE = {
+    "uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10",
+    "vcpus": 2,
+    "memory_mb": 2048,
+    "extra_specs": {"hw:cpu_policy": "dedicated", "hw:mem_page_size": "2048"},
+    "image_properties": {},
+}
+DOC_PLACEMENT = {
+    "fits": True,
+    "cells": [
+        {
+            "guest_cell": 0,
+            "host_cell": 1,
+            "vcpus": [0, 1],
+            "cpu_pins": {"0": [21], "1": [22]},
+            "memory_mb": 2048,
+            "pagesize_kb": 2048,
+            "dedicated_vcpus": [0, 1],
+            "reserved_cpus": [],
+        }
+    ],
+    "emulator_pins": [21, 22],
+    "emulator_isolated": False,
+    "reason": None,
+}
+
+
+def protocol_examples() -> dict[str, bytes]:
+    """The call, reply and event shown byte for byte in docs/protocol.md (fixed key, ids, clock)."""
+    _, call = seal(
+        DOC_KEY,
+        kind="call",
+        method="claim",
+        body={"migration_id": "mig-0001", "instance": DOC_INSTANCE, "source_host": "hv-01", "ttl_s": 300},
+        version="1.1",
+        sender="orchestrator@ctl-1",
+        now=DOC_TS,
+        ttl_s=30.0,
+        msg_id="3f0c5a8e-2b7d-4c1a-9e6f-0d4b8a7c6e21",
+    )
+    _, reply = seal(
+        DOC_KEY,
+        kind="reply",
+        method="claim",
+        body={"ok": True, "result": {"placement": DOC_PLACEMENT, "expires_at": DOC_TS + 300.5}},
+        version="1.1",
+        sender="hv-02",
+        now=DOC_TS + 0.5,
+        ttl_s=29.5,
+        msg_id="9a1d7e42-6c3b-4f08-8d25-b7e0c4a9f613",
+        reply_to_id="3f0c5a8e-2b7d-4c1a-9e6f-0d4b8a7c6e21",
+    )
+    progress = {
+        "migration_id": "mig-0001",
+        "instance": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10",
+        "source": "hv-01",
+        "destination": "hv-02",
+        "phase": "precopy",
+        "percent": 42.5,
+        "eta_s": 12.0,
+        "memory_total": 2147483648,
+        "memory_remaining": 1234567168,
+        "dirty_rate_bps": 10485760,
+        "bandwidth_bps": 104857600,
+        "iteration": 2,
+        "throttle_pct": 0,
+        "max_downtime_ms": 50,
+        "ts": DOC_TS + 10,
+    }
+    _, event = seal(
+        DOC_KEY,
+        kind="event",
+        method="migration.mig-0001.progress",
+        body=progress,
+        version="1.1",
+        sender="hv-01",
+        now=DOC_TS + 10,
+        ttl_s=600.0,
+        msg_id="c2e8b5d1-7a4f-4e96-b3c0-5f1d9a2e8b74",
+    )
+    return {"call": call, "reply": reply, "event": event}
+
+
+def documented(name: str) -> bytes:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    marker = f"<!-- wire:{name} -->\n```text\n"
+    start = text.index(marker) + len(marker)
+    return text[start : text.index("\n```", start)].encode("utf-8")
+
+
+@pytest.mark.parametrize("name", ["call", "reply", "event"])
+def test_the_documented_examples_are_true(name):
+    example = protocol_examples()[name]
+    assert documented(name) == example  # the page shows exactly what our code sends
+    op = Opener(DOC_KEY, max_bytes=1 << 20, max_clock_skew_s=30, kinds=frozenset({name}), clock=Clock(DOC_TS + 1))
+    env = op.open(example)
+    assert env.kind == name
+    doc = json.loads(example)
+    secret = bytes.fromhex("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
+    canonical = json.dumps(
+        {k: v for k, v in doc.items() if k != "sig"}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    assert hmac.new(secret, canonical.encode("utf-8"), hashlib.sha256).hexdigest() == doc["sig"]

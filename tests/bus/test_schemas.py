@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.bus import schemas as s
-from agent.bus.errors import RemoteInvalidRequest
+from agent.bus.errors import RemoteInvalidRequest, RemoteNoFit
 from agent.errors import InvalidRequest
-from agent.numa.placement import Placement
+from agent.numa.placement import NoFit, Placement
 
 UUID = "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10"
 INSTANCE = {
@@ -232,6 +232,15 @@ def test_placements_use_the_one_reader():
     assert isinstance(placement, Placement)
     assert placement == Placement.from_json(PLACEMENT)
     assert s.decode_body(BODIES[s.LiveMigrateBodyV10], s.LiveMigrateBody).placement_value() is None
+
+
+def test_no_fit_becomes_a_wire_error_with_per_cell_reasons():
+    err = s.no_fit_error(NoFit("no host cell has 2 free pCPUs", {1: "1 free pCPU", 0: "no 2048 KiB pages"}))
+    assert isinstance(err, RemoteNoFit) and err.type == "NoFit"
+    assert err.details == {
+        "reason": "no host cell has 2 free pCPUs",
+        "cells": {"0": "no 2048 KiB pages", "1": "1 free pCPU"},
+    }
 
 
 def test_versions():
