@@ -65,10 +65,37 @@ class ClaimsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BusConfig:
+    """[bus]: the AMQP connection, signing keys and the limits of every message (docs/protocol.md)."""
+
+    # several URLs separated by ";" = failover, tried in order (kombu's own syntax)
+    transport_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    exchange_prefix: str = "compute-agent"
+    key_file: Path = Path("/etc/compute-agent/bus.keys")
+    heartbeat_s: int = 30  # kombu's default 0 silently turns heartbeats off
+    call_timeout_s: float = 30.0
+    max_clock_skew_s: float = 30.0
+    max_message_bytes: int = 1 << 20
+    prefetch_count: int = 64
+    quorum_queues: bool = False  # true: x-queue-type quorum for the per-host queues (clusters)
+    ssl: bool = False
+    ssl_ca_file: Path | None = None
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+    progress_interval_s: float = 1.0
+    capabilities_interval_s: float = 60.0
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(u.strip() for u in self.transport_url.split(";") if u.strip())
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     claims: ClaimsConfig = field(default_factory=ClaimsConfig)
+    bus: BusConfig = field(default_factory=BusConfig)
     host: str | None = None  # [DEFAULT] host: name published on the bus; default = hostname
     log_level: str = "INFO"
     metrics_listen: tuple[str, int] | None = None  # [DEFAULT] metrics_listen = host:port; None = no endpoint
@@ -164,6 +191,28 @@ def _abs_path(text: str) -> Path:
     return path
 
 
+_TRANSPORT_URL_RE = re.compile(r"(?:amqps?|pyamqp)://[^\s;]+")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def _transport_url(text: str) -> str:
+    """One or more AMQP URLs separated by ";" (failover); the value is kept as written."""
+    urls = [u.strip() for u in text.split(";") if u.strip()]
+    if not urls or len(urls) > 16:
+        raise ValueError("want 1 to 16 amqp:// URLs separated by ';'")
+    for i, url in enumerate(urls):
+        if not _TRANSPORT_URL_RE.fullmatch(url):
+            raise ValueError(f"URL {i + 1} is not amqp://user:password@host:port/vhost")
+    return ";".join(urls)
+
+
+def _exchange_prefix(text: str) -> str:
+    value = text.strip()
+    if not _PREFIX_RE.fullmatch(value):
+        raise ValueError("want 1-100 characters of letters, digits, '_', '.', '-'")
+    return value
+
+
 _BIG = 1 << 31
 _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
     "compute": {
@@ -197,8 +246,27 @@ _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
         "retention_s": _int_range(0, _BIG),
         "reconcile_interval_s": _int_range(1, _BIG),
     },
+    "bus": {
+        "transport_url": _transport_url,
+        "exchange_prefix": _exchange_prefix,
+        "key_file": _abs_path,
+        "heartbeat_s": _int_range(1, 3600),
+        "call_timeout_s": _float_range(0.0, 86400.0),
+        "max_clock_skew_s": _float_range(0.0, 3600.0, lo_inclusive=True),
+        "max_message_bytes": _int_range(4096, 64 << 20),  # above RabbitMQ's frame size is pointless
+        "prefetch_count": _int_range(1, 65535),  # AMQP's basic.qos field is 16 bits
+        "quorum_queues": parse_bool,
+        "ssl": parse_bool,
+        "ssl_ca_file": _abs_path,
+        "ssl_cert_file": _abs_path,
+        "ssl_key_file": _abs_path,
+        "progress_interval_s": _float_range(0.05, 3600.0, lo_inclusive=True),
+        "capabilities_interval_s": _float_range(1.0, 86400.0, lo_inclusive=True),
+    },
 }
-_SECTION_TYPES = {"compute": ComputeConfig, "libvirt": LibvirtConfig, "claims": ClaimsConfig}
+# values never echoed in an error (a broker URL carries its password)
+_SECRET_OPTIONS = frozenset({("bus", "transport_url")})
+_SECTION_TYPES = {"compute": ComputeConfig, "libvirt": LibvirtConfig, "claims": ClaimsConfig, "bus": BusConfig}
 _DEFAULT_OPTIONS = frozenset({"host", "log_level", "metrics_listen"})
 # configparser copies [DEFAULT] into every section (and hides a section's own value of an option
 # that [DEFAULT] also has from a naive "skip defaults" filter). We want none of that: [DEFAULT] is
@@ -226,15 +294,37 @@ def load_config(path: str | Path | None = None, *, text: str | None = None) -> A
         return AgentConfig()
     parser, source = read
     sections = {name: _read_section(parser, source, name, kind) for name, kind in _SECTION_TYPES.items()}
-    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"DEFAULT", "upgrade_levels", "workarounds", "bus"}
+    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"DEFAULT", "upgrade_levels", "workarounds"}
     if extra:
         raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(extra))}")
     defaults = _read_defaults(parser, source)
-    compute = sections["compute"]
-    if compute.cpu_dedicated_set and compute.cpu_shared_set and compute.cpu_dedicated_set & compute.cpu_shared_set:
-        both = format_cpu_set(compute.cpu_dedicated_set & compute.cpu_shared_set)
-        raise ConfigError(f"{source}: [compute] cpu_dedicated_set and cpu_shared_set overlap on {both}")
-    return AgentConfig(compute=compute, libvirt=sections["libvirt"], claims=sections["claims"], **defaults)
+    _check_compute(sections["compute"], source)
+    _check_bus(sections["bus"], source)
+    return AgentConfig(
+        compute=sections["compute"],
+        libvirt=sections["libvirt"],
+        claims=sections["claims"],
+        bus=sections["bus"],
+        **defaults,
+    )
+
+
+def _check_compute(compute: ComputeConfig, source: str) -> None:
+    """Rules between [compute] options (each option alone was checked by its converter)."""
+    if compute.cpu_dedicated_set and compute.cpu_shared_set:
+        both = compute.cpu_dedicated_set & compute.cpu_shared_set
+        if both:
+            raise ConfigError(
+                f"{source}: [compute] cpu_dedicated_set and cpu_shared_set overlap on {format_cpu_set(both)}"
+            )
+
+
+def _check_bus(bus: BusConfig, source: str) -> None:
+    """Rules between [bus] options (each option alone was checked by its converter)."""
+    if bus.ssl and bus.ssl_ca_file is None:
+        raise ConfigError(f"{source}: [bus] ssl_ca_file: required when ssl = true (the broker's CA)")
+    if (bus.ssl_cert_file is None) != (bus.ssl_key_file is None):
+        raise ConfigError(f"{source}: [bus] ssl_cert_file and ssl_key_file: give both or neither")
 
 
 def _read_ini(path: str | Path | None, text: str | None) -> tuple[configparser.ConfigParser, str] | None:
@@ -259,7 +349,7 @@ def _read_ini(path: str | Path | None, text: str | None) -> tuple[configparser.C
 
 
 def _read_section(parser: configparser.ConfigParser, source: str, name: str, kind: type) -> Any:
-    """One section as its dataclass; every option known and converted, else ConfigError."""
+    """One section as its dataclass; every option known and converted, else ConfigError naming it."""
     values: dict[str, Any] = {}
     if not parser.has_section(name):
         return kind()
@@ -270,7 +360,8 @@ def _read_section(parser: configparser.ConfigParser, source: str, name: str, kin
         try:
             values[option] = _CONVERTERS[name][option](raw)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{source}: [{name}] {option} = {raw!r}: {exc}") from None
+            shown = "<hidden>" if (name, option) in _SECRET_OPTIONS else repr(raw)
+            raise ConfigError(f"{source}: [{name}] {option} = {shown}: {exc}") from None
     return kind(**values)
 
 

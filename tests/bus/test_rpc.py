@@ -1,0 +1,345 @@
+"""RPC server and client against the machine's RabbitMQ (each test has its own exchange prefix)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, Callable, Iterator
+
+import msgspec
+import pytest
+from kombu import Connection, Producer
+
+from agent.bus import errors as e
+from agent.bus.envelope import DropReason, seal
+from agent.bus.keys import Keyring
+from agent.bus.rpc import RpcClient, RpcServer
+from agent.bus.schemas import ClaimBody, Empty, MigrationIdBody
+from agent.bus.transport import Names
+from agent.config import BusConfig
+from agent.errors import AgentError, InvalidInput
+
+pytestmark = pytest.mark.timeout(120)
+
+UUID = "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10"
+
+
+class Echo(msgspec.Struct, frozen=True):
+    text: str = ""
+
+
+class EchoResult(msgspec.Struct, frozen=True):
+    text: str
+    host: str
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def publish_raw(
+    cfg: BusConfig, body: bytes, *, routing_key: str, reply_to: str | None = None, exchange: str | None = None
+) -> None:
+    """What a stranger on the broker can send: any bytes to an agent's routing key."""
+    with Connection(cfg.transport_url) as conn:
+        Producer(conn.channel()).publish(
+            body,
+            exchange=exchange if exchange is not None else Names(cfg.exchange_prefix).rpc,
+            routing_key=routing_key,
+            content_type="application/json",
+            reply_to=reply_to,
+        )
+
+
+@pytest.fixture
+def make_server(bus_cfg, keyring) -> Iterator[Callable[..., RpcServer]]:
+    servers: list[RpcServer] = []
+
+    def make(host: str = "hv-01", **kw: Any) -> RpcServer:
+        server = RpcServer(kw.pop("cfg", bus_cfg), host, kw.pop("keyring", keyring), **kw)
+        server.register("echo", lambda body: EchoResult(body.text, host), since="1.0", body_type=Echo)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def client(bus_cfg, keyring) -> Iterator[RpcClient]:
+    c = RpcClient(bus_cfg, keyring, sender="orchestrator@test")
+    yield c
+    c.close()
+
+
+def test_call_and_reply(make_server, client):
+    server = make_server()
+    server.register("as_dict", lambda body: {"n": 1, "nested": {"ok": [True]}}, since="1.0", body_type=Empty)
+    server.start()
+    assert client.call("hv-01", "echo", Echo("hi")) == {"text": "hi", "host": "hv-01"}
+    assert client.call("hv-01", "echo", {"text": "dict body"}, timeout=5) == {"text": "dict body", "host": "hv-01"}
+    assert client.call("hv-01", "as_dict", {}) == {"n": 1, "nested": {"ok": [True]}}
+    assert server.served["ok"] == 3
+    assert not server.drops
+
+
+def test_cast_runs_without_a_reply(make_server, client):
+    seen = threading.Event()
+    server = make_server()
+    server.register("poke", lambda body: seen.set() or {}, since="1.0", body_type=MigrationIdBody)
+    server.start()
+    client.cast("hv-01", "poke", {"migration_id": "m-1"})
+    assert seen.wait(10)
+    assert wait_for(lambda: server.served["ok"] == 1)
+
+
+def test_broadcast_call_gathers_every_live_agent(make_server, client):
+    hosts = ["hv-01", "hv-02", "hv-03"]
+    for host in hosts:
+        server = make_server(host)
+        if host == "hv-03":
+            server.register("echo", _raise(e.RemoteBusy("inbound limit", retry_after=3)), since="1.1", body_type=Echo)
+        server.start()
+    replies = client.broadcast_call("echo", {"text": "all"}, timeout=1.5, version="1.1")
+    assert set(replies) == set(hosts)
+    assert replies["hv-01"] == {"text": "all", "host": "hv-01"}
+    assert replies["hv-02"] == {"text": "all", "host": "hv-02"}
+    assert isinstance(replies["hv-03"], e.RemoteBusy) and replies["hv-03"].retry_after == 3
+
+
+def _raise(exc: BaseException) -> Callable[[Any], Any]:
+    def handler(body: Any) -> Any:
+        raise exc
+
+    return handler
+
+
+@pytest.mark.parametrize("cls", list(e.REMOTE_ERRORS.values()), ids=lambda c: c.wire_type)
+def test_every_error_type_crosses_the_wire_typed(make_server, client, cls):
+    server = make_server()
+    server.register(
+        "fail",
+        _raise(cls("it went wrong", retry_after=2.5, details={"cells": {"0": "no room"}})),
+        since="1.0",
+        body_type=Empty,
+    )
+    server.start()
+    with pytest.raises(cls) as exc:
+        client.call("hv-01", "fail", {})
+    assert type(exc.value) is cls
+    assert (exc.value.type, exc.value.message, exc.value.retry_after) == (cls.wire_type, "it went wrong", 2.5)
+    assert exc.value.details == {"cells": {"0": "no room"}}
+    assert server.served[cls.wire_type] == 1
+
+
+def test_unknown_error_types_and_mapped_agent_errors(make_server, client):
+    class UnknownClaim(InvalidInput):
+        code = "unknown_claim"
+
+    class Exploded(AgentError):
+        code = "exploded"
+
+    server = make_server(error_map={InvalidInput: e.RemoteInvalidRequest, UnknownClaim: e.RemoteNotFound})
+    server.register("odd", _raise(e.RemoteError("new in 1.7", type="QuotaExceeded")), since="1.0", body_type=Empty)
+    server.register("bad_input", _raise(InvalidInput("vcpus must be positive")), since="1.0", body_type=Empty)
+    server.register("no_claim", _raise(UnknownClaim("no claim m-9")), since="1.0", body_type=Empty)
+    server.register("agent_bug", _raise(Exploded("secret internals")), since="1.0", body_type=Empty)
+    server.register("bug", _raise(ZeroDivisionError("secret traceback text")), since="1.0", body_type=Empty)
+    server.register("bad_result", lambda body: [1, 2], since="1.0", body_type=Empty)
+    server.start()
+    with pytest.raises(e.RemoteError) as exc:
+        client.call("hv-01", "odd", {})
+    assert type(exc.value) is e.RemoteError and exc.value.type == "QuotaExceeded"
+    with pytest.raises(e.RemoteInvalidRequest, match="vcpus must be positive"):
+        client.call("hv-01", "bad_input", {})
+    with pytest.raises(e.RemoteNotFound, match="no claim m-9") as nf:
+        client.call("hv-01", "no_claim", {})
+    assert nf.value.details == {"code": "unknown_claim"}
+    for method in ("agent_bug", "bug", "bad_result"):
+        with pytest.raises(e.RemoteInternal) as internal:
+            client.call("hv-01", method, {})
+        assert "secret" not in str(internal.value) and "Traceback" not in str(internal.value)
+        assert "see the agent's log" in internal.value.message
+
+
+def test_refusals_before_any_handler(make_server, client):
+    ran: list[Any] = []
+    server = make_server()
+    server.register("claim", lambda body: ran.append(body) or {}, since="1.1", body_type=ClaimBody)
+    server.start()
+    with pytest.raises(e.RemoteNoSuchMethod):
+        client.call("hv-01", "no_such_method", {})
+    with pytest.raises(e.RemoteInvalidRequest) as bad:
+        client.call("hv-01", "claim", {"migration_id": "m-1", "instance": {}, "source_host": 7})
+    assert bad.value.details == {"field": "body.source_host"}
+    with pytest.raises(e.RemoteUnsupportedVersion) as old:
+        client.call("hv-01", "claim", {}, version="1.0")  # claim came with 1.1
+    assert old.value.details == {"min": "1.0", "max": "1.1", "method": "claim", "since": "1.1"}
+    assert ran == []
+
+
+def test_version_negotiation(make_server, bus_cfg, keyring):
+    make_server("old", max_version="1.0").start()
+    make_server("new").start()
+    with RpcClient(bus_cfg, keyring, sender="orch", version_cap="1.2") as future_client:
+        assert future_client.can_send("1.2") and not future_client.can_send("2.0")
+        with pytest.raises(e.RemoteUnsupportedVersion) as exc:
+            future_client.call("old", "echo", {}, version="1.1")
+        assert exc.value.details == {"min": "1.0", "max": "1.0"}
+        with pytest.raises(e.RemoteUnsupportedVersion) as exc:
+            future_client.call("new", "echo", {}, version="1.2")
+        assert exc.value.details == {"min": "1.0", "max": "1.1"}
+        assert future_client.call("new", "echo", {}, version="1.1")["host"] == "new"
+        assert future_client.call("old", "echo", {}, version="1.0")["host"] == "old"
+    with RpcClient(bus_cfg, keyring, sender="orch", version_cap="1.0") as capped:
+        assert capped.can_send("1.0") and not capped.can_send("1.1")
+        with pytest.raises(e.VersionCapError):
+            capped.call("new", "echo", {}, version="1.1")
+        with pytest.raises(e.VersionCapError):
+            capped.call("new", "claim", {})  # claim defaults to its own version, 1.1
+    with RpcClient(bus_cfg, keyring, sender="orch", version_cap="2.0") as other_major:
+        with pytest.raises(e.RemoteUnsupportedVersion):
+            other_major.call("new", "echo", {}, version="2.0")
+
+
+def test_hostile_calls_are_never_executed_and_are_counted(make_server, client, bus_cfg, keyring):
+    ran: list[str] = []
+    now = time.time()
+    server = make_server()
+    server.register("touch", lambda body: ran.append(body.migration_id) or {}, since="1.0", body_type=MigrationIdBody)
+    server.start()
+    reply_to = client.consumer.queue_names[0] if client.consumer.ready.wait(10) else None
+    key = Names.host_key("hv-01")
+
+    def call_bytes(mid: str, ring: Keyring = keyring, **kw: Any) -> bytes:
+        args = {"now": now, "ttl_s": 30.0, **kw}
+        return seal(ring, kind="call", method="touch", body={"migration_id": mid}, version="1.0", sender="x", **args)[1]
+
+    stranger = Keyring.single(keyring.signing_kid, bytes(32))  # right kid, wrong secret
+    unknown = Keyring.single("k-unknown", bytes(range(32)))
+    good = call_bytes("replayed")
+    cases = {
+        DropReason.BAD_SIGNATURE: call_bytes("forged", stranger),
+        DropReason.UNKNOWN_KID: call_bytes("unknown-kid", unknown),
+        DropReason.STALE: call_bytes("stale", now=now - 120),
+        DropReason.FUTURE: call_bytes("future", now=now + 120),
+        DropReason.UNSIGNED: msgspec.json.encode({"v": "1.0", "kind": "call", "method": "touch", "body": {}}),
+        DropReason.NOT_JSON: b"\x00garbage",
+        DropReason.TOO_LARGE: b" " * (bus_cfg.max_message_bytes + 1),
+    }
+    publish_raw(bus_cfg, good, routing_key=key, reply_to=reply_to)
+    for data in cases.values():
+        publish_raw(bus_cfg, data, routing_key=key, reply_to=reply_to)
+    publish_raw(bus_cfg, good, routing_key=key, reply_to=reply_to)  # a replay of an executed call
+    assert wait_for(lambda: sum(server.drops.values()) == len(cases) + 1)
+    assert ran == ["replayed"]
+    assert server.drops == {**dict.fromkeys(cases, 1), DropReason.REPLAYED: 1}
+    assert client.call("hv-01", "echo", {"text": "still serving"})["text"] == "still serving"
+
+
+def test_a_call_expired_on_the_server_clock_is_never_run(make_server, client):
+    ran: list[Any] = []
+    late = time.time() + 3600  # the server's clock says the call expired long ago
+    server = make_server(clock=lambda: late)
+    server.register("touch", lambda body: ran.append(body) or {}, since="1.0", body_type=MigrationIdBody)
+    server.start()
+    with pytest.raises(e.CallTimeout):
+        client.call("hv-01", "touch", {"migration_id": "m-1"}, timeout=1.0)
+    assert ran == [] and server.drops == {DropReason.STALE: 1}
+
+
+def test_slow_handler_blocks_neither_calls_nor_heartbeats(make_server, bus_cfg, keyring):
+    cfg = replace(bus_cfg, heartbeat_s=1)  # the broker closes a connection after ~2 missed heartbeats
+    release = threading.Event()
+    server = make_server(cfg=cfg)
+    server.register("slow", lambda body: release.wait(30) and {}, since="1.0", body_type=Empty)
+    server.start()
+    with RpcClient(cfg, keyring, sender="orch") as c, ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(c.call, "hv-01", "slow", {}, timeout=30)
+        time.sleep(0.3)
+        started = time.monotonic()
+        for i in range(20):
+            assert c.call("hv-01", "echo", {"text": str(i)})["text"] == str(i)
+        assert time.monotonic() - started < 5.0
+        time.sleep(4.0)  # > 2 heartbeat intervals with a handler still running
+        release.set()
+        assert slow.result(10) == {}
+    assert server.consumer.reconnects == 0 and server.publisher.reconnects == 0
+
+
+def test_idle_connections_survive_heartbeats(make_server, bus_cfg, keyring):
+    cfg = replace(bus_cfg, heartbeat_s=1)
+    server = make_server(cfg=cfg)
+    server.start()
+    with RpcClient(cfg, keyring, sender="orch") as c:
+        assert c.call("hv-01", "echo", {"text": "a"})["text"] == "a"
+        time.sleep(4.0)  # nothing to publish: the publishers must still read the broker's heartbeats
+        assert c.call("hv-01", "echo", {"text": "b"})["text"] == "b"
+        assert c.publisher.reconnects == 0 and c.consumer.reconnects == 0
+    assert server.consumer.reconnects == 0 and server.publisher.reconnects == 0
+
+
+def test_many_threads_share_one_client(make_server, client):
+    make_server().start()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: client.call("hv-01", "echo", {"text": f"t{i}"}), range(200)))
+    assert [r["text"] for r in results] == [f"t{i}" for i in range(200)]
+    assert len(client.consumer.queue_names) == 1  # one reply queue for the whole client
+
+
+def test_full_worker_pool_answers_busy(make_server, client):
+    release = threading.Event()
+    server = make_server(max_workers=1)
+    server.register("slow", lambda body: release.wait(30) and {}, since="1.0", body_type=Empty)
+    server.start()
+    outcomes: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcomes.append(client.call("hv-01", "slow", {}, timeout=20))
+        except e.RemoteBusy as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: len(outcomes) >= 3)  # 1 running + 4 queued, the rest are refused at once
+    release.set()
+    for t in threads:
+        t.join(30)
+    busy = [o for o in outcomes if isinstance(o, e.RemoteBusy)]
+    assert len(busy) == 3 and all(b.retry_after == 1.0 for b in busy)
+    assert outcomes.count({}) == 5
+
+
+def test_calls_to_nobody_time_out(client):
+    started = time.monotonic()
+    with pytest.raises(e.CallTimeout, match="no reply from ghost"):
+        client.call("ghost", "echo", {}, timeout=0.5)
+    assert time.monotonic() - started < 3.0
+
+
+def test_two_servers_and_two_clients_in_one_process(make_server, bus_cfg, keyring):
+    make_server("a").start()
+    make_server("b").start()
+    with RpcClient(bus_cfg, keyring, sender="c1") as c1, RpcClient(bus_cfg, keyring, sender="c2") as c2:
+        assert c1.call("a", "echo", {"text": "1"}) == {"text": "1", "host": "a"}
+        assert c2.call("b", "echo", {"text": "2"}) == {"text": "2", "host": "b"}
+        assert c1.consumer.queue_names != c2.consumer.queue_names
+
+
+def test_client_on_other_keys_gets_no_service(make_server, bus_cfg):
+    server = make_server()
+    server.start()
+    with RpcClient(bus_cfg, Keyring.single("intruder", bytes(range(40))), sender="intruder") as c:
+        with pytest.raises(e.CallTimeout):
+            c.call("hv-01", "echo", {}, timeout=0.5)
+    assert server.drops == {DropReason.UNKNOWN_KID: 1}
