@@ -25,24 +25,22 @@ import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.markup import escape  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from agent.claims.hoststate import host_state_fn  # noqa: E402
-from agent.claims.ledger import Ledger  # noqa: E402
-from agent.config import ComputeConfig, LibvirtConfig  # noqa: E402
-from agent.cpuset import format_cpu_set  # noqa: E402
-from agent.libvirt_ops.domain_xml import parse_domain  # noqa: E402
-from agent.libvirt_ops.host import topology_from_libvirt  # noqa: E402
-from agent.libvirt_ops.inventory import read_domains  # noqa: E402
-from agent.libvirt_ops.migration import MigrationProgress, MigrationRunner, MigrationTarget  # noqa: E402
-from agent.log import setup_logging  # noqa: E402
-from agent.numa.request import parse_request  # noqa: E402
-from tests.testbed import (  # noqa: E402
+from agent.claims.hoststate import host_state_fn
+from agent.claims.ledger import Ledger
+from agent.config import ComputeConfig, LibvirtConfig
+from agent.cpuset import format_cpu_set
+from agent.libvirt_ops.domain_xml import parse_domain
+from agent.libvirt_ops.host import topology_from_libvirt
+from agent.libvirt_ops.inventory import read_domains
+from agent.libvirt_ops.migration import MigrationProgress, MigrationRunner, MigrationTarget
+from agent.log import setup_logging
+from agent.numa.request import parse_request
+from agent.testing.testbed import (
+    SCRIPT,
     TICK_LINE,
     define_and_start,
     destroy_domain,
@@ -203,7 +201,7 @@ def main() -> int:
         src_conn.close()
         dest_conn.close()
         if args.down:
-            os.system(f"{REPO / 'scripts' / 'testbed'} down")
+            os.system(f"{SCRIPT} down")
     return 0 if ok else 1
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Calibrate / demonstrate non-converging live migrations on the testbed.
 
-    PYTHONPATH=. /tmp/tbvenv/bin/python scripts/testbed.d/migration_demo.py \
+    .venv/bin/python scripts/testbed.d/migration_demo.py \
         [--mb 64] [--rate 256] [--bw 32] [--timeout 25] [MODE ...]
 
 MODE: plain | postcopy | autoconverge | autoconverge-tuned (default: all four).
@@ -14,15 +14,12 @@ auto_converge.increment (--ac-initial 99 --ac-increment 1 by default).  Needs th
 """
 
 import argparse
-import os
 import sys
 import threading
 import time
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from tests.testbed import (  # noqa: E402
+from agent.testing.testbed import (
     _libvirt,
     define_and_start,
     destroy_domain,
