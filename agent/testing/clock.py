@@ -13,6 +13,12 @@ fake time slept in total and raises RuntimeError instead.
 
 from __future__ import annotations
 
+__all__ = [
+    "DEFAULT_START",
+    "RUNAWAY_SLEEP_S",
+    "FakeClock",
+]
+
 # Starts far from 0 so that a time of 0 (a default, "never") can not pass for a real instant.
 DEFAULT_START = 1_000_000.0
 # 100,000 fake seconds (about 28 hours) is beyond any schedule the tests drive (migration

@@ -27,6 +27,21 @@ from typing import Any, Callable
 
 import libvirt
 
+__all__ = [
+    "DOMAIN_NAME",
+    "DOMAIN_UUID",
+    "LIB_VERSION",
+    "MiB",
+    "QEMU_VERSION",
+    "DestConn",
+    "DestDomain",
+    "FakeConn",
+    "FakeDomain",
+    "FakeError",
+    "job_stats",
+    "no_domain",
+]
+
 MiB = 1 << 20  # bytes: libvirt's job statistics count bytes
 DOMAIN_NAME = "vm1"
 DOMAIN_UUID = "6f1f5a62-8d4e-4c55-9a53-2f1c8d7e0a11"
