@@ -17,24 +17,14 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agent.claims.hoststate import host_state_fn  # noqa: E402
-from agent.claims.ledger import Ledger  # noqa: E402
-from agent.config import ComputeConfig  # noqa: E402
-from agent.numa.request import (  # noqa: E402
-    CpuPolicy,
-    EmulatorThreadsPolicy,
-    GuestCell,
-    InstanceRequest,
-    PageSizeKind,
-    PageSizeWish,
-    ThreadPolicy,
-)
-from agent.numa.topology import HostTopology  # noqa: E402
+from agent.claims.hoststate import host_state_fn
+from agent.claims.ledger import Ledger
+from agent.config import ComputeConfig
+from agent.numa.request import InstanceRequest
+from agent.numa.topology import HostTopology
+from agent.testing.builders import request
 
 
 def build_topology() -> HostTopology:
@@ -57,18 +47,8 @@ def build_topology() -> HostTopology:
 
 
 def make_request() -> InstanceRequest:
-    vcpus = frozenset(range(4))
-    return InstanceRequest(
-        uuid=str(uuid.uuid4()),
-        vcpus=4,
-        memory_mb=4096,
-        cells=(GuestCell(0, vcpus, 4096, vcpus),),
-        cpu_policy=CpuPolicy.DEDICATED,
-        thread_policy=ThreadPolicy.PREFER,
-        emulator_threads=EmulatorThreadsPolicy.SHARE,
-        page_size=PageSizeWish(PageSizeKind.EXPLICIT, 2048),
-        numa_implicit=True,
-    )
+    """4 dedicated vCPUs and 4 GiB of 2 MiB pages in one implicit guest cell, with a fresh UUID."""
+    return request(vcpus=4, memory_mb=4096)
 
 
 def run(cycles: int, directory: Path, warmup: int = 200) -> dict[str, float]:

@@ -18,14 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from agent.errors import AgentError  # noqa: E402
-from agent.numa.fit import fit  # noqa: E402
-from agent.numa.request import parse_request  # noqa: E402
-from agent.numa.state import HostState  # noqa: E402
+from agent.errors import AgentError
+from agent.numa.fit import fit
+from agent.numa.request import parse_request
+from agent.numa.state import HostState
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -24,17 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from tests import testbed as tb  # noqa: E402
+from agent.testing import testbed as tb
 
 IDLE = "mbench-idle"
 HOT = "mbench-hot"

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.testbed import testbed_available
+from agent.testing.testbed import testbed_available
 
 REQUIRE_TESTBED = os.environ.get("COMPUTE_AGENT_REQUIRE_TESTBED") == "1"
 

@@ -1,6 +1,6 @@
 """Smoke test of the real-libvirt testbed (scripts/testbed, docs/testbed.md).
 
-Run:  PYTHONPATH=. python3 -m pytest tests/test_testbed.py   (as root, with
+Run:  .venv/bin/python -m pytest tests/test_testbed.py   (as root, with
 libvirt-python installed).  Brings up 2 hosts (left running for later tests;
 `scripts/testbed down` stops them), boots a TCG guest pinned to host CPU 1 on
 host1, live-migrates it to host2 and checks where it runs.
@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from tests.testbed import (
+from agent.testing.testbed import (
     define_and_start,
     destroy_domain,
     ensure_testbed,

@@ -2,48 +2,16 @@ import libvirt
 import pytest
 
 from agent.libvirt_ops.inventory import IncompleteInventory, read_domains
+from agent.testing.fake_libvirt import FakeConn, FakeDomain, FakeError
 
 GOOD = """<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid><memory unit='MiB'>256</memory>
 <vcpu>1</vcpu><cputune><vcpupin vcpu='0' cpuset='1'/></cputune><os><type>hvm</type></os></domain>"""
 
 
-class FakeError(libvirt.libvirtError):
-    def __init__(self, code, msg="boom"):
-        Exception.__init__(self, msg)
-        self._code, self._msg = code, msg
-
-    def get_error_code(self):
-        return self._code
-
-    def get_error_message(self):
-        return self._msg
-
-
-class FakeDom:
-    def __init__(self, name, uuid, active=True, xml=None, error=None):
-        self._name, self._uuid, self._active, self._xml, self._error = name, uuid, active, xml, error
-
-    def name(self):
-        return self._name
-
-    def UUIDString(self):
-        return self._uuid
-
-    def isActive(self):
-        return self._active
-
-    def XMLDesc(self, flags):
-        if self._error:
-            raise self._error
-        return self._xml if self._xml is not None else GOOD.format(name=self._name, uuid=self._uuid)
-
-
-class FakeConn:
-    def __init__(self, doms):
-        self.doms = doms
-
-    def listAllDomains(self, flags):
-        return self.doms
+def domain(name, uuid, active=True, xml=None, error=None):
+    """A domain as the inventory reads it: GOOD XML for its name and UUID unless `xml` is given."""
+    xml = GOOD.format(name=name, uuid=uuid) if xml is None else xml
+    return FakeDomain(name=name, uuid=uuid, active=active, xml=xml, xml_error=error)
 
 
 U1 = "11111111-1111-1111-1111-111111111111"
@@ -52,7 +20,7 @@ U3 = "33333333-3333-3333-3333-333333333333"
 
 
 def test_reads_running_and_defined_domains():
-    inv = read_domains(FakeConn([FakeDom("a", U1), FakeDom("b", U2, active=False)]))
+    inv = read_domains(FakeConn(domain("a", U1), domain("b", U2, active=False)))
     assert [d.name for d in inv.domains] == ["a", "b"]
     assert inv.active_uuids == {U1}
     assert inv.domains[0].vcpu_pins == {0: frozenset({1})}
@@ -62,11 +30,9 @@ def test_reads_running_and_defined_domains():
 def test_vanished_domain_is_skipped_and_broken_one_reported():
     inv = read_domains(
         FakeConn(
-            [
-                FakeDom("gone", U1, error=FakeError(libvirt.VIR_ERR_NO_DOMAIN)),
-                FakeDom("broken", U2, xml="<domain><name>broken"),
-                FakeDom("ok", U3),
-            ]
+            domain("gone", U1, error=FakeError("boom", libvirt.VIR_ERR_NO_DOMAIN)),
+            domain("broken", U2, xml="<domain><name>broken"),
+            domain("ok", U3),
         )
     )
     assert [d.name for d in inv.domains] == ["ok"]
@@ -94,7 +60,7 @@ DEEP = """<domain type='qemu'><name>deep</name><uuid>{uuid}</uuid><memory>104857
 
 def test_deeply_nested_metadata_json_is_reported_not_raised():
     deep = DEEP.format(uuid=U2, json="[" * 100000 + "]" * 100000)
-    inv = read_domains(FakeConn([FakeDom("deep", U2, xml=deep), FakeDom("ok", U3)]))
+    inv = read_domains(FakeConn(domain("deep", U2, xml=deep), domain("ok", U3)))
     assert [d.name for d in inv.domains] == ["ok"]
     assert len(inv.unreadable) == 1 and inv.unreadable[0].startswith("deep:")
 
@@ -113,31 +79,31 @@ def test_any_parse_failure_is_reported_not_raised(monkeypatch):
         return real(xml)
 
     monkeypatch.setattr(inventory, "parse_domain", flaky)
-    inv = read_domains(FakeConn([FakeDom("agent-err", U1), FakeDom("bug", U2), FakeDom("ok", U3)]))
+    inv = read_domains(FakeConn(domain("agent-err", U1), domain("bug", U2), domain("ok", U3)))
     assert [d.name for d in inv.domains] == ["ok"]
     assert [u.split(":")[0] for u in inv.unreadable] == ["agent-err", "bug"]
     assert "RuntimeError" in inv.unreadable[1]
 
 
-class BrokenDom(FakeDom):
+class BrokenDom(FakeDomain):
     """Every call fails with a libvirt error other than 'no domain' (a flaky connection)."""
 
     def name(self):
-        raise FakeError(libvirt.VIR_ERR_INTERNAL_ERROR, "name failed")
+        raise FakeError("name failed", libvirt.VIR_ERR_INTERNAL_ERROR)
 
     def UUIDString(self):
-        raise FakeError(libvirt.VIR_ERR_INTERNAL_ERROR, "uuid failed")
+        raise FakeError("uuid failed", libvirt.VIR_ERR_INTERNAL_ERROR)
 
 
 def test_error_while_naming_a_failed_domain_does_not_escape():
-    inv = read_domains(FakeConn([BrokenDom("x", U1), FakeDom("ok", U3)]))
+    inv = read_domains(FakeConn(BrokenDom(name="x", uuid=U1), domain("ok", U3)))
     assert [d.name for d in inv.domains] == ["ok"]
     assert inv.unreadable == ("?: name failed",)
 
 
 def test_xmldesc_failure_names_the_domain():
-    dom = FakeDom("flaky", U1, error=FakeError(libvirt.VIR_ERR_INTERNAL_ERROR, "xml failed"))
-    inv = read_domains(FakeConn([dom]))
+    dom = domain("flaky", U1, error=FakeError("xml failed", libvirt.VIR_ERR_INTERNAL_ERROR))
+    inv = read_domains(FakeConn(dom))
     assert inv.unreadable == ("flaky: xml failed",)
 
 

@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from tests import testbed as tb
+from agent.testing import testbed as tb
 
 _ok, _why = tb.testbed_available()
 # a marker, not a module-level skip: tests/conftest.py must see these items to insist on them in CI

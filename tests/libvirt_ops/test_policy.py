@@ -23,6 +23,7 @@ from agent.libvirt_ops.policy import (
     traits_for_versions,
 )
 from agent.numa.request import MigrationWishes
+from agent.testing.fake_libvirt import FakeConn
 
 AC_KEY = "compute:live_migration_auto_converge"
 PC_KEY = "compute_live_migration_post_copy"  # an image property, to see the key carried through
@@ -279,46 +280,32 @@ def test_traits_do_not_depend_on_config() -> None:
     assert traits_for_versions(9_000_000, 7_002_000) == BOTH
 
 
-class _FakeConn:
-    def __init__(self, lib: object, hv: object, driver: str = "QEMU", error: BaseException | None = None) -> None:
-        self.lib, self.hv, self.driver, self.error = lib, hv, driver, error
-
-    def getURI(self) -> str:  # noqa: N802
-        return "qemu:///fake"
-
-    def getType(self) -> str:  # noqa: N802
-        if self.error is not None:
-            raise self.error
-        return self.driver
-
-    def getLibVersion(self) -> int:  # noqa: N802
-        return self.lib
-
-    def getVersion(self) -> int:  # noqa: N802
-        return self.hv
+def host_conn(lib: object, hv: object, driver: str = "QEMU", error: BaseException | None = None) -> FakeConn:
+    """A connection that answers host_traits' calls: versions, driver, or `error` for each."""
+    return FakeConn(uri="qemu:///fake", driver=driver, lib_version=lib, hv_version=hv, host_error=error)
 
 
 def test_host_traits_fake() -> None:
-    assert host_traits(_FakeConn(9_000_000, 7_002_022)) == BOTH
-    assert host_traits(_FakeConn(2_000_000, 2_000_000)) == AC_ONLY
+    assert host_traits(host_conn(9_000_000, 7_002_022)) == BOTH
+    assert host_traits(host_conn(2_000_000, 2_000_000)) == AC_ONLY
 
 
 @pytest.mark.parametrize("driver", ["Test", "LXC", "Xen", "VBOX", ""])
 def test_host_traits_need_a_qemu_driver(driver: str) -> None:
     # issue 11 defect 9: versions of another driver mean nothing for QEMU's migration features
-    assert host_traits(_FakeConn(9_000_000, 9_000_000, driver=driver)) == frozenset()
+    assert host_traits(host_conn(9_000_000, 9_000_000, driver=driver)) == frozenset()
 
 
 def test_host_traits_wrap_libvirt_errors() -> None:
     libvirt = pytest.importorskip("libvirt")
     with pytest.raises(LibvirtConnectionError) as info:
-        host_traits(_FakeConn(9_000_000, 7_002_000, error=libvirt.libvirtError("connection lost")))
+        host_traits(host_conn(9_000_000, 7_002_000, error=libvirt.libvirtError("connection lost")))
     assert info.value.uri == "qemu:///fake" and "connection lost" in str(info.value)
 
 
 def test_host_traits_refuse_nonsense_versions() -> None:
     with pytest.raises(LibvirtOpError, match="not integers"):
-        host_traits(_FakeConn("nine", 7_002_000))
+        host_traits(host_conn("nine", 7_002_000))
 
 
 def test_feature_minimums_cover_every_flag_and_param_the_policy_passes() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,89 +25,16 @@ from agent.numa.request import (
     ThreadPolicy,
 )
 from agent.numa.state import HostState
+from agent.testing.builders import FIT_SCENARIOS, fit_scenarios
+from agent.testing.builders import cells_request as req
+from agent.testing.builders import host_state as host
+from agent.testing.builders import state_cell as cell
 from tests.numa.placement_check import brute_force_fits, check_placement
-
-SCENARIOS = Path(__file__).resolve().parents[3] / "shared" / "bench" / "fit-scenarios.json"
 
 GiB_KB = 1048576
 
 
-# --- builders ------------------------------------------------------------------------------------
-
-
-def cell(
-    cid: int,
-    cpus: list[int],
-    *,
-    smt: bool = False,
-    siblings: list[list[int]] | None = None,
-    small_mb: int = 8192,
-    small_free_mb: int | None = None,
-    pages: dict[int, tuple[int, int]] | None = None,
-    pinned: list[int] | None = None,
-    used_pages: dict[int, int] | None = None,
-    floating_vcpus: int = 0,
-) -> dict[str, Any]:
-    """A host-state cell. `smt` pairs CPUs i and i+len/2 as siblings (Linux numbering)."""
-    if siblings is None:
-        if smt:
-            half = len(cpus) // 2
-            siblings = [[cpus[k], cpus[k + half]] for k in range(half)]
-        else:
-            siblings = [[c] for c in cpus]
-    page_list = [
-        {"size_kb": 4, "total": small_mb * 256, "free": (small_mb if small_free_mb is None else small_free_mb) * 256}
-    ]
-    for size, (total, free) in sorted((pages or {}).items()):
-        page_list.append({"size_kb": size, "total": total, "free": free})
-    huge_kb = sum(size * total for size, (total, _) in (pages or {}).items())
-    return {
-        "id": cid,
-        "cpus": cpus,
-        "siblings": siblings,
-        "memory_kb": small_mb * 1024 + huge_kb,
-        "pages": page_list,
-        "pinned_cpus": pinned or [],
-        "used_pages": {str(k): v for k, v in (used_pages or {}).items()},
-        "floating_vcpus": floating_vcpus,
-    }
-
-
-def host(*cells: dict[str, Any], **extra: Any) -> HostState:
-    return HostState.from_json({"hostname": "hv", "cells": list(cells), **extra})
-
-
-def req(
-    *cells: tuple[int, int] | tuple[int, int, int],
-    policy: CpuPolicy = CpuPolicy.DEDICATED,
-    threads: ThreadPolicy = ThreadPolicy.PREFER,
-    emulator: EmulatorThreadsPolicy = EmulatorThreadsPolicy.SHARE,
-    page: PageSizeWish | None = None,
-) -> InstanceRequest:
-    """cells: (vcpus, memory_mb[, dedicated count]) each; vCPU ids are consecutive across cells."""
-    out = []
-    nxt = 0
-    for k, spec in enumerate(cells):
-        nv, mem = spec[0], spec[1]
-        vcpus = frozenset(range(nxt, nxt + nv))
-        nxt += nv
-        if len(spec) == 3:
-            ded = frozenset(sorted(vcpus)[: spec[2]])  # type: ignore[misc]
-        elif policy is CpuPolicy.SHARED:
-            ded = frozenset()
-        else:
-            ded = vcpus
-        out.append(GuestCell(id=k, vcpus=vcpus, memory_mb=mem, dedicated_vcpus=ded))
-    return InstanceRequest(
-        uuid="u",
-        vcpus=nxt,
-        memory_mb=sum(c.memory_mb for c in out),
-        cells=tuple(out),
-        cpu_policy=policy,
-        thread_policy=threads,
-        emulator_threads=emulator,
-        page_size=page,
-    )
+# --- fits checked against the independent validator ---------------------------------------------
 
 
 def placed(request: InstanceRequest, state: HostState, **kw: Any) -> Placement:
@@ -960,14 +886,8 @@ def test_property_roomy_hosts_multi_cell(state: HostState, request: InstanceRequ
 # --- shared scenarios ----------------------------------------------------------------------------
 
 
-def _scenarios() -> list[dict[str, Any]]:
-    if not SCENARIOS.exists():
-        return []
-    return json.loads(SCENARIOS.read_text())
-
-
-@pytest.mark.skipif(not SCENARIOS.exists(), reason=f"{SCENARIOS} absent")
-@pytest.mark.parametrize("scenario", _scenarios(), ids=lambda s: s["name"])
+@pytest.mark.skipif(not FIT_SCENARIOS.exists(), reason=f"{FIT_SCENARIOS} absent")
+@pytest.mark.parametrize("scenario", fit_scenarios(), ids=lambda s: s["name"])
 def test_bench_scenarios(scenario: dict[str, Any]):
     request_mod = pytest.importorskip("agent.numa.request")
     parse_request = getattr(request_mod, "parse_request", None)

@@ -1,7 +1,6 @@
 """The shared NUMA model: topology/state/placement JSON and the resource semantics in state.py."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -9,8 +8,7 @@ from agent.errors import InvalidHostState, InvalidInput
 from agent.numa.placement import CellPlacement, NoFit, Placement
 from agent.numa.state import HostState
 from agent.numa.topology import HostTopology
-
-SCENARIOS = Path(__file__).resolve().parents[3] / "shared" / "bench" / "fit-scenarios.json"
+from agent.testing.builders import FIT_SCENARIOS, fit_scenarios
 
 
 def _cell(**over):
@@ -130,11 +128,11 @@ def test_pinned_cpu_outside_cell_rejected():
         HostState.from_json({"cells": [_cell(pinned_cpus=[9])]})
 
 
-@pytest.mark.skipif(not SCENARIOS.exists(), reason="shared scenarios absent")
+@pytest.mark.skipif(not FIT_SCENARIOS.exists(), reason="shared scenarios absent")
 def test_scenario_memory_is_consistent_with_free_pages():
     """The shared scenarios count used_memory_mb over every page size; our small-page view of a
     cell must equal its 4 KiB free count (the no-fit scenarios ask for exactly that + 1 MiB)."""
-    for sc in json.loads(SCENARIOS.read_text()):
+    for sc in fit_scenarios():
         state = HostState.from_json(sc["host"])
         for res in state.all_resources():
             small = res.cell.page_pool(4)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,9 +23,9 @@ from agent.numa.request import (
     request_fingerprint,
     request_to_json,
 )
+from agent.testing.builders import FIT_SCENARIOS, fit_scenarios
 
 UUID = "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a10"
-SCENARIOS = Path("/work/shared/bench/fit-scenarios.json")
 
 
 def doc(extra_specs=None, image=None, *, vcpus=8, memory_mb=8192, uuid=UUID) -> dict:
@@ -1053,15 +1052,9 @@ class TestCanonical:
 # --- the benchmark scenarios ----------------------------------------------------------------------
 
 
-def _scenarios() -> list[dict]:
-    if not SCENARIOS.exists():
-        return []
-    return json.loads(SCENARIOS.read_text())
-
-
-@pytest.mark.skipif(not SCENARIOS.exists(), reason=f"{SCENARIOS} absent")
+@pytest.mark.skipif(not FIT_SCENARIOS.exists(), reason=f"{FIT_SCENARIOS} absent")
 def test_every_fit_scenario_instance_parses():
-    scenarios = _scenarios()
+    scenarios = fit_scenarios()
     assert scenarios
     for scenario in scenarios:
         req = parse_request(scenario["instance"])

@@ -1,8 +1,9 @@
-"""Helpers for tests that run against the real-libvirt testbed (scripts/testbed).
+"""Driver of the real-libvirt testbed (scripts/testbed, docs/testbed.md), shared by the
+`testbed` tests, bench/migration_bench.py, scripts/demo.py and scripts/testbed.d/migration_demo.py.
 
 Typical use::
 
-    from tests.testbed import ensure_testbed, guest_xml, define_and_start, wait_guest_ready
+    from agent.testing.testbed import ensure_testbed, guest_xml, define_and_start, wait_guest_ready
 
     h1, h2 = ensure_testbed(2)
     define_and_start(h1, guest_xml("g1", vcpu_pins={0: [1]}))
@@ -23,7 +24,8 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape, quoteattr
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# agent/testing/testbed.py -> the checkout (the package is installed in editable mode: scripts/setup)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "scripts", "testbed")
 STATE = os.environ.get("COMPUTE_AGENT_TESTBED_DIR", "/var/tmp/compute-agent-testbed")
 NET = os.environ.get("COMPUTE_AGENT_TESTBED_NET", "127.0.0")
@@ -221,8 +223,8 @@ def guest_xml(
         parts.append("  <cpu mode='custom' match='exact' check='none'>")
         parts.append("    <model fallback='allow'>qemu64</model>")
         parts.append("    <numa>")
-        for idx, (cpus, mem) in enumerate(numa_cells):
-            parts.append("      <cell id='%d' cpus='%s' memory='%d' unit='MiB'/>" % (idx, _cpuset(cpus), mem))
+        for idx, (cell_cpus, mem) in enumerate(numa_cells):
+            parts.append("      <cell id='%d' cpus='%s' memory='%d' unit='MiB'/>" % (idx, _cpuset(cell_cpus), mem))
         parts.append("    </numa>")
         parts.append("  </cpu>")
     parts += [

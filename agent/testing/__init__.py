@@ -1,0 +1,23 @@
+"""Test support for compute-agent: one home for the fakes, the builders and the testbed driver.
+
+Used by the tests (tests/), the benchmarks (bench/) and the demos (scripts/demo.py,
+scripts/testbed.d/migration_demo.py) alike; none of them imports `tests` or edits `sys.path`
+(the venv has the package installed in editable mode, scripts/setup). Nothing in the agent itself
+imports this package.
+
+- `agent.testing.fake_libvirt`: one fake libvirt: `FakeError` (a libvirtError with a code),
+  `FakeDomain` (a domain whose migration job follows a script of `job_stats`), `FakeConn`,
+  and the destination's `DestConn` / `DestDomain`.
+- `agent.testing.clock`: one `FakeClock`, a callable clock with `advance` and `sleep`, for every
+  `clock=` / `sleep=` the agent takes.
+- `agent.testing.builders`: host topologies (`topology`), host states (`state_cell`,
+  `host_state`, `state_fn`), instance requests (`request`, `cells_request`) and the shared fit
+  scenarios (`fit_scenarios`).
+- `agent.testing.testbed`: the driver of the real-libvirt testbed (scripts/testbed): hosts,
+  guest XML, define/start/destroy, console waits, the calibrated non-converging guest.
+
+Import the module you need (`from agent.testing.fake_libvirt import FakeConn`); this package
+imports none of them, so using the builders never loads libvirt.
+"""
+
+MODULES = ("builders", "clock", "fake_libvirt", "testbed")
