@@ -249,7 +249,8 @@ class MigrationRunner:
 
     def _require_job(self, what: str) -> MigrationJob:
         job = self._job
-        if job is None or job.done.is_set():
+        waiting_for_resume = job is not None and job.postcopy_phase is PostCopyPhase.PAUSED
+        if job is None or (job.done.is_set() and not waiting_for_resume):
             raise NoMigrationInProgress(f"{what}: no migration in progress")
         return job
 
@@ -565,6 +566,8 @@ class MigrationRunner:
             outcome = self._completed_outcome(job, target, prep, result, last_stats, elapsed)
         else:
             outcome = self._failed_outcome(job, target, prep, result, last_stats, elapsed)
+            if recoveries and not recoveries[-1].recovered:
+                outcome = replace(outcome, reason=f"{outcome.reason}; {recoveries[-1].summary()}")
         outcome = _with_extras(outcome, prep.preflight, recoveries)
         self._log_outcome(job, target, outcome)
         return outcome

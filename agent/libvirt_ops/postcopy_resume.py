@@ -47,7 +47,7 @@ class PostcopyRecovery:
     resumed_at_s: float | None  # the source ran post-copy again (None: never)
     ended_at_s: float
     attempts: int
-    recovered: bool  # the resumed migration completed
+    recovered: bool  # post-copy ran again (it may have completed or broken anew: another report then)
     last_error: str
     source_state: str  # "state/reason" of each side at the end, "unknown: <why>" when unreadable
     destination_state: str
@@ -59,6 +59,15 @@ class PostcopyRecovery:
     @property
     def total_s(self) -> float:
         return round(self.ended_at_s - self.broke_at_s, 3)
+
+    def summary(self) -> str:
+        if self.recovered:
+            return f"post-copy stream broke at {self.broke_at_s:.1f}s, resumed after {self.resume_s} s"
+        return (
+            f"post-copy stream broke at {self.broke_at_s:.1f}s and could not be resumed in {self.total_s:.0f} s "
+            f"({self.attempts} attempts, last error: {self.last_error}); guest on the source: {self.source_state}, "
+            f"on the destination: {self.destination_state}; nothing was destroyed"
+        )
 
 
 def broken_in_postcopy(job: MigrationJob, state: tuple[int, int] | None) -> bool:
@@ -120,7 +129,7 @@ class PostcopyResumer:
             attempts += 1
             self._sleep(backoff_s(attempts))
             self._try_once(job_dom if attempts == 1 else None, attempts)
-            if job.error is None:
+            if job.error is None or self._resumed_at is not None:  # completed, or resumed and broke again
                 return self._report(broke_at, attempts, recovered=True, last_error="")
             if not self._broken():
                 break  # no longer resumable (the state says something else): nothing more to do here
