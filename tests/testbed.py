@@ -36,6 +36,7 @@ TICK_LINE = "TESTBED-GUEST-TICK"
 # /var/log/libvirt is per host, so after a migration the destination writes
 # to its own copy (host.log_dir on the outside).
 CONSOLE_LOG_IN_NS = "/var/log/libvirt/qemu/{name}.console.log"
+MIGRATION_PORT_BASE = 49152  # host i: BASE + (i-1)*100 .. +99, as scripts/testbed
 
 
 # A guest that does not converge without help on this testbed, and migration settings that
@@ -76,6 +77,12 @@ class TestbedHost:
 
     def connect(self):
         return _libvirt().open(self.uri)
+
+    @property
+    def migration_ports(self) -> Tuple[int, int]:
+        """(first, last) of this host's QEMU migration port range (scripts/testbed: migration_ports)."""
+        first = MIGRATION_PORT_BASE + (self.index - 1) * 100
+        return first, first + 99
 
 
 _QUIET = False
@@ -357,3 +364,74 @@ def destroy_all(host: TestbedHost, prefix: Optional[str] = None) -> None:
                 pass
     finally:
         conn.close()
+
+
+# --- breaking a migration stream for real ------------------------------------------------------------
+
+
+class StreamBreaker:
+    """Breaks the migration streams into `dest` for real: kills (``ss -K``, SOCK_DESTROY) every TCP
+    socket to or from the destination's QEMU migration ports, again and again every `every_s`
+    seconds, for `seconds` (so a reconnect during the break is cut too). Both QEMUs see their socket
+    fail at once (ECONNABORTED), as with a link that drops; no firewall is needed (this machine has
+    no iptables/nft). The libvirtd RPC connections (port 16509) are not touched.
+
+    Use ``start()`` (a thread) and ``join()``; ``killed`` counts the sockets killed, ``started_at``
+    / ``ended_at`` are time.monotonic() values."""
+
+    def __init__(self, dest: TestbedHost, seconds: float, every_s: float = 0.1) -> None:
+        import threading  # noqa: PLC0415
+
+        self.dest, self.seconds, self.every_s = dest, seconds, every_s
+        self.killed = 0
+        self.started_at: Optional[float] = None
+        self.ended_at: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stream-breaker", daemon=True)
+
+    def _filter(self) -> List[str]:
+        lo, hi = self.dest.migration_ports
+        addr = self.dest.address
+        return [
+            "( dst %s and dport >= :%d and dport <= :%d ) or ( src %s and sport >= :%d and sport <= :%d )"
+            % (addr, lo, hi, addr, lo, hi)
+        ]
+
+    def kill_once(self) -> int:
+        out = subprocess.run(
+            ["ss", "-K", "-t", "-n", "-H"] + self._filter(), capture_output=True, text=True, check=False
+        ).stdout
+        n = len([line for line in out.splitlines() if line.strip()])
+        self.killed += n
+        return n
+
+    def _run(self) -> None:
+        self.started_at = time.monotonic()
+        end = self.started_at + self.seconds
+        while time.monotonic() < end and not self._stop.is_set():
+            self.kill_once()
+            self._stop.wait(self.every_s)
+        self.ended_at = time.monotonic()
+
+    def start(self) -> "StreamBreaker":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        self._thread.join(timeout)
+
+
+def dirtier_verdict(host: TestbedHost, name: str) -> Tuple[int, int, List[str]]:
+    """(verified_pages, bad_pages) of the last tick on `host`'s console of a guest started with
+    ``extra_cmdline="dirty_verify=1"``, and the MISMATCH lines (lost writes) printed there."""
+    with open(host.console_log(name), errors="replace") as fh:
+        text = fh.read()
+    ticks = re.findall(r"verified_pages=(\d+) bad_pages=(\d+)", text)
+    mismatches = [line for line in text.splitlines() if "TESTBED-DIRTIER-MISMATCH" in line]
+    if not ticks:
+        return 0, 0, mismatches
+    verified, bad = ticks[-1]
+    return int(verified), int(bad), mismatches

@@ -293,6 +293,7 @@ class Situation:
     timeout_action: str
     timeout_fired: bool
     steps: tuple[tuple[float, int], ...]
+    postcopy_paused: bool = False  # the post-copy stream broke: both sides wait for the resume
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +311,8 @@ def _mib_s(bps: float) -> str:
 
 def convergence_verdict(s: Situation) -> tuple[VerdictName, str]:
     """converging / not converging (with why) / unknown (rates not measured yet)."""
+    if s.postcopy_paused:
+        return "unknown", "post-copy stream broken: both sides wait paused for the resume"
     if s.phase == "postcopy":
         return "converging", "post-copy: the guest runs on the destination, the rest is pulled"
     if s.phase == "paused-precopy":
@@ -334,6 +337,8 @@ def _timeout_step(s: Situation) -> tuple[str, float] | None:
 
 def next_action(s: Situation, verdict: VerdictName) -> tuple[str, float | None]:
     """The next thing the monitor will do and in how many seconds (0 = now), ("", None) if none."""
+    if s.postcopy_paused:
+        return "post-copy resume", 0.0
     if s.phase != "precopy":
         return "", None
     if s.stalled and s.postcopy_armed and s.postcopy_switch == "on_stall":
@@ -354,7 +359,7 @@ def next_action(s: Situation, verdict: VerdictName) -> tuple[str, float | None]:
 def judge(s: Situation) -> Verdict:
     verdict, why = convergence_verdict(s)
     eta = 0.0 if s.phase == "postcopy" else eta_s(s.remaining, s.transfer_bps, s.dirty_bps)
-    if verdict == "not converging":
+    if verdict != "converging":
         eta = None
     what, in_s = next_action(s, verdict)
     return Verdict(verdict=verdict, why=why, eta_s=eta, next_action=what, next_action_in_s=in_s)

@@ -35,7 +35,7 @@ from agent.libvirt_ops.convergence import (
     with_verdict,
 )
 from agent.libvirt_ops.errors import MigrationError, libvirt_error_details
-from agent.libvirt_ops.migration_job import JobControls, MigrationJob
+from agent.libvirt_ops.migration_job import JobControls, MigrationJob, PostCopyPhase
 
 # how long (real seconds) to wait for migrateToURI3 to return once the job is seen finished
 FINISH_WAIT_S = 30.0
@@ -279,4 +279,5 @@ class MigrationMonitor:
             timeout_action=self._plan.timeout_action,
             timeout_fired=self._job.timeout_fired,
             steps=self._plan.steps,
+            postcopy_paused=self._job.postcopy_phase is PostCopyPhase.PAUSED,
         )

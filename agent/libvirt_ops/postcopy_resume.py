@@ -125,9 +125,9 @@ class PostcopyResumer:
             self._window_s,
         )
         self._resumed_at, attempts = None, 0
-        while self._may_retry(broke_at, attempts):
+        while (wait := self._wait_before_next(broke_at, attempts)) is not None:
             attempts += 1
-            self._sleep(backoff_s(attempts))
+            self._sleep(wait)
             self._try_once(job_dom if attempts == 1 else None, attempts)
             if job.error is None or self._resumed_at is not None:  # completed, or resumed and broke again
                 return self._report(broke_at, attempts, recovered=True, last_error="")
@@ -135,9 +135,13 @@ class PostcopyResumer:
                 break  # no longer resumable (the state says something else): nothing more to do here
         return self._report(broke_at, attempts, recovered=False, last_error=_detail(job.error) or first_error)
 
-    def _may_retry(self, broke_at: float, attempts: int) -> bool:
-        next_at = self._now() + backoff_s(attempts + 1)
-        return attempts == 0 or next_at - broke_at <= self._window_s
+    def _wait_before_next(self, broke_at: float, attempts: int) -> float | None:
+        """Seconds to wait before the next attempt, None once the window is over (the backoff is
+        cut short so that the last attempt is made at the window's end)."""
+        if attempts == 0:
+            return 0.0
+        left = broke_at + self._window_s - self._now()
+        return None if left <= 0 else min(backoff_s(attempts + 1), left)
 
     def _try_once(self, job_dom: Any, attempt: int) -> None:
         """One resume attempt: over the job connection first, then over a new connection each time
@@ -195,16 +199,29 @@ class PostcopyResumer:
 
 
 def _state_text(read: tuple[tuple[int, int] | None, str]) -> str:
+    """E.g. "paused/postcopy-failed (3/13)"."""
     state, message = read
     if state is None:
         return f"unknown: {message}"
-    return f"{_STATE_NAMES.get(state[0], state[0])}/{state[1]}"
+    name = _STATE_NAMES.get(state[0], "state")
+    reason = _REASON_NAMES.get(state, "reason")
+    return f"{name}/{reason} ({state[0]}/{state[1]})"
 
 
 def _detail(error: BaseException | None) -> str:
     return "" if error is None else libvirt_error_details(error)[1]
 
 
+_REASON_NAMES = {
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY): "postcopy",
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED): "postcopy-failed",
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION): "migration",
+    (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER): "user",
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY): "postcopy",
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED): "postcopy-failed",
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_MIGRATED): "migrated",
+    (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED): "booted",
+}
 _STATE_NAMES = {
     libvirt.VIR_DOMAIN_RUNNING: "running",
     libvirt.VIR_DOMAIN_PAUSED: "paused",

@@ -165,6 +165,12 @@ def test_verdict_unknown_before_a_rate_and_nothing_next_in_postcopy():
     assert judge(situation(timeout_fired=True, elapsed_s=30.0)).next_action == ""
 
 
+def test_verdict_while_the_postcopy_stream_is_broken():
+    v = judge(situation(phase="postcopy", postcopy_paused=True))
+    assert v.verdict == "unknown" and "broken" in v.why and v.eta_s is None
+    assert (v.next_action, v.next_action_in_s) == ("post-copy resume", 0.0)
+
+
 def test_next_downtime_step():
     assert next_downtime_step(list(STEPS), 0.0) == (10.0, 175)
     assert next_downtime_step(list(STEPS), 20.0) is None
@@ -198,7 +204,7 @@ def test_judge_is_total(phase, elapsed, transfer, dirty, stalled, armed, switch,
     assert v.verdict in ("converging", "not converging", "unknown")
     assert v.next_action_in_s is None or v.next_action_in_s >= 0
     assert (v.next_action == "") == (v.next_action_in_s is None)
-    if v.verdict == "not converging":
+    if v.verdict != "converging":
         assert v.eta_s is None and v.why
 
 
