@@ -55,6 +55,7 @@ HOT_MIGRATION = dict(  # LibvirtConfig keyword arguments
     live_migration_auto_converge_initial=50,
     live_migration_auto_converge_increment=25,
     live_migration_poll_interval_s=0.5,
+    live_migration_postcopy_switch="on_stall",  # post-copy (when armed) switches once pre-copy stalls
 )
 
 
@@ -369,23 +370,47 @@ def destroy_all(host: TestbedHost, prefix: Optional[str] = None) -> None:
 # --- breaking a migration stream for real ------------------------------------------------------------
 
 
+def port_masks(lo: int, hi: int) -> List[Tuple[int, int]]:
+    """(value, mask) pairs whose union is exactly the ports lo..hi (for tc u32 matches)."""
+    out = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while lo + size - 1 > hi:
+            size >>= 1
+        out.append((lo, 0xFFFF ^ (size - 1)))
+        lo += size
+    return out
+
+
 class StreamBreaker:
-    """Breaks the migration streams into `dest` for real: kills (``ss -K``, SOCK_DESTROY) every TCP
-    socket to or from the destination's QEMU migration ports, again and again every `every_s`
-    seconds, for `seconds` (so a reconnect during the break is cut too). Both QEMUs see their socket
-    fail at once (ECONNABORTED), as with a link that drops; no firewall is needed (this machine has
-    no iptables/nft). The libvirtd RPC connections (port 16509) are not touched.
+    """Breaks the migration stream into `dest` for real and keeps the link down for `seconds`.
 
-    Use ``start()`` (a thread) and ``join()``; ``killed`` counts the sockets killed, ``started_at``
-    / ``ended_at`` are time.monotonic() values."""
+    1. Every packet to or from the destination's QEMU migration ports is dropped (a tc ``htb``
+       root qdisc on ``lo`` whose class for those ports leads to a ``blackhole`` qdisc; other
+       traffic goes through unshaped); this machine has no iptables/nft, and tc's drop action
+       module is missing.
+    2. The established stream is killed (``ss -K``, SOCK_DESTROY): both QEMUs see it fail at once
+       (a dropped-only stream would go unnoticed for minutes of TCP retransmits).
+    3. After `seconds` (or ``stop()``) the qdisc is removed: a reconnect (QEMU retries its SYN)
+       gets through.
 
-    def __init__(self, dest: TestbedHost, seconds: float, every_s: float = 0.1) -> None:
+    Why not kill sockets again and again for the whole break: QEMU 7.2 segfaults in the
+    destination's postcopy/listen thread when a *resumed* post-copy stream breaks again during the
+    recovery (docs/testbed.md); a flapping link would test that QEMU bug, not the agent.
+
+    The loopback root qdisc is machine-wide: the breaker refuses to start unless ``lo`` has its
+    default (noqueue) root, and always removes its own. The libvirtd RPC (port 16509) is untouched.
+    ``start()`` (a thread), ``stop()``, ``join()``; ``killed`` counts the sockets killed;
+    ``started_at`` / ``ended_at`` are time.monotonic() values."""
+
+    def __init__(self, dest: TestbedHost, seconds: float) -> None:
         import threading  # noqa: PLC0415
 
-        self.dest, self.seconds, self.every_s = dest, seconds, every_s
+        self.dest, self.seconds = dest, seconds
         self.killed = 0
         self.started_at: Optional[float] = None
         self.ended_at: Optional[float] = None
+        self.error: Optional[str] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stream-breaker", daemon=True)
 
@@ -405,13 +430,48 @@ class StreamBreaker:
         self.killed += n
         return n
 
+    @staticmethod
+    def _tc(*args: str) -> None:
+        subprocess.run(["tc"] + list(args), check=True, capture_output=True, text=True)
+
+    def _drop_on(self) -> None:
+        root = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
+        if not root.startswith("qdisc noqueue"):
+            raise RuntimeError("lo has a root qdisc already (%s): not touching it" % root.strip())
+        self._tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "0")
+        try:
+            self._tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "8bit")
+            self._tc("qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:", "blackhole")
+            lo, hi = self.dest.migration_ports
+            for value, mask in port_masks(lo, hi):
+                for way, port in (("dst", "dport"), ("src", "sport")):
+                    self._tc(
+                        "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                        "match", "ip", way, "%s/32" % self.dest.address,
+                        "match", "ip", port, str(value), hex(mask), "flowid", "1:1",
+                    )  # fmt: skip
+        except BaseException:
+            self._drop_off()
+            raise
+
+    @staticmethod
+    def _drop_off() -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True, check=False)
+
     def _run(self) -> None:
         self.started_at = time.monotonic()
-        end = self.started_at + self.seconds
-        while time.monotonic() < end and not self._stop.is_set():
+        try:
+            self._drop_on()
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            self.error = str(exc)
+            self.ended_at = time.monotonic()
+            return
+        try:
             self.kill_once()
-            self._stop.wait(self.every_s)
-        self.ended_at = time.monotonic()
+            self._stop.wait(self.seconds)
+        finally:
+            self._drop_off()
+            self.ended_at = time.monotonic()
 
     def start(self) -> "StreamBreaker":
         self._thread.start()

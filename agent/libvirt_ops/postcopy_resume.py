@@ -4,6 +4,12 @@ PAUSED / POSTCOPY_FAILED and the migrateToURI3 call fails. Nothing is destroyed:
 with ``VIR_MIGRATE_POSTCOPY_RESUME`` (same flags and parameters as the original call) over the same
 connection first, then over new ones, with backoff, within ``live_migration_postcopy_recovery_s``.
 Only then is the migration declared failed, with the guest state on each side in the report.
+
+Limits (libvirt 9.0 / QEMU 7.2): an attempt that is still connecting when the window closes runs
+to its end -- QEMU cannot cancel a resume before it is connected (migrate-pause needs
+postcopy-active) and libvirt sets no timeout, so the outcome may come up to a TCP connect timeout
+(about 2 min with tcp_syn_retries=6) after the window. Retrying stops early when the destination's
+guest is gone (its QEMU died): no resume can work then.
 """
 
 from __future__ import annotations
@@ -98,6 +104,8 @@ class PostcopyResumer:
         self._attempt, self._connect = attempt, connect
         self._clock, self._sleep, self._log, self._start = clock, sleep, log, start
         self._resumed_at: float | None = None
+        self._window_end = float("inf")  # seconds since start; set when a break is seen
+        self._late_warned = False
 
     def run(self, job_dom: Any) -> list[PostcopyRecovery]:
         reports: list[PostcopyRecovery] = []
@@ -125,14 +133,15 @@ class PostcopyResumer:
             self._window_s,
         )
         self._resumed_at, attempts = None, 0
+        self._window_end, self._late_warned = broke_at + self._window_s, False
         while (wait := self._wait_before_next(broke_at, attempts)) is not None:
             attempts += 1
             self._sleep(wait)
             self._try_once(job_dom if attempts == 1 else None, attempts)
             if job.error is None or self._resumed_at is not None:  # completed, or resumed and broke again
                 return self._report(broke_at, attempts, recovered=True, last_error="")
-            if not self._broken():
-                break  # no longer resumable (the state says something else): nothing more to do here
+            if not self._broken() or self._destination_lost():
+                break  # no longer resumable: nothing more to do here
         return self._report(broke_at, attempts, recovered=False, last_error=_detail(job.error) or first_error)
 
     def _wait_before_next(self, broke_at: float, attempts: int) -> float | None:
@@ -166,6 +175,30 @@ class PostcopyResumer:
         if self._resumed_at is None and sample.state in POSTCOPY_RUNNING_STATES:
             self._resumed_at = self._now()
             self._log.info("migration %s: post-copy resumed after the break", self._job.name)
+        elif self._resumed_at is None and self._now() > self._window_end and not self._late_warned:
+            self._late_warned = True
+            self._log.warning(
+                "migration %s: the post-copy recovery window is over while a resume attempt is still "
+                "connecting; QEMU cannot cancel it (migrate-pause needs postcopy-active): waiting for it",
+                self._job.name,
+            )
+
+    def _destination_lost(self) -> bool:
+        """The destination's QEMU is gone (shut off, crashed, undefined): no resume can work."""
+        try:
+            conn = self._connect(self._dest_uri)
+        except AgentError:
+            return False  # unreachable is not lost: the link may come back
+        try:
+            state, _message = read_state(conn.lookupByUUIDString(self._job.uuid))
+        except libvirt.libvirtError as exc:
+            return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+        finally:
+            close_quietly(conn)
+        lost = state is not None and state[0] in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED)
+        if lost:
+            self._log.error("migration %s: the destination's guest is gone (%s): no resume", self._job.name, state)
+        return lost
 
     def _report(self, broke_at: float, attempts: int, *, recovered: bool, last_error: str) -> PostcopyRecovery:
         resumed_at = self._resumed_at

@@ -162,6 +162,21 @@ def test_abort_is_refused_while_waiting_for_the_resume():
             except mig.MigrationAbortRefused as exc:
                 errors.append(exc)
 
-    runner = mig.MigrationRunner(src, config, clock=clock, sleep=sleep, connect=connector(src, FakeConn()))
+    dest_conn = DestConn(lambda: dom.mode != "precopy", DestDomain(active=True))
+    runner = mig.MigrationRunner(src, config, clock=clock, sleep=sleep, connect=connector(src, dest_conn))
     outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
     assert errors and outcome.status == "completed" and "abortJob" not in dom.names()
+
+
+def test_no_more_attempts_once_the_destination_guest_is_gone():
+    clock = Clock()
+    dom = BreakingDomain([stats(300, iteration=1)] * 10, "hang", resume_failures=10_000, clock=clock)
+    src = FakeConn(dom)
+    dest = DestDomain(active=False)  # its QEMU died: shut off
+    config = cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete")
+    dest_conn = DestConn(lambda: dom.mode != "precopy", dest)
+    runner = mig.MigrationRunner(src, config, clock=clock, sleep=clock.sleep, connect=connector(src, dest_conn))
+    outcome = runner.run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
+    (rec,) = outcome.postcopy_recoveries
+    assert rec.attempts == 1 and not rec.recovered and rec.destination_state.startswith("shut off/")
+    assert outcome.status == "failed" and not dest.undefined and "resume" not in dom.names()
