@@ -20,7 +20,7 @@ import re
 import shutil
 import subprocess
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape, quoteattr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +44,8 @@ MIGRATION_PORT_BASE = 49152  # host i: BASE + (i-1)*100 .. +99, as scripts/testb
 # TCG): no policy never converges, post-copy completes in ~20 s, auto-converge in 30-60 s at 99 %
 # throttle. An unpaced dirtier manages ~32 MB/s under TCG and QEMU's throttle cuts that only ~3x,
 # hence the paced 20 MB/s over a 16 MiB/s link. Used by the migration tests, bench and demo.
-HOT_GUEST = dict(memory_mib=256, dirty_mb=64, dirty_rate_mbps=20, tick_s=2)
-HOT_MIGRATION = dict(  # LibvirtConfig keyword arguments
+HOT_GUEST: Dict[str, Any] = dict(memory_mib=256, dirty_mb=64, dirty_rate_mbps=20, tick_s=2)
+HOT_MIGRATION: Dict[str, Any] = dict(  # LibvirtConfig keyword arguments
     live_migration_bandwidth_mib=16,
     live_migration_downtime_ms=1000,
     live_migration_downtime_steps=10,
@@ -229,8 +229,8 @@ def guest_xml(
         parts.append("  <cpu mode='custom' match='exact' check='none'>")
         parts.append("    <model fallback='allow'>qemu64</model>")
         parts.append("    <numa>")
-        for idx, (cpus, mem) in enumerate(numa_cells):
-            parts.append("      <cell id='%d' cpus='%s' memory='%d' unit='MiB'/>" % (idx, _cpuset(cpus), mem))
+        for idx, (cell_cpus, mem) in enumerate(numa_cells):
+            parts.append("      <cell id='%d' cpus='%s' memory='%d' unit='MiB'/>" % (idx, _cpuset(cell_cpus), mem))
         parts.append("    </numa>")
         parts.append("  </cpu>")
     parts += [
