@@ -60,6 +60,7 @@ from agent.libvirt_ops.errors import (
 )
 from agent.libvirt_ops.migration_job import (
     MAX_FORCE_COMPLETE_FAILURES,
+    MAX_STALL_SWITCH_FAILURES,
     JobControls,
     MigrationJob,
     PostCopyPhase,
@@ -74,6 +75,7 @@ from agent.numa.placement import Placement
 from agent.numa.request import InstanceRequest, parse_request
 
 __all__ = [
+    "MAX_STALL_SWITCH_FAILURES",
     "NOT_CONVERGING_MIN_SHRINK",
     "ConvergencePrediction",
     "ConvergenceTracker",

@@ -26,6 +26,9 @@ from agent.libvirt_ops.errors import MigrationError, libvirt_error_details
 # a failed force-complete (switch to post-copy / pause) at the completion timeout is retried on the
 # next polls; after this many failures the timeout falls back to aborting the job
 MAX_FORCE_COMPLETE_FAILURES = 3
+# a switch to post-copy on a stall that libvirt refuses is retried on the next polls this many times
+# in all; then the stall trigger gives up and the completion timeout (its action) decides
+MAX_STALL_SWITCH_FAILURES = 3
 
 # (state, reason) pairs of a domain whose migration is in post-copy; libvirt accepts
 # migrateStartPostCopy at once but switches at the next iteration: only these states (or observing

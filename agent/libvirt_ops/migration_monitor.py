@@ -35,7 +35,7 @@ from agent.libvirt_ops.convergence import (
     with_verdict,
 )
 from agent.libvirt_ops.errors import MigrationError, libvirt_error_details
-from agent.libvirt_ops.migration_job import JobControls, MigrationJob, PostCopyPhase
+from agent.libvirt_ops.migration_job import MAX_STALL_SWITCH_FAILURES, JobControls, MigrationJob, PostCopyPhase
 
 # how long (real seconds) to wait for migrateToURI3 to return once the job is seen finished
 FINISH_WAIT_S = 30.0
@@ -187,7 +187,9 @@ class MigrationMonitor:
         return self._job.timeout_fired and grace is not None and fired_at is not None and elapsed > fired_at + grace
 
     def _stall_switch_due(self) -> bool:
-        return self._job.policy.post_copy and self._plan.postcopy_switch == "on_stall" and self._stall.stalled
+        job = self._job
+        armed = job.policy.post_copy and self._plan.postcopy_switch == "on_stall"
+        return armed and self._stall.stalled and job.switch_failures < MAX_STALL_SWITCH_FAILURES
 
     # -- act -------------------------------------------------------------------------------------
 

@@ -300,3 +300,23 @@ def test_abort_from_another_thread_during_preflight_measurement():
     runner.abort()
     t.join(10)
     assert result["o"].status == "aborted" and "migrateToURI3" not in dom.names()
+
+
+# --- a refused switch on a stall: bounded retries, then the timeout action decides ----------------------
+
+
+def test_refused_stall_switch_is_retried_a_bounded_number_of_times_then_the_timeout_decides():
+    clock = Clock()
+
+    class D(FakeDomain):
+        def migrateStartPostCopy(self, flags=0):
+            self.calls.append(("migrateStartPostCopy",))
+            raise FakeError("internal error: unable to execute QEMU command 'migrate-start-postcopy'")
+
+    script = [stats(r, iteration=1) for r in (400, 300)] + [stats(64, iteration=2 + i // 2) for i in range(200)]
+    dom = D(script, "hang", clock=clock)
+    config = cfg(live_migration_postcopy_switch="on_stall", live_migration_completion_timeout_s=30)
+    outcome = runner_for(dom, config, clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
+    assert dom.names().count("migrateStartPostCopy") == mig.MAX_STALL_SWITCH_FAILURES
+    assert outcome.status == "aborted" and "completion timeout" in outcome.reason
+    assert 30.0 < outcome.elapsed_s < 31.5
