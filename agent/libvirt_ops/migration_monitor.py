@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import libvirt
+import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type information
 
 from agent.libvirt_ops.convergence import (
     MigrationProgress,
