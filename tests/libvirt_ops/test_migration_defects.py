@@ -320,3 +320,23 @@ def test_refused_stall_switch_is_retried_a_bounded_number_of_times_then_the_time
     assert dom.names().count("migrateStartPostCopy") == mig.MAX_STALL_SWITCH_FAILURES
     assert outcome.status == "aborted" and "completion timeout" in outcome.reason
     assert 30.0 < outcome.elapsed_s < 31.5
+
+
+# --- live_migration_postcopy_switch ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("switch", "switched"), [("on_timeout", True), ("never", False), ("on_stall", False)])
+def test_postcopy_switch_modes_at_the_completion_timeout_with_action_abort(switch, switched):
+    """Post-copy armed, timeout action abort, pre-copy still shrinking (no stall): on_timeout switches
+    at the timeout (as Nova's force-complete), never and on_stall leave it to the timeout action."""
+    clock = Clock()
+    script = [stats(500 - 10 * i, iteration=1) for i in range(40)]
+    dom = FakeDomain(script, "hang", postcopy_script=[stats(50, iteration=3)], clock=clock)
+    config = cfg(live_migration_completion_timeout_s=3, live_migration_postcopy_switch=switch)
+    outcome = runner_for(dom, config, clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
+    if switched:
+        assert outcome.status == "completed" and outcome.switched_to_postcopy
+        assert "abortJob" not in dom.names()
+    else:
+        assert outcome.status == "aborted" and "completion timeout" in outcome.reason
+        assert "migrateStartPostCopy" not in dom.names()
