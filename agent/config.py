@@ -51,6 +51,11 @@ class LibvirtConfig:
     live_migration_auto_converge_increment: int = 10
     live_migration_post_copy_bandwidth_mib: int = 0  # 0 = unlimited
     live_migration_poll_interval_s: float = 0.5
+    # when an armed post-copy switch happens: on a stalled pre-copy, at the completion timeout, or
+    # only by force_complete() / timeout action force_complete
+    live_migration_postcopy_switch: Literal["on_stall", "on_timeout", "never"] = "on_timeout"
+    live_migration_postcopy_recovery_s: int = 300  # resume a broken post-copy for this long; 0 = no resume
+    live_migration_preflight_dirty_rate_s: int = 1  # measure the dirty rate before starting; 0 = skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +243,10 @@ _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
         "live_migration_auto_converge_increment": _int_range(1, 99),
         "live_migration_post_copy_bandwidth_mib": _int_range(0, 1 << 20),
         "live_migration_poll_interval_s": _float_range(0.05, 60.0, lo_inclusive=True),
+        "live_migration_postcopy_switch": _choice("on_stall", "on_timeout", "never"),
+        "live_migration_postcopy_recovery_s": _int_range(0, 1 << 20),
+        # libvirt's dirty-rate calculation takes whole seconds, 1..60
+        "live_migration_preflight_dirty_rate_s": _int_range(0, 60),
     },
     "claims": {
         "state_dir": _abs_path,

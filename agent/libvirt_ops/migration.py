@@ -1,43 +1,26 @@
-"""Live migration runner + monitor: start a libvirt migration job and steer it to an outcome.
+"""Live migration runner: start a libvirt migration job and steer it to an outcome.
 
 ``MigrationRunner.run()`` does, in order (see DESIGN.md, "A migration, end to end", step 4):
 
-1. look the domain up, decide the policy (``policy.decide_policy``: a conflicting request raises
-   before any migration call), read its migratable XML and rewrite it for the destination
-   ``Placement`` (live and persistent definitions alike);
+1. prepare: look the domain up, refuse a request whose instance UUID is not the domain's, decide
+   the policy (``policy.decide_policy``: a conflicting request raises before any migration call),
+   read its migratable XML and rewrite it for the destination ``Placement`` (live and persistent
+   definitions alike), measure the guest's dirty rate and predict convergence (``preflight``);
 2. start ``virDomainMigrateToURI3`` in a worker thread (it blocks until the job ends);
-3. in the calling thread, poll ``jobStats()`` every ``live_migration_poll_interval_s`` and
-   - report ``MigrationProgress`` to the callback,
-   - raise the maximum downtime in steps (``downtime_steps``, Nova's linear schedule),
-   - enforce the completion timeout (``completion_timeout_s``) with the configured action,
-   - switch to post-copy when the policy armed it and pre-copy is not converging
-     (``ConvergenceTracker``: see "Post-copy switch trigger" below);
-4. build the ``MigrationOutcome``; on failure make sure the VM still runs on the source (resume it
-   if *we* paused it) and that nothing of it is left defined on the destination -- unless the job
-   really was in post-copy (seen in the domain state while it ran, or the source's state after the
-   failure is a post-copy one): the guest's memory is split then, both sides are left to the
-   operator. A post-copy *request* alone does not count: libvirt accepts migrateStartPostCopy at
-   once but switches at the next iteration, and the job may fail before that.
-   ``switched_to_postcopy`` reports observed post-copy only.
-
-Each poll makes one ``jobStats()`` and one ``state()`` call. A completion-timeout action that
-failed (abortJob refused, switch to post-copy / pause failed) is retried on the next poll; after
-_MAX_FORCE_COMPLETE_FAILURES failed force-completes the timeout aborts the job instead.
+3. in the calling thread, run the monitor (``migration_monitor``: poll -> observe -> act with the
+   pure rules of ``convergence``: downtime steps, completion timeout, post-copy switch, progress
+   with a convergence verdict);
+4. when the stream broke in post-copy (both sides paused), resume it with
+   VIR_MIGRATE_POSTCOPY_RESUME within ``live_migration_postcopy_recovery_s`` (``postcopy_resume``);
+5. build the ``MigrationOutcome``; on failure make sure the VM still runs on the source and that
+   nothing of it is left defined on the destination, unless the job really was in post-copy
+   (``migration_recovery``).
 
 ``abort()`` and ``force_complete()`` may be called from another thread while ``run()`` is in
-progress. Abort is refused (``MigrationAbortRefused``) once post-copy has been requested or is
-running: the guest already executes on the destination then. A failed abortJob raises
-MigrationError and changes nothing, unless libvirt has no job: then the job already ended ("too
-late", returns quietly) or has not started yet (the abort is done on the first active poll).
-``force_complete()`` raises MigrationError when the switch to post-copy (or the pause) failed.
-
-Post-copy switch trigger (only when the policy armed post-copy): pre-copy is "not converging" when,
-after the first full pass over RAM (``memory_iteration >= 2``), the dirty set left at the start of
-an iteration (the largest ``memory_remaining`` polled during that iteration) is still at least 90 %
-of the one of the previous observed iteration (>= 2): the guest dirties memory as fast as it is sent.
-The completion timeout with action ``force_complete``, and ``force_complete()``, also switch.
-Without post-copy armed, force-complete pauses the guest (``suspend``) so that pre-copy can finish,
-and resumes it if the migration then fails.
+progress. An abort during step 1 is kept and cancels the migration before it starts. Abort is
+refused (``MigrationAbortRefused``) once post-copy has been requested or is running: the guest
+already executes on the destination then. ``force_complete()`` is refused once an abort was
+accepted, and raises MigrationError when the switch to post-copy (or the pause) failed.
 """
 
 from __future__ import annotations
@@ -46,63 +29,89 @@ import logging
 import threading
 import time
 import uuid as _uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Mapping
 
-import libvirt
+import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type information
 
 from agent.config import LibvirtConfig
-from agent.errors import AgentError
+from agent.errors import AgentError, InvalidRequest
 from agent.libvirt_ops.connection import close_quietly, ensure_event_loop, lookup_domain, open_connection
+from agent.libvirt_ops.convergence import (
+    NOT_CONVERGING_MIN_SHRINK,
+    ConvergencePrediction,
+    ConvergenceTracker,
+    MigrationProgress,
+    Phase,
+    StallDetector,
+    Watermark,
+    completion_timeout_s,
+    downtime_for,
+    downtime_steps,
+    predict_precopy,
+    progress_from_stats,
+)
 from agent.libvirt_ops.domain_xml import rewrite_for_placement
 from agent.libvirt_ops.errors import (
-    LibvirtConnectionError,
     MigrationAbortRefused,
     MigrationError,
     NoMigrationInProgress,
     libvirt_error_details,
 )
+from agent.libvirt_ops.migration_job import (
+    MAX_FORCE_COMPLETE_FAILURES,
+    MAX_STALL_SWITCH_FAILURES,
+    JobControls,
+    MigrationJob,
+    PostCopyPhase,
+    read_state,
+)
+from agent.libvirt_ops.migration_monitor import MigrationMonitor, MonitorPlan, MonitorResult, Sample
+from agent.libvirt_ops.migration_recovery import FailureRecovery
 from agent.libvirt_ops.policy import MigrationPolicy, decide_policy, migration_flags, migration_params
+from agent.libvirt_ops.postcopy_resume import PostcopyRecovery, PostcopyResumer
+from agent.libvirt_ops.preflight import PreflightReport, measure_preflight
 from agent.numa.placement import Placement
 from agent.numa.request import InstanceRequest, parse_request
 
+__all__ = [
+    "MAX_STALL_SWITCH_FAILURES",
+    "NOT_CONVERGING_MIN_SHRINK",
+    "ConvergencePrediction",
+    "ConvergenceTracker",
+    "MigrationOutcome",
+    "MigrationPolicy",
+    "MigrationProgress",
+    "MigrationRunner",
+    "MigrationTarget",
+    "Phase",
+    "PostCopyPhase",
+    "PostcopyRecovery",
+    "PreflightReport",
+    "StallDetector",
+    "Watermark",
+    "completion_timeout_s",
+    "downtime_for",
+    "downtime_steps",
+    "predict_precopy",
+    "progress_from_stats",
+]
+
 LOG = logging.getLogger("compute_agent.migration")
 
-Phase = Literal["precopy", "postcopy", "paused-precopy"]
 Status = Literal["completed", "failed", "aborted"]
+_MAX_FORCE_COMPLETE_FAILURES = MAX_FORCE_COMPLETE_FAILURES  # the old private name, kept for the tests
 
-# a stalled pre-copy: an iteration's dirty set shrank by less than this fraction
-NOT_CONVERGING_MIN_SHRINK = 0.10
-# how long (real seconds) to wait for migrateToURI3 to return once the job is seen finished
-_FINISH_WAIT_S = 30.0
-
-# a failed force-complete (switch to post-copy / pause) at the completion timeout is retried on the
-# next polls; after this many failures the timeout falls back to aborting the job
-_MAX_FORCE_COMPLETE_FAILURES = 3
-
-# source lifecycle event details (event SUSPENDED) sent when the job switched to post-copy
-_POSTCOPY_SUSPEND_DETAILS = (
-    libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY,
-    libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY_FAILED,
-)
+# source lifecycle event details (event SUSPENDED): the job switched to post-copy / its stream broke
+_POSTCOPY_SUSPEND = libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY
+_POSTCOPY_SUSPEND_FAILED = libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY_FAILED
 # jobStats key: pages the destination requested during post-copy (> 0 proves the switch happened)
 _POSTCOPY_REQS = libvirt.VIR_DOMAIN_JOB_MEMORY_POSTCOPY_REQS
-
-_UNREAD: Any = object()  # "the caller did not read the domain state"
-
-_ACTIVE_JOB_TYPES = (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
-# (state, reason) pairs of a domain whose migration is in post-copy, or failed in post-copy (the
-# guest's memory is then split between the hosts). libvirt accepts migrateStartPostCopy at once but
-# switches at the next iteration: only these states (or observing one while the job ran) mean that
-# the switch really happened.
-_POSTCOPY_STATES = frozenset(
-    (
-        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY),
-        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED),
-        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY),
-        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED),
-    )
-)
+# how long the JOB_COMPLETED event may trail migrateToURI3's return (seconds)
+_EVENT_TRAIL_S = 2.0
+# the stall detector's window: a new low of remaining memory must be missing for this many polls
+# (never one sample)
+_STALL_WINDOW_POLLS = 5
 
 
 # --- value types ----------------------------------------------------------------------------------
@@ -120,20 +129,6 @@ class MigrationTarget:
 
 
 @dataclass(frozen=True, slots=True)
-class MigrationProgress:
-    phase: Phase
-    percent: float  # 0..100, (total - remaining) / total
-    memory_total: int  # bytes
-    memory_processed: int  # bytes sent so far (can exceed total: pages are resent)
-    memory_remaining: int  # bytes
-    dirty_rate_pps: int  # pages dirtied per second (memory_dirty_rate)
-    iteration: int  # memory_iteration: 1 = first pass over RAM
-    max_downtime_ms: int  # the max downtime currently set (0 = not set yet)
-    throttle_pct: int  # auto_converge_throttle
-    elapsed_s: float
-
-
-@dataclass(frozen=True, slots=True)
 class MigrationOutcome:
     status: Status
     reason: str
@@ -143,149 +138,24 @@ class MigrationOutcome:
     downtime_ms: int | None
     switched_to_postcopy: bool
     max_throttle_pct: int
+    preflight: PreflightReport | None = None  # dirty rate measured before starting + prediction
+    postcopy_recoveries: tuple[PostcopyRecovery, ...] = ()  # one per broken post-copy stream
 
 
-# --- schedules ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """Everything decided before the job starts."""
 
-
-def _data_gib(memory_mb: int | float) -> float:
-    """GiB of guest RAM to transfer, at least 1 (small guests still get sane delays)."""
-    return max(float(memory_mb) / 1024.0, 1.0)
-
-
-def downtime_steps(cfg: LibvirtConfig, memory_mb: int | float) -> list[tuple[float, int]]:
-    """[(seconds after start, max downtime ms)], Nova's linear schedule.
-
-    ``steps`` increases from ``downtime/steps`` to ``downtime`` (= live_migration_downtime_ms), one
-    every ``live_migration_downtime_delay_s`` x GiB of RAM (min 1 GiB). E.g. 500 ms, 10 steps,
-    75 s/GiB, 2 GiB: 0 s -> 50 ms, 150 s -> 95 ms, 300 s -> 140 ms, ..., 1500 s -> 500 ms.
-    """
-    downtime = cfg.live_migration_downtime_ms
-    steps = max(int(cfg.live_migration_downtime_steps), 1)
-    delay = cfg.live_migration_downtime_delay_s * _data_gib(memory_mb)
-    base = downtime / steps
-    offset = (downtime - base) / steps
-    return [(delay * i, max(int(base + offset * i), 1)) for i in range(steps + 1)]
-
-
-def downtime_for(steps: list[tuple[float, int]], elapsed_s: float) -> int | None:
-    """The step value in force at `elapsed_s` (None before the first marker)."""
-    value: int | None = None
-    for at, ms in steps:
-        if elapsed_s >= at:
-            value = ms
-    return value
-
-
-def completion_timeout_s(cfg: LibvirtConfig, memory_mb: int | float) -> float | None:
-    """live_migration_completion_timeout_s x GiB of RAM (min 1 GiB); None = no timeout."""
-    if cfg.live_migration_completion_timeout_s <= 0:
-        return None
-    return cfg.live_migration_completion_timeout_s * _data_gib(memory_mb)
-
-
-class ConvergenceTracker:
-    """Decides that pre-copy is not converging (see the module docstring).
-
-    Feed it every polled (memory_iteration, memory_remaining); ``observe`` returns True once the
-    dirty set stopped shrinking by at least `min_shrink` between two observed iterations >= 2.
-    """
-
-    def __init__(self, min_shrink: float = NOT_CONVERGING_MIN_SHRINK) -> None:
-        self.min_shrink = min_shrink
-        self._current: int | None = None
-        self._current_max = 0
-        self._done: list[tuple[int, int]] = []  # (iteration, max remaining) of finished iterations
-        self.stalled = False
-        self.why = ""
-
-    def observe(self, iteration: int, remaining: int) -> bool:
-        if self.stalled:
-            return True
-        if iteration < 2:  # first pass over RAM: nothing to judge yet
-            return False
-        if self._current is None or iteration > self._current:
-            if self._current is not None:
-                self._done.append((self._current, self._current_max))
-            self._current, self._current_max = iteration, remaining
-            if len(self._done) >= 2:
-                (it_a, prev), (it_b, last) = self._done[-2], self._done[-1]
-                if prev > 0 and last >= (1.0 - self.min_shrink) * prev:
-                    self.stalled = True
-                    self.why = (
-                        f"pre-copy not converging: dirty set {last >> 20} MiB at iteration {it_b} "
-                        f"vs {prev >> 20} MiB at iteration {it_a} (shrank < {self.min_shrink:.0%})"
-                    )
-                    return True
-        elif iteration == self._current:
-            self._current_max = max(self._current_max, remaining)
-        return False
-
-
-def progress_from_stats(
-    stats: Mapping[str, Any], *, phase: Phase, max_downtime_ms: int, elapsed_s: float
-) -> MigrationProgress:
-    """MigrationProgress from a ``jobStats()`` dict (missing keys count as 0)."""
-
-    def num(key: str) -> int:
-        try:
-            return int(stats.get(key, 0) or 0)
-        except (TypeError, ValueError):
-            return 0
-
-    total, processed, remaining = num("memory_total"), num("memory_processed"), num("memory_remaining")
-    if total > 0:
-        done = total - remaining if "memory_remaining" in stats else processed
-        percent = min(max(done * 100.0 / total, 0.0), 100.0)
-    else:
-        percent = 0.0
-    return MigrationProgress(
-        phase=phase,
-        percent=round(percent, 2),
-        memory_total=total,
-        memory_processed=processed,
-        memory_remaining=remaining,
-        dirty_rate_pps=num("memory_dirty_rate"),
-        iteration=num("memory_iteration"),
-        max_downtime_ms=max_downtime_ms,
-        throttle_pct=num("auto_converge_throttle"),
-        elapsed_s=round(elapsed_s, 3),
-    )
-
-
-# --- the runner -----------------------------------------------------------------------------------
-
-
-@dataclass
-class _Job:
     dom: Any
     name: str
     uuid: str
+    paused: bool
     policy: Any
-    domain_paused_at_start: bool
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-    postcopy_requested: bool = False  # migrateStartPostCopy succeeded (libvirt switches later)
-    in_postcopy: bool = False  # post-copy observed in the domain state: the switch happened
-    paused_by_us: bool = False
-    seen_active: bool = False  # the monitor has seen libvirt's job active
-    abort_requested: bool = False  # set only once abortJob() succeeded
-    abort_reason: str = ""
-    abort_pending: str = ""  # abort() came before libvirt started the job: abort on the first active poll
-    timeout_fired: bool = False  # the completion-timeout action was carried out
-    force_failures: int = 0  # failed force-complete attempts at the completion timeout
-    last_switch_error: str = ""  # libvirt's message for the last failed migrateStartPostCopy
-    last_force_error: str = ""
-    # final statistics delivered by the JOB_COMPLETED event on the job connection
-    event_stats: dict[str, Any] | None = None
-    event_seen: threading.Event = field(default_factory=threading.Event)
-    event_registered: bool = False
-
-    @property
-    def postcopy(self) -> bool:
-        """Post-copy requested or running: abort is refused and no pre-copy tuning is done. Not
-        proof that the switch happened (see `in_postcopy`)."""
-        return self.postcopy_requested or self.in_postcopy
+    flags: int
+    params: dict[str, Any]
+    plan: MonitorPlan
+    dest_preexisting: bool
+    preflight: PreflightReport | None
 
 
 class MigrationRunner:
@@ -311,7 +181,11 @@ class MigrationRunner:
         self._events = events  # run libvirt's event loop to get JOB_COMPLETED statistics
         self._lock = threading.RLock()
         self._run_lock = threading.Lock()
-        self._job: _Job | None = None
+        self._job: MigrationJob | None = None
+        self._preparing = False  # run() is in step 1: an abort is kept for the start
+        self._prep_abort = ""
+        self._controls = JobControls(cfg, log)
+        self._source_uri = ""  # the source connection's URI, read when a job connection is opened
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -329,44 +203,60 @@ class MigrationRunner:
         memory_mb, extra_specs, image_properties), parsed here first so that a contradictory
         request is refused before any libvirt call.
 
-        Raises (before any migration call): InvalidRequest (incl. policy conflicts), DomainNotFound,
-        LibvirtConnectionError, DomainXMLError, MigrationError. Once the job is started every
-        problem is reported in the returned MigrationOutcome instead.
+        Raises (before any migration call): InvalidRequest (incl. policy conflicts and a request for
+        another instance), DomainNotFound, LibvirtConnectionError, DomainXMLError, MigrationError.
+        Once the job is started every problem is reported in the returned MigrationOutcome instead.
         """
         if not self._run_lock.acquire(blocking=False):
             raise MigrationError("a migration is already running on this runner")
+        with self._lock:
+            self._preparing, self._prep_abort = True, ""
         try:
             return self._run(domain_name_or_uuid, target, placement, request, on_progress)
         finally:
+            with self._lock:
+                self._preparing = False
             self._run_lock.release()
 
     def abort(self) -> None:
-        """Cancel the running migration (the VM stays on the source).
+        """Cancel the running migration (the VM stays on the source), also while it is still being
+        prepared (it then never starts).
 
         Raises MigrationAbortRefused once post-copy was requested or is running, and
         NoMigrationInProgress when there is nothing to abort."""
         with self._lock:
+            if self._job is None and self._preparing:
+                self._log.warning("migration: abort requested while preparing; it will not start")
+                self._prep_abort = "aborted on request"
+                return
             job = self._require_job("abort")
-            self._note_postcopy(job, self._read_state(job))
+            self._controls.note_postcopy(job, self._controls.read_state(job))
             if job.postcopy:
                 raise MigrationAbortRefused(
                     f"migration of {job.name} is in post-copy: the guest already runs on the destination, "
                     "it cannot be aborted (force it to complete or wait)"
                 )
-            self._abort(job, "aborted on request")
+            self._controls.abort(job, "aborted on request")
 
     def force_complete(self) -> str:
         """Make the running migration finish now: switch to post-copy when the policy armed it,
         else pause the guest so pre-copy completes. Returns the action taken
         ("postcopy", "paused", or "none" when already in post-copy / already paused).
 
-        Raises MigrationError when the switch to post-copy (or the pause) failed: nothing was
-        done then, the job goes on in pre-copy."""
+        Raises MigrationError when the switch to post-copy (or the pause) failed, or the abort of
+        the migration was already accepted: nothing was done then."""
         with self._lock:
             job = self._require_job("force_complete")
-            return self._force_complete(job, "force-complete requested")
+            return self._controls.force_complete(job, "force-complete requested")
 
-    # -- run -------------------------------------------------------------------------------------
+    def _require_job(self, what: str) -> MigrationJob:
+        job = self._job
+        waiting_for_resume = job is not None and job.postcopy_phase is PostCopyPhase.PAUSED
+        if job is None or (job.done.is_set() and not waiting_for_resume):
+            raise NoMigrationInProgress(f"{what}: no migration in progress")
+        return job
+
+    # -- step 1: prepare -------------------------------------------------------------------------
 
     def _run(
         self,
@@ -378,19 +268,38 @@ class MigrationRunner:
     ) -> MigrationOutcome:
         if not isinstance(request, InstanceRequest):
             request = parse_request(request)  # InvalidRequest before any libvirt call
+        prep = self._prepare(domain, target, placement, request)
+        job = MigrationJob(
+            dom=prep.dom, name=prep.name, uuid=prep.uuid, policy=prep.policy, domain_paused_at_start=prep.paused
+        )
+        job_conn, job_dom, event_ids = self._job_connection(job)
+        with self._lock:
+            self._preparing = False
+            prep_abort = self._prep_abort
+            if not prep_abort:
+                self._job = job
+        if prep_abort:
+            self._close_job_connection(job_conn, event_ids)
+            return self._aborted_before_start(prep, target, prep_abort)
+        return self._execute(job, job_conn, job_dom, event_ids, prep, target, on_progress)
 
-        cfg = self._cfg
+    def _read_domain(self, domain: str, request: InstanceRequest) -> tuple[Any, str, str, bool]:
         dom = lookup_domain(self._conn, domain)
         try:
-            name = dom.name()
-            uuid = dom.UUIDString()
+            name, uuid = dom.name(), dom.UUIDString()
             state, _reason = dom.state()
         except libvirt.libvirtError as exc:
             raise MigrationError.from_libvirt(f"reading domain {domain!r}", exc) from None
+        _check_instance_uuid(request, name, uuid)
         if state not in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
             raise MigrationError(f"domain {name} is not running (state {state}): nothing to live-migrate")
-        paused = state == libvirt.VIR_DOMAIN_PAUSED
+        return dom, name, uuid, state == libvirt.VIR_DOMAIN_PAUSED
 
+    def _prepare(
+        self, domain: str, target: MigrationTarget, placement: Placement, request: InstanceRequest
+    ) -> _Prepared:
+        cfg = self._cfg
+        dom, name, uuid, paused = self._read_domain(domain, request)
         policy = decide_policy(request.migration, cfg, domain_paused=paused)
         self._log.info(
             "migration %s -> %s: policy auto_converge=%s post_copy=%s (%s)",
@@ -400,14 +309,7 @@ class MigrationRunner:
             policy.post_copy,
             policy.reason,
         )
-
-        base_flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE
-        try:
-            live = dom.XMLDesc(base_flags)
-            persistent_src = dom.XMLDesc(base_flags | libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else None
-            memory_kib = int(dom.maxMemory())
-        except libvirt.libvirtError as exc:
-            raise MigrationError.from_libvirt(f"reading the XML of {name}", exc) from None
+        live, persistent_src, memory_kib = self._read_xml(dom, name)
         dest_xml = rewrite_for_placement(live, placement)
         persistent_xml = rewrite_for_placement(persistent_src, placement) if persistent_src else dest_xml
         flags = migration_flags(policy)
@@ -415,379 +317,57 @@ class MigrationRunner:
             policy, dest_xml=dest_xml, persistent_xml=persistent_xml, migrate_uri=target.migrate_uri, cfg=cfg
         )
         memory_mb = memory_kib / 1024.0 if memory_kib > 0 else float(request.memory_mb)
-        steps = downtime_steps(cfg, memory_mb)
-        timeout = completion_timeout_s(cfg, memory_mb)
+        plan = self._plan(memory_mb)
+        self._log_plan(name, memory_mb, plan, flags)
+        dest_preexisting = self._check_destination(target, uuid, name)
+        preflight = measure_preflight(
+            self._conn, dom, cfg, memory_bytes=int(memory_mb * 1024 * 1024), sleep=self._sleep, log=self._log
+        )
+        return _Prepared(dom, name, uuid, paused, policy, flags, params, plan, dest_preexisting, preflight)
+
+    def _read_xml(self, dom: Any, name: str) -> tuple[str, str | None, int]:
+        base_flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE
+        try:
+            live = dom.XMLDesc(base_flags)
+            persistent = dom.XMLDesc(base_flags | libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isPersistent() else None
+            return live, persistent, int(dom.maxMemory())
+        except libvirt.libvirtError as exc:
+            raise MigrationError.from_libvirt(f"reading the XML of {name}", exc) from None
+
+    def _plan(self, memory_mb: float) -> MonitorPlan:
+        cfg = self._cfg
+        return MonitorPlan(
+            steps=tuple(downtime_steps(cfg, memory_mb)),
+            timeout_s=completion_timeout_s(cfg, memory_mb),
+            timeout_action=cfg.live_migration_timeout_action,
+            postcopy_switch=cfg.live_migration_postcopy_switch,
+            interval_s=cfg.live_migration_poll_interval_s,
+            stall_window_s=_STALL_WINDOW_POLLS * cfg.live_migration_poll_interval_s,
+        )
+
+    def _log_plan(self, name: str, memory_mb: float, plan: MonitorPlan, flags: int) -> None:
+        cfg = self._cfg
         self._log.info(
             "migration %s: %d MiB RAM, downtime steps %s, completion timeout %s, timeout action %s, "
-            "bandwidth %s MiB/s, flags %#x",
+            "post-copy switch %s, bandwidth %s MiB/s, flags %#x",
             name,
             round(memory_mb),
-            ", ".join(f"{at:.0f}s:{ms}ms" for at, ms in steps),
-            f"{timeout:.0f}s" if timeout else "none",
+            ", ".join(f"{at:.0f}s:{ms}ms" for at, ms in plan.steps),
+            f"{plan.timeout_s:.0f}s" if plan.timeout_s else "none",
             cfg.live_migration_timeout_action,
+            cfg.live_migration_postcopy_switch,
             cfg.live_migration_bandwidth_mib or "unlimited",
             flags,
         )
-        dest_preexisting = self._check_destination(target, uuid, name)
-
-        job = _Job(dom=dom, name=name, uuid=uuid, policy=policy, domain_paused_at_start=paused)
-        job_conn, job_dom, event_ids = self._job_connection(job)
-        with self._lock:
-            self._job = job
-        worker = threading.Thread(
-            target=self._migrate_worker,
-            args=(job, job_dom, target.uri, params, flags),
-            name=f"migrate-{name}",
-            daemon=True,
-        )
-        start = self._clock()
-        self._log.info("migration %s -> %s (%s): starting", name, target.host, target.uri)
-        worker.start()
-        try:
-            last_stats, max_throttle = self._monitor(job, start, steps, timeout, on_progress)
-            worker.join()
-            elapsed = self._clock() - start
-            if job.error is None and job.event_registered:
-                job.event_seen.wait(2.0)  # the event may trail migrateToURI3's return a little
-        finally:
-            if worker.is_alive():  # the monitor itself failed (a bug, KeyboardInterrupt): do not leave a job behind
-                self._log.error("migration %s: monitor stopped while the job runs; aborting it", name)
-                try:
-                    dom.abortJob()
-                except libvirt.libvirtError:
-                    pass
-                worker.join(60.0)
-            with self._lock:
-                self._job = None
-            for event_id in event_ids:
-                try:
-                    job_conn.domainEventDeregisterAny(event_id)
-                except libvirt.libvirtError:
-                    pass
-            close_quietly(job_conn)
-        return self._outcome(job, target, policy, last_stats, max_throttle, elapsed, dest_preexisting)
-
-    def _job_connection(self, job: _Job) -> tuple[Any, Any, list[int]]:
-        """A connection of its own for the blocking migrateToURI3 call, the domain on it, and the
-        ids of its event callbacks (JOB_COMPLETED, LIFECYCLE; none without events).
-
-        Monitor calls (jobStats, migrateSetMaxDowntime, abortJob, ...) issued on the connection
-        that is blocked in migrateToURI3 were seen to hang for good with libvirt 9.0 (remote
-        driver, two threads on one virConnect); on separate connections they never did.
-        The JOB_COMPLETED event carries the final statistics (with the real downtime) of the
-        source's job: with VIR_MIGRATE_UNDEFINE_SOURCE the source domain is gone afterwards, and
-        after a post-copy migration the destination has no completed statistics either.
-        The LIFECYCLE event SUSPENDED/POSTCOPY is the source's word that the switch to post-copy
-        happened: a post-copy phase shorter than a poll interval is not seen in the polled state.
-        """
-        try:
-            uri = self._conn.getURI()
-        except libvirt.libvirtError as exc:
-            raise MigrationError.from_libvirt("reading the source connection URI", exc) from None
-        events = self._events and ensure_event_loop()
-        conn = self._connect(uri)
-        try:
-            dom = conn.lookupByUUIDString(job.uuid)
-        except libvirt.libvirtError as exc:
-            close_quietly(conn)
-            raise MigrationError.from_libvirt(f"looking up {job.name} on a job connection", exc) from None
-        event_ids: list[int] = []
-        if events and hasattr(conn, "domainEventRegisterAny"):
-
-            def on_completed(_conn: Any, _dom: Any, params: Any, opaque: _Job) -> None:
-                opaque.event_stats = dict(params or {})
-                opaque.event_seen.set()
-
-            def on_lifecycle(_conn: Any, _dom: Any, event: int, detail: int, opaque: _Job) -> None:
-                if event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED and detail in _POSTCOPY_SUSPEND_DETAILS:
-                    opaque.in_postcopy = True  # a one-way flag: no lock needed (event loop thread)
-
-            try:
-                event_ids.append(
-                    conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, on_completed, job)
-                )
-                job.event_registered = True
-            except libvirt.libvirtError as exc:
-                _code, message = libvirt_error_details(exc)
-                self._log.info("migration %s: no JOB_COMPLETED events: %s", job.name, message)
-            try:
-                event_ids.append(
-                    conn.domainEventRegisterAny(dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, job)
-                )
-            except libvirt.libvirtError as exc:
-                _code, message = libvirt_error_details(exc)
-                self._log.info("migration %s: no lifecycle events: %s", job.name, message)
-        return conn, dom, event_ids
-
-    def _migrate_worker(self, job: _Job, dom: Any, dest_uri: str, params: dict, flags: int) -> None:
-        try:
-            dom.migrateToURI3(dest_uri, params, flags)
-        except BaseException as exc:  # noqa: BLE001 - reported through the outcome
-            job.error = exc
-        finally:
-            job.done.set()
-
-    def _monitor(
-        self,
-        job: _Job,
-        start: float,
-        steps: list[tuple[float, int]],
-        timeout: float | None,
-        on_progress: Callable[[MigrationProgress], None] | None,
-    ) -> tuple[dict[str, Any], int]:
-        interval = self._cfg.live_migration_poll_interval_s
-        tracker = ConvergenceTracker()
-        last_stats: dict[str, Any] = {}
-        downtime_ms: int | None = None
-        max_throttle = 0
-        while not job.done.is_set():
-            stats = self._job_stats(job)
-            elapsed = self._clock() - start
-            active = stats is not None and stats.get("type") in _ACTIVE_JOB_TYPES
-            if active:
-                last_stats = dict(stats)
-                max_throttle = max(max_throttle, int(stats.get("auto_converge_throttle", 0) or 0))
-                with self._lock:
-                    job.seen_active = True
-                    state = self._read_state(job)  # the poll's only dom.state() call
-                    self._note_postcopy(job, state)
-                    if job.abort_pending and not job.postcopy and not job.abort_requested:
-                        reason, job.abort_pending = job.abort_pending, ""
-                        try:
-                            self._abort(job, reason)
-                        except MigrationError as exc:
-                            self._log.error("migration %s: %s", job.name, exc)
-                    if not job.postcopy and not job.abort_requested:
-                        downtime_ms = self._step_downtime(job, steps, elapsed, downtime_ms)
-                        try:
-                            if timeout is not None and elapsed > timeout and not job.timeout_fired:
-                                # False (or MigrationError): not carried out, retried on the next poll
-                                job.timeout_fired = self._timeout_action(job, timeout, elapsed, state)
-                            elif job.policy.post_copy and tracker.observe(
-                                int(stats.get("memory_iteration", 0) or 0),
-                                int(stats.get("memory_remaining", 0) or 0),
-                            ):
-                                self._log.info("migration %s: %s", job.name, tracker.why)
-                                self._switch_to_postcopy(job, "not converging")  # retried next poll if it fails
-                        except MigrationError as exc:  # keep monitoring: the job is still running
-                            self._log.error("migration %s: %s", job.name, exc)
-                    phase = self._phase(job, state)
-                if on_progress is not None:
-                    progress = progress_from_stats(
-                        stats, phase=phase, max_downtime_ms=downtime_ms or 0, elapsed_s=elapsed
-                    )
-                    try:
-                        on_progress(progress)
-                    except Exception:  # noqa: BLE001 - a broken listener must not break the migration
-                        self._log.exception("migration %s: progress callback failed", job.name)
-            elif job.seen_active:
-                # the job is over on the source: migrateToURI3 returns shortly
-                if job.done.wait(_FINISH_WAIT_S):
-                    break
-            if job.done.is_set():
-                break
-            if self._sleep is time.sleep:
-                job.done.wait(interval)  # same pacing, but notices the end of the job at once
-            else:
-                self._sleep(interval)
-        return last_stats, max_throttle
-
-    def _job_stats(self, job: _Job) -> dict[str, Any] | None:
-        try:
-            return job.dom.jobStats(0)
-        except libvirt.libvirtError as exc:
-            code, message = libvirt_error_details(exc)
-            self._log.debug("migration %s: jobStats failed: %s (libvirt error %s)", job.name, message, code)
-            return None
-
-    # -- decisions (called with self._lock held) -------------------------------------------------
-
-    def _read_state(self, job: _Job) -> tuple[int, int] | None:
-        """The domain's (state, reason), None when it cannot be read."""
-        try:
-            state, reason = job.dom.state()
-        except libvirt.libvirtError as exc:
-            code, message = libvirt_error_details(exc)
-            self._log.debug(
-                "migration %s: reading the domain state failed: %s (libvirt error %s)", job.name, message, code
-            )
-            return None
-        return int(state), int(reason)
-
-    def _phase(self, job: _Job, state: tuple[int, int] | None) -> Phase:
-        if job.in_postcopy:
-            return "postcopy"
-        if job.paused_by_us or (state is not None and state[0] == libvirt.VIR_DOMAIN_PAUSED):
-            return "paused-precopy"
-        return "precopy"
-
-    def _note_postcopy(self, job: _Job, state: tuple[int, int] | None) -> None:
-        """Learn from the domain state whether the job is in post-copy (also when someone else
-        switched it, e.g. `virsh migrate-postcopy`): jobStats has no phase before libvirt 10."""
-        if job.in_postcopy or state is None:
-            return
-        if state in _POSTCOPY_STATES:
-            self._log.info(
-                "migration %s: the job is in post-copy (domain state %s/%s)%s",
-                job.name,
-                state[0],
-                state[1],
-                "" if job.postcopy_requested else ", switched by someone else",
-            )
-            job.in_postcopy = True
-
-    def _step_downtime(
-        self, job: _Job, steps: list[tuple[float, int]], elapsed: float, current: int | None
-    ) -> int | None:
-        wanted = downtime_for(steps, elapsed)
-        if wanted is None or wanted == current:
-            return current
-        self._log.info("migration %s: max downtime -> %d ms after %.1f s", job.name, wanted, elapsed)
-        try:
-            job.dom.migrateSetMaxDowntime(wanted, 0)
-        except libvirt.libvirtError as exc:
-            _code, message = libvirt_error_details(exc)
-            self._log.warning("migration %s: could not set max downtime %d ms: %s", job.name, wanted, message)
-        return wanted
-
-    def _timeout_action(self, job: _Job, timeout: float, elapsed: float, state: tuple[int, int] | None) -> bool:
-        """Carry out the completion-timeout action. True once done; False or MigrationError when
-        it was not (the monitor retries on the next poll). A force-complete that failed
-        _MAX_FORCE_COMPLETE_FAILURES times falls back to aborting the job."""
-        action = self._cfg.live_migration_timeout_action
-        self._log.warning(
-            "migration %s: not completed after %.1f s (completion timeout %.0f s): action %s",
-            job.name,
-            elapsed,
-            timeout,
-            action,
-        )
-        abort_reason = f"completion timeout: not completed within {timeout:.0f}s"
-        if action == "force_complete" and job.force_failures < _MAX_FORCE_COMPLETE_FAILURES:
-            try:
-                self._force_complete(job, f"completion timeout {timeout:.0f}s", state)
-                return True
-            except MigrationError as exc:
-                job.force_failures += 1
-                job.last_force_error = str(exc)
-                if job.force_failures < _MAX_FORCE_COMPLETE_FAILURES:
-                    self._log.error(
-                        "migration %s: force-complete failed (attempt %d of %d), retrying: %s",
-                        job.name,
-                        job.force_failures,
-                        _MAX_FORCE_COMPLETE_FAILURES,
-                        exc,
-                    )
-                    return False
-                self._log.error(
-                    "migration %s: force-complete failed %d times (%s): aborting the job instead",
-                    job.name,
-                    job.force_failures,
-                    exc,
-                )
-        if action == "force_complete":  # here only after the force-complete attempts failed
-            abort_reason += f", and force-complete failed {job.force_failures} times ({job.last_force_error})"
-        self._abort(job, abort_reason)  # MigrationError: not aborted, retried on the next poll
-        return True
-
-    def _abort(self, job: _Job, reason: str) -> None:
-        """abortJob(). `abort_requested` is set only once it succeeded. When it fails because
-        libvirt has no job: returns quietly if the job already ended ("too late"), or arms
-        `abort_pending` if the job was not seen active yet (the monitor aborts it on its first
-        active poll). Any other failure raises MigrationError and changes nothing."""
-        self._log.warning("migration %s: aborting the job (%s)", job.name, reason)
-        try:
-            job.dom.abortJob()
-        except libvirt.libvirtError as exc:
-            if job.done.is_set() or self._no_job(job):
-                if job.done.is_set() or job.seen_active:
-                    self._log.info("migration %s: abort came too late, the job had ended", job.name)
-                else:
-                    self._log.info(
-                        "migration %s: the job has not started yet; it will be aborted as soon as it runs", job.name
-                    )
-                    job.abort_pending = reason
-                return
-            raise MigrationError.from_libvirt(f"aborting the migration of {job.name}", exc) from None
-        job.abort_requested = True
-        job.abort_reason = reason
-        job.abort_pending = ""
-
-    def _no_job(self, job: _Job) -> bool:
-        """True when libvirt has no job on the domain (jobStats type NONE, or the domain is gone)."""
-        try:
-            stats = job.dom.jobStats(0)
-        except libvirt.libvirtError as exc:
-            return exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
-        return not stats or stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE
-
-    def _force_complete(self, job: _Job, why: str, state: Any = _UNREAD) -> str:
-        """Switch to post-copy (policy armed it) or pause the guest. `state`: the domain state the
-        caller just read, if any. Raises MigrationError when the action failed."""
-        if state is _UNREAD:
-            state = self._read_state(job)
-        self._note_postcopy(job, state)
-        if job.postcopy:
-            self._log.info("migration %s: force-complete (%s): already in post-copy", job.name, why)
-            return "none"
-        if job.policy.post_copy:
-            if self._switch_to_postcopy(job, why):
-                return "postcopy"
-            raise MigrationError(f"switching the migration of {job.name} to post-copy failed: {job.last_switch_error}")
-        if state is None:
-            try:
-                state = tuple(job.dom.state())
-            except libvirt.libvirtError as exc:
-                raise MigrationError.from_libvirt(f"reading the state of {job.name}", exc) from None
-        if state[0] == libvirt.VIR_DOMAIN_PAUSED:
-            self._log.info("migration %s: force-complete (%s): guest already paused", job.name, why)
-            return "none"
-        self._log.warning(
-            "migration %s: force-complete (%s): post-copy not armed, pausing the guest so pre-copy completes",
-            job.name,
-            why,
-        )
-        try:
-            job.dom.suspend()
-        except libvirt.libvirtError as exc:
-            raise MigrationError.from_libvirt(f"pausing {job.name} to force completion", exc) from None
-        job.paused_by_us = True
-        return "paused"
-
-    def _switch_to_postcopy(self, job: _Job, why: str) -> bool:
-        """migrateStartPostCopy; True when libvirt accepted the request (it switches at the next
-        iteration: `in_postcopy` is set once the domain state shows it). False on failure (logged,
-        message in `job.last_switch_error`)."""
-        self._log.warning("migration %s: switching to post-copy (%s)", job.name, why)
-        try:
-            job.dom.migrateStartPostCopy(0)
-        except libvirt.libvirtError as exc:
-            _code, message = libvirt_error_details(exc)
-            job.last_switch_error = message
-            self._log.warning("migration %s: switch to post-copy failed: %s", job.name, message)
-            return False
-        job.postcopy_requested = True
-        return True
-
-    def _require_job(self, what: str) -> _Job:
-        job = self._job
-        if job is None or job.done.is_set():
-            raise NoMigrationInProgress(f"{what}: no migration in progress")
-        return job
-
-    # -- destination checks and outcome ------------------------------------------------------------
 
     def _check_destination(self, target: MigrationTarget, uuid: str, name: str) -> bool:
         """True when the destination already has a (defined, inactive) domain with this UUID; refuse
         when it is running there."""
         conn = self._connect(target.uri)
         try:
-            try:
-                other = conn.lookupByUUIDString(uuid)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    return False
-                raise MigrationError.from_libvirt(f"checking {target.host} for {name}", exc) from None
+            other = _lookup_or_none(conn, uuid, f"checking {target.host} for {name}")
+            if other is None:
+                return False
             try:
                 active = other.isActive()
             except libvirt.libvirtError as exc:
@@ -801,69 +381,263 @@ class MigrationRunner:
         finally:
             close_quietly(conn)
 
+    def _aborted_before_start(self, prep: _Prepared, target: MigrationTarget, reason: str) -> MigrationOutcome:
+        self._log.warning(
+            "migration %s -> %s: %s before the job started; nothing migrated", prep.name, target.host, reason
+        )
+        return MigrationOutcome(
+            status="aborted",
+            reason=f"{reason} while the migration was being prepared: not started",
+            final_stats={},
+            policy=prep.policy,
+            elapsed_s=0.0,
+            downtime_ms=None,
+            switched_to_postcopy=False,
+            max_throttle_pct=0,
+            preflight=prep.preflight,
+        )
+
+    # -- steps 2-4: the job ----------------------------------------------------------------------
+
+    def _execute(
+        self,
+        job: MigrationJob,
+        job_conn: Any,
+        job_dom: Any,
+        event_ids: list[int],
+        prep: _Prepared,
+        target: MigrationTarget,
+        on_progress: Callable[[MigrationProgress], None] | None,
+    ) -> MigrationOutcome:
+        start = self._clock()
+        self._log.info("migration %s -> %s (%s): starting", prep.name, target.host, target.uri)
+        worker = self._start_worker(job, job_dom, target.uri, prep.params, prep.flags)
+        recoveries: list[PostcopyRecovery] = []
+        try:
+            result = self._monitor(job, prep.plan, on_progress).run(start)
+            worker.join()
+            recoveries = self._resume_postcopy(job, job_dom, target, prep, on_progress, start)
+            elapsed = self._clock() - start
+            if job.error is None and job.event_registered:
+                job.event_seen.wait(_EVENT_TRAIL_S)  # the event may trail migrateToURI3's return a little
+        finally:
+            self._stop_stray_worker(worker, job)
+            with self._lock:
+                self._job = None
+            self._close_job_connection(job_conn, event_ids)
+        return self._outcome(job, target, prep, result, elapsed, tuple(recoveries))
+
+    def _start_worker(self, job: MigrationJob, dom: Any, uri: str, params: dict, flags: int) -> threading.Thread:
+        job.done.clear()
+        job.error = None
+        worker = threading.Thread(
+            target=_migrate_worker, args=(job, dom, uri, params, flags), name=f"migrate-{job.name}", daemon=True
+        )
+        worker.start()
+        return worker
+
+    def _monitor(
+        self,
+        job: MigrationJob,
+        plan: MonitorPlan,
+        on_progress: Callable[[MigrationProgress], None] | None,
+        on_sample: Callable[[Sample], None] | None = None,
+    ) -> MigrationMonitor:
+        return MigrationMonitor(
+            job,
+            self._controls,
+            self._lock,
+            plan,
+            clock=self._clock,
+            sleep=self._sleep,
+            log=self._log,
+            on_progress=on_progress,
+            on_sample=on_sample,
+        )
+
+    def _resume_postcopy(
+        self,
+        job: MigrationJob,
+        job_dom: Any,
+        target: MigrationTarget,
+        prep: _Prepared,
+        on_progress: Callable[[MigrationProgress], None] | None,
+        start: float,
+    ) -> list[PostcopyRecovery]:
+        """Step 4; a no-op unless the stream broke in post-copy."""
+
+        def attempt(dom: Any, on_sample: Callable[[Sample], None]) -> None:
+            job.seen_active = False  # a new job: "no job" before it starts is not its end
+            flags = prep.flags | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
+            worker = self._start_worker(job, dom, target.uri, prep.params, flags)
+            self._monitor(job, prep.plan, on_progress, on_sample).run(start)
+            worker.join()
+
+        resumer = PostcopyResumer(
+            job,
+            window_s=float(self._cfg.live_migration_postcopy_recovery_s),
+            source_uri=self._source_uri,
+            dest_uri=target.uri,
+            attempt=attempt,
+            connect=self._connect,
+            clock=self._clock,
+            sleep=self._sleep,
+            log=self._log,
+            start=start,
+        )
+        return resumer.run(job_dom)
+
+    def _stop_stray_worker(self, worker: threading.Thread, job: MigrationJob) -> None:
+        """The monitor itself failed (a bug, KeyboardInterrupt): do not leave a job behind."""
+        if not worker.is_alive():
+            return
+        self._log.error("migration %s: monitor stopped while the job runs; aborting it", job.name)
+        try:
+            job.dom.abortJob()
+        except libvirt.libvirtError:
+            pass
+        worker.join(60.0)
+
+    def _job_connection(self, job: MigrationJob) -> tuple[Any, Any, list[int]]:
+        """A connection of its own for the blocking migrateToURI3 call, the domain on it, and the
+        ids of its event callbacks (JOB_COMPLETED, LIFECYCLE; none without events).
+
+        Monitor calls (jobStats, migrateSetMaxDowntime, abortJob, ...) issued on the connection
+        that is blocked in migrateToURI3 were seen to hang for good with libvirt 9.0 (remote
+        driver, two threads on one virConnect); on separate connections they never did.
+        The JOB_COMPLETED event carries the final statistics (with the real downtime) of the
+        source's job: with VIR_MIGRATE_UNDEFINE_SOURCE the source domain is gone afterwards, and
+        after a post-copy migration the destination has no completed statistics either.
+        The LIFECYCLE event SUSPENDED/POSTCOPY is the source's word that the switch to post-copy
+        happened: a post-copy phase shorter than a poll interval is not seen in the polled state.
+        """
+        try:
+            self._source_uri = self._conn.getURI()
+        except libvirt.libvirtError as exc:
+            raise MigrationError.from_libvirt("reading the source connection URI", exc) from None
+        events = self._events and ensure_event_loop()
+        conn = self._connect(self._source_uri)
+        try:
+            dom = conn.lookupByUUIDString(job.uuid)
+        except libvirt.libvirtError as exc:
+            close_quietly(conn)
+            raise MigrationError.from_libvirt(f"looking up {job.name} on a job connection", exc) from None
+        event_ids: list[int] = []
+        if events and hasattr(conn, "domainEventRegisterAny"):
+            event_ids = self._register_events(conn, dom, job)
+        return conn, dom, event_ids
+
+    def _register_events(self, conn: Any, dom: Any, job: MigrationJob) -> list[int]:
+        event_ids: list[int] = []
+        for event, callback, what in (
+            (libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, _on_job_completed, "JOB_COMPLETED"),
+            (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, _on_lifecycle, "lifecycle"),
+        ):
+            try:
+                event_ids.append(conn.domainEventRegisterAny(dom, event, callback, job))
+            except libvirt.libvirtError as exc:
+                _code, message = libvirt_error_details(exc)
+                self._log.info("migration %s: no %s events: %s", job.name, what, message)
+                continue
+            if event == libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED:
+                job.event_registered = True
+        return event_ids
+
+    def _close_job_connection(self, job_conn: Any, event_ids: list[int]) -> None:
+        for event_id in event_ids:
+            try:
+                job_conn.domainEventDeregisterAny(event_id)
+            except libvirt.libvirtError:
+                pass
+        close_quietly(job_conn)
+
+    # -- step 5: outcome -------------------------------------------------------------------------
+
     def _outcome(
         self,
-        job: _Job,
+        job: MigrationJob,
         target: MigrationTarget,
-        policy: Any,
-        last_stats: dict[str, Any],
-        max_throttle: int,
+        prep: _Prepared,
+        result: MonitorResult,
         elapsed: float,
-        dest_preexisting: bool,
+        recoveries: tuple[PostcopyRecovery, ...] = (),
     ) -> MigrationOutcome:
-        last_stats = {k: v for k, v in last_stats.items() if k != "type"}  # the job type is no statistic
-        # while a job runs, libvirt's "downtime" is the *expected* downtime: keep it apart
-        if "downtime" in last_stats:
-            last_stats["expected_downtime"] = last_stats.pop("downtime")
+        last_stats = _running_stats(result.last_stats)
         self._note_postcopy_requests(job, last_stats)
         if job.error is None:
-            final = {**last_stats, **self._completed_stats(job, target)}
-            self._note_postcopy_requests(job, final)
-            switched = job.in_postcopy  # observed (state, event or statistics), not merely requested
-            downtime = final.get("downtime")
-            max_throttle = max(max_throttle, int(final.get("auto_converge_throttle", 0) or 0))
-            note = ""
-            if switched:
-                note = " (post-copy)"
-            elif job.postcopy_requested:
-                note = " (post-copy requested, the switch was not observed)"
-            outcome = MigrationOutcome(
-                status="completed",
-                reason=f"migrated to {target.host}{note}",
-                final_stats=final,
-                policy=policy,
-                elapsed_s=round(elapsed, 3),
-                downtime_ms=int(downtime) if downtime is not None else None,
-                switched_to_postcopy=switched,
-                max_throttle_pct=max_throttle,
-            )
+            outcome = self._completed_outcome(job, target, prep, result, last_stats, elapsed)
         else:
-            code, message = libvirt_error_details(job.error)
-            if not isinstance(job.error, libvirt.libvirtError):
-                message = f"{type(job.error).__name__}: {job.error}"
-            detail = f"{message} (libvirt error {code})" if code is not None else message
-            # the source's state after the failure tells whether the switch to post-copy happened
-            state, state_error = self._state_after_failure(job)
-            self._note_postcopy(job, state)
-            if job.abort_requested and not job.in_postcopy:
-                status: Status = "aborted"
-                reason = f"{job.abort_reason}; libvirt: {detail}"
-            else:
-                status = "failed"
-                reason = f"migration failed: {detail}"
-            notes = self._recover(job, target, dest_preexisting, state, state_error)
-            if notes:
-                reason = f"{reason}; {notes}"
-            outcome = MigrationOutcome(
-                status=status,
-                reason=reason,
-                final_stats=last_stats,
-                policy=policy,
-                elapsed_s=round(elapsed, 3),
-                downtime_ms=None,
-                switched_to_postcopy=job.in_postcopy,
-                max_throttle_pct=max_throttle,
-            )
+            outcome = self._failed_outcome(job, target, prep, result, last_stats, elapsed)
+            if recoveries and not recoveries[-1].recovered:
+                outcome = replace(outcome, reason=f"{outcome.reason}; {recoveries[-1].summary()}")
+        outcome = _with_extras(outcome, prep.preflight, recoveries)
+        self._log_outcome(job, target, outcome)
+        return outcome
+
+    def _completed_outcome(
+        self,
+        job: MigrationJob,
+        target: MigrationTarget,
+        prep: _Prepared,
+        result: MonitorResult,
+        last_stats: dict[str, Any],
+        elapsed: float,
+    ) -> MigrationOutcome:
+        final = {**last_stats, **self._completed_stats(job, target)}
+        self._note_postcopy_requests(job, final)
+        switched = job.in_postcopy  # observed (state, event or statistics), not merely requested
+        downtime = final.get("downtime")
+        note = ""
+        if switched:
+            note = " (post-copy)"
+        elif job.postcopy_requested:
+            note = " (post-copy requested, the switch was not observed)"
+        return MigrationOutcome(
+            status="completed",
+            reason=f"migrated to {target.host}{note}",
+            final_stats=final,
+            policy=prep.policy,
+            elapsed_s=round(elapsed, 3),
+            downtime_ms=int(downtime) if downtime is not None else None,
+            switched_to_postcopy=switched,
+            max_throttle_pct=max(result.max_throttle, int(final.get("auto_converge_throttle", 0) or 0)),
+        )
+
+    def _failed_outcome(
+        self,
+        job: MigrationJob,
+        target: MigrationTarget,
+        prep: _Prepared,
+        result: MonitorResult,
+        last_stats: dict[str, Any],
+        elapsed: float,
+    ) -> MigrationOutcome:
+        assert job.error is not None
+        detail = _error_detail(job.error)
+        # the source's state after the failure tells whether the switch to post-copy happened
+        state, state_error = read_state(job.dom)
+        self._controls.note_postcopy(job, state)
+        if job.abort_requested and not job.in_postcopy:
+            status: Status = "aborted"
+            reason = f"{job.abort_reason}; libvirt: {detail}"
+        else:
+            status = "failed"
+            reason = f"migration failed: {detail}"
+        notes = FailureRecovery(self._connect, self._log).recover(
+            job, target, prep.dest_preexisting, state, state_error
+        )
+        return MigrationOutcome(
+            status=status,
+            reason=f"{reason}; {notes}" if notes else reason,
+            final_stats=last_stats,
+            policy=prep.policy,
+            elapsed_s=round(elapsed, 3),
+            downtime_ms=None,
+            switched_to_postcopy=job.in_postcopy,
+            max_throttle_pct=result.max_throttle,
+        )
+
+    def _log_outcome(self, job: MigrationJob, target: MigrationTarget, outcome: MigrationOutcome) -> None:
         log = self._log.info if outcome.status == "completed" else self._log.warning
         log(
             "migration %s -> %s: %s in %.1f s (%s); downtime %s ms, post-copy %s, max throttle %d%%",
@@ -876,50 +650,32 @@ class MigrationRunner:
             outcome.switched_to_postcopy,
             outcome.max_throttle_pct,
         )
-        return outcome
 
-    def _note_postcopy_requests(self, job: _Job, stats: Mapping[str, Any]) -> None:
+    def _note_postcopy_requests(self, job: MigrationJob, stats: Mapping[str, Any]) -> None:
         try:
             requests = int(stats.get(_POSTCOPY_REQS, 0) or 0)
         except (TypeError, ValueError):
             return
         if requests > 0 and not job.in_postcopy:
             self._log.info("migration %s: %d post-copy page requests: the job was in post-copy", job.name, requests)
-            job.in_postcopy = True
+            job.mark_postcopy_running()
 
-    def _state_after_failure(self, job: _Job) -> tuple[tuple[int, int] | None, str]:
-        """The source domain's (state, reason) after a failed job, or (None, libvirt's message)."""
-        try:
-            state, reason = job.dom.state()
-        except libvirt.libvirtError as exc:
-            _code, message = libvirt_error_details(exc)
-            return None, message
-        return (int(state), int(reason)), ""
-
-    def _completed_stats(self, job: _Job, target: MigrationTarget) -> dict[str, Any]:
+    def _completed_stats(self, job: MigrationJob, target: MigrationTarget) -> dict[str, Any]:
         """Completed-job stats (without the job "type"): from the JOB_COMPLETED event, else from
         the source domain if libvirt still has it, else from the destination's copy of the domain."""
-        stats = self._completed_stats_raw(job, target)
+        stats = job.event_stats or _source_completed_stats(job) or self._destination_completed_stats(job, target)
+        stats = dict(stats)
         stats.pop("type", None)
         return stats
 
-    def _completed_stats_raw(self, job: _Job, target: MigrationTarget) -> dict[str, Any]:
-        if job.event_stats:
-            return dict(job.event_stats)
-        flag = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
-        try:
-            stats = job.dom.jobStats(flag)
-            if stats and stats.get("type", libvirt.VIR_DOMAIN_JOB_COMPLETED) != libvirt.VIR_DOMAIN_JOB_NONE:
-                return dict(stats)
-        except libvirt.libvirtError:
-            pass
+    def _destination_completed_stats(self, job: MigrationJob, target: MigrationTarget) -> dict[str, Any]:
         try:
             conn = self._connect(target.uri)
         except AgentError as exc:
             self._log.info("migration %s: no completed stats from %s: %s", job.name, target.host, exc)
             return {}
         try:
-            stats = conn.lookupByUUIDString(job.uuid).jobStats(flag)
+            stats = conn.lookupByUUIDString(job.uuid).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
             return dict(stats or {})
         except libvirt.libvirtError as exc:
             _code, message = libvirt_error_details(exc)
@@ -928,102 +684,83 @@ class MigrationRunner:
         finally:
             close_quietly(conn)
 
-    def _recover(
-        self,
-        job: _Job,
-        target: MigrationTarget,
-        dest_preexisting: bool,
-        source_state: tuple[int, int] | None,
-        state_error: str,
-    ) -> str:
-        """After a failed/aborted job: the VM must run on the source and nothing of it may be left
-        defined on the destination. Returns notes for the outcome reason ("" when all is well).
 
-        Hands off (both sides left for the operator) only when the switch to post-copy really
-        happened: post-copy observed while the job ran, or the source's state after the failure is
-        a post-copy one (`_note_postcopy` set `in_postcopy` then). A post-copy *request* alone
-        does not count: if the job failed before libvirt switched, the guest still runs on the
-        source and the destination may hold a leftover to clean up. If the request was made and the
-        source state cannot be read, nothing is touched either."""
-        notes: list[str] = []
-        if job.in_postcopy:
-            self._log.error(
-                "migration %s: failed after the switch to post-copy: the guest's memory is split between "
-                "the hosts; leaving both sides as they are for the operator",
-                job.name,
-            )
-            return "failed in post-copy: guest state is split between source and destination, operator action needed"
-        if job.postcopy_requested and source_state is None:
-            self._log.error(
-                "migration %s: failed after post-copy was requested and the source state cannot be read (%s); "
-                "leaving both sides as they are for the operator",
-                job.name,
-                state_error,
-            )
-            return (
-                f"post-copy was requested and the source domain state cannot be read ({state_error}): "
-                "the guest state may be split, operator action needed"
-            )
-        # source
-        if source_state is None:
-            notes.append(f"cannot check the source domain: {state_error}")
-            self._log.error("migration %s: cannot check the source domain after the failure: %s", job.name, state_error)
-        else:
-            try:
-                state, reason = source_state
-                if state == libvirt.VIR_DOMAIN_PAUSED and (job.paused_by_us or not job.domain_paused_at_start):
-                    self._log.warning(
-                        "migration %s: resuming the guest on the source (paused by us: %s, reason %s)",
-                        job.name,
-                        job.paused_by_us,
-                        reason,
-                    )
-                    job.dom.resume()
-                    state, _ = job.dom.state()
-                if state != libvirt.VIR_DOMAIN_RUNNING and not (
-                    state == libvirt.VIR_DOMAIN_PAUSED and job.domain_paused_at_start
-                ):
-                    notes.append(f"source domain in state {state}, not running")
-                    self._log.error("migration %s: after the failure the source domain is in state %s", job.name, state)
-                else:
-                    self._log.info("migration %s: guest still runs on the source", job.name)
-            except libvirt.libvirtError as exc:
-                _code, message = libvirt_error_details(exc)
-                notes.append(f"cannot check the source domain: {message}")
-                self._log.error("migration %s: cannot check the source domain after the failure: %s", job.name, message)
-        # destination
-        try:
-            conn = self._connect(target.uri)
-        except LibvirtConnectionError as exc:
-            notes.append(f"cannot check {target.host}: {exc}")
-            self._log.error("migration %s: cannot check the destination for leftovers: %s", job.name, exc)
-            return "; ".join(notes)
-        try:
-            try:
-                leftover = conn.lookupByUUIDString(job.uuid)
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    self._log.info("migration %s: nothing left on %s", job.name, target.host)
-                    return "; ".join(notes)
-                raise
-            if _uuid.UUID(leftover.UUIDString()) != _uuid.UUID(job.uuid):  # paranoia: only our UUID
-                return "; ".join(notes)
-            if leftover.isActive():
-                notes.append(f"a running copy is still on {target.host}")
-                self._log.error("migration %s: a running copy is still on %s; not touching it", job.name, target.host)
-            elif dest_preexisting:
-                self._log.info(
-                    "migration %s: the inactive definition on %s predates the migration; kept", job.name, target.host
-                )
-            elif leftover.isPersistent():
-                self._log.warning(
-                    "migration %s: undefining the leftover inactive definition on %s", job.name, target.host
-                )
-                leftover.undefine()
-        except libvirt.libvirtError as exc:
-            _code, message = libvirt_error_details(exc)
-            notes.append(f"cannot clean up {target.host}: {message}")
-            self._log.error("migration %s: cannot clean up %s: %s", job.name, target.host, message)
-        finally:
-            close_quietly(conn)
-        return "; ".join(notes)
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _check_instance_uuid(request: InstanceRequest, name: str, uuid: str) -> None:
+    """Refuse a request written for another instance: its policy must not be applied to this one."""
+    if not request.uuid:
+        return
+    try:
+        same = _uuid.UUID(str(request.uuid)) == _uuid.UUID(uuid)
+    except ValueError:
+        same = False
+    if not same:
+        raise InvalidRequest(
+            f"the request is for instance {request.uuid}, but domain {name} is instance {uuid}: refused", ["uuid"]
+        )
+
+
+def _lookup_or_none(conn: Any, uuid: str, what: str) -> Any:
+    try:
+        return conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise MigrationError.from_libvirt(what, exc) from None
+
+
+def _migrate_worker(job: MigrationJob, dom: Any, dest_uri: str, params: dict, flags: int) -> None:
+    try:
+        dom.migrateToURI3(dest_uri, params, flags)
+    except BaseException as exc:  # noqa: BLE001 - reported through the outcome
+        job.error = exc
+    finally:
+        job.done.set()
+
+
+def _on_job_completed(_conn: Any, _dom: Any, params: Any, opaque: MigrationJob) -> None:
+    opaque.event_stats = dict(params or {})
+    opaque.event_seen.set()
+
+
+def _on_lifecycle(_conn: Any, _dom: Any, event: int, detail: int, opaque: MigrationJob) -> None:
+    """Event loop thread; one-way phase changes, no lock needed."""
+    if event != libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
+        return
+    if detail == _POSTCOPY_SUSPEND:
+        opaque.mark_postcopy_running()
+    elif detail == _POSTCOPY_SUSPEND_FAILED:
+        opaque.postcopy_phase = PostCopyPhase.PAUSED
+
+
+def _running_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in stats.items() if k != "type"}  # the job type is no statistic
+    # while a job runs, libvirt's "downtime" is the *expected* downtime: keep it apart
+    if "downtime" in out:
+        out["expected_downtime"] = out.pop("downtime")
+    return out
+
+
+def _error_detail(error: BaseException) -> str:
+    code, message = libvirt_error_details(error)
+    if not isinstance(error, libvirt.libvirtError):
+        message = f"{type(error).__name__}: {error}"
+    return f"{message} (libvirt error {code})" if code is not None else message
+
+
+def _source_completed_stats(job: MigrationJob) -> dict[str, Any]:
+    try:
+        stats = job.dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError:
+        return {}
+    if stats and stats.get("type", libvirt.VIR_DOMAIN_JOB_COMPLETED) != libvirt.VIR_DOMAIN_JOB_NONE:
+        return dict(stats)
+    return {}
+
+
+def _with_extras(
+    outcome: MigrationOutcome, preflight: PreflightReport | None, recoveries: tuple[PostcopyRecovery, ...]
+) -> MigrationOutcome:
+    return replace(outcome, preflight=preflight, postcopy_recoveries=recoveries)

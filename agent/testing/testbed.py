@@ -21,7 +21,7 @@ import re
 import shutil
 import subprocess
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape, quoteattr
 
 # agent/testing/testbed.py -> the checkout (the package is installed in editable mode: scripts/setup)
@@ -38,6 +38,7 @@ TICK_LINE = "TESTBED-GUEST-TICK"
 # /var/log/libvirt is per host, so after a migration the destination writes
 # to its own copy (host.log_dir on the outside).
 CONSOLE_LOG_IN_NS = "/var/log/libvirt/qemu/{name}.console.log"
+MIGRATION_PORT_BASE = 49152  # host i: BASE + (i-1)*100 .. +99, as scripts/testbed
 
 
 # A guest that does not converge without help on this testbed, and migration settings that
@@ -45,8 +46,8 @@ CONSOLE_LOG_IN_NS = "/var/log/libvirt/qemu/{name}.console.log"
 # TCG): no policy never converges, post-copy completes in ~20 s, auto-converge in 30-60 s at 99 %
 # throttle. An unpaced dirtier manages ~32 MB/s under TCG and QEMU's throttle cuts that only ~3x,
 # hence the paced 20 MB/s over a 16 MiB/s link. Used by the migration tests, bench and demo.
-HOT_GUEST = dict(memory_mib=256, dirty_mb=64, dirty_rate_mbps=20, tick_s=2)
-HOT_MIGRATION = dict(  # LibvirtConfig keyword arguments
+HOT_GUEST: Dict[str, Any] = dict(memory_mib=256, dirty_mb=64, dirty_rate_mbps=20, tick_s=2)
+HOT_MIGRATION: Dict[str, Any] = dict(  # LibvirtConfig keyword arguments
     live_migration_bandwidth_mib=16,
     live_migration_downtime_ms=1000,
     live_migration_downtime_steps=10,
@@ -56,6 +57,7 @@ HOT_MIGRATION = dict(  # LibvirtConfig keyword arguments
     live_migration_auto_converge_initial=50,
     live_migration_auto_converge_increment=25,
     live_migration_poll_interval_s=0.5,
+    live_migration_postcopy_switch="on_stall",  # post-copy (when armed) switches once pre-copy stalls
 )
 
 
@@ -78,6 +80,12 @@ class TestbedHost:
 
     def connect(self):
         return _libvirt().open(self.uri)
+
+    @property
+    def migration_ports(self) -> Tuple[int, int]:
+        """(first, last) of this host's QEMU migration port range (scripts/testbed: migration_ports)."""
+        first = MIGRATION_PORT_BASE + (self.index - 1) * 100
+        return first, first + 99
 
 
 _QUIET = False
@@ -359,3 +367,133 @@ def destroy_all(host: TestbedHost, prefix: Optional[str] = None) -> None:
                 pass
     finally:
         conn.close()
+
+
+# --- breaking a migration stream for real ------------------------------------------------------------
+
+
+def port_masks(lo: int, hi: int) -> List[Tuple[int, int]]:
+    """(value, mask) pairs whose union is exactly the ports lo..hi (for tc u32 matches)."""
+    out = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 16
+        while lo + size - 1 > hi:
+            size >>= 1
+        out.append((lo, 0xFFFF ^ (size - 1)))
+        lo += size
+    return out
+
+
+class StreamBreaker:
+    """Breaks the migration stream into `dest` for real and keeps the link down for `seconds`.
+
+    1. Every packet to or from the destination's QEMU migration ports is dropped (a tc ``htb``
+       root qdisc on ``lo`` whose class for those ports leads to a ``blackhole`` qdisc; other
+       traffic goes through unshaped); this machine has no iptables/nft, and tc's drop action
+       module is missing.
+    2. The established stream is killed (``ss -K``, SOCK_DESTROY): both QEMUs see it fail at once
+       (a dropped-only stream would go unnoticed for minutes of TCP retransmits).
+    3. After `seconds` (or ``stop()``) the qdisc is removed: a reconnect (QEMU retries its SYN)
+       gets through.
+
+    Why not kill sockets again and again for the whole break: QEMU 7.2 segfaults in the
+    destination's postcopy/listen thread when a *resumed* post-copy stream breaks again during the
+    recovery (docs/testbed.md); a flapping link would test that QEMU bug, not the agent.
+
+    The loopback root qdisc is machine-wide: the breaker refuses to start unless ``lo`` has its
+    default (noqueue) root, and always removes its own. The libvirtd RPC (port 16509) is untouched.
+    ``start()`` (a thread), ``stop()``, ``join()``; ``killed`` counts the sockets killed;
+    ``started_at`` / ``ended_at`` are time.monotonic() values."""
+
+    def __init__(self, dest: TestbedHost, seconds: float) -> None:
+        import threading  # noqa: PLC0415
+
+        self.dest, self.seconds = dest, seconds
+        self.killed = 0
+        self.started_at: Optional[float] = None
+        self.ended_at: Optional[float] = None
+        self.error: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stream-breaker", daemon=True)
+
+    def _filter(self) -> List[str]:
+        lo, hi = self.dest.migration_ports
+        addr = self.dest.address
+        return [
+            "( dst %s and dport >= :%d and dport <= :%d ) or ( src %s and sport >= :%d and sport <= :%d )"
+            % (addr, lo, hi, addr, lo, hi)
+        ]
+
+    def kill_once(self) -> int:
+        out = subprocess.run(
+            ["ss", "-K", "-t", "-n", "-H"] + self._filter(), capture_output=True, text=True, check=False
+        ).stdout
+        n = len([line for line in out.splitlines() if line.strip()])
+        self.killed += n
+        return n
+
+    @staticmethod
+    def _tc(*args: str) -> None:
+        subprocess.run(["tc"] + list(args), check=True, capture_output=True, text=True)
+
+    def _drop_on(self) -> None:
+        root = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
+        if not root.startswith("qdisc noqueue"):
+            raise RuntimeError("lo has a root qdisc already (%s): not touching it" % root.strip())
+        self._tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "0")
+        try:
+            self._tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "8bit")
+            self._tc("qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:", "blackhole")
+            lo, hi = self.dest.migration_ports
+            for value, mask in port_masks(lo, hi):
+                for way, port in (("dst", "dport"), ("src", "sport")):
+                    self._tc(
+                        "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                        "match", "ip", way, "%s/32" % self.dest.address,
+                        "match", "ip", port, str(value), hex(mask), "flowid", "1:1",
+                    )  # fmt: skip
+        except BaseException:
+            self._drop_off()
+            raise
+
+    @staticmethod
+    def _drop_off() -> None:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True, check=False)
+
+    def _run(self) -> None:
+        self.started_at = time.monotonic()
+        try:
+            self._drop_on()
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            self.error = str(exc)
+            self.ended_at = time.monotonic()
+            return
+        try:
+            self.kill_once()
+            self._stop.wait(self.seconds)
+        finally:
+            self._drop_off()
+            self.ended_at = time.monotonic()
+
+    def start(self) -> "StreamBreaker":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        self._thread.join(timeout)
+
+
+def dirtier_verdict(host: TestbedHost, name: str) -> Tuple[int, int, List[str]]:
+    """(verified_pages, bad_pages) of the last tick on `host`'s console of a guest started with
+    ``extra_cmdline="dirty_verify=1"``, and the MISMATCH lines (lost writes) printed there."""
+    with open(host.console_log(name), errors="replace") as fh:
+        text = fh.read()
+    ticks = re.findall(r"verified_pages=(\d+) bad_pages=(\d+)", text)
+    mismatches = [line for line in text.splitlines() if "TESTBED-DIRTIER-MISMATCH" in line]
+    if not ticks:
+        return 0, 0, mismatches
+    verified, bad = ticks[-1]
+    return int(verified), int(bad), mismatches

@@ -14,6 +14,13 @@
  *                      (default 5, 0 = never).
  *   dirty_wpp=W        64-bit words written per 4 KiB page and pass
  *                      (1..512, default 512 = the whole page).
+ *   dirty_verify=1     before rewriting a word, check that it still holds what
+ *                      the previous pass wrote (from pass 3 on: pass 2 follows
+ *                      the random fill).  A lost write (a page that arrived
+ *                      stale after a migration) prints
+ *                      "TESTBED-DIRTIER-MISMATCH ..." (first 20) and is counted
+ *                      in the ticks' "bad_pages=".  Default 0: the extra reads
+ *                      would change the calibrated dirty rates.
  *
  * The first pass fills every byte with non-zero pseudo-random data.  Each
  * later pass writes pass-dependent, never-zero 64-bit values into W evenly
@@ -79,11 +86,13 @@ int main(int argc, char **argv)
     long rate = param(cmdline, "dirty_rate_mbps", 0);
     long tick = param(cmdline, "tick_s", 5);
     long wpp = param(cmdline, "dirty_wpp", 512);
+    long verify = param(cmdline, "dirty_verify", 0);
     for (int i = 1; i < argc; i++) {
         mb = param(argv[i], "dirty_mb", mb);
         rate = param(argv[i], "dirty_rate_mbps", rate);
         tick = param(argv[i], "tick_s", tick);
         wpp = param(argv[i], "dirty_wpp", wpp);
+        verify = param(argv[i], "dirty_verify", verify);
     }
     if (wpp < 1)
         wpp = 1;
@@ -92,8 +101,8 @@ int main(int argc, char **argv)
     long step = 512 / wpp;
 
     setvbuf(stdout, NULL, _IOLBF, 0);
-    printf("TESTBED-DIRTIER-START dirty_mb=%ld dirty_rate_mbps=%ld tick_s=%ld dirty_wpp=%ld\n",
-           mb, rate, tick, 512 / step);
+    printf("TESTBED-DIRTIER-START dirty_mb=%ld dirty_rate_mbps=%ld tick_s=%ld dirty_wpp=%ld dirty_verify=%ld\n",
+           mb, rate, tick, 512 / step, verify);
 
     size_t len = (size_t)mb << 20;
     uint64_t *buf = NULL;
@@ -117,16 +126,27 @@ int main(int argc, char **argv)
 
     double start = now(), last_tick = start, window_t = start;
     uint64_t pass = 1, window_bytes = 0, total_bytes = 0;
+    uint64_t verified_pages = 0, bad_pages = 0;
     size_t off = 0;
     for (;;) {
         if (len && rate != 0) {
             /* dirty one chunk: wpp words per page, value depends on pass */
             size_t end = off + CHUNK > len ? len : off + CHUNK;
             uint64_t v = (pass * 0x9E3779B97F4A7C15ULL) | 1;
+            uint64_t prev = ((pass - 1) * 0x9E3779B97F4A7C15ULL) | 1;
+            int check = verify && pass >= 3;
             for (size_t p = off; p < end; p += PAGE) {
                 uint64_t *pg = (uint64_t *)((char *)buf + p);
-                for (long w = 0; w < 512; w += step)
+                int bad = 0;
+                for (long w = 0; w < 512; w += step) {
+                    if (check && pg[w] != (prev ^ (p + w)) && !bad++ && bad_pages < 20)
+                        printf("TESTBED-DIRTIER-MISMATCH pass=%llu page=%zu word=%ld got=%llx want=%llx\n",
+                               (unsigned long long)pass, p / PAGE, w, (unsigned long long)pg[w],
+                               (unsigned long long)(prev ^ (p + w)));
                     pg[w] = v ^ (p + w);
+                }
+                verified_pages += check;
+                bad_pages += bad > 0;
             }
             window_bytes += end - off;
             total_bytes += end - off;
@@ -152,10 +172,12 @@ int main(int argc, char **argv)
         double t = now();
         if (tick > 0 && t - last_tick >= tick) {
             double el = t - start;
-            printf("TESTBED-GUEST-TICK t=%.0f pass=%llu dirtied_mib=%llu avg_mibps=%.1f\n",
+            printf("TESTBED-GUEST-TICK t=%.0f pass=%llu dirtied_mib=%llu avg_mibps=%.1f"
+                   " verified_pages=%llu bad_pages=%llu\n",
                    el, (unsigned long long)pass,
                    (unsigned long long)(total_bytes >> 20),
-                   el > 0 ? (total_bytes / 1048576.0) / el : 0.0);
+                   el > 0 ? (total_bytes / 1048576.0) / el : 0.0,
+                   (unsigned long long)verified_pages, (unsigned long long)bad_pages);
             last_tick = t;
         }
     }

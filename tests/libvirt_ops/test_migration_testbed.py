@@ -62,6 +62,8 @@ UUIDS = {
     "s3": "5a0f3c6e-0b1d-4e0a-9a51-000000000003",
     "s4": "5a0f3c6e-0b1d-4e0a-9a51-000000000004",
     "s5": "5a0f3c6e-0b1d-4e0a-9a51-000000000005",
+    "s6": "5a0f3c6e-0b1d-4e0a-9a51-000000000006",
+    "s7": "5a0f3c6e-0b1d-4e0a-9a51-000000000007",
 }
 
 
@@ -206,6 +208,8 @@ def test_non_converging_guest_is_aborted_by_the_completion_timeout(hosts, caplog
     assert not outcome.switched_to_postcopy and not outcome.policy.post_copy and not outcome.policy.auto_converge
     assert 15 <= outcome.elapsed_s < 40
     assert max(p.iteration for p in seen) >= 3  # it really iterated without converging
+    # the pre-flight saw it coming: dirty rate above the 16 MiB/s link
+    assert outcome.preflight is not None and not outcome.preflight.prediction.converges, outcome.preflight
     assert [p.max_downtime_ms for p in seen][-1] == HOT_CFG["live_migration_downtime_ms"]  # all steps applied
     # the guest still runs on A, with no job, and B has nothing
     assert domain_on(a, UUIDS["s2"]) == (True, True)
@@ -340,3 +344,112 @@ def test_conflicting_metadata_is_refused_before_any_libvirt_call(hosts):
     assert domain_on(a, UUIDS["s5"]) == (True, True)
     assert job_type(a, "mig-s5") == libvirt.VIR_DOMAIN_JOB_NONE
     assert domain_on(b, UUIDS["s5"]) is None
+
+
+# --- 6, 7. post-copy recovery: the stream breaks for real during post-copy ---------------------------
+
+# post-copy at 4 MiB/s: the rest of the guest's memory takes ~20 s to pull, so the stream can be broken
+# well inside the post-copy phase
+RECOVERY_CFG = dict(HOT_CFG, live_migration_post_copy_bandwidth_mib=4, live_migration_postcopy_switch="never")
+
+
+def migrate_with_break(a, b, name, uuid, break_s, window_s):
+    """Migrate a verifying hot guest with post-copy forced after 3 s; 1 s into post-copy, kill the
+    migration sockets into B for `break_s` seconds (tests.testbed.StreamBreaker)."""
+    start_guest(a, name, uuid=uuid, extra_cmdline="dirty_verify=1", **HOT_GUEST)
+    deadline = time.monotonic() + 60
+    while tb.dirtier_verdict(a, name)[0] == 0:  # the dirtier verifies from its third pass on
+        assert time.monotonic() < deadline, f"{name} never started verifying"
+        time.sleep(0.5)
+    cfg = LibvirtConfig(**dict(RECOVERY_CFG, live_migration_postcopy_recovery_s=window_s))
+    holder: dict = {}
+    breaker = tb.StreamBreaker(b, break_s)
+    seen = []
+
+    def on_progress(p):
+        seen.append(p)
+        if p.elapsed_s > 3 and "forced" not in holder:
+            holder["forced"] = holder["runner"].force_complete()
+        if p.phase == "postcopy" and breaker.started_at is None:
+            holder.setdefault("postcopy_at", p.elapsed_s)
+            if p.elapsed_s >= holder["postcopy_at"] + 1.0:
+                breaker.start()
+
+    doc = request_doc(uuid, {"compute:live_migration_post_copy": "true"})
+    outcome, _placement, wall = run_migration(
+        a, b, name, uuid, doc, cfg, on_progress, runner_hook=lambda r: holder.update(runner=r)
+    )
+    return outcome, breaker, seen, wall
+
+
+def assert_no_lost_writes(host: tb.TestbedHost, name: str) -> int:
+    time.sleep(6)  # a few passes over the buffer on this host
+    verified, bad, mismatches = tb.dirtier_verdict(host, name)
+    assert bad == 0 and not mismatches, f"lost writes on {host.name}: {mismatches[:3]}"
+    assert verified > 0
+    return verified
+
+
+def test_postcopy_stream_break_is_resumed_and_completes_with_no_lost_writes(hosts, caplog):
+    a, b = hosts
+    caplog.set_level("INFO", logger="compute_agent.migration")
+    outcome, breaker, seen, wall = migrate_with_break(a, b, "mig-s6", UUIDS["s6"], break_s=5, window_s=120)
+    breaker.join(30)
+    assert breaker.error is None, breaker.error
+    assert outcome.status == "completed", outcome.reason
+    assert outcome.switched_to_postcopy and breaker.killed > 0
+    assert outcome.postcopy_recoveries, "the stream broke but no recovery was reported"
+    first = outcome.postcopy_recoveries[0]
+    assert first.recovered
+    # resumed once the link was back (the break lasted 5 s from before the failure was seen), not before
+    assert first.resume_s is not None and first.resume_s >= 3, first
+    assert "post-copy resume attempt" in caplog.text
+    assert any(p.verdict_why.startswith("post-copy stream broken") for p in seen)
+    percents = [p.percent for p in seen]
+    assert percents == sorted(percents)
+    assert domain_on(b, UUIDS["s6"]) == (True, True)
+    assert domain_on(a, UUIDS["s6"]) is None
+    assert_guest_keeps_running(b, "mig-s6")
+    verified = assert_no_lost_writes(b, "mig-s6")
+    print(
+        f"\nscenario 6: {wall:.1f}s; break {breaker.seconds:.0f}s, resumed {first.resume_s}s after it broke "
+        f"({first.attempts} attempts), recovery total {first.total_s}s; {verified} pages verified, 0 lost"
+    )
+
+
+# an attempt that is connecting when the window closes runs until TCP gives up (~2 min): see
+# agent/libvirt_ops/postcopy_resume.py
+@pytest.mark.timeout(480)
+def test_postcopy_break_past_the_window_fails_clearly_and_destroys_nothing(hosts):
+    a, b = hosts
+    outcome, breaker, _seen, wall = migrate_with_break(a, b, "mig-s7", UUIDS["s7"], break_s=600, window_s=15)
+    try:
+        assert breaker.error is None, breaker.error
+        assert outcome.status == "failed", outcome.reason
+        assert outcome.switched_to_postcopy
+        (rec,) = outcome.postcopy_recoveries
+        assert not rec.recovered and rec.resumed_at_s is None and 15 <= rec.total_s <= 200
+        assert "could not be resumed" in outcome.reason and "nothing was destroyed" in outcome.reason
+        assert "postcopy-failed" in rec.source_state, rec
+        # both sides still hold the guest, paused by QEMU with the memory split
+        assert domain_on(a, UUIDS["s7"]) is not None and domain_on(b, UUIDS["s7"]) is not None
+    finally:
+        breaker.stop()
+        breaker.join(30)
+    # nothing was lost: once the link is back, the operator's resume completes the migration
+    conn = a.connect()
+    try:
+        from agent.libvirt_ops.policy import migration_flags  # noqa: PLC0415
+
+        dom = conn.lookupByUUIDString(UUIDS["s7"])
+        flags = migration_flags(outcome.policy) | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
+        dom.migrateToURI3(b.uri, {libvirt.VIR_MIGRATE_PARAM_URI: b.migration_uri}, flags)
+    finally:
+        conn.close()
+    assert domain_on(b, UUIDS["s7"]) == (True, True)
+    assert_guest_keeps_running(b, "mig-s7")
+    verified = assert_no_lost_writes(b, "mig-s7")
+    print(
+        f"\nscenario 7: failed after {wall:.1f}s ({rec.attempts} resume attempts in {rec.total_s}s); "
+        f"resumed by hand afterwards: {verified} pages verified, 0 lost"
+    )

@@ -303,6 +303,9 @@ class DestDomain:
     def isPersistent(self):
         return self.persistent
 
+    def state(self, flags=0):
+        return [libvirt.VIR_DOMAIN_RUNNING if self.active else libvirt.VIR_DOMAIN_SHUTOFF, 0]
+
     def undefine(self):
         self.undefined = True
 
@@ -543,10 +546,12 @@ def test_postcopy_armed_switches_when_not_converging(fake_policy, caplog):
         stats(64, iteration=4),
     ]
     dom = FakeDomain(script, "hang", postcopy_script=[stats(30, iteration=4)], clock=clock)
-    outcome = runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
+    config = cfg(live_migration_postcopy_switch="on_stall")
+    outcome = runner_for(dom, config, clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
     assert outcome.status == "completed" and outcome.switched_to_postcopy
-    # switched on the first poll of iteration 4, i.e. the 9th poll
-    assert [n for n in dom.names() if n in ("jobStats", "migrateStartPostCopy")].index("migrateStartPostCopy") == 9
+    # the dirty set stopped shrinking on the first poll of iteration 4 (the 9th poll), and the last low of
+    # remaining memory (30 MiB, 8th poll) is 5 polls old on the 13th poll: switched then, not on one sample
+    assert [n for n in dom.names() if n in ("jobStats", "migrateStartPostCopy")].index("migrateStartPostCopy") == 13
     assert "not converging" in caplog.text and "switching to post-copy" in caplog.text
 
 
@@ -758,7 +763,8 @@ def test_real_libvirt_error_from_test_driver_becomes_a_failed_outcome(fake_polic
             sleep=lambda s: threading.Event().wait(0.01),
             connect=lambda uri: open_connection(uri) if uri == conn.getURI() else FakeConn(),
         )
-        outcome = runner.run("test", TARGET, PLACEMENT, make_request())
+        request = replace(make_request(), uuid=conn.lookupByName("test").UUIDString())  # the instance's own
+        outcome = runner.run("test", TARGET, PLACEMENT, request)
     finally:
         conn.close()
     assert outcome.status == "failed"
