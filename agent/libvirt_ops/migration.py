@@ -32,7 +32,7 @@ import uuid as _uuid
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Mapping
 
-import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type information
+import libvirt
 
 from agent.config import LibvirtConfig
 from agent.errors import AgentError, InvalidRequest

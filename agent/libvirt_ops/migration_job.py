@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type information
+import libvirt
 
 from agent.libvirt_ops.convergence import Phase
 from agent.libvirt_ops.errors import MigrationError, libvirt_error_details

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type information
+import libvirt
 
 from agent.libvirt_ops.convergence import (
     MigrationProgress,

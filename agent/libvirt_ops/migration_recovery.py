@@ -13,7 +13,7 @@ import logging
 import uuid as _uuid
 from typing import Any, Callable
 
-import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type information
+import libvirt
 
 from agent.libvirt_ops.connection import close_quietly
 from agent.libvirt_ops.errors import LibvirtConnectionError, libvirt_error_details

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import libvirt  # type: ignore[import-untyped]  # libvirt-python ships no type information
+import libvirt
 
 from agent.libvirt_ops.convergence import ConvergencePrediction, MiB, predict_precopy
 from agent.libvirt_ops.errors import libvirt_error_details
