@@ -1,6 +1,6 @@
 """Claim ledger benchmark: claim + release cycles on a 2-cell, 64-thread host, ledger on disk.
 
-    python bench/claims_bench.py [--cycles N] [--dir DIR] [--json]
+    .venv/bin/python bench/claims_bench.py [--cycles N] [--dir DIR] [--json]
 
 Each cycle claims a 4-vCPU dedicated, 2 MiB-page instance (the fit sees every live claim: the
 host state is recomputed from the ledger inside the claim transaction, as in the agent) and releases

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Migration benchmark on the testbed (scripts/testbed): the agent's runner vs bare virsh.
 
-    bench/migration_bench.py [--json] [--rounds N]
+    .venv/bin/python bench/migration_bench.py [--json] [--rounds N]
 
 1. Overhead: the same idle guest (1 dedicated vCPU, 256 MiB) is migrated back and forth between
    host A and host B, alternately by the agent's MigrationRunner (placement from the destination's
@@ -18,7 +18,7 @@
    measured before starting) against what happened (pre-copy alone did not converge: post-copy
    switched on the stall / auto-converge had to throttle).
 3. Post-copy recovery: the same guest (verifying its writes), post-copy forced after 3 s, and 1 s
-   into post-copy the stream into the destination is broken for 5 s (tests.testbed.StreamBreaker:
+   into post-copy the stream into the destination is broken for 5 s (agent.testing.testbed.StreamBreaker:
    packets to/from its migration ports dropped, the stream's sockets killed). Reported: seconds from
    the break to post-copy running again, from the break to the migration's end, and lost pages.
 

@@ -191,6 +191,8 @@ def test_destination_domain_appears_when_told() -> None:
         conn.lookupByUUIDString(DOMAIN_UUID)
     ready.append(True)
     assert conn.lookupByUUIDString(DOMAIN_UUID).isActive()
+    assert DestDomain(active=True).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert DestDomain().state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
 
 
 # --- the builders ---------------------------------------------------------------------------------

@@ -326,8 +326,9 @@ class DestConn(FakeConn):
 
 
 class DestDomain:
-    """The migrated domain as the destination sees it: `undefined` records an undefine() (cleanup),
-    jobStats() answers the completed job's statistics."""
+    """The migrated domain as the destination sees it: `active` / `persistent` answer isActive,
+    isPersistent and state(), `undefined` records an undefine() (cleanup), jobStats() answers the
+    completed job's statistics."""
 
     def __init__(self, active: bool = False, persistent: bool = True) -> None:
         self.active, self.persistent, self.undefined = active, persistent, False
@@ -344,6 +345,10 @@ class DestDomain:
 
     def isPersistent(self) -> bool:
         return self.persistent
+
+    def state(self, flags: int = 0) -> list[int]:
+        """[state, reason]: running if active, else shut off; reason 0, libvirt's "unknown"."""
+        return [libvirt.VIR_DOMAIN_RUNNING if self.active else libvirt.VIR_DOMAIN_SHUTOFF, 0]
 
     def undefine(self) -> None:
         self.undefined = True

@@ -217,7 +217,7 @@ def test_predict_docstring_example():
 
 
 def test_predict_testbed_hot_guest_does_not_converge():
-    # tests/testbed.py HOT_GUEST: ~20 MB/s dirtied over a 16 MiB/s link
+    # agent/testing/testbed.py HOT_GUEST: ~20 MB/s dirtied over a 16 MiB/s link
     p = predict_precopy(19.0 * MiB, 16.0 * MiB, 256 * MiB, 1000)
     assert not p.converges and "cannot shrink" in p.why and p.dirty_share == pytest.approx(19 / 16)
 

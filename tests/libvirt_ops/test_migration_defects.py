@@ -1,5 +1,6 @@
 """Regression tests for the runner defects of issue 11 (1, 2, 3, 4, 5, 8), and the honest progress
-and pre-flight of the same issue. Uses the fakes of test_migration_unit (imported, not shared)."""
+and pre-flight of the same issue. The fakes are agent.testing's; the runner helpers (cfg, connector,
+make_request, runner_for, the fake_policy fixture) are test_migration_unit's."""
 
 from __future__ import annotations
 
@@ -12,23 +13,25 @@ import pytest
 from agent.errors import InvalidRequest
 from agent.libvirt_ops import migration as mig
 from agent.libvirt_ops.errors import MigrationError
-from tests.libvirt_ops.test_migration_unit import (  # noqa: F401 - fake_policy is a fixture
-    PLACEMENT,
-    TARGET,
-    UUID,
-    Clock,
+from agent.testing.clock import FakeClock
+from agent.testing.fake_libvirt import (
+    DOMAIN_UUID,
     DestConn,
     DestDomain,
     FakeConn,
     FakeDomain,
     FakeError,
     MiB,
+    job_stats,
+)
+from tests.libvirt_ops.test_migration_unit import (  # noqa: F401 - fake_policy is a fixture
+    PLACEMENT,
+    TARGET,
     cfg,
     connector,
     fake_policy,
     make_request,
     runner_for,
-    stats,
 )
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("fake_policy")]
@@ -38,7 +41,7 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("fake_policy")]
 
 
 def test_abort_during_xml_rewrite_cancels_the_migration():
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def XMLDesc(self, flags=0):
@@ -46,7 +49,7 @@ def test_abort_during_xml_rewrite_cancels_the_migration():
                 runner.abort()  # from another thread in real life: the runner is in step 1
             return super().XMLDesc(flags)
 
-    dom = D([stats(300)] * 3, "complete", clock=clock)
+    dom = D([job_stats(300)] * 3, "complete", clock=clock)
     runner = runner_for(dom, cfg(), clock=clock)
     outcome = runner.run("vm1", TARGET, PLACEMENT, make_request())
     assert outcome.status == "aborted" and "aborted on request" in outcome.reason and "not started" in outcome.reason
@@ -54,8 +57,8 @@ def test_abort_during_xml_rewrite_cancels_the_migration():
 
 
 def test_abort_during_destination_check_cancels_the_migration():
-    clock = Clock()
-    dom = FakeDomain([stats(300)] * 3, "complete", clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(300)] * 3, "complete", clock=clock)
     src = FakeConn(dom)
     dest = FakeConn(uri=TARGET.uri)
 
@@ -74,8 +77,8 @@ def test_abort_during_destination_check_cancels_the_migration():
 
 
 def test_failure_with_unreadable_source_keeps_the_destination_definition():
-    clock = Clock()
-    dom = FakeDomain([stats(300)] * 2, "fail", clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(300)] * 2, "fail", clock=clock)
     real_finish = dom._finish
 
     def finish(error=None):
@@ -93,8 +96,8 @@ def test_failure_with_unreadable_source_keeps_the_destination_definition():
 
 
 def test_failure_with_readable_source_still_cleans_the_leftover():
-    clock = Clock()
-    dom = FakeDomain([stats(300)] * 2, "fail", clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(300)] * 2, "fail", clock=clock)
     dest = DestDomain(active=False, persistent=True)
     outcome = runner_for(dom, cfg(), DestConn(lambda: dom.finished, dest), clock).run(
         "vm1", TARGET, PLACEMENT, make_request()
@@ -106,9 +109,13 @@ def test_failure_with_readable_source_still_cleans_the_leftover():
 
 
 def test_paused_precopy_that_never_completes_is_aborted_after_a_deadline():
-    clock = Clock()
+    clock = FakeClock(0.0)
     dom = FakeDomain(
-        [stats(64, iteration=2)] * 10, "hang", paused_script=[stats(60, iteration=3)], paused_end="hang", clock=clock
+        [job_stats(64, iteration=2)] * 10,
+        "hang",
+        paused_script=[job_stats(60, iteration=3)],
+        paused_end="hang",
+        clock=clock,
     )
     config = cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete")
     outcome = runner_for(dom, config, clock=clock).run("vm1", TARGET, PLACEMENT, make_request())
@@ -119,8 +126,8 @@ def test_paused_precopy_that_never_completes_is_aborted_after_a_deadline():
 
 
 def test_guest_paused_at_start_gets_a_deadline_too():
-    clock = Clock()
-    dom = FakeDomain([stats(64, iteration=2)] * 3, "hang", clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(64, iteration=2)] * 3, "hang", clock=clock)
     dom.state_ = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
     config = cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete")
     outcome = runner_for(dom, config, clock=clock).run("vm1", TARGET, PLACEMENT, make_request())
@@ -133,7 +140,7 @@ def test_guest_paused_at_start_gets_a_deadline_too():
 
 
 def test_force_complete_after_an_accepted_abort_is_refused():
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def abortJob(self):  # accepted; the job ends on the next poll
@@ -142,7 +149,7 @@ def test_force_complete_after_an_accepted_abort_is_refused():
             self.end = "fail"
             return 0
 
-    dom = D([stats(300)] * 5, "hang", clock=clock)
+    dom = D([job_stats(300)] * 5, "hang", clock=clock)
     runner = runner_for(dom, cfg(), clock=clock)
     results = []
 
@@ -164,18 +171,18 @@ def test_force_complete_after_an_accepted_abort_is_refused():
 
 
 def test_request_for_another_instance_is_refused():
-    dom = FakeDomain([stats(10)], "complete")
+    dom = FakeDomain([job_stats(10)], "complete")
     other = replace(make_request(), uuid="11111111-2222-3333-4444-555555555555")
     with pytest.raises(InvalidRequest) as ei:
         runner_for(dom, cfg()).run("vm1", TARGET, PLACEMENT, other)
-    assert "11111111-2222-3333-4444-555555555555" in str(ei.value) and UUID in str(ei.value)
+    assert "11111111-2222-3333-4444-555555555555" in str(ei.value) and DOMAIN_UUID in str(ei.value)
     assert "migrateToURI3" not in dom.names() and "XMLDesc" not in dom.names()
 
 
 def test_request_uuid_compared_as_uuid_not_text():
-    clock = Clock()
-    dom = FakeDomain([stats(10)], "complete", clock=clock)
-    same = replace(make_request(), uuid=UUID.upper())
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(10)], "complete", clock=clock)
+    same = replace(make_request(), uuid=DOMAIN_UUID.upper())
     assert runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, same).status == "completed"
 
 
@@ -183,7 +190,7 @@ def test_request_uuid_compared_as_uuid_not_text():
 
 
 def test_transient_job_stats_failures_keep_steps_and_timeout_on_time():
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         polls = 0
@@ -196,7 +203,7 @@ def test_transient_job_stats_failures_keep_steps_and_timeout_on_time():
                     raise FakeError("internal error: transient", libvirt.VIR_ERR_INTERNAL_ERROR)
             return super().jobStats(flags)
 
-    dom = D([stats(300)] * 3, "hang", clock=clock)
+    dom = D([job_stats(300)] * 3, "hang", clock=clock)
     outcome = runner_for(dom, cfg(live_migration_completion_timeout_s=5), clock=clock).run(
         "vm1", TARGET, PLACEMENT, make_request()
     )
@@ -209,9 +216,9 @@ def test_transient_job_stats_failures_keep_steps_and_timeout_on_time():
 
 
 def test_progress_percent_never_goes_down_and_carries_a_verdict():
-    clock = Clock()
-    script = [stats(r, iteration=1, dirty=256) for r in (400, 200, 100)]
-    script += [stats(r, iteration=it, dirty=256) for it, r in ((2, 150), (2, 60), (3, 120), (3, 50))]
+    clock = FakeClock(0.0)
+    script = [job_stats(r, iteration=1, dirty=256) for r in (400, 200, 100)]
+    script += [job_stats(r, iteration=it, dirty=256) for it, r in ((2, 150), (2, 60), (3, 120), (3, 50))]
     dom = FakeDomain(script, "complete", clock=clock)
     seen = []
     runner_for(dom, cfg(live_migration_completion_timeout_s=60), clock=clock).run(
@@ -250,8 +257,8 @@ class DirtyRateConn(FakeConn):
 
 @pytest.mark.parametrize(("bandwidth", "converges"), [(16, False), (0, True), (200, True)])
 def test_preflight_measures_and_predicts(bandwidth, converges):
-    clock = Clock()
-    dom = DirtyRateDomain([stats(100)] * 2, "complete", clock=clock)
+    clock = FakeClock(0.0)
+    dom = DirtyRateDomain([job_stats(100)] * 2, "complete", clock=clock)
     src = DirtyRateConn(dom, 20, polls_until_done=3)
     config = cfg(live_migration_bandwidth_mib=bandwidth, live_migration_preflight_dirty_rate_s=2)
     runner = mig.MigrationRunner(src, config, clock=clock, sleep=clock.sleep, connect=connector(src))
@@ -264,17 +271,17 @@ def test_preflight_measures_and_predicts(bandwidth, converges):
 
 
 def test_preflight_refused_or_off_is_no_report():
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class Refusing(DirtyRateDomain):
         def startDirtyRateCalc(self, seconds, flags=0):
             raise FakeError("this function is not supported by the connection driver", libvirt.VIR_ERR_NO_SUPPORT)
 
-    dom = Refusing([stats(100)] * 2, "complete", clock=clock)
+    dom = Refusing([job_stats(100)] * 2, "complete", clock=clock)
     src = DirtyRateConn(dom, 20)
     runner = mig.MigrationRunner(src, cfg(), clock=clock, sleep=clock.sleep, connect=connector(src))
     assert runner.run("vm1", TARGET, PLACEMENT, make_request()).preflight is None
-    dom = DirtyRateDomain([stats(100)] * 2, "complete", clock=clock)
+    dom = DirtyRateDomain([job_stats(100)] * 2, "complete", clock=clock)
     src = DirtyRateConn(dom, 20)
     config = cfg(live_migration_preflight_dirty_rate_s=0)
     runner = mig.MigrationRunner(src, config, clock=clock, sleep=clock.sleep, connect=connector(src))
@@ -284,7 +291,7 @@ def test_preflight_refused_or_off_is_no_report():
 
 def test_abort_from_another_thread_during_preflight_measurement():
     """The measurement is part of the preparation: an abort during it cancels the migration."""
-    dom = DirtyRateDomain([stats(100)] * 2, "complete")
+    dom = DirtyRateDomain([job_stats(100)] * 2, "complete")
     src = DirtyRateConn(dom, 20)
     started = threading.Event()
 
@@ -292,7 +299,7 @@ def test_abort_from_another_thread_during_preflight_measurement():
         started.set()
         threading.Event().wait(0.05)
 
-    runner = mig.MigrationRunner(src, cfg(), clock=Clock(), sleep=sleep, connect=connector(src))
+    runner = mig.MigrationRunner(src, cfg(), clock=FakeClock(0.0), sleep=sleep, connect=connector(src))
     result = {}
     t = threading.Thread(target=lambda: result.update(o=runner.run("vm1", TARGET, PLACEMENT, make_request())))
     t.start()
@@ -306,14 +313,14 @@ def test_abort_from_another_thread_during_preflight_measurement():
 
 
 def test_refused_stall_switch_is_retried_a_bounded_number_of_times_then_the_timeout_decides():
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def migrateStartPostCopy(self, flags=0):
             self.calls.append(("migrateStartPostCopy",))
             raise FakeError("internal error: unable to execute QEMU command 'migrate-start-postcopy'")
 
-    script = [stats(r, iteration=1) for r in (400, 300)] + [stats(64, iteration=2 + i // 2) for i in range(200)]
+    script = [job_stats(r, iteration=1) for r in (400, 300)] + [job_stats(64, iteration=2 + i // 2) for i in range(200)]
     dom = D(script, "hang", clock=clock)
     config = cfg(live_migration_postcopy_switch="on_stall", live_migration_completion_timeout_s=30)
     outcome = runner_for(dom, config, clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
@@ -329,9 +336,9 @@ def test_refused_stall_switch_is_retried_a_bounded_number_of_times_then_the_time
 def test_postcopy_switch_modes_at_the_completion_timeout_with_action_abort(switch, switched):
     """Post-copy armed, timeout action abort, pre-copy still shrinking (no stall): on_timeout switches
     at the timeout (as Nova's force-complete), never and on_stall leave it to the timeout action."""
-    clock = Clock()
-    script = [stats(500 - 10 * i, iteration=1) for i in range(40)]
-    dom = FakeDomain(script, "hang", postcopy_script=[stats(50, iteration=3)], clock=clock)
+    clock = FakeClock(0.0)
+    script = [job_stats(500 - 10 * i, iteration=1) for i in range(40)]
+    dom = FakeDomain(script, "hang", postcopy_script=[job_stats(50, iteration=3)], clock=clock)
     config = cfg(live_migration_completion_timeout_s=3, live_migration_postcopy_switch=switch)
     outcome = runner_for(dom, config, clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
     if switched:

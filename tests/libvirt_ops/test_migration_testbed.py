@@ -3,7 +3,7 @@
 Guest settings that make scenarios 2-4 reliable on 2 cores under TCG (measured; bench/RESULTS.md):
 256 MiB guest whose dirtier rewrites a 64 MiB buffer at 20 MB/s (under TCG an unpaced dirtier
 manages ~32 MB/s and QEMU's throttle cuts it only ~3x even at 99 %), migration bandwidth capped at
-16 MiB/s, max downtime 1000 ms raised in 10 steps 1 s apart (tests.testbed.HOT_GUEST and
+16 MiB/s, max downtime 1000 ms raised in 10 steps 1 s apart (agent.testing.testbed.HOT_GUEST and
 HOT_MIGRATION). Then:
 
 * no policy: dirtying outpaces the link, the dirty set never fits the downtime, the completion
@@ -14,11 +14,11 @@ HOT_MIGRATION). Then:
 These are with correct dirty tracking (pti=on in the guest, see docs/testbed.md): without it QEMU
 7.2 misses guest writes, which made a faster dirtier look convergent and corrupted the guest.
 
-Each test destroys every domain on both hosts before and after it (tests.testbed.destroy_all).
+Each test destroys every domain on both hosts before and after it (agent.testing.testbed.destroy_all).
 
 Guest health after the move is checked on the destination's console: the guest must keep ticking
 and print no oops. (QEMU 7.2's TCG loses guest writes during live migration unless the guest runs
-with pti=on, which tests/testbed.py sets; see docs/testbed.md. Without it these checks fail.)
+with pti=on, which agent/testing/testbed.py sets; see docs/testbed.md. Without it these checks fail.)
 """
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ RECOVERY_CFG = dict(HOT_CFG, live_migration_post_copy_bandwidth_mib=4, live_migr
 
 def migrate_with_break(a, b, name, uuid, break_s, window_s):
     """Migrate a verifying hot guest with post-copy forced after 3 s; 1 s into post-copy, kill the
-    migration sockets into B for `break_s` seconds (tests.testbed.StreamBreaker)."""
+    migration sockets into B for `break_s` seconds (agent.testing.testbed.StreamBreaker)."""
     start_guest(a, name, uuid=uuid, extra_cmdline="dirty_verify=1", **HOT_GUEST)
     deadline = time.monotonic() + 60
     while tb.dirtier_verdict(a, name)[0] == 0:  # the dirtier verifies from its third pass on

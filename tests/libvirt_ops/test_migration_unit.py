@@ -1,7 +1,8 @@
 """Unit tests of the migration runner + monitor, against a scripted fake domain (no libvirtd).
 
-Most tests replace the policy and XML-rewrite functions with small fakes (the `fake_policy`
-fixture patches `agent.libvirt_ops.migration.<name>`) so that they pin down the runner alone;
+The fakes (domain, connections, errors, clock) are agent.testing's. Most tests replace the policy
+and XML-rewrite functions with small fakes (the `fake_policy` fixture patches
+`agent.libvirt_ops.migration.<name>`) so that they pin down the runner alone;
 `test_real_policy_flags_params_and_rewritten_xml_reach_migrate_to_uri3` runs the real ones.
 """
 
@@ -25,19 +26,22 @@ from agent.libvirt_ops.errors import (
     NoMigrationInProgress,
 )
 from agent.numa.placement import CellPlacement, Placement
-from agent.numa.request import (
-    CpuPolicy,
-    EmulatorThreadsPolicy,
-    GuestCell,
-    InstanceRequest,
-    MigrationWishes,
-    ThreadPolicy,
+from agent.numa.request import InstanceRequest, MigrationWishes
+from agent.testing import builders
+from agent.testing.clock import FakeClock
+from agent.testing.fake_libvirt import (
+    DOMAIN_UUID,
+    DestConn,
+    DestDomain,
+    FakeConn,
+    FakeDomain,
+    FakeError,
+    MiB,
+    job_stats,
 )
 
 pytestmark = pytest.mark.timeout(60)
 
-MiB = 1 << 20
-UUID = "6f1f5a62-8d4e-4c55-9a53-2f1c8d7e0a11"
 TARGET = mig.MigrationTarget(uri="qemu+tcp://dest/system", migrate_uri="tcp://dest", host="dest")
 PLACEMENT = Placement(
     cells=(
@@ -55,262 +59,8 @@ PLACEMENT = Placement(
 
 
 def make_request(post_copy=None, auto_converge=None) -> InstanceRequest:
-    return InstanceRequest(
-        uuid=UUID,
-        vcpus=1,
-        memory_mb=512,
-        cells=(GuestCell(0, frozenset({0}), 512, frozenset({0})),),
-        cpu_policy=CpuPolicy.DEDICATED,
-        thread_policy=ThreadPolicy.PREFER,
-        emulator_threads=EmulatorThreadsPolicy.SHARE,
-        page_size=None,
-        migration=MigrationWishes(auto_converge=auto_converge, post_copy=post_copy),
-    )
-
-
-# --- fakes ------------------------------------------------------------------------------------------
-
-
-class FakeError(libvirt.libvirtError):
-    def __init__(self, msg: str, code: int = libvirt.VIR_ERR_INTERNAL_ERROR) -> None:
-        Exception.__init__(self, msg)
-        self._code, self._msg = code, msg
-
-    def get_error_code(self) -> int:
-        return self._code
-
-    def get_error_message(self) -> str:
-        return self._msg
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def sleep(self, dt: float) -> None:
-        self.t += dt
-        if self.t > 100_000:
-            raise RuntimeError("fake clock ran away: the monitor never ended")
-
-
-def stats(remaining_mib: int, iteration: int = 1, total_mib: int = 512, throttle: int = 0, dirty: int = 0) -> dict:
-    return {
-        "type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
-        "memory_total": total_mib * MiB,
-        "memory_processed": (total_mib - remaining_mib) * MiB,
-        "memory_remaining": remaining_mib * MiB,
-        "memory_iteration": iteration,
-        "memory_dirty_rate": dirty,
-        "auto_converge_throttle": throttle,
-    }
-
-
-class FakeDomain:
-    """A source domain whose migration job follows a script.
-
-    script: stats dicts returned by successive jobStats() polls; when exhausted, `end` happens:
-    "complete", "fail" (migrateToURI3 raises) or "hang" (the last stats forever).
-    After migrateStartPostCopy: `postcopy_script`, then `postcopy_end`. After suspend():
-    `paused_script`, then `paused_end`.
-    """
-
-    def __init__(
-        self,
-        script,
-        end="complete",
-        *,
-        postcopy_script=(),
-        postcopy_end="complete",
-        paused_script=(),
-        paused_end="complete",
-        memory_mib=512,
-        clock=None,
-        completed_stats=None,
-    ) -> None:
-        self.uuid, self.dom_name = UUID, "vm1"
-        self.state_ = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
-        self.script, self.end = list(script), end
-        self.postcopy_script, self.postcopy_end = list(postcopy_script), postcopy_end
-        self.paused_script, self.paused_end = list(paused_script), paused_end
-        self.memory_kib = memory_mib * 1024
-        self.clock = clock
-        self.completed_stats = completed_stats
-        self.calls: list[tuple] = []
-        self.downtimes: list[tuple[float, int]] = []
-        self._release = threading.Event()
-        self._error: BaseException | None = None
-        self.finished = False
-        self.gone = False
-        self.mode = "precopy"
-        self.migrate_args = None
-
-    # identity
-    def name(self):
-        return self.dom_name
-
-    def UUIDString(self):
-        return self.uuid
-
-    def state(self, flags=0):
-        if self.gone:
-            raise FakeError("domain gone", libvirt.VIR_ERR_NO_DOMAIN)
-        return list(self.state_)
-
-    def isPersistent(self):
-        return True
-
-    def isActive(self):
-        return self.state_[0] in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED)
-
-    def maxMemory(self):
-        return self.memory_kib
-
-    def XMLDesc(self, flags=0):
-        self.calls.append(("XMLDesc", flags))
-        return "<domain><name>vm1</name></domain>" + (
-            "<!--inactive-->" if flags & libvirt.VIR_DOMAIN_XML_INACTIVE else ""
-        )
-
-    # the job
-    def migrateToURI3(self, uri, params, flags):
-        self.calls.append(("migrateToURI3", uri, flags))
-        self.migrate_args = (uri, params, flags)
-        self._release.wait(30)
-        if self._error is not None:
-            raise self._error
-        self.gone = True
-        return 0
-
-    def _finish(self, error=None):
-        self.finished = True
-        self._error = error
-        self._release.set()
-
-    def jobStats(self, flags=0):
-        self.calls.append(("jobStats", flags))
-        if flags & libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED:
-            if self.completed_stats is None:
-                raise FakeError("domain gone", libvirt.VIR_ERR_NO_DOMAIN)
-            return dict(self.completed_stats)
-        if self.finished:
-            return {"type": libvirt.VIR_DOMAIN_JOB_NONE}
-        if self.mode == "postcopy":
-            script, end = self.postcopy_script, self.postcopy_end
-        elif self.mode == "paused":
-            script, end = self.paused_script, self.paused_end
-        else:
-            script, end = self.script, self.end
-        if script:
-            self.last = script.pop(0)
-            return dict(self.last)
-        if end == "hang":
-            return dict(self.last)
-        if end == "fail":
-            self._finish(FakeError("qemu unexpectedly closed the migration stream", libvirt.VIR_ERR_OPERATION_FAILED))
-        else:
-            self._finish()
-        return {"type": libvirt.VIR_DOMAIN_JOB_NONE}
-
-    def migrateSetMaxDowntime(self, ms, flags=0):
-        self.calls.append(("migrateSetMaxDowntime", ms))
-        self.downtimes.append((self.clock() if self.clock else 0.0, ms))
-        return 0
-
-    def abortJob(self):
-        self.calls.append(("abortJob",))
-        self._finish(
-            FakeError("operation aborted: migration out job: canceled by client", libvirt.VIR_ERR_OPERATION_ABORTED)
-        )
-        return 0
-
-    def migrateStartPostCopy(self, flags=0):
-        self.calls.append(("migrateStartPostCopy",))
-        self.mode = "postcopy"
-        self.state_ = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)
-        return 0
-
-    def suspend(self):
-        self.calls.append(("suspend",))
-        self.mode = "paused"
-        self.state_ = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
-        return 0
-
-    def resume(self):
-        self.calls.append(("resume",))
-        self.state_ = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_UNPAUSED)
-        return 0
-
-    def names(self):
-        return [c[0] for c in self.calls]
-
-
-class FakeConn:
-    def __init__(self, *domains, uri="fake:///source") -> None:
-        self.domains = list(domains)
-        self.closed = 0
-        self.uri = uri
-
-    def getURI(self):
-        return self.uri
-
-    def lookupByName(self, name):
-        for d in self.domains:
-            if d.name() == name:
-                return d
-        raise FakeError(f"no domain with matching name '{name}'", libvirt.VIR_ERR_NO_DOMAIN)
-
-    def lookupByUUIDString(self, uuid):
-        for d in self.domains:
-            if d.UUIDString() == uuid:
-                return d
-        raise FakeError(f"no domain with matching uuid '{uuid}'", libvirt.VIR_ERR_NO_DOMAIN)
-
-    def close(self):
-        self.closed += 1
-        return 0
-
-
-class DestConn(FakeConn):
-    """Destination connection whose domains appear once `when()` is true (e.g. the job finished)."""
-
-    def __init__(self, when, *domains) -> None:
-        super().__init__(*domains)
-        self.when = when
-
-    def lookupByUUIDString(self, uuid):
-        if not self.when():
-            raise FakeError(f"no domain with matching uuid '{uuid}'", libvirt.VIR_ERR_NO_DOMAIN)
-        return super().lookupByUUIDString(uuid)
-
-
-class DestDomain:
-    def __init__(self, active=False, persistent=True) -> None:
-        self.active, self.persistent, self.undefined = active, persistent, False
-        self.completed = {"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 42, "memory_total": 512 * MiB}
-
-    def name(self):
-        return "vm1"
-
-    def UUIDString(self):
-        return UUID
-
-    def isActive(self):
-        return self.active
-
-    def isPersistent(self):
-        return self.persistent
-
-    def state(self, flags=0):
-        return [libvirt.VIR_DOMAIN_RUNNING if self.active else libvirt.VIR_DOMAIN_SHUTOFF, 0]
-
-    def undefine(self):
-        self.undefined = True
-
-    def jobStats(self, flags=0):
-        return dict(self.completed)
+    wishes = MigrationWishes(auto_converge=auto_converge, post_copy=post_copy)
+    return builders.request(1, 512, page_kb=None, uuid=DOMAIN_UUID, numa_implicit=False, migration=wishes)
 
 
 # --- fake policy module -------------------------------------------------------------------------------
@@ -375,7 +125,7 @@ def connector(source, dest=None):
 
 
 def runner_for(dom, config, dest_conn=None, clock=None):
-    clock = clock or dom.clock or Clock()
+    clock = clock or dom.clock or FakeClock(0.0)
     src = FakeConn(dom)
     return mig.MigrationRunner(src, config, clock=clock, sleep=clock.sleep, connect=connector(src, dest_conn))
 
@@ -409,7 +159,7 @@ def test_completion_timeout_per_gib_min_one():
 
 def test_progress_from_stats():
     p = mig.progress_from_stats(
-        stats(128, iteration=3, throttle=30, dirty=2500), phase="precopy", max_downtime_ms=100, elapsed_s=1.23456
+        job_stats(128, iteration=3, throttle=30, dirty=2500), phase="precopy", max_downtime_ms=100, elapsed_s=1.23456
     )
     assert p.percent == 75.0
     assert (p.memory_total, p.memory_remaining, p.memory_processed) == (512 * MiB, 128 * MiB, 384 * MiB)
@@ -444,8 +194,8 @@ def test_convergence_tracker():
 
 
 def test_completed_run_reports_progress_and_steps_downtime(fake_policy):
-    clock = Clock()
-    script = [stats(512 - 40 * i, iteration=1) for i in range(12)]  # 12 polls = 6 s
+    clock = FakeClock(0.0)
+    script = [job_stats(512 - 40 * i, iteration=1) for i in range(12)]  # 12 polls = 6 s
     dom = FakeDomain(script, "complete", clock=clock)
     dest = DestDomain(active=True)
     seen = []
@@ -469,8 +219,8 @@ def test_completed_run_reports_progress_and_steps_downtime(fake_policy):
 
 
 def test_completion_timeout_action_abort(fake_policy, caplog):
-    clock = Clock()
-    dom = FakeDomain([stats(64, iteration=2 + i) for i in range(4)], "hang", clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(64, iteration=2 + i) for i in range(4)], "hang", clock=clock)
     caplog.set_level("INFO", logger="compute_agent.migration")
     outcome = runner_for(dom, cfg(live_migration_completion_timeout_s=3), clock=clock).run(
         "vm1", TARGET, PLACEMENT, make_request()
@@ -488,8 +238,8 @@ def test_completion_timeout_action_abort(fake_policy, caplog):
 
 
 def test_completion_timeout_force_complete_without_postcopy_pauses(fake_policy):
-    clock = Clock()
-    dom = FakeDomain([stats(64, iteration=2)] * 10, "hang", paused_script=[stats(10, iteration=9)], clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(64, iteration=2)] * 10, "hang", paused_script=[job_stats(10, iteration=9)], clock=clock)
     seen = []
     outcome = runner_for(
         dom, cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete"), clock=clock
@@ -502,9 +252,13 @@ def test_completion_timeout_force_complete_without_postcopy_pauses(fake_policy):
 
 
 def test_force_complete_pause_is_undone_when_the_migration_fails(fake_policy):
-    clock = Clock()
+    clock = FakeClock(0.0)
     dom = FakeDomain(
-        [stats(64, iteration=2)] * 10, "hang", paused_script=[stats(30, iteration=9)], paused_end="fail", clock=clock
+        [job_stats(64, iteration=2)] * 10,
+        "hang",
+        paused_script=[job_stats(30, iteration=9)],
+        paused_end="fail",
+        clock=clock,
     )
     outcome = runner_for(
         dom, cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete"), clock=clock
@@ -519,10 +273,12 @@ def test_force_complete_pause_is_undone_when_the_migration_fails(fake_policy):
 
 
 def test_completion_timeout_force_complete_with_postcopy_switches(fake_policy):
-    clock = Clock()
+    clock = FakeClock(0.0)
     # remaining keeps shrinking a little (so the stall trigger does not fire first)
-    script = [stats(500 - 30 * i, iteration=1) for i in range(10)]
-    dom = FakeDomain(script, "hang", postcopy_script=[stats(100, iteration=3), stats(20, iteration=3)], clock=clock)
+    script = [job_stats(500 - 30 * i, iteration=1) for i in range(10)]
+    dom = FakeDomain(
+        script, "hang", postcopy_script=[job_stats(100, iteration=3), job_stats(20, iteration=3)], clock=clock
+    )
     seen = []
     outcome = runner_for(
         dom, cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete"), clock=clock
@@ -535,17 +291,17 @@ def test_completion_timeout_force_complete_with_postcopy_switches(fake_policy):
 
 
 def test_postcopy_armed_switches_when_not_converging(fake_policy, caplog):
-    clock = Clock()
+    clock = FakeClock(0.0)
     caplog.set_level("INFO", logger="compute_agent.migration")
-    script = [stats(r, iteration=1) for r in (400, 300, 200, 100)]
+    script = [job_stats(r, iteration=1) for r in (400, 300, 200, 100)]
     script += [
-        stats(64, iteration=2),
-        stats(40, iteration=2),
-        stats(64, iteration=3),
-        stats(30, iteration=3),
-        stats(64, iteration=4),
+        job_stats(64, iteration=2),
+        job_stats(40, iteration=2),
+        job_stats(64, iteration=3),
+        job_stats(30, iteration=3),
+        job_stats(64, iteration=4),
     ]
-    dom = FakeDomain(script, "hang", postcopy_script=[stats(30, iteration=4)], clock=clock)
+    dom = FakeDomain(script, "hang", postcopy_script=[job_stats(30, iteration=4)], clock=clock)
     config = cfg(live_migration_postcopy_switch="on_stall")
     outcome = runner_for(dom, config, clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
     assert outcome.status == "completed" and outcome.switched_to_postcopy
@@ -556,8 +312,8 @@ def test_postcopy_armed_switches_when_not_converging(fake_policy, caplog):
 
 
 def test_postcopy_armed_but_converging_stays_precopy(fake_policy):
-    clock = Clock()
-    script = [stats(r, iteration=1) for r in (400, 200)] + [stats(64 >> i, iteration=2 + i) for i in range(6)]
+    clock = FakeClock(0.0)
+    script = [job_stats(r, iteration=1) for r in (400, 200)] + [job_stats(64 >> i, iteration=2 + i) for i in range(6)]
     dom = FakeDomain(script, "complete", clock=clock)
     outcome = runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True))
     assert outcome.status == "completed" and not outcome.switched_to_postcopy
@@ -565,16 +321,18 @@ def test_postcopy_armed_but_converging_stays_precopy(fake_policy):
 
 
 def test_no_postcopy_policy_never_switches(fake_policy):
-    clock = Clock()
-    dom = FakeDomain([stats(64, iteration=2 + i) for i in range(8)], "complete", clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(64, iteration=2 + i) for i in range(8)], "complete", clock=clock)
     outcome = runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request(auto_converge=True))
     assert outcome.status == "completed" and "migrateStartPostCopy" not in dom.names()
     assert dom.migrate_args[2] & libvirt.VIR_MIGRATE_AUTO_CONVERGE
 
 
 def test_abort_is_refused_in_postcopy(fake_policy):
-    clock = Clock()
-    dom = FakeDomain([stats(300, iteration=1)] * 3, "hang", postcopy_script=[stats(100, iteration=3)] * 3, clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain(
+        [job_stats(300, iteration=1)] * 3, "hang", postcopy_script=[job_stats(100, iteration=3)] * 3, clock=clock
+    )
     runner = runner_for(dom, cfg(), clock=clock)
     errors, actions = [], []
 
@@ -595,9 +353,9 @@ def test_abort_is_refused_in_postcopy(fake_policy):
 
 
 def test_abort_from_another_thread(fake_policy):
-    dom = FakeDomain([stats(300, iteration=1)], "hang")
+    dom = FakeDomain([job_stats(300, iteration=1)], "hang")
     gate = threading.Event()
-    real_clock = Clock()
+    real_clock = FakeClock(0.0)
 
     def sleep(dt):
         real_clock.sleep(dt)
@@ -620,9 +378,13 @@ def test_abort_from_another_thread(fake_policy):
 
 
 def test_force_complete_on_request_without_postcopy_pauses_then_resumes_on_failure(fake_policy):
-    clock = Clock()
+    clock = FakeClock(0.0)
     dom = FakeDomain(
-        [stats(300, iteration=1)] * 5, "hang", paused_script=[stats(50, iteration=2)], paused_end="fail", clock=clock
+        [job_stats(300, iteration=1)] * 5,
+        "hang",
+        paused_script=[job_stats(50, iteration=2)],
+        paused_end="fail",
+        clock=clock,
     )
     runner = runner_for(dom, cfg(), clock=clock)
     actions = []
@@ -642,7 +404,7 @@ def test_force_complete_on_request_without_postcopy_pauses_then_resumes_on_failu
 
 
 def test_policy_conflict_refused_before_any_migration_call(fake_policy):
-    dom = FakeDomain([stats(10)], "complete")
+    dom = FakeDomain([job_stats(10)], "complete")
     with pytest.raises(InvalidRequest):
         runner_for(dom, cfg()).run("vm1", TARGET, PLACEMENT, make_request(post_copy=True, auto_converge=True))
     assert dom.calls == []  # not even the XML was read, no job
@@ -655,7 +417,7 @@ def test_domain_not_found_is_typed(fake_policy):
     assert ei.value.libvirt_code == libvirt.VIR_ERR_NO_DOMAIN and ei.value.code == "domain_not_found"
     with pytest.raises(DomainNotFound):
         lookup_domain(FakeConn(dom), "00000000-0000-0000-0000-000000000000")
-    assert lookup_domain(FakeConn(dom), UUID) is dom
+    assert lookup_domain(FakeConn(dom), DOMAIN_UUID) is dom
 
 
 def test_xml_read_failure_is_wrapped(fake_policy):
@@ -680,10 +442,10 @@ def test_running_copy_on_destination_refused(fake_policy):
 
 
 def test_failure_cleans_leftover_inactive_definition(fake_policy):
-    clock = Clock()
+    clock = FakeClock(0.0)
     dest = DestDomain(active=False)
     dest_conn = FakeConn()  # empty at start: the leftover appears during the migration
-    dom = FakeDomain([stats(300)] * 2, "fail", clock=clock)
+    dom = FakeDomain([job_stats(300)] * 2, "fail", clock=clock)
     real_js = dom.jobStats
 
     def js(flags=0):
@@ -698,15 +460,15 @@ def test_failure_cleans_leftover_inactive_definition(fake_policy):
 
 
 def test_failure_keeps_preexisting_and_running_destination_domains(fake_policy):
-    clock = Clock()
+    clock = FakeClock(0.0)
     dest = DestDomain(active=False)  # defined before the migration started: not ours to remove
-    dom = FakeDomain([stats(300)] * 2, "fail", clock=clock)
+    dom = FakeDomain([job_stats(300)] * 2, "fail", clock=clock)
     outcome = runner_for(dom, cfg(), FakeConn(dest), clock).run("vm1", TARGET, PLACEMENT, make_request())
     assert outcome.status == "failed" and not dest.undefined
 
     dest2 = DestDomain(active=False)
     conn2 = FakeConn()
-    dom2 = FakeDomain([stats(300)] * 2, "fail", clock=Clock())
+    dom2 = FakeDomain([job_stats(300)] * 2, "fail", clock=FakeClock(0.0))
     real_js = dom2.jobStats
 
     def js(flags=0):
@@ -722,8 +484,8 @@ def test_failure_keeps_preexisting_and_running_destination_domains(fake_policy):
 
 
 def test_progress_callback_errors_do_not_break_the_migration(fake_policy):
-    clock = Clock()
-    dom = FakeDomain([stats(100)] * 3, "complete", clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(100)] * 3, "complete", clock=clock)
 
     def bad(_p):
         raise RuntimeError("listener bug")
@@ -733,7 +495,7 @@ def test_progress_callback_errors_do_not_break_the_migration(fake_policy):
 
 def test_unreachable_destination_is_a_typed_connection_error(fake_policy):
     dom = FakeDomain([], "complete")
-    runner = mig.MigrationRunner(FakeConn(dom), cfg(), clock=Clock(), sleep=Clock().sleep)
+    runner = mig.MigrationRunner(FakeConn(dom), cfg(), clock=FakeClock(0.0), sleep=FakeClock(0.0).sleep)
     bad = replace(TARGET, uri="qemu+tcp://127.0.0.1:1/system")
     with pytest.raises(LibvirtConnectionError) as ei:
         runner.run("vm1", bad, PLACEMENT, make_request())
@@ -759,7 +521,7 @@ def test_real_libvirt_error_from_test_driver_becomes_a_failed_outcome(fake_polic
         runner = mig.MigrationRunner(
             conn,
             cfg(),
-            clock=Clock(),
+            clock=FakeClock(0.0),
             sleep=lambda s: threading.Event().wait(0.01),
             connect=lambda uri: open_connection(uri) if uri == conn.getURI() else FakeConn(),
         )
@@ -772,9 +534,9 @@ def test_real_libvirt_error_from_test_driver_becomes_a_failed_outcome(fake_polic
 
 
 def test_one_run_at_a_time(fake_policy):
-    dom = FakeDomain([stats(300)], "hang")
+    dom = FakeDomain([job_stats(300)], "hang")
     gate = threading.Event()
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     def sleep(dt):
         clock.sleep(dt)
@@ -794,8 +556,8 @@ def test_one_run_at_a_time(fake_policy):
 
 def test_final_stats_from_the_job_completed_event(fake_policy):
     """With events, the JOB_COMPLETED statistics of the source job (real downtime) win."""
-    clock = Clock()
-    dom = FakeDomain([stats(100)] * 2, "complete", clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(100)] * 2, "complete", clock=clock)
 
     class EventConn(FakeConn):
         deregistered: list
@@ -839,7 +601,7 @@ def test_final_stats_from_the_job_completed_event(fake_policy):
 def test_short_postcopy_phase_seen_through_the_lifecycle_event(fake_policy):
     """The switch happened and the job completed before any poll saw the post-copy state: the
     source's SUSPENDED/POSTCOPY lifecycle event is the observation (switched_to_postcopy=True)."""
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def migrateStartPostCopy(self, flags=0):
@@ -861,7 +623,7 @@ def test_short_postcopy_phase_seen_through_the_lifecycle_event(fake_policy):
         def domainEventDeregisterAny(self, cb_id):
             pass
 
-    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    dom = D([job_stats(300, iteration=1)] * 3, "hang", clock=clock)
     src = EventConn(dom)
     runner = mig.MigrationRunner(src, cfg(), clock=clock, sleep=clock.sleep, connect=connector(src))
     actions = []
@@ -878,7 +640,7 @@ def test_short_postcopy_phase_seen_through_the_lifecycle_event(fake_policy):
 
 
 def test_postcopy_page_requests_in_final_stats_count_as_observed(fake_policy):
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def migrateStartPostCopy(self, flags=0):
@@ -887,7 +649,7 @@ def test_postcopy_page_requests_in_final_stats_count_as_observed(fake_policy):
             return 0
 
     dom = D(
-        [stats(300, iteration=1)] * 3,
+        [job_stats(300, iteration=1)] * 3,
         "hang",
         clock=clock,
         completed_stats={
@@ -924,7 +686,7 @@ class CountingDomain(FakeDomain):
 def test_postcopy_requested_but_failed_before_the_switch_recovers_normally(fake_policy):
     """libvirt accepted migrateStartPostCopy but the job failed before switching: the guest still
     runs on the source, so this is a normal failure (leftover cleaned, not "split")."""
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def migrateStartPostCopy(self, flags=0):
@@ -933,7 +695,7 @@ def test_postcopy_requested_but_failed_before_the_switch_recovers_normally(fake_
             self._finish(FakeError("migration failed", libvirt.VIR_ERR_OPERATION_FAILED))
             return 0
 
-    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    dom = D([job_stats(300, iteration=1)] * 3, "hang", clock=clock)
     dest = DestDomain(active=False, persistent=True)
     runner = runner_for(dom, cfg(), dest_conn=DestConn(lambda: dom.finished, dest), clock=clock)
     actions = []
@@ -955,8 +717,8 @@ def test_failure_with_postcopy_failed_source_state_is_split_even_if_never_observ
     """Post-copy was started by someone else (virsh migrate-postcopy) and failed between two polls:
     the source state after the failure (paused/postcopy-failed) says the memory is split: do not
     resume the source, do not touch the destination."""
-    clock = Clock()
-    dom = FakeDomain([stats(300, iteration=1)] * 2, "fail", clock=clock)
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(300, iteration=1)] * 2, "fail", clock=clock)
     real_finish = dom._finish
 
     def finish(error=None):
@@ -976,7 +738,7 @@ def test_failure_with_postcopy_failed_source_state_is_split_even_if_never_observ
 def test_completed_after_unobserved_postcopy_request_reports_no_switch(fake_policy):
     """The job completed right after the request, before any poll saw post-copy: not reported as
     switched (only observed post-copy counts), but the reason says it was requested."""
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def migrateStartPostCopy(self, flags=0):
@@ -984,7 +746,7 @@ def test_completed_after_unobserved_postcopy_request_reports_no_switch(fake_poli
             self._finish()
             return 0
 
-    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    dom = D([job_stats(300, iteration=1)] * 3, "hang", clock=clock)
     runner = runner_for(dom, cfg(), clock=clock)
     actions = []
     outcome = runner.run(
@@ -1001,7 +763,7 @@ def test_completed_after_unobserved_postcopy_request_reports_no_switch(fake_poli
 def test_failed_abort_does_not_disable_downtime_steps_and_timeout(fake_policy):
     """abortJob fails while the job is still active: abort() raises, nothing is marked aborted,
     downtime steps go on and the completion timeout still aborts the job."""
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         n = 0
@@ -1013,7 +775,7 @@ def test_failed_abort_does_not_disable_downtime_steps_and_timeout(fake_policy):
                 raise FakeError("internal error: transient", libvirt.VIR_ERR_INTERNAL_ERROR)
             return super().abortJob()
 
-    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    dom = D([job_stats(300, iteration=1)] * 3, "hang", clock=clock)
     runner = runner_for(dom, cfg(live_migration_completion_timeout_s=5), clock=clock)
     errors = []
 
@@ -1035,7 +797,7 @@ def test_failed_abort_does_not_disable_downtime_steps_and_timeout(fake_policy):
 def test_abort_before_libvirt_started_the_job_is_carried_out_once_it_runs(fake_policy):
     """abortJob fails with "no job" and jobStats says NONE before the job was ever seen active:
     the abort is kept pending and done on the first active poll (no exception, no lost abort)."""
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def abortJob(self):
@@ -1045,7 +807,7 @@ def test_abort_before_libvirt_started_the_job_is_carried_out_once_it_runs(fake_p
             return super().abortJob()
 
     none = {"type": libvirt.VIR_DOMAIN_JOB_NONE}
-    dom = D([none, none, stats(300, iteration=1)], "hang", clock=clock)
+    dom = D([none, none, job_stats(300, iteration=1)], "hang", clock=clock)
     src = FakeConn(dom)
     calls = []
 
@@ -1064,7 +826,7 @@ def test_abort_before_libvirt_started_the_job_is_carried_out_once_it_runs(fake_p
 def test_abort_too_late_is_not_an_error(fake_policy):
     """abortJob fails because the job just finished (jobStats: NONE) while migrateToURI3 has not
     returned yet: abort() returns quietly and the outcome is the job's own (completed)."""
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def abortJob(self):
@@ -1073,7 +835,7 @@ def test_abort_too_late_is_not_an_error(fake_policy):
             threading.Timer(0.05, self._release.set).start()
             raise FakeError(NO_JOB, libvirt.VIR_ERR_OPERATION_INVALID)
 
-    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    dom = D([job_stats(300, iteration=1)] * 3, "hang", clock=clock)
     runner = runner_for(dom, cfg(), clock=clock)
     results = []
 
@@ -1094,7 +856,7 @@ def test_timeout_force_complete_retries_a_failed_switch_then_aborts(fake_policy,
     """With timeout action force_complete, a failing migrateStartPostCopy is retried on the next
     polls and after _MAX_FORCE_COMPLETE_FAILURES attempts the job is aborted (never unbounded);
     a failed abortJob then is retried too, without further switch attempts."""
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         aborts = 0
@@ -1110,7 +872,7 @@ def test_timeout_force_complete_retries_a_failed_switch_then_aborts(fake_policy,
                 raise FakeError("internal error: transient", libvirt.VIR_ERR_INTERNAL_ERROR)
             return super().abortJob()
 
-    dom = D([stats(300, iteration=1)] * 3, "hang", clock=clock)
+    dom = D([job_stats(300, iteration=1)] * 3, "hang", clock=clock)
     runner = runner_for(
         dom, cfg(live_migration_completion_timeout_s=5, live_migration_timeout_action="force_complete"), clock=clock
     )
@@ -1122,7 +884,7 @@ def test_timeout_force_complete_retries_a_failed_switch_then_aborts(fake_policy,
 
 
 def test_timeout_force_complete_switch_succeeds_on_retry(fake_policy):
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         n = 0
@@ -1134,7 +896,7 @@ def test_timeout_force_complete_switch_succeeds_on_retry(fake_policy):
                 raise FakeError("internal error: busy")
             return super().migrateStartPostCopy(flags)
 
-    dom = D([stats(300, iteration=1)] * 20, "hang", postcopy_script=[stats(50, iteration=3)], clock=clock)
+    dom = D([job_stats(300, iteration=1)] * 20, "hang", postcopy_script=[job_stats(50, iteration=3)], clock=clock)
     runner = runner_for(
         dom, cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete"), clock=clock
     )
@@ -1145,14 +907,14 @@ def test_timeout_force_complete_switch_succeeds_on_retry(fake_policy):
 
 def test_force_complete_reports_a_failed_switch(fake_policy):
     """force_complete() must not claim "postcopy" when migrateStartPostCopy failed."""
-    clock = Clock()
+    clock = FakeClock(0.0)
 
     class D(FakeDomain):
         def migrateStartPostCopy(self, flags=0):
             self.calls.append(("migrateStartPostCopy",))
             raise FakeError("internal error: unable to execute QEMU command 'migrate-start-postcopy'")
 
-    dom = D([stats(300, iteration=1)] * 2, "complete", clock=clock)
+    dom = D([job_stats(300, iteration=1)] * 2, "complete", clock=clock)
     runner = runner_for(dom, cfg(), clock=clock)
     results = []
 
@@ -1171,9 +933,9 @@ def test_force_complete_reports_a_failed_switch(fake_policy):
 
 @pytest.mark.parametrize("post_copy", [None, True])
 def test_one_state_read_per_poll(fake_policy, post_copy):
-    clock = Clock()
-    script = [stats(512 - 40 * i, iteration=1) for i in range(8)]
-    dom = CountingDomain(script, "hang", postcopy_script=[stats(30, iteration=3)] * 3, clock=clock)
+    clock = FakeClock(0.0)
+    script = [job_stats(512 - 40 * i, iteration=1) for i in range(8)]
+    dom = CountingDomain(script, "hang", postcopy_script=[job_stats(30, iteration=3)] * 3, clock=clock)
     runner = runner_for(dom, cfg(), clock=clock)
     actions = []
 
@@ -1211,16 +973,16 @@ def test_policy_and_xml_functions_are_imported_at_module_level():
 
 
 def test_outcome_final_stats_have_no_job_type(fake_policy):
-    clock = Clock()
+    clock = FakeClock(0.0)
     ok = FakeDomain(
-        [stats(100)] * 2,
+        [job_stats(100)] * 2,
         "complete",
         clock=clock,
         completed_stats={"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 9},
     )
     out = runner_for(ok, cfg(), clock=clock).run("vm1", TARGET, PLACEMENT, make_request())
     assert out.status == "completed" and "type" not in out.final_stats and out.downtime_ms == 9
-    bad = FakeDomain([dict(stats(100), downtime=30)] * 2, "fail", clock=Clock())
+    bad = FakeDomain([dict(job_stats(100), downtime=30)] * 2, "fail", clock=FakeClock(0.0))
     out = runner_for(bad, cfg()).run("vm1", TARGET, PLACEMENT, make_request())
     assert out.status == "failed" and "type" not in out.final_stats
     assert out.final_stats["expected_downtime"] == 30 and "downtime" not in out.final_stats
@@ -1228,7 +990,7 @@ def test_outcome_final_stats_have_no_job_type(fake_policy):
 
 SMALL_DOMAIN_XML = f"""<domain type='kvm'>
   <name>vm1</name>
-  <uuid>{UUID}</uuid>
+  <uuid>{DOMAIN_UUID}</uuid>
   <memory unit='KiB'>524288</memory>
   <currentMemory unit='KiB'>524288</currentMemory>
   <vcpu placement='static'>1</vcpu>
@@ -1253,8 +1015,8 @@ def test_real_policy_flags_params_and_rewritten_xml_reach_migrate_to_uri3(post_c
                 return SMALL_DOMAIN_XML.replace("<name>vm1</name>", "<name>vm1</name>\n  <title>inactive</title>")
             return SMALL_DOMAIN_XML
 
-    clock = Clock()
-    dom = D([stats(100)] * 2, "complete", clock=clock)
+    clock = FakeClock(0.0)
+    dom = D([job_stats(100)] * 2, "complete", clock=clock)
     config = cfg(
         live_migration_bandwidth_mib=250,
         live_migration_auto_converge_initial=30,

@@ -1,6 +1,7 @@
 """Post-copy recovery (agent.libvirt_ops.postcopy_resume) against a fake domain whose post-copy
 stream breaks: resume with VIR_MIGRATE_POSTCOPY_RESUME, retries with backoff, the window, and a
-failed outcome that destroys nothing. Uses the fakes of test_migration_unit (imported, not shared)."""
+failed outcome that destroys nothing. The fakes are agent.testing's; the runner helpers (cfg,
+connector, make_request, the fake_policy fixture) are test_migration_unit's."""
 
 from __future__ import annotations
 
@@ -11,20 +12,22 @@ import pytest
 
 from agent.libvirt_ops import migration as mig
 from agent.libvirt_ops.postcopy_resume import backoff_s
-from tests.libvirt_ops.test_migration_unit import (  # noqa: F401 - fake_policy is a fixture
-    PLACEMENT,
-    TARGET,
-    Clock,
+from agent.testing.clock import FakeClock
+from agent.testing.fake_libvirt import (
     DestConn,
     DestDomain,
     FakeConn,
     FakeDomain,
     FakeError,
+    job_stats,
+)
+from tests.libvirt_ops.test_migration_unit import (  # noqa: F401 - fake_policy is a fixture
+    PLACEMENT,
+    TARGET,
     cfg,
     connector,
     fake_policy,
     make_request,
-    stats,
 )
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("fake_policy")]
@@ -38,7 +41,7 @@ class BreakingDomain(FakeDomain):
     `resume_failures` times (the link is still down), then the job runs post-copy again and completes."""
 
     def __init__(self, *a, resume_failures=0, breaks=1, **kw) -> None:
-        super().__init__(*a, postcopy_script=[stats(100, iteration=3)] * 2, postcopy_end="fail", **kw)
+        super().__init__(*a, postcopy_script=[job_stats(100, iteration=3)] * 2, postcopy_end="fail", **kw)
         self.resume_failures, self.breaks = resume_failures, breaks
         self.resume_calls = 0
         self.resume_flags: list[int] = []
@@ -61,7 +64,7 @@ class BreakingDomain(FakeDomain):
         self.finished, self._error = False, None
         self._release = threading.Event()
         self.state_ = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY)
-        self.postcopy_script = [stats(40, iteration=3), stats(10, iteration=3)]
+        self.postcopy_script = [job_stats(40, iteration=3), job_stats(10, iteration=3)]
         self.postcopy_end = "fail" if self.breaks > 0 else "complete"
         return super().migrateToURI3(uri, params, flags & ~libvirt.VIR_MIGRATE_POSTCOPY_RESUME)
 
@@ -82,8 +85,8 @@ def test_backoff():
 
 
 def test_broken_postcopy_stream_is_resumed_and_completes():
-    clock = Clock()
-    dom = BreakingDomain([stats(300, iteration=1)] * 10, "hang", resume_failures=2, clock=clock)
+    clock = FakeClock(0.0)
+    dom = BreakingDomain([job_stats(300, iteration=1)] * 10, "hang", resume_failures=2, clock=clock)
     outcome, dest, _seen = run_breaking(dom, clock)
     assert outcome.status == "completed" and outcome.switched_to_postcopy, outcome.reason
     assert dom.resume_calls == 3
@@ -97,16 +100,16 @@ def test_broken_postcopy_stream_is_resumed_and_completes():
 
 
 def test_a_second_break_is_resumed_too():
-    clock = Clock()
-    dom = BreakingDomain([stats(300, iteration=1)] * 10, "hang", breaks=2, clock=clock)
+    clock = FakeClock(0.0)
+    dom = BreakingDomain([job_stats(300, iteration=1)] * 10, "hang", breaks=2, clock=clock)
     outcome, _dest, _seen = run_breaking(dom, clock)
     assert outcome.status == "completed"
     assert len(outcome.postcopy_recoveries) == 2 and all(r.recovered for r in outcome.postcopy_recoveries)
 
 
 def test_break_past_the_window_fails_clearly_and_destroys_nothing():
-    clock = Clock()
-    dom = BreakingDomain([stats(300, iteration=1)] * 10, "hang", resume_failures=10_000, clock=clock)
+    clock = FakeClock(0.0)
+    dom = BreakingDomain([job_stats(300, iteration=1)] * 10, "hang", resume_failures=10_000, clock=clock)
     outcome, dest, _seen = run_breaking(dom, clock, live_migration_postcopy_recovery_s=20)
     assert outcome.status == "failed" and outcome.switched_to_postcopy
     (rec,) = outcome.postcopy_recoveries
@@ -122,16 +125,16 @@ def test_break_past_the_window_fails_clearly_and_destroys_nothing():
 
 
 def test_recovery_off_reports_the_split_at_once():
-    clock = Clock()
-    dom = BreakingDomain([stats(300, iteration=1)] * 10, "hang", clock=clock)
+    clock = FakeClock(0.0)
+    dom = BreakingDomain([job_stats(300, iteration=1)] * 10, "hang", clock=clock)
     outcome, dest, _seen = run_breaking(dom, clock, live_migration_postcopy_recovery_s=0)
     assert outcome.status == "failed" and "split" in outcome.reason
     assert dom.resume_calls == 0 and outcome.postcopy_recoveries == () and not dest.undefined
 
 
 def test_resume_over_a_new_connection_after_the_first_attempt():
-    clock = Clock()
-    dom = BreakingDomain([stats(300, iteration=1)] * 10, "hang", resume_failures=1, clock=clock)
+    clock = FakeClock(0.0)
+    dom = BreakingDomain([job_stats(300, iteration=1)] * 10, "hang", resume_failures=1, clock=clock)
     src = FakeConn(dom)
     opened = []
 
@@ -148,8 +151,8 @@ def test_resume_over_a_new_connection_after_the_first_attempt():
 
 
 def test_abort_is_refused_while_waiting_for_the_resume():
-    clock = Clock()
-    dom = BreakingDomain([stats(300, iteration=1)] * 10, "hang", resume_failures=1, clock=clock)
+    clock = FakeClock(0.0)
+    dom = BreakingDomain([job_stats(300, iteration=1)] * 10, "hang", resume_failures=1, clock=clock)
     src = FakeConn(dom)
     config = cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete")
     errors = []
@@ -169,8 +172,8 @@ def test_abort_is_refused_while_waiting_for_the_resume():
 
 
 def test_no_more_attempts_once_the_destination_guest_is_gone():
-    clock = Clock()
-    dom = BreakingDomain([stats(300, iteration=1)] * 10, "hang", resume_failures=10_000, clock=clock)
+    clock = FakeClock(0.0)
+    dom = BreakingDomain([job_stats(300, iteration=1)] * 10, "hang", resume_failures=10_000, clock=clock)
     src = FakeConn(dom)
     dest = DestDomain(active=False)  # its QEMU died: shut off
     config = cfg(live_migration_completion_timeout_s=2, live_migration_timeout_action="force_complete")
