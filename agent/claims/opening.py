@@ -32,10 +32,9 @@ import sqlite3
 import stat
 import time
 import urllib.parse
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from agent.claims import store
 from agent.claims.damage import DamageRecord
@@ -48,6 +47,7 @@ from agent.claims.errors import (
 )
 from agent.claims.salvage import Salvage, build_ledger, check_rows, salvage
 from agent.claims.store import LEDGER_FILE, SCHEMA_VERSION, ClaimStore, is_busy, is_corruption
+from agent.claims.walcheck import wal_damage
 
 log = logging.getLogger("compute_agent.claims")
 
@@ -147,20 +147,38 @@ def move_aside(path: Path) -> Path | None:
     return moved
 
 
-@contextmanager
-def _dir_lock(state_dir: Path) -> Iterator[None]:
-    """Processes opening one ledger for writing take turns (two must not salvage it at once)."""
-    try:
-        fd = os.open(state_dir / (LEDGER_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    except PermissionError:
-        raise LedgerAccessDenied(state_dir, "cannot create the ledger's lock file") from None
-    except OSError as exc:
-        raise LedgerError(f"{state_dir}: cannot lock the claim ledger: {exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+class UseLock:
+    """``ledger.db.lock``: every process with the ledger open for writing holds it shared for as
+    long as it is open; moving a damaged ledger aside needs it exclusive. So a damaged ledger is
+    never renamed under a running agent (which would go on writing to the renamed file)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        try:
+            self.fd: int | None = os.open(state_dir / (LEDGER_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except PermissionError:
+            raise LedgerAccessDenied(state_dir, "cannot create the ledger's lock file") from None
+        except OSError as exc:
+            raise LedgerError(f"{state_dir}: cannot lock the claim ledger: {exc}") from None
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def alone(self) -> bool:
+        """Take the lock exclusive (then back to shared by `shared`) if no other process holds it."""
+        assert self.fd is not None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)  # a failed conversion may have dropped it
+            return False
+        return True
+
+    def shared(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # --- checks --------------------------------------------------------------------------------------------
@@ -174,7 +192,8 @@ def _finding_before_open(path: Path) -> _Finding | None:
             raise LedgerError(f"{path}: the claim ledger is not a regular file; not touching it")
         if st.st_size == 0:
             return _Finding("ledger.db is empty (zero length)", path, True)
-        return None
+        wal = wal_damage(_side(path, "-wal"))
+        return None if wal is None else _Finding(wal, path, True)
     kept = corrupt_files(path.parent, quiet=True)
     leftovers = [p.name for p in (_side(path, "-wal"), _side(path, "-shm")) if p.exists()]
     if not kept and not leftovers:
@@ -190,8 +209,56 @@ def _check_report(conn: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError("integrity_check: " + "; ".join(check[:5])[:_DETAIL_MAX])
 
 
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def schema_of(conn: sqlite3.Connection) -> tuple[tuple[object, ...], ...]:
+    """Tables (columns: name, type, not null, default, primary key) and indexes (table, columns)
+    as SQLite understands them - not the CREATE text, which differs in whitespace between files."""
+    out: list[tuple[object, ...]] = []
+    rows = conn.execute("SELECT type, name, tbl_name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY name")
+    for kind, name, table in rows.fetchall():
+        if kind == "table":
+            cols = conn.execute(f"PRAGMA table_xinfo({_quoted(name)})").fetchall()
+            out.append((kind, name, tuple(tuple(c[1:]) for c in cols)))
+        elif kind == "index":
+            cols = conn.execute(f"PRAGMA index_info({_quoted(name)})").fetchall()
+            out.append((kind, name, table, tuple(c[2] for c in cols)))
+    return tuple(out)
+
+
+_EXPECTED: list[tuple[tuple[object, ...], ...]] = []  # the schema MIGRATIONS build, computed once
+
+
+def _expected_schema() -> tuple[tuple[object, ...], ...]:
+    if not _EXPECTED:
+        conn = store.prepare(sqlite3.connect(":memory:", isolation_level=None))
+        for step in store.MIGRATIONS:
+            for stmt in step:
+                conn.execute(stmt)
+        _EXPECTED.append(schema_of(conn))
+        conn.close()
+    return _EXPECTED[0]
+
+
+def check_schema(conn: sqlite3.Connection) -> None:
+    """Raise sqlite3.DatabaseError if a current ledger's schema is not the one MIGRATIONS build
+    (damaged schema text can rename a column and still pass integrity_check)."""
+    found, expected = schema_of(conn), _expected_schema()
+    if found != expected:
+        pairs = zip(found, expected, strict=False)
+        diff = next((f"{a} != {b}" for a, b in pairs if a != b), "objects missing or extra")
+        raise sqlite3.DatabaseError(f"schema differs from this agent's: {diff}"[:_DETAIL_MAX])
+
+
 def _checked(conn: sqlite3.Connection, path: Path) -> int:
     """Integrity and schema version of an open read-only connection; returns the version."""
+    with store.decoded_errors():
+        return _checked_decoded(conn, path)
+
+
+def _checked_decoded(conn: sqlite3.Connection, path: Path) -> int:
     conn.execute("PRAGMA query_only=ON")
     _check_report(conn)
     version = store.user_version(conn)
@@ -201,6 +268,8 @@ def _checked(conn: sqlite3.Connection, path: Path) -> int:
         objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if objects:
             raise sqlite3.DatabaseError(f"schema version 0 but {objects} schema objects: not a claim ledger")
+    if version == SCHEMA_VERSION:
+        check_schema(conn)
     return version
 
 
@@ -280,6 +349,7 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
 
 def _verify_rows(conn: sqlite3.Connection) -> None:
     """Every row's columns and checksum, every live placement: raise _Damaged naming bad rows."""
+    check_schema(conn)  # an upgraded ledger too
     bad = check_rows(conn)
     if bad:
         raise _Damaged(f"{len(bad)} damaged row(s): " + "; ".join(map(str, bad[:5])))
@@ -305,8 +375,9 @@ def _connect_verified(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
             raise _Damaged(str(exc)[:_DETAIL_MAX]) from None
         raise _sqlite_failure(path, exc, "open") from None
     try:
-        _configure(conn, path)
-        _verify_rows(conn)
+        with store.decoded_errors():
+            _configure(conn, path)
+            _verify_rows(conn)
     except sqlite3.Error as exc:
         conn.close()
         if isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc):
@@ -334,8 +405,22 @@ def _install(path: Path, found: Salvage, record: DamageRecord | None) -> None:
     fsync_dir(path.parent)
 
 
-def _recover(path: Path, finding: _Finding, on_corrupt: str, now: float, hold_s: float) -> Path | None:
+def _recover(path: Path, finding: _Finding, on_corrupt: str, now: float, hold_s: float, lock: UseLock) -> Path | None:
     """Salvage, keep the damaged files aside, install the salvaged ledger with its damage record."""
+    if not lock.alone():
+        raise LedgerCorrupt(
+            path,
+            f"{finding.detail}; another process (the agent?) has the ledger open: it is left in place, "
+            "and salvaged when that process reopens it",
+            None,
+        )
+    try:
+        return _recover_alone(path, finding, on_corrupt, now, hold_s)
+    finally:
+        lock.shared()
+
+
+def _recover_alone(path: Path, finding: _Finding, on_corrupt: str, now: float, hold_s: float) -> Path | None:
     if finding.in_place and on_corrupt == "raise":
         moved = move_aside(path)
         err = LedgerCorrupt(path, finding.detail, moved)
@@ -367,7 +452,7 @@ def _recover(path: Path, finding: _Finding, on_corrupt: str, now: float, hold_s:
 
 
 def _open_writable(
-    path: Path, busy_timeout_s: float, on_corrupt: str, now: Callable[[], float], hold_s: float
+    path: Path, busy_timeout_s: float, on_corrupt: str, now: Callable[[], float], hold_s: float, lock: UseLock
 ) -> tuple[sqlite3.Connection, Path | None]:
     finding = _finding_before_open(path)
     if finding is None:
@@ -377,7 +462,7 @@ def _open_writable(
             return _connect_verified(path, busy_timeout_s), None
         except _Damaged as exc:
             finding = _Finding(str(exc), path, True)
-    kept = _recover(path, finding, on_corrupt, now(), hold_s)
+    kept = _recover(path, finding, on_corrupt, now(), hold_s, lock)
     try:
         return _connect_verified(path, busy_timeout_s), kept
     except _Damaged as exc:  # the ledger just built is damaged: the disk itself is failing
@@ -411,9 +496,15 @@ def open_store(
     if not create and _stat(path) is None and _finding_before_open(path) is None:
         raise LedgerError(f"{path}: no ledger here")
     _make_dir(state_dir)
-    with store.file_lock(path), _dir_lock(state_dir):
-        conn, recovered = _open_writable(path, busy_timeout_s, on_corrupt, clock, hold_s)
-        return Opened(ClaimStore(conn, path, busy_timeout_s=busy_timeout_s), recovered, corrupt_files(state_dir))
+    with store.file_lock(path):
+        lock = UseLock(state_dir)
+        try:
+            conn, recovered = _open_writable(path, busy_timeout_s, on_corrupt, clock, hold_s, lock)
+        except BaseException:
+            lock.close()
+            raise
+        led = ClaimStore(conn, path, busy_timeout_s=busy_timeout_s, on_close=lock.close)
+        return Opened(led, recovered, corrupt_files(state_dir))
 
 
 __all__ = ["Opened", "connect_readonly", "corrupt_files", "fsync_dir", "move_aside", "open_store"]

@@ -108,14 +108,14 @@ def _read_table(conn: sqlite3.Connection, table: str, wanted: Sequence[str], out
     try:
         have = _columns(conn, table)
         sql = _select(table, wanted, have)
-    except sqlite3.Error:
+    except (sqlite3.Error, UnicodeDecodeError):
         out.failed_seeks += 1
         return []
     if not have:
         return []
     try:
         return [tuple(r) for r in conn.execute(sql + " ORDER BY rowid").fetchall()]
-    except sqlite3.Error:  # some page is unreadable: go row by row
+    except (sqlite3.Error, UnicodeDecodeError):  # some page is unreadable: go row by row
         return _tolerant_rows(conn, sql, out)
 
 

@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from agent.claims.damage import DamageRecord
 from agent.claims.errors import LedgerBusy, LedgerCorrupt, LedgerError, LedgerSchemaTooNew
@@ -170,6 +170,16 @@ def is_corruption(exc: sqlite3.DatabaseError) -> bool:
     return type(exc) is sqlite3.DatabaseError
 
 
+@contextmanager
+def decoded_errors() -> Iterator[None]:
+    """SQLite's own messages about a damaged schema may not be UTF-8 (the sqlite3 module decodes
+    them strictly): that is damage, raised as the DatabaseError it is, never UnicodeDecodeError."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise sqlite3.DatabaseError(f"SQLite reported undecodable text (a damaged schema?): {exc}") from None
+
+
 def is_busy(exc: sqlite3.Error) -> bool:
     text = str(exc).lower()
     return "locked" in text or "busy" in text
@@ -181,7 +191,13 @@ class ClaimStore:
     never used, it is reported in `bad_rows` and logged at ERROR). Thread-safe through the lock."""
 
     def __init__(
-        self, conn: sqlite3.Connection, path: Path, *, readonly: bool = False, busy_timeout_s: float = 30.0
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        *,
+        readonly: bool = False,
+        busy_timeout_s: float = 30.0,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self.conn: sqlite3.Connection | None = prepare(conn)
         self.path = path
@@ -189,6 +205,7 @@ class ClaimStore:
         self.busy_timeout_s = busy_timeout_s
         self.lock = file_lock(path)
         self.bad_rows: list[BadRow] = []  # damaged rows met since open (not used as data)
+        self._on_close = on_close
         self._placements: dict[str, Placement] = {}  # stored placement JSON -> parsed (immutable)
 
     def close(self) -> None:
@@ -196,6 +213,9 @@ class ClaimStore:
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None
+            if self._on_close is not None:
+                self._on_close()
+                self._on_close = None
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file now (PASSIVE: never blocks other writers)."""
@@ -269,10 +289,13 @@ class ClaimStore:
         with self.lock:
             conn = self._begin()
             try:
-                yield conn
+                with decoded_errors():
+                    yield conn
             except sqlite3.Error as exc:
                 self._rollback(conn)
                 log.error("claim ledger %s: transaction rolled back: %s: %s", self.path, type(exc).__name__, exc)
+                if isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc):
+                    raise LedgerCorrupt(self.path, f"{exc} (transaction rolled back)", None) from None
                 raise LedgerError(f"{self.path}: ledger write failed (rolled back): {exc}") from exc
             except BaseException:
                 self._rollback(conn)
@@ -283,10 +306,13 @@ class ClaimStore:
     def read(self) -> Iterator[sqlite3.Connection]:
         with self.lock:
             try:
-                yield self._db()
+                with decoded_errors():
+                    yield self._db()
             except sqlite3.Error as exc:
                 if is_busy(exc):
                     raise LedgerBusy(self.path, self.busy_timeout_s) from None
+                if isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc):
+                    raise LedgerCorrupt(self.path, str(exc), None) from None
                 raise LedgerError(f"{self.path}: ledger read failed: {exc}") from None
 
     # ---- rows <-> claims -----------------------------------------------------------------------
@@ -484,6 +510,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "ClaimStore",
     "file_lock",
+    "decoded_errors",
     "is_busy",
     "is_corruption",
     "migrate",

@@ -354,3 +354,60 @@ def test_bad_stored_row_is_named_and_skipped_by_list_and_show(tmp_path):
             assert "good" in out.getvalue() and "'bad'" in out.getvalue() and "damaged row" in out.getvalue()
         if code == 1:
             assert "'bad'" in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+# --- found by the damage campaign ------------------------------------------------------------------
+
+
+def _crash_copy(tmp_path: Path) -> Path:
+    """A ledger whose last commits are only in its WAL (copied while open, as a crash leaves it)."""
+    src = tmp_path / "src"
+    led = Ledger.open(src)
+    for i in range(4):
+        led.claim(f"m{i}", request(2, 512), "src", 600, FN)
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    for name in ("ledger.db", "ledger.db-wal"):
+        (crash / name).write_bytes((src / name).read_bytes())
+    led.close()
+    return crash
+
+
+def test_damaged_wal_frame_hiding_later_commits_is_damage(tmp_path):
+    """SQLite stops replaying the WAL at a bad frame and drops the commits behind it silently."""
+    from agent.claims.walcheck import wal_damage
+
+    crash = _crash_copy(tmp_path)
+    wal = crash / "ledger.db-wal"
+    assert wal_damage(wal) is None
+    data = bytearray(wal.read_bytes())
+    data[32 + 24 + 100] ^= 0x10  # inside the first frame's page
+    wal.write_bytes(bytes(data))
+    assert "commits" in (wal_damage(wal) or "")
+    with Ledger.open(crash, on_corrupt="salvage") as led:
+        assert led.damage is not None and led.damage.refusing_new_claims
+        assert "WAL" in led.damage.records[-1].detail
+
+
+def test_torn_last_wal_frame_is_not_damage(tmp_path):
+    from agent.claims.walcheck import wal_damage
+
+    crash = _crash_copy(tmp_path)
+    wal = crash / "ledger.db-wal"
+    wal.write_bytes(wal.read_bytes()[:-100])
+    assert wal_damage(wal) is None
+    with Ledger.open(crash) as led:
+        assert led.damage is None and len(led.live_claims()) == 3  # the torn last commit never returned
+
+
+def test_renamed_column_in_damaged_schema_text_is_damage(tmp_path):
+    """integrity_check accepts a schema whose text names another column: compared with ours."""
+    ledger_with(tmp_path, FakeClock(), n=1)
+    db = tmp_path / "ledger.db"
+    data = db.read_bytes()
+    at = data.find(b"accepted_by")
+    db.write_bytes(data[:at] + b"acceptxd_by" + data[at + 11 :])
+    with pytest.raises(LedgerCorrupt, match="schema differs"):
+        Ledger.open(tmp_path, readonly=True)
+    with Ledger.open(tmp_path, on_corrupt="salvage") as led:
+        assert led.damage is not None and [c.migration_id for c in led.live_claims()] == ["m0"]
