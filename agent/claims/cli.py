@@ -38,6 +38,7 @@ from agent.config import format_cpu_set, load_config
 from agent.errors import AgentError, InvalidInput
 
 PROG = "compute-agent claims"
+LIST_ENDED_DEFAULT = 100  # ended claims `list` shows by default: the answer stays instant at any history
 OPERATOR_WAIT_S = 1.0  # an operator command waits this long for the agent's transaction, then says so
 
 
@@ -73,6 +74,14 @@ def add_claims_parser(subparsers: Any) -> argparse.ArgumentParser:
         dest="states",
         help="only claims in this state (repeatable)",
     )
+    p_list.add_argument(
+        "--limit",
+        type=int,
+        default=LIST_ENDED_DEFAULT,
+        metavar="N",
+        help=f"show the N ended claims changed last, with every live one (default {LIST_ENDED_DEFAULT})",
+    )
+    p_list.add_argument("--all", action="store_true", help="show every ended claim too (slow with a long history)")
     p_show = sub.add_parser("show", help="show one claim and its transitions")
     _common(p_show, suppress=True)
     p_show.add_argument("migration_id", metavar="ID")
@@ -188,9 +197,14 @@ def _warnings(ledger: Ledger) -> list[str]:
 
 
 def _list(ledger: Ledger, args: argparse.Namespace, as_json: bool, out: TextIO) -> None:
-    states = getattr(args, "states", None)
-    claims = ledger.list_claims(states) if states else ledger.list_claims()
+    states = getattr(args, "states", None) or None
+    limit = None if getattr(args, "all", False) else max(0, getattr(args, "limit", LIST_ENDED_DEFAULT))
+    claims = ledger.list_claims(states, ended_limit=limit)
     warnings = _warnings(ledger)
+    if limit is not None:
+        left_out = ledger.count_claims(states) - len(claims) - len(ledger.unreadable_rows)
+        if left_out > 0:
+            warnings.append(f"{left_out} older ended claim(s) not shown (--all, or --limit N)")
     if as_json:
         print_json([c.to_json() for c in claims], out)
         for line in warnings:  # stdout stays a JSON list of claims

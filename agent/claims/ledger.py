@@ -88,7 +88,7 @@ from agent.claims.model import (
     coerce_request,
     uuid_key,
 )
-from agent.claims.opening import open_store
+from agent.claims.opening import damage_in_open_ledger, open_store
 from agent.claims.reconcile import Reconciler, SourceReportsFailed, running_keys
 from agent.claims.rows import BadRow
 from agent.claims.store import LEDGER_FILE, SCHEMA_VERSION, ClaimStore
@@ -522,11 +522,25 @@ class Ledger:
         return claim
 
     @_logged
-    def list_claims(self, states: Iterable[ClaimState | str] | None = None) -> list[Claim]:
-        """Claims in `states` (every claim by default), oldest first."""
-        wanted = None if states is None else _state_values(states)
+    def list_claims(
+        self, states: Iterable[ClaimState | str] | None = None, *, ended_limit: int | None = None
+    ) -> list[Claim]:
+        """Claims in `states` (every claim by default), oldest first; a damaged row is skipped and
+        kept in `unreadable_rows`. ``ended_limit``: of the ended (terminal) claims, only that many
+        changed last (a listing stays fast with a long history; `count_claims` says how many)."""
+        wanted = [s.value for s in ClaimState] if states is None else _state_values(states)
         with self._store.read() as conn:
-            return self._store.in_states(conn, wanted, strict=False)
+            if ended_limit is None:
+                return self._store.in_states(conn, None if states is None else wanted, strict=False)
+            live = self._store.in_states(conn, [s for s in wanted if ClaimState(s) in LIVE_STATES], strict=False)
+            ended = [s for s in wanted if ClaimState(s) in TERMINAL_STATES]
+            claims = live + self._store.latest_ended(conn, ended, ended_limit)
+        return sorted(claims, key=lambda c: (c.created_at, c.migration_id))
+
+    def count_claims(self, states: Iterable[ClaimState | str] | None = None) -> int:
+        wanted = [s.value for s in ClaimState] if states is None else _state_values(states)
+        with self._store.read() as conn:
+            return self._store.count(conn, wanted) if wanted else 0
 
     def live_claims(self) -> list[Claim]:
         """Held and migrating claims; a damaged row among them raises LedgerCorrupt (what holds
@@ -551,6 +565,16 @@ class Ledger:
         if self._store.bad_rows and not self.readonly:
             seen = f"damaged row(s) met since open: {self._store.bad_rows[0]}"
         return damage_status(records, self._clock(), seen)
+
+    def verify(self) -> LedgerDamage | None:
+        """Check the ledger in use as at open (integrity_check with its indexes, schema, every
+        claim's checksum, live claims in full): ~0.1 s for 20,000 claims, run by every `reconcile`.
+        Damage found makes new claims refused until the ledger is reopened (which salvages it)."""
+        with self._store.read() as conn:
+            detail = damage_in_open_ledger(conn)
+        if detail is not None:
+            self._store.note_bad(BadRow("ledger", "check", detail))
+        return self.damage
 
     def accept_damage(self, by: str) -> LedgerDamage | None:
         """An operator accepts the recorded damage: new claims are allowed again (recorded durably)."""
@@ -608,7 +632,9 @@ class Ledger:
 
         Every change is logged with its reason and returned; terminal claims past retention are
         pruned afterwards (``prune=False`` to skip). The steps are in agent.claims.reconcile.
+        The ledger is verified first (`verify`).
         """
+        self.verify()  # damage met in use stops new claims now, not at the next restart
         when = self._clock() if now is None else now
         running = running_keys(running_domains)
         reconciler = Reconciler(self._store, self._clock, self.migrating_timeout_s, running, when)

@@ -347,18 +347,33 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
     store.migrate(conn, path)
 
 
-def _verify_rows(conn: sqlite3.Connection) -> None:
-    """Every row's columns and checksum, every live placement: raise _Damaged naming bad rows."""
+def _verify_rows(conn: sqlite3.Connection, *, full: bool) -> None:
+    """The schema, rows' checksums and columns, live placements (see salvage.check_rows): raise
+    _Damaged naming bad rows."""
     check_schema(conn)  # an upgraded ledger too
-    bad = check_rows(conn)
+    bad = check_rows(conn, full=full)
     if bad:
         raise _Damaged(f"{len(bad)} damaged row(s): " + "; ".join(map(str, bad[:5])))
 
 
-def _precheck(path: Path, busy_timeout_s: float) -> None:
+def damage_in_open_ledger(conn: sqlite3.Connection) -> str | None:
+    """The open-time checks again, on a ledger in use (`Ledger.verify`): what is wrong, or None."""
+    try:
+        with store.decoded_errors():
+            _check_report(conn)
+            check_schema(conn)
+            bad = check_rows(conn, full=False)
+    except sqlite3.DatabaseError as exc:
+        if not is_corruption(exc):
+            raise
+        return str(exc)[:_DETAIL_MAX]
+    return f"{len(bad)} damaged row(s): " + "; ".join(map(str, bad[:5])) if bad else None
+
+
+def _precheck(path: Path, busy_timeout_s: float) -> int:
     conn = _open_ro(path, busy_timeout_s)
     try:
-        _checked(conn, path)
+        return _checked(conn, path)
     finally:
         conn.close()
 
@@ -366,7 +381,7 @@ def _precheck(path: Path, busy_timeout_s: float) -> None:
 def _connect_verified(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     """The writable connection to an existing file, fully checked. Raises _Damaged for damage."""
     try:
-        _precheck(path, busy_timeout_s)
+        version = _precheck(path, busy_timeout_s)
         conn = store.prepare(
             sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
         )
@@ -377,7 +392,7 @@ def _connect_verified(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
     try:
         with store.decoded_errors():
             _configure(conn, path)
-            _verify_rows(conn)
+            _verify_rows(conn, full=version < SCHEMA_VERSION)
     except sqlite3.Error as exc:
         conn.close()
         if isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc):
@@ -507,4 +522,12 @@ def open_store(
         return Opened(led, recovered, corrupt_files(state_dir))
 
 
-__all__ = ["Opened", "connect_readonly", "corrupt_files", "fsync_dir", "move_aside", "open_store"]
+__all__ = [
+    "Opened",
+    "connect_readonly",
+    "corrupt_files",
+    "damage_in_open_ledger",
+    "fsync_dir",
+    "move_aside",
+    "open_store",
+]

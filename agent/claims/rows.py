@@ -60,17 +60,23 @@ class BadRow:
         return f"{self.table} row {self.key}: {self.problem}"
 
 
-def _num(value: Any) -> Any:
-    """Numbers as floats (SQLite may hand back 5 for a REAL 5.0), everything else as is."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+def _field(value: Any) -> bytes:
+    """One value, unambiguously: a type tag, then a length-prefixed UTF-8 text, a float's repr
+    (shortest round-trip, the same on every Python 3) or NULL. Faster than JSON, as stable."""
+    if isinstance(value, str):
+        raw = value.encode("utf-8", "surrogatepass")
+        return b"s%d:%s" % (len(raw), raw)
+    if value is None:
+        return b"n;"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return b"f%s;" % repr(float(value)).encode("ascii")
+    raw = repr(value).encode("utf-8", "backslashreplace")  # not a stored type: never matches a sum
+    return b"x%d:%s" % (len(raw), raw)
 
 
 def row_sum(values: Sequence[Any]) -> str:
     """The checksum of a row's content (its columns in table order, row_sum and rowid excluded)."""
-    text = json.dumps([_num(v) for v in values], separators=(",", ":"), ensure_ascii=True, default=repr)
-    return hashlib.blake2b(text.encode("ascii"), digest_size=16).hexdigest()
+    return hashlib.blake2b(b"".join(map(_field, values)), digest_size=16).hexdigest()
 
 
 # --- column checks: each returns a problem or None ---------------------------------------------------

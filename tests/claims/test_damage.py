@@ -238,13 +238,20 @@ def test_row_changed_while_open_is_never_used(tmp_path):
         assert led.damage.refusing_new_claims and a.migration_id not in {c.migration_id for c in led.list_claims()}
 
 
-def test_damaged_state_text_cannot_hide_a_live_claim(tmp_path):
+def test_damage_met_in_use_is_found_by_verify_at_each_reconcile(tmp_path):
+    """A state damaged after open (here: no longer a live state) hides the claim from the state
+    query; `verify` (run by every reconcile) scans the table itself and stops new claims."""
     with Ledger.open(tmp_path) as led:
         led.claim("a", request(2, 512), "src", 600, FN)
+        assert led.verify() is None
         led._conn.execute("PRAGMA ignore_check_constraints=ON")
         led._conn.execute("UPDATE claims SET state = 'hel\x64x' WHERE migration_id = 'a'")
+        led.reconcile([])
+        assert led.damage is not None and led.damage.refusing_new_claims and "'a'" in led.damage.summary
         with pytest.raises(LedgerCorrupt, match="'a'"):
             led.claim("c", request(2, 512), "src", 600, FN)
+    with Ledger.open(tmp_path, on_corrupt="salvage") as led:  # the reopen salvages, and holds
+        assert led.damage.refusing_new_claims
 
 
 def test_upgrade_gives_old_rows_their_checksums(tmp_path):
