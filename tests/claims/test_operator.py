@@ -117,3 +117,29 @@ def test_read_only_directory_with_a_wal_is_never_read_immutable(state_dir, monke
             assert led.get("m1").state.value == "released"
     finally:
         agent.close()
+
+
+def test_list_says_the_ledger_was_damaged_and_accept_damage_lifts_the_hold(state_dir):
+    (state_dir / "ledger.db").write_bytes(b"\x00" * 8192)  # damaged beyond reading
+    code, _, err = run(["claims", "--state-dir", str(state_dir), "list"])
+    assert code == 1 and "corrupt" in err  # a look leaves it for the agent
+    with Ledger.open(state_dir, on_corrupt="salvage"):  # the agent salvages it
+        pass
+    code, out, _ = run(["claims", "--state-dir", str(state_dir), "list"])
+    assert code == 0 and out.startswith("!! LEDGER DAMAGED") and "NEW CLAIMS REFUSED" in out
+    code, out, err = run(["claims", "--state-dir", str(state_dir), "--json", "list"])
+    assert code == 0 and out.strip() == "[]"
+    code, out, _ = run(["claims", "--state-dir", str(state_dir), "accept-damage", "--reason", "virsh list checked"])
+    assert code == 0 and "accepted" in out and "virsh list checked" in out
+    code, out, _ = run(["claims", "--state-dir", str(state_dir), "list"])
+    assert code == 0 and "REFUSED" not in out and "accepted" in out
+    with Ledger.open(state_dir) as led:
+        assert not led.damage.refusing_new_claims
+        led.claim("again", request(2, 512), "src", 300, FN)
+
+
+def test_accept_damage_needs_a_reason_and_says_when_there_is_none(state_dir):
+    with pytest.raises(SystemExit):
+        run(["claims", "--state-dir", str(state_dir), "accept-damage"])
+    code, out, _ = run(["claims", "--state-dir", str(state_dir), "accept-damage", "--reason", "x"])
+    assert code == 0 and "no damage recorded" in out
