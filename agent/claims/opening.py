@@ -2,18 +2,23 @@
 
 Writable open (the agent, and `claims release` / `accept-damage`):
 
-1. Before SQLite sees the file: a zero-length ``ledger.db``, or a missing one next to its own WAL or a
-   damaged ledger kept aside (a recovery cut short), is damage - never a reason to start empty.
+1. Before SQLite sees the file: a zero-length ``ledger.db``, a missing one next to its own WAL or a
+   damaged ledger kept aside (a recovery cut short), or a WAL whose damaged frames would make SQLite
+   drop commits silently (`agent.claims.walcheck`) is damage - never a reason to start empty.
 2. The file is checked read-only: ``PRAGMA integrity_check`` (tables *and* indexes: a stale index
-   page can hide a live claim from an indexed query; ~40 ms for 20,000 claims) and the schema
-   version. After the upgrade, every row is verified (columns, checksum, live placements parse).
+   page can hide a live claim from an indexed query; ~40 ms for 20,000 claims), the schema version
+   and the schema itself (columns, types, indexes); then, upgraded, the rows (`salvage.check_rows`:
+   every claim's checksum, live claims and damage records in full, every row in full after an upgrade).
 3. Damage found in 1 or 2: what is readable is salvaged (`agent.claims.salvage`), the damaged files
    are renamed to ``ledger.db.corrupt-<UTC time>`` (never deleted), and a new ledger holding the
    salvaged claims and a `DamageRecord` is built beside and renamed into place. From then on new
    claims are refused (`LedgerDamaged`) until the hold ends or an operator accepts the damage (see
-   `agent.claims.damage`); salvaged claims keep holding what they held and move as usual. With
-   ``on_corrupt="raise"`` (the default) the first open that finds damage in place moves the file
-   aside and raises `LedgerCorrupt` instead; the next open salvages from the file kept aside.
+   `agent.claims.damage`); salvaged claims keep holding what they held and move as usual.
+   ``on_corrupt``: "salvage" does this at once; "raise" (the default) moves a file damaged in place
+   aside and raises `LedgerCorrupt`, and the next open salvages from the file kept aside; "recreate"
+   carries nothing over (but records the damage and holds all the same).
+   Nothing is moved while another process has the ledger open for writing (``ledger.db.lock``,
+   `UseLock`): a running agent would go on writing to the renamed file.
 
 A new ledger is built the same way (complete, then renamed), so ``ledger.db`` is never half-made.
 
