@@ -287,8 +287,9 @@ def _ro_uri(path: Path) -> str:
 
 
 def _open_ro(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
-    if not os.access(path, os.R_OK):
-        raise LedgerAccessDenied(path, "cannot read the ledger file")
+    for part in (path, _side(path, "-wal"), _side(path, "-shm")):
+        if (part is path or part.exists()) and not os.access(part, os.R_OK):
+            raise LedgerAccessDenied(part, "cannot read the ledger file")
     try:
         conn = sqlite3.connect(
             _ro_uri(path), uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False

@@ -143,3 +143,14 @@ def test_accept_damage_needs_a_reason_and_says_when_there_is_none(state_dir):
         run(["claims", "--state-dir", str(state_dir), "accept-damage"])
     code, out, _ = run(["claims", "--state-dir", str(state_dir), "accept-damage", "--reason", "x"])
     assert code == 0 and "no damage recorded" in out
+
+
+def test_unreadable_wal_index_is_access_denied_not_a_sqlite_error(state_dir, monkeypatch):
+    agent = Ledger.open(state_dir)  # running: its -wal and -shm are there
+    try:
+        real = os.access
+        monkeypatch.setattr(opening.os, "access", lambda p, mode: False if str(p).endswith("-shm") else real(p, mode))
+        code, _, err = run(["claims", "--state-dir", str(state_dir), "list"])
+        assert code == 1 and "ledger.db-shm" in err and "permission denied" in err
+    finally:
+        agent.close()
