@@ -17,8 +17,9 @@ Writable open (the agent, and `claims release` / `accept-damage`):
    ``on_corrupt``: "salvage" does this at once; "raise" (the default) moves a file damaged in place
    aside and raises `LedgerCorrupt`, and the next open salvages from the file kept aside; "recreate"
    carries nothing over (but records the damage and holds all the same).
-   Nothing is moved while another process has the ledger open for writing (``ledger.db.lock``,
-   `UseLock`): a running agent would go on writing to the renamed file.
+   Nothing is moved while another process has the ledger open for writing (``ledger.db.use``,
+   `UseLock`): a running agent would go on writing to the renamed file. Processes opening the
+   ledger take turns (``ledger.db.lock``), so two never create or salvage it at once.
 
 A new ledger is built the same way (complete, then renamed), so ``ledger.db`` is never half-made.
 
@@ -37,9 +38,10 @@ import sqlite3
 import stat
 import time
 import urllib.parse
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from agent.claims import store
 from agent.claims.damage import DamageRecord
@@ -152,18 +154,34 @@ def move_aside(path: Path) -> Path | None:
     return moved
 
 
+def _lock_file(state_dir: Path, suffix: str) -> int:
+    try:
+        return os.open(state_dir / (LEDGER_FILE + suffix), os.O_RDWR | os.O_CREAT, 0o600)
+    except PermissionError:
+        raise LedgerAccessDenied(state_dir, "cannot create the ledger's lock file") from None
+    except OSError as exc:
+        raise LedgerError(f"{state_dir}: cannot lock the claim ledger: {exc}") from None
+
+
+@contextmanager
+def _opening_lock(state_dir: Path) -> Iterator[None]:
+    """``ledger.db.lock``: processes opening the ledger for writing take turns (two must not
+    create or salvage it at once); held only while opening."""
+    fd = _lock_file(state_dir, ".lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class UseLock:
-    """``ledger.db.lock``: every process with the ledger open for writing holds it shared for as
+    """``ledger.db.use``: every process with the ledger open for writing holds it shared for as
     long as it is open; moving a damaged ledger aside needs it exclusive. So a damaged ledger is
     never renamed under a running agent (which would go on writing to the renamed file)."""
 
     def __init__(self, state_dir: Path) -> None:
-        try:
-            self.fd: int | None = os.open(state_dir / (LEDGER_FILE + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        except PermissionError:
-            raise LedgerAccessDenied(state_dir, "cannot create the ledger's lock file") from None
-        except OSError as exc:
-            raise LedgerError(f"{state_dir}: cannot lock the claim ledger: {exc}") from None
+        self.fd: int | None = _lock_file(state_dir, ".use")
         fcntl.flock(self.fd, fcntl.LOCK_SH)
 
     def alone(self) -> bool:
@@ -517,7 +535,7 @@ def open_store(
     if not create and _stat(path) is None and _finding_before_open(path) is None:
         raise LedgerError(f"{path}: no ledger here")
     _make_dir(state_dir)
-    with store.file_lock(path):
+    with store.file_lock(path), _opening_lock(state_dir):
         lock = UseLock(state_dir)
         try:
             conn, recovered = _open_writable(path, busy_timeout_s, on_corrupt, clock, hold_s, lock)

@@ -4,19 +4,28 @@ SQLite replays the write-ahead log up to the first frame whose checksum chain br
 ignores everything after it: right for a torn last write (that transaction never returned), but a
 flipped bit in an *earlier* frame drops every later commit, acknowledged ones included, and the
 ledger opens "fine" without claims it held. So before SQLite sees the WAL, its frames are walked
-(https://sqlite.org/fileformat2.html#walformat): a complete frame of the current WAL generation
-whose checksum fails, or a commit frame of that generation behind it, means committed transactions
-would be lost: damage. A damaged WAL header with frames behind it is damage too (SQLite would
-ignore the whole log). A torn last frame (shorter than a frame: the write never finished, so its
-commit never returned) is not.
+(https://sqlite.org/fileformat2.html#walformat, https://sqlite.org/walformat.html) and it is damage:
+
+* a commit frame of the current WAL generation (a salt matches the header) *behind* the break;
+* fewer frames replayable than the WAL index (``-shm``, left by the last writer, same salts) says
+  were committed: the index is updated only after the commit's frames were written and synced, so
+  it catches a damaged frame in the last transaction itself;
+* a damaged WAL header with frames behind it (SQLite would ignore the whole log).
+
+Not damage: the frames of a transaction a crash cut short (SQLite writes a frame's header before its
+page, and a reused WAL still holds old pages there, so such a frame fails its checksum; it is the last
+frame of this generation and the index does not count it).
 
 What this cannot see: whole frames missing from the end of the WAL (a lost write looks exactly like
-commits that never happened), and a damaged salt *and* commit field in one frame.
+commits that never happened), and a damaged frame in the last transaction when the ``-shm`` is gone
+(after a reboot) or damaged too.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,6 +33,13 @@ _HEADER = 32
 _FRAME_HEADER = 24
 _MAGIC = (0x377F0682, 0x377F0683)  # checksum words little-endian / big-endian
 _MAX_PAGE = 65536
+_SHM_HEADER = 48  # one copy of the WAL index header; two copies lead the -shm file
+
+
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    replayable: int  # frames SQLite replays: up to the last valid commit before the break
+    hidden_commits: int  # commit frames of this generation behind the break
 
 
 def _checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> tuple[int, int]:
@@ -36,7 +52,7 @@ def _checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> tuple[int, int
 
 def _header(head: bytes) -> tuple[bool, int, bytes, tuple[int, int]] | None:
     """(big-endian checksums, page size, salts, header checksum) of a valid header, else None."""
-    magic, _version, page_size, _seq, salt1, salt2, c1, c2 = struct.unpack(">8I", head)
+    magic, _version, page_size, _seq, _salt1, _salt2, c1, c2 = struct.unpack(">8I", head)
     if magic not in _MAGIC or not (512 <= page_size <= _MAX_PAGE) or page_size & (page_size - 1):
         return None
     big = magic == _MAGIC[1]
@@ -51,29 +67,41 @@ def _ours(frame: bytes, salts: bytes) -> bool:
     return frame[8:12] == salts[:4] or frame[12:16] == salts[4:]
 
 
-def _commits_after_break(f: BinaryIO, big: bool, page_size: int, salts: bytes, sums: tuple[int, int]) -> int:
-    """Frames with commits that SQLite would not replay (0: nothing lost). The end of the log is a
-    short (torn) frame or one of an older generation; a complete frame of this generation whose
-    checksum fails is damage, and so is every commit of this generation behind it."""
-    ended, lost = False, 0
+def _walk(f: BinaryIO, big: bool, page_size: int, salts: bytes, sums: tuple[int, int]) -> _Walk:
+    n, replayable, hidden, ended = 0, 0, 0, False
     while True:
         frame = f.read(_FRAME_HEADER + page_size)
         if len(frame) < _FRAME_HEADER + page_size:
-            return lost  # a torn last frame: its transaction never returned
-        ours = _ours(frame, salts)
+            return _Walk(replayable, hidden)
+        n += 1
+        commit = struct.unpack(">I", frame[4:8])[0] != 0
         if ended:
-            lost += ours and struct.unpack(">I", frame[4:8])[0] != 0
-            continue
-        if not ours:
-            ended = True  # the log's end: frames of an older generation follow
+            hidden += _ours(frame, salts) and commit
             continue
         sums = _checksum(frame[:8] + frame[_FRAME_HEADER:], big, *sums)
         if frame[8:16] != salts or struct.unpack(">2I", frame[16:24]) != sums:
-            ended, lost = True, lost + 1
+            ended = True  # the end of what SQLite replays
+        elif commit:
+            replayable = n
+
+
+def _committed_by_index(shm: Path, salts: bytes) -> int | None:
+    """Frames the WAL index says were committed, when it is intact and of this WAL generation."""
+    try:
+        with shm.open("rb") as f:
+            data = f.read(2 * _SHM_HEADER)
+    except OSError:
+        return None
+    if len(data) < 2 * _SHM_HEADER or data[:_SHM_HEADER] != data[_SHM_HEADER:] or not data[12]:
+        return None  # absent, being written, or never initialised
+    if data[32:40] != salts:
+        return None  # another WAL generation
+    return int.from_bytes(data[16:20], sys.byteorder)
 
 
 def wal_damage(wal: Path) -> str | None:
     """Why the WAL beside a ledger would lose commits, or None (absent, empty, or sound)."""
+    shm = wal.with_name(wal.name[: -len("-wal")] + "-shm")
     try:
         f = wal.open("rb")
     except FileNotFoundError:
@@ -84,11 +112,13 @@ def wal_damage(wal: Path) -> str | None:
             return None  # no frame was ever written after this header
         parsed = _header(head)
         if parsed is None:
-            rest = f.read(_FRAME_HEADER)
-            return f"{wal.name}: damaged WAL header with frames behind it" if rest else None
-        lost = _commits_after_break(f, *parsed)
-    if lost:
-        return f"{wal.name}: {lost} damaged or hidden WAL frame(s) with commits SQLite would silently drop"
+            return f"{wal.name}: damaged WAL header with frames behind it" if f.read(_FRAME_HEADER) else None
+        committed = _committed_by_index(shm, parsed[2])  # read before the frames: it never runs ahead
+        walk = _walk(f, *parsed)
+    if walk.hidden_commits:
+        return f"{wal.name}: a damaged frame hides {walk.hidden_commits} later commit(s) SQLite would drop"
+    if committed is not None and walk.replayable < committed:
+        return f"{wal.name}: {committed - walk.replayable} committed frame(s) damaged (SQLite would drop them)"
     return None
 
 

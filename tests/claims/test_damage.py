@@ -255,13 +255,26 @@ def test_damage_met_in_use_is_found_by_verify_at_each_reconcile(tmp_path):
 
 
 def test_upgrade_gives_old_rows_their_checksums(tmp_path):
+    from agent.claims.store import MIGRATIONS
+
+    with Ledger.open(tmp_path / "src") as led:
+        c = led.claim("a", request(2, 512), "src", 600, FN)
+        row = led._conn.execute(f"SELECT {', '.join(rowsmod.CLAIM_COLUMNS)} FROM claims").fetchone()
+    conn = sqlite3.connect(tmp_path / "ledger.db")  # a v2 ledger, as the previous release wrote it
+    for stmt in MIGRATIONS[0] + MIGRATIONS[1]:
+        conn.execute(stmt)
+    conn.execute(f"INSERT INTO claims ({', '.join(rowsmod.CLAIM_COLUMNS)}) VALUES ({', '.join('?' * 11)})", row)
+    conn.execute(
+        "INSERT INTO transitions (migration_id, from_state, to_state, at, reason) VALUES ('a', NULL, 'held', 1, 'x')"
+    )
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
     with Ledger.open(tmp_path) as led:
-        led.claim("a", request(2, 512), "src", 600, FN)
-        conn = led._conn
-        for row in conn.execute("SELECT * FROM claims").fetchall():
-            assert len(row[-1]) == 32
-        bad = conn.execute("SELECT count(*) FROM claims WHERE row_sum = ''").fetchone()[0]
-        assert bad == 0
+        assert led.damage is None and led.get("a") == c and len(led.transitions("a")) == 1
+        sums = led._conn.execute("SELECT row_sum FROM claims UNION ALL SELECT row_sum FROM transitions").fetchall()
+        assert all(len(s) == 32 for (s,) in sums)
+        assert led.verify() is None
 
 
 # --- item 5: undecodable text --------------------------------------------------------------------------
@@ -366,7 +379,7 @@ def test_bad_stored_row_is_named_and_skipped_by_list_and_show(tmp_path):
 # --- found by the damage campaign ------------------------------------------------------------------
 
 
-def _crash_copy(tmp_path: Path) -> Path:
+def _crash_copy(tmp_path: Path, names: tuple[str, ...] = ("ledger.db", "ledger.db-wal")) -> Path:
     """A ledger whose last commits are only in its WAL (copied while open, as a crash leaves it)."""
     src = tmp_path / "src"
     led = Ledger.open(src)
@@ -374,7 +387,7 @@ def _crash_copy(tmp_path: Path) -> Path:
         led.claim(f"m{i}", request(2, 512), "src", 600, FN)
     crash = tmp_path / "crash"
     crash.mkdir()
-    for name in ("ledger.db", "ledger.db-wal"):
+    for name in names:
         (crash / name).write_bytes((src / name).read_bytes())
     led.close()
     return crash
@@ -390,10 +403,10 @@ def test_damaged_wal_frame_hiding_later_commits_is_damage(tmp_path):
     data = bytearray(wal.read_bytes())
     data[32 + 24 + 100] ^= 0x10  # inside the first frame's page
     wal.write_bytes(bytes(data))
-    assert "commits" in (wal_damage(wal) or "")
+    assert "later commit" in (wal_damage(wal) or "")
     with Ledger.open(crash, on_corrupt="salvage") as led:
         assert led.damage is not None and led.damage.refusing_new_claims
-        assert "WAL" in led.damage.records[-1].detail
+        assert "ledger.db-wal" in led.damage.records[-1].detail
 
 
 def test_torn_last_wal_frame_is_not_damage(tmp_path):
@@ -418,3 +431,19 @@ def test_renamed_column_in_damaged_schema_text_is_damage(tmp_path):
         Ledger.open(tmp_path, readonly=True)
     with Ledger.open(tmp_path, on_corrupt="salvage") as led:
         assert led.damage is not None and [c.migration_id for c in led.live_claims()] == ["m0"]
+
+
+def test_damaged_last_commit_is_found_through_the_wal_index(tmp_path):
+    """A damaged frame of the last transaction hides no later commit; the -shm the writer left says
+    it was committed (it is updated only after the frames are written)."""
+    from agent.claims.walcheck import wal_damage
+
+    crash = _crash_copy(tmp_path, ("ledger.db", "ledger.db-wal", "ledger.db-shm"))
+    wal = crash / "ledger.db-wal"
+    assert wal_damage(wal) is None
+    data = bytearray(wal.read_bytes())
+    data[-200] ^= 0x01  # inside the last frame: the last commit
+    wal.write_bytes(bytes(data))
+    assert "committed frame" in (wal_damage(wal) or "")
+    (crash / "ledger.db-shm").unlink()  # after a reboot: no index, no evidence (documented)
+    assert wal_damage(wal) is None
