@@ -205,6 +205,10 @@ def _agent(d: Path, base: Base, i: int, what: str) -> list[str]:
                 _judge_intact(led, base, what)
             else:
                 _judge_salvaged(led, base, what)
+                kept = sum(1 for c in led.live_claims() if c.migration_id in base.live)
+                outcomes.append(
+                    "salvage kept every live claim" if kept == len(base.live) else "salvage lost live claims"
+                )
             outcomes.append(_new_claim(led, base, i, what))
         except AgentError as exc:
             outcomes.append(f"after open: {exc.code}")
