@@ -207,6 +207,27 @@ class UseLock:
 # --- checks --------------------------------------------------------------------------------------------
 
 
+_WAL_LOOKS = 3  # a WAL being written while it is read can look damaged: believe a finding it keeps
+_WAL_PAUSE_S = 0.05
+
+
+def _wal_version(wal: Path) -> tuple[int, int] | None:
+    st = _stat(wal)
+    return None if st is None else (st.st_size, st.st_mtime_ns)
+
+
+def _settled_wal_damage(wal: Path) -> str | None:
+    """`wal_damage`, believed only when the WAL did not change while it was read (another process,
+    the agent, may be writing it: a reset racing the read can look like hidden commits)."""
+    for _ in range(_WAL_LOOKS):
+        before = _wal_version(wal)
+        found = wal_damage(wal)
+        if found is None or _wal_version(wal) == before:
+            return found
+        time.sleep(_WAL_PAUSE_S)
+    return None  # still being written: it is in use, so a writer is replaying it
+
+
 def _finding_before_open(path: Path) -> _Finding | None:
     """Damage visible without SQLite: an empty ledger.db, or a missing one with leftovers."""
     st = _stat(path)
@@ -215,7 +236,7 @@ def _finding_before_open(path: Path) -> _Finding | None:
             raise LedgerError(f"{path}: the claim ledger is not a regular file; not touching it")
         if st.st_size == 0:
             return _Finding("ledger.db is empty (zero length)", path, True)
-        wal = wal_damage(_side(path, "-wal"))
+        wal = _settled_wal_damage(_side(path, "-wal"))
         return None if wal is None else _Finding(wal, path, True)
     kept = corrupt_files(path.parent, quiet=True)
     leftovers = [p.name for p in (_side(path, "-wal"), _side(path, "-shm")) if p.exists()]
