@@ -1,17 +1,25 @@
 """Claim ledger benchmark: claim + release cycles on a 2-cell, 64-thread host, ledger on disk.
 
     .venv/bin/python bench/claims_bench.py [--cycles N] [--dir DIR] [--json]
+    .venv/bin/python bench/claims_bench.py --scale 20000 [--json]
 
 Each cycle claims a 4-vCPU dedicated, 2 MiB-page instance (the fit sees every live claim: the
 host state is recomputed from the ledger inside the claim transaction, as in the agent) and releases
 it. The ledger is the real one: WAL, synchronous=FULL, every change one fsync'ed transaction. A
 background of 8 held claims keeps the host partly full. Reports claims per second (claim calls
 only) and p50/p99 latency of `claim()`; `--json` prints one object with claims_per_s, p50_ms, p99_ms.
+
+`--scale N`: a ledger of N stored claims (one in 400 held, the rest released; built fast by
+agent.testing.ledger.fill_ledger), then the median of 5 runs of: the agent's open (integrity check,
+schema, every claim's checksum, live claims in full), a read-only open, and `compute-agent claims
+list` as a table, as JSON, and as JSON with `--all`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import sys
@@ -83,12 +91,57 @@ def run(cycles: int, directory: Path, warmup: int = 200) -> dict[str, float]:
     }
 
 
+def _median_s(fn, runs: int = 5) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times), 3)
+
+
+def _cli_list(directory: Path, *extra: str) -> None:
+    from agent.claims.cli import add_claims_parser
+
+    parser = argparse.ArgumentParser()
+    add_claims_parser(parser.add_subparsers())
+    args = parser.parse_args(["claims", "--state-dir", str(directory), *extra])
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert args.func(args, io.StringIO(), io.StringIO()) == 0
+
+
+def scale(n: int, directory: Path) -> dict[str, float]:
+    from agent.testing.ledger import fill_ledger
+
+    fill_ledger(directory, n)
+
+    def agent_open() -> None:
+        Ledger.open(directory).close()
+
+    def readonly_open() -> None:
+        Ledger.open(directory, readonly=True).close()
+
+    return {
+        "claims": n,
+        "agent_open_s": _median_s(agent_open),
+        "readonly_open_s": _median_s(readonly_open),
+        "list_table_s": _median_s(lambda: _cli_list(directory, "list")),
+        "list_json_s": _median_s(lambda: _cli_list(directory, "--json", "list")),
+        "list_json_all_s": _median_s(lambda: _cli_list(directory, "--json", "list", "--all"), runs=3),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cycles", type=int, default=500)
     ap.add_argument("--dir", type=Path, default=None, help="where the ledger goes (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--scale", type=int, default=0, metavar="N", help="time open and list with N stored claims")
     args = ap.parse_args()
+    if args.scale:
+        with tempfile.TemporaryDirectory(prefix="claims-scale-", dir="/var/tmp") as d:
+            print(json.dumps(scale(args.scale, Path(d))))
+        return 0
     if args.dir is None:
         with tempfile.TemporaryDirectory(prefix="claims-bench-", dir="/var/tmp") as d:
             res = run(args.cycles, Path(d))

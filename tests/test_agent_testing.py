@@ -41,6 +41,7 @@ SURFACE = {
         "topology",
     },
     "clock": {"DEFAULT_START", "RUNAWAY_SLEEP_S", "FakeClock"},
+    "ledger": {"fill_ledger"},
     "fake_libvirt": {
         "DOMAIN_NAME",
         "DOMAIN_UUID",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from agent.errors import AgentError, InvalidInput
@@ -96,3 +97,50 @@ class LedgerCorrupt(LedgerError):
         self.path = path
         self.detail = detail
         self.moved_to = moved_to
+
+
+class LedgerDamaged(LedgerError):
+    """The ledger was found damaged and salvaged: claims it may have lost could still hold CPUs,
+    so new claims are refused until `hold_until` (epoch seconds) or an operator accepts the damage
+    (`compute-agent claims accept-damage`)."""
+
+    code = "ledger_damaged"
+
+    def __init__(self, path: Path, detail: str, hold_until: float) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(hold_until))
+        super().__init__(
+            f"{path}: the claim ledger was damaged ({detail}); new claims are refused until {stamp} "
+            "(the longest a lost claim could still hold resources) or until an operator runs "
+            "`compute-agent claims accept-damage`"
+        )
+        self.path = path
+        self.detail = detail
+        self.hold_until = hold_until
+
+
+class LedgerBusy(LedgerError):
+    """Another process (the agent, during a claim) holds the ledger's write lock longer than an
+    operator command waits."""
+
+    code = "ledger_busy"
+
+    def __init__(self, path: Path, waited_s: float) -> None:
+        super().__init__(
+            f"{path}: waited {waited_s:g}s for the agent's claim in progress (the ledger's write lock is "
+            "held by another process); nothing was changed: retry in a moment"
+        )
+        self.path = path
+        self.waited_s = waited_s
+
+
+class LedgerAccessDenied(LedgerError):
+    """The ledger or its directory cannot be read (or written) by this user."""
+
+    code = "ledger_access_denied"
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(
+            f"{path}: permission denied ({what}); the claim ledger belongs to the agent's user: "
+            "run this command as root or as that user"
+        )
+        self.path = path

@@ -1,10 +1,10 @@
-"""The SQLite file behind the claim ledger: schema, opening, transactions and claim rows.
+"""The SQLite file behind the claim ledger: schema, connections, transactions and claim rows.
 
-One home for everything that touches ``<state_dir>/ledger.db`` (the guarantees are listed in
-`agent.claims.ledger`'s module doc): the versioned schema and its upgrades (`MIGRATIONS`), the
-writable open (integrity check, move-aside of a damaged file, WAL, upgrade, fsync of the
-directory), the one read-only open, the per-file process lock, ``BEGIN IMMEDIATE`` transactions,
-and the mapping between rows and `Claim` values. No claim rule lives here.
+The versioned schema and its upgrades (`MIGRATIONS`, `migrate`), the setup every connection gets
+(text decoding that never raises, the row-checksum SQL functions), the per-file process lock,
+``BEGIN IMMEDIATE`` transactions, and the mapping between rows and `Claim` values, every row's
+checksum verified as it is read (`agent.claims.rows`). Opening a file - checks, damage, salvage - is
+`agent.claims.opening`. No claim rule lives here.
 """
 
 from __future__ import annotations
@@ -14,16 +14,25 @@ import logging
 import os
 import sqlite3
 import threading
-import time
-import urllib.parse
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from agent.claims.errors import LedgerCorrupt, LedgerError, LedgerSchemaTooNew
+from agent.claims.damage import DamageRecord
+from agent.claims.errors import LedgerBusy, LedgerCorrupt, LedgerError, LedgerSchemaTooNew
 from agent.claims.model import Claim, ClaimState, Transition, canonical_json
-from agent.errors import InvalidInput
+from agent.claims.rows import (
+    CLAIM_COLUMNS,
+    DAMAGE_COLUMNS,
+    TRANSITION_COLUMNS,
+    BadRow,
+    claim_row_problem,
+    decode_text,
+    row_sum,
+    verify_row,
+)
+from agent.errors import AgentError, InvalidInput
 from agent.numa.placement import Placement
 
 log = logging.getLogger("compute_agent.claims")
@@ -32,6 +41,10 @@ LEDGER_FILE = "ledger.db"
 _PLACEMENT_CACHE_MAX = 4096  # parsed placements kept per open ledger: a few MiB at most
 
 # --- schema -------------------------------------------------------------------------------------
+
+_CLAIM_SUM = f"claim_sum({', '.join(CLAIM_COLUMNS)})"
+_TRANSITION_SUM = f"transition_sum({', '.join(TRANSITION_COLUMNS)})"
+_DAMAGE_SUM = f"damage_sum({', '.join(DAMAGE_COLUMNS)})"
 
 # MIGRATIONS[i] takes a ledger from version i to i + 1. Never edit a released step: add one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -64,13 +77,69 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX claims_instance ON claims(instance_uuid)",
         "CREATE INDEX transitions_claim ON transitions(migration_id, id)",
     ),
+    (  # v3: a checksum of every row's content (old rows get theirs here), and the damage record
+        "ALTER TABLE claims ADD COLUMN row_sum TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE transitions ADD COLUMN row_sum TEXT NOT NULL DEFAULT ''",
+        f"UPDATE claims SET row_sum = {_CLAIM_SUM}",
+        f"UPDATE transitions SET row_sum = {_TRANSITION_SUM}",
+        """CREATE TABLE damage (
+            id            INTEGER PRIMARY KEY AUTOINCREMENT,
+            found_at      REAL NOT NULL,
+            detail        TEXT NOT NULL,
+            moved_to      TEXT,
+            salvaged      INTEGER NOT NULL,
+            live_salvaged INTEGER NOT NULL,
+            unreadable    INTEGER NOT NULL,
+            hold_until    REAL NOT NULL,
+            accepted_at   REAL,
+            accepted_by   TEXT,
+            row_sum       TEXT NOT NULL
+        )""",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_COLUMNS = (
-    "migration_id, instance_uuid, source_host, request_json, placement_json, state, "
-    "created_at, expires_at, updated_at, reason, ttl_s"
-)
+_COLUMNS = ", ".join(CLAIM_COLUMNS)
+_TERMINAL_SQL = "('confirmed', 'released', 'expired')"
+
+
+def prepare(conn: sqlite3.Connection) -> sqlite3.Connection:
+    """What every ledger connection gets: damaged text decodes (to U+FFFD) instead of raising,
+    and the row-checksum functions the schema upgrade and the updates use."""
+    conn.text_factory = decode_text
+    conn.create_function("claim_sum", len(CLAIM_COLUMNS), lambda *v: row_sum(v), deterministic=True)
+    conn.create_function("transition_sum", len(TRANSITION_COLUMNS), lambda *v: row_sum(v), deterministic=True)
+    conn.create_function("damage_sum", len(DAMAGE_COLUMNS), lambda *v: row_sum(v), deterministic=True)
+    return conn
+
+
+def user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    """Upgrade to SCHEMA_VERSION, every step and its version bump in one transaction. A current
+    ledger is left alone without taking the write lock (an operator command must not wait)."""
+    if user_version(conn) == SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = start = user_version(conn)
+        if version > SCHEMA_VERSION:  # another process upgraded it between check and lock
+            raise LedgerSchemaTooNew(path, version, SCHEMA_VERSION)
+        while version < SCHEMA_VERSION:
+            for stmt in MIGRATIONS[version]:
+                conn.execute(stmt)
+            version += 1
+            conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if start == 0:
+        log.info("claim ledger %s created (schema version %d)", path, version)
+    elif start != version:
+        log.info("claim ledger %s upgraded from schema version %d to %d", path, start, version)
 
 
 # one lock per ledger file in this process: Ledger objects on the same file share it
@@ -97,240 +166,46 @@ def is_corruption(exc: sqlite3.DatabaseError) -> bool:
     if any(w in text for w in ("not a database", "malformed", "corrupt")):
         return True
     # SQLITE_CORRUPT / SQLITE_NOTADB surface as DatabaseError proper (no subclass); so does our own
-    # "quick_check: ..." in _open_checked
+    # "integrity_check: ..." in opening
     return type(exc) is sqlite3.DatabaseError
 
 
-# --- opening --------------------------------------------------------------------------------------
-
-
-def _open_checked(path: Path, busy_timeout_s: float) -> tuple[sqlite3.Connection, int]:
-    """The one read-only open (SQLite ``mode=ro``, ``query_only``): closing it never creates,
-    checkpoints or deletes a WAL, so a damaged ledger stays exactly as found. Runs ``quick_check``
-    and returns the connection with its schema version. Raises sqlite3.DatabaseError for a
-    damaged file (the caller decides what that means), LedgerSchemaTooNew, LedgerError."""
-    uri = "file:" + urllib.parse.quote(str(path.resolve())) + "?mode=ro"
+@contextmanager
+def decoded_errors() -> Iterator[None]:
+    """SQLite's own messages about a damaged schema may not be UTF-8 (the sqlite3 module decodes
+    them strictly): that is damage, raised as the DatabaseError it is, never UnicodeDecodeError."""
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{path}: cannot open the claim ledger read-only: {exc}") from None
-    try:
-        conn.execute("PRAGMA query_only=ON")
-        check = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
-        if check != ["ok"]:
-            raise sqlite3.DatabaseError("quick_check: " + "; ".join(map(str, check[:5])))
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise LedgerSchemaTooNew(path, version, SCHEMA_VERSION)
-    except BaseException:
-        conn.close()
-        raise
-    return conn, version
+        yield
+    except UnicodeDecodeError as exc:
+        raise sqlite3.DatabaseError(f"SQLite reported undecodable text (a damaged schema?): {exc}") from None
 
 
-def connect_readonly(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
-    """A connection for operator commands that only look: nothing created, upgraded or moved
-    aside. A damaged ledger raises LedgerCorrupt with ``moved_to=None``, an older one LedgerError."""
-    try:
-        conn, version = _open_checked(path, busy_timeout_s)
-    except sqlite3.DatabaseError as exc:
-        if is_corruption(exc):
-            err = LedgerCorrupt(path, str(exc), None)
-            log.error("claim ledger corrupt (opened read-only, left in place): %s", err)
-            raise err from None
-        raise LedgerError(f"{path}: cannot read the claim ledger: {exc}") from None
-    if version < SCHEMA_VERSION:
-        conn.close()
-        raise LedgerError(
-            f"{path}: ledger schema version {version} is older than this agent's ({SCHEMA_VERSION}); "
-            "a read-only open does not upgrade it (the agent does when it starts)"
-        )
-    return conn
-
-
-def _check_existing(path: Path, busy_timeout_s: float) -> None:
-    """Integrity and version check of an existing file before it is opened for writing."""
-    try:
-        conn, version = _open_checked(path, busy_timeout_s)
-    except LedgerSchemaTooNew as exc:
-        log.error("%s", exc)
-        raise
-    try:
-        if version == 0:
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables:
-                raise sqlite3.DatabaseError(f"schema version 0 but {tables} schema objects: not a claim ledger")
-    finally:
-        conn.close()
-
-
-def _configure(conn: sqlite3.Connection, path: Path) -> None:
-    """WAL, synchronous=FULL, foreign keys, and the schema upgraded to SCHEMA_VERSION."""
-    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise LedgerError(f"{path}: cannot switch the ledger to WAL mode (got {mode})")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    migrate(conn, path)
-
-
-def _connect_checked(path: Path, existed: bool, busy_timeout_s: float) -> sqlite3.Connection:
-    if existed:
-        _check_existing(path, busy_timeout_s)
-    try:
-        conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise LedgerError(f"{path}: cannot open the claim ledger: {exc}") from None
-    try:
-        _configure(conn, path)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
-    """The writable connection: checked, WAL, upgraded. A damaged file is moved aside first
-    (LedgerCorrupt names where); a new file's directory entry is fsynced."""
-    existed = path.exists() and path.stat().st_size > 0
-    try:
-        conn = _connect_checked(path, existed, busy_timeout_s)
-    except sqlite3.DatabaseError as exc:
-        if not is_corruption(exc):
-            raise LedgerError(f"{path}: cannot open the claim ledger: {exc}") from None
-        moved = move_aside(path)
-        err = LedgerCorrupt(path, str(exc), moved)
-        log.error("claim ledger corrupt: %s", err)
-        raise err from None
-    if not existed:
-        fsync_dir(path.parent)
-    return conn
-
-
-def migrate(conn: sqlite3.Connection, path: Path) -> None:
-    """Upgrade to SCHEMA_VERSION, every step and its version bump in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = start = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:  # another process upgraded it between check and lock
-            raise LedgerSchemaTooNew(path, version, SCHEMA_VERSION)
-        while version < SCHEMA_VERSION:
-            for stmt in MIGRATIONS[version]:
-                conn.execute(stmt)
-            version += 1
-            conn.execute(f"PRAGMA user_version = {version}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    if start == version:
-        return
-    if start == 0:
-        log.info("claim ledger %s created (schema version %d)", path, version)
-    else:
-        log.info("claim ledger %s upgraded from schema version %d to %d", path, start, version)
-
-
-def _connect_or_recreate(path: Path, busy_timeout_s: float, on_corrupt: str) -> tuple[sqlite3.Connection, Path | None]:
-    """(connection, where a corrupt ledger was moved when ``on_corrupt="recreate"`` started afresh)."""
-    try:
-        return connect(path, busy_timeout_s), None
-    except LedgerCorrupt as exc:
-        if on_corrupt == "raise":
-            raise
-        log.error(
-            "claim ledger %s was corrupt and moved to %s; starting an EMPTY ledger: "
-            "claims it held are no longer protected, check the running migrations",
-            path,
-            exc.moved_to,
-        )
-        return connect(path, busy_timeout_s), exc.moved_to
-
-
-def _corrupt_files(state_dir: Path) -> tuple[Path, ...]:
-    """Every moved-aside ledger in the state directory (not their -wal/-shm), logged once."""
-    found = sorted(state_dir.glob(LEDGER_FILE + ".corrupt-*"))
-    kept = tuple(p for p in found if not p.name.endswith(("-wal", "-shm")))
-    if kept:
-        log.warning(
-            "claim ledger: %d corrupt ledger file(s) kept aside in %s: %s",
-            len(kept),
-            state_dir,
-            ", ".join(p.name for p in kept),
-        )
-    return kept
-
-
-@dataclass(frozen=True, slots=True)
-class Opened:
-    """What `open_store` found besides the store itself."""
-
-    store: "ClaimStore"
-    recovered_from_corrupt: Path | None = None  # a corrupt ledger moved aside for a fresh one
-    corrupt_files: tuple[Path, ...] = ()
-
-
-def open_store(state_dir: Path, *, busy_timeout_s: float, on_corrupt: str, create: bool, readonly: bool) -> Opened:
-    """Open `<state_dir>/ledger.db` (see `Ledger.open` for what each option does)."""
-    path = state_dir / LEDGER_FILE
-    if (readonly or not create) and not path.exists():
-        raise LedgerError(f"{path}: no ledger here")
-    if readonly:
-        with file_lock(path):
-            return Opened(ClaimStore(connect_readonly(path, busy_timeout_s), path, readonly=True))
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise LedgerError(f"{state_dir}: cannot create the state directory: {exc}") from None
-    with file_lock(path):
-        conn, recovered = _connect_or_recreate(path, busy_timeout_s, on_corrupt)
-        return Opened(ClaimStore(conn, path), recovered, _corrupt_files(state_dir))
-
-
-def move_aside(path: Path) -> Path | None:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 1
-    while target.exists():
-        target = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
-        n += 1
-    moved: Path | None = None
-    try:
-        if path.exists():
-            os.replace(path, target)
-            moved = target
-        for suffix in ("-wal", "-shm"):
-            side = path.with_name(path.name + suffix)
-            if side.exists():
-                os.replace(side, target.with_name(target.name + suffix))
-        fsync_dir(path.parent)
-    except OSError as exc:
-        raise LedgerCorrupt(path, f"could not move the corrupt ledger aside: {exc}", None) from None
-    return moved
-
-
-def fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+def is_busy(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 class ClaimStore:
     """One open ledger file: its connection, the process-wide lock of that file, transactions, and
-    claims read from and written to rows. Thread-safe through the lock."""
+    claims read from and written to rows (each row's checksum verified as it is read: a bad row is
+    never used, it is reported in `bad_rows` and logged at ERROR). Thread-safe through the lock."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, *, readonly: bool = False) -> None:
-        self.conn: sqlite3.Connection | None = conn
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        *,
+        readonly: bool = False,
+        busy_timeout_s: float = 30.0,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.conn: sqlite3.Connection | None = prepare(conn)
         self.path = path
         self.readonly = readonly
+        self.busy_timeout_s = busy_timeout_s
         self.lock = file_lock(path)
+        self.bad_rows: list[BadRow] = []  # damaged rows met since open (not used as data)
+        self._on_close = on_close
         self._placements: dict[str, Placement] = {}  # stored placement JSON -> parsed (immutable)
 
     def close(self) -> None:
@@ -338,6 +213,9 @@ class ClaimStore:
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None
+            if self._on_close is not None:
+                self._on_close()
+                self._on_close = None
 
     def checkpoint(self) -> None:
         """Fold the WAL into the database file now (PASSIVE: never blocks other writers)."""
@@ -351,12 +229,25 @@ class ClaimStore:
 
     def schema_version(self) -> int:
         with self.lock:
-            return int(self._db().execute("PRAGMA user_version").fetchone()[0])
+            return user_version(self._db())
 
     def _db(self) -> sqlite3.Connection:
         if self.conn is None:
             raise LedgerError(f"{self.path}: the ledger is closed")
         return self.conn
+
+    # ---- damaged rows --------------------------------------------------------------------------
+
+    def note_bad(self, bad: BadRow) -> None:
+        if bad not in self.bad_rows and len(self.bad_rows) < 1000:  # bounded: a report, not a copy
+            self.bad_rows.append(bad)
+            log.error("claim ledger %s: damaged row, not used: %s", self.path, bad)
+
+    def corrupt(self, bad: BadRow) -> LedgerCorrupt:
+        self.note_bad(bad)
+        return LedgerCorrupt(
+            self.path, f"{bad}; the row is not used (the agent salvages the ledger when it next opens it)", None
+        )
 
     # ---- transactions --------------------------------------------------------------------------
 
@@ -372,6 +263,8 @@ class ClaimStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
+            if is_busy(exc):
+                raise LedgerBusy(self.path, self.busy_timeout_s) from None
             log.error("claim ledger %s: cannot start a transaction: %s", self.path, exc)
             raise LedgerError(f"{self.path}: cannot start a ledger transaction: {exc}") from None
         return conn
@@ -396,10 +289,13 @@ class ClaimStore:
         with self.lock:
             conn = self._begin()
             try:
-                yield conn
+                with decoded_errors():
+                    yield conn
             except sqlite3.Error as exc:
                 self._rollback(conn)
                 log.error("claim ledger %s: transaction rolled back: %s: %s", self.path, type(exc).__name__, exc)
+                if isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc):
+                    raise LedgerCorrupt(self.path, f"{exc} (transaction rolled back)", None) from None
                 raise LedgerError(f"{self.path}: ledger write failed (rolled back): {exc}") from exc
             except BaseException:
                 self._rollback(conn)
@@ -410,8 +306,13 @@ class ClaimStore:
     def read(self) -> Iterator[sqlite3.Connection]:
         with self.lock:
             try:
-                yield self._db()
+                with decoded_errors():
+                    yield self._db()
             except sqlite3.Error as exc:
+                if is_busy(exc):
+                    raise LedgerBusy(self.path, self.busy_timeout_s) from None
+                if isinstance(exc, sqlite3.DatabaseError) and is_corruption(exc):
+                    raise LedgerCorrupt(self.path, str(exc), None) from None
                 raise LedgerError(f"{self.path}: ledger read failed: {exc}") from None
 
     # ---- rows <-> claims -----------------------------------------------------------------------
@@ -425,61 +326,121 @@ class ClaimStore:
             self._placements[placement_json] = placement
         return placement
 
-    def _row_to_claim(self, row: Sequence[Any]) -> Claim:
-        (mid, uuid, source, req_json, placement_json, state, created, expires, updated, reason, ttl) = row
+    def _decode(self, row: Sequence[Any]) -> Claim | BadRow:
+        """A stored row (claim columns, then row_sum) as a Claim, or why it cannot be one."""
+        values, stored = tuple(row[:-1]), row[-1]
+        key = repr(values[0])[:80]
+        if stored != row_sum(values):
+            return BadRow("claims", key, "checksum mismatch (the row changed on disk)")
+        (mid, uuid, source, req_json, placement_json, state, created, expires, updated, reason, ttl) = values
         try:
             placement = self._placement(placement_json)
             state_enum = ClaimState(state)
-        except (InvalidInput, ValueError) as exc:
-            raise LedgerError(f"{self.path}: claim {mid!r} has an unreadable stored placement: {exc}") from None
+        except (InvalidInput, ValueError, TypeError) as exc:
+            return BadRow("claims", key, f"unreadable stored placement or state: {exc}")
         return Claim(mid, uuid, source, req_json, placement, state_enum, created, expires, updated, reason, ttl)
 
-    def select(self, conn: sqlite3.Connection, where: str = "", params: Sequence[Any] = ()) -> list[Claim]:
-        rows = conn.execute(f"SELECT {_COLUMNS} FROM claims {where}", params).fetchall()
-        return [self._row_to_claim(r) for r in rows]
+    def select(
+        self, conn: sqlite3.Connection, where: str = "", params: Sequence[Any] = (), *, strict: bool = True
+    ) -> list[Claim]:
+        """Claims of the rows matched. A damaged row raises LedgerCorrupt (`strict`, for anything
+        that decides) or is skipped and kept in `bad_rows` (a listing for people)."""
+        rows = conn.execute(f"SELECT {_COLUMNS}, row_sum FROM claims {where}", params).fetchall()
+        out = []
+        for r in rows:
+            got = self._decode(r)
+            if isinstance(got, Claim):
+                out.append(got)
+            elif strict:
+                raise self.corrupt(got)
+            else:
+                self.note_bad(got)
+        return out
 
     def get(self, conn: sqlite3.Connection, migration_id: str) -> Claim | None:
         found = self.select(conn, "WHERE migration_id = ?", (migration_id,))
         return found[0] if found else None
 
     def live(self, conn: sqlite3.Connection) -> list[Claim]:
+        """Held and migrating claims (through the state index: a claim stays fast with a long
+        history). That the index and the table agree is checked when the ledger is opened and at
+        every `Ledger.verify` (each reconcile), by integrity_check and a scan of the table itself."""
         return self.select(conn, "WHERE state IN ('held', 'migrating')")
 
-    def in_states(self, conn: sqlite3.Connection, states: Sequence[str] | None) -> list[Claim]:
+    def in_states(self, conn: sqlite3.Connection, states: Sequence[str] | None, *, strict: bool = True) -> list[Claim]:
         """Claims in `states` (every claim for None), oldest first."""
         if states is None:
-            return self.select(conn, "ORDER BY created_at, migration_id")
+            return self.select(conn, "ORDER BY created_at, migration_id", strict=strict)
         if not states:
             return []
         marks = ",".join("?" * len(states))
-        return self.select(conn, f"WHERE state IN ({marks}) ORDER BY created_at, migration_id", states)
+        order = f"WHERE state IN ({marks}) ORDER BY created_at, migration_id"
+        return self.select(conn, order, states, strict=strict)
+
+    def latest_ended(self, conn: sqlite3.Connection, states: Sequence[str], limit: int) -> list[Claim]:
+        """The `limit` ended claims in `states` changed last (a listing for people: damaged rows
+        skipped), oldest first. Costs the count of ended claims in SQLite, `limit` rows in Python."""
+        if not states or limit <= 0:
+            return []
+        marks = ",".join("?" * len(states))
+        where = f"WHERE state IN ({marks}) ORDER BY updated_at DESC, migration_id LIMIT ?"
+        return self.select(conn, where, (*states, limit), strict=False)[::-1]
+
+    def count(self, conn: sqlite3.Connection, states: Sequence[str]) -> int:
+        marks = ",".join("?" * len(states))
+        return int(conn.execute(f"SELECT count(*) FROM claims WHERE state IN ({marks})", states).fetchone()[0])
 
     def due(self, conn: sqlite3.Connection, now: float) -> list[Claim]:
         """Live claims whose expiry is `now` or earlier."""
         return self.select(conn, "WHERE state IN ('held', 'migrating') AND expires_at <= ?", (now,))
 
+    def _check_placement(self, claim: Claim, placement_json: str) -> None:
+        try:
+            again = Placement.from_json(json.loads(placement_json))
+        except (InvalidInput, ValueError) as exc:
+            raise InvalidInput(
+                f"claim {claim.migration_id}: refusing to store a placement that reads back bad: {exc}"
+            ) from None
+        if again != claim.placement:
+            raise AgentError(f"claim {claim.migration_id}: the placement does not read back as stored; not storing it")
+
     def insert(self, conn: sqlite3.Connection, claim: Claim, creation_reason: str) -> None:
-        """A new claim and its creation transition (from NULL)."""
-        conn.execute(
-            f"INSERT INTO claims ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                claim.migration_id,
-                claim.instance_uuid,
-                claim.source_host,
-                claim.request_json,
-                canonical_json(claim.placement.to_json()),
-                claim.state.value,
-                claim.created_at,
-                claim.expires_at,
-                claim.updated_at,
-                claim.reason,
-                claim.ttl_s,
-            ),
+        """A new claim and its creation transition (from NULL), both checked before they are stored."""
+        placement_json = canonical_json(claim.placement.to_json())
+        values = (
+            claim.migration_id,
+            claim.instance_uuid,
+            claim.source_host,
+            claim.request_json,
+            placement_json,
+            claim.state.value,
+            claim.created_at,
+            claim.expires_at,
+            claim.updated_at,
+            claim.reason,
+            claim.ttl_s,
         )
+        problem = claim_row_problem(values)
+        if problem is not None:
+            raise InvalidInput(f"claim {claim.migration_id}: refusing to store an invalid row: {problem}")
+        self._check_placement(claim, placement_json)
         conn.execute(
-            "INSERT INTO transitions (migration_id, from_state, to_state, at, reason) VALUES (?, NULL, ?, ?, ?)",
-            (claim.migration_id, claim.state.value, claim.created_at, creation_reason),
+            f"INSERT INTO claims ({_COLUMNS}, row_sum) VALUES ({', '.join('?' * 12)})", (*values, row_sum(values))
         )
+        self._add_transition(conn, (claim.migration_id, None, claim.state.value, claim.created_at, creation_reason))
+
+    @staticmethod
+    def _add_transition(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
+        conn.execute(
+            "INSERT INTO transitions (migration_id, from_state, to_state, at, reason, row_sum) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (*values, row_sum(values)),
+        )
+
+    @staticmethod
+    def _resum(conn: sqlite3.Connection, migration_id: str) -> None:
+        """The checksum of a claim row just updated (read and verified in this same transaction)."""
+        conn.execute(f"UPDATE claims SET row_sum = {_CLAIM_SUM} WHERE migration_id = ?", (migration_id,))
 
     def record(
         self,
@@ -496,10 +457,8 @@ class ClaimStore:
             "UPDATE claims SET state = ?, updated_at = ?, expires_at = ?, reason = ? WHERE migration_id = ?",
             (to.value, now, new_expiry, reason, claim.migration_id),
         )
-        conn.execute(
-            "INSERT INTO transitions (migration_id, from_state, to_state, at, reason) VALUES (?, ?, ?, ?, ?)",
-            (claim.migration_id, claim.state.value, to.value, now, reason),
-        )
+        self._resum(conn, claim.migration_id)
+        self._add_transition(conn, (claim.migration_id, claim.state.value, to.value, now, reason))
         return replace(claim, state=to, expires_at=new_expiry, updated_at=now, reason=reason)
 
     def refresh_expiry(self, conn: sqlite3.Connection, claim: Claim, now: float, expires_at: float) -> Claim:
@@ -508,21 +467,55 @@ class ClaimStore:
             "UPDATE claims SET updated_at = ?, expires_at = ? WHERE migration_id = ?",
             (now, expires_at, claim.migration_id),
         )
+        self._resum(conn, claim.migration_id)
         return replace(claim, expires_at=expires_at, updated_at=now)
 
     def transitions(self, conn: sqlite3.Connection, migration_id: str) -> list[Transition]:
+        """The claim's history; a damaged transition row is skipped (kept in `bad_rows`)."""
         rows = conn.execute(
-            "SELECT migration_id, from_state, to_state, at, reason FROM transitions WHERE migration_id = ? ORDER BY id",
+            "SELECT id, migration_id, from_state, to_state, at, reason, row_sum FROM transitions "
+            "WHERE migration_id = ? ORDER BY id",
             (migration_id,),
         ).fetchall()
-        return [Transition(m, ClaimState(f) if f else None, ClaimState(t), at, r) for m, f, t, at, r in rows]
+        out = []
+        for r in rows:
+            bad = verify_row("transitions", str(r[0]), r[1:-1], r[-1])
+            if bad is not None:
+                self.note_bad(bad)
+                continue
+            m, f, t, at, reason = r[1:-1]
+            out.append(Transition(m, ClaimState(f) if f else None, ClaimState(t), at, reason))
+        return out
 
     def delete_ended_before(self, conn: sqlite3.Connection, cutoff: float) -> int:
         """Delete terminal claims last changed at `cutoff` or earlier; returns how many."""
         # transitions go with their claim: ON DELETE CASCADE (foreign_keys=ON on every connection)
         return conn.execute(
-            "DELETE FROM claims WHERE state IN ('confirmed', 'released', 'expired') AND updated_at <= ?", (cutoff,)
+            f"DELETE FROM claims WHERE state IN {_TERMINAL_SQL} AND updated_at <= ?", (cutoff,)
         ).rowcount
+
+    # ---- damage records ------------------------------------------------------------------------
+
+    def damage_records(self, conn: sqlite3.Connection) -> tuple[DamageRecord, ...]:
+        """Every recorded damage, oldest first; a damaged record raises LedgerCorrupt."""
+        rows = conn.execute(f"SELECT id, {', '.join(DAMAGE_COLUMNS)}, row_sum FROM damage ORDER BY id").fetchall()
+        out = []
+        for r in rows:
+            bad = verify_row("damage", str(r[0]), r[1:-1], r[-1])
+            if bad is not None:
+                raise self.corrupt(bad)
+            out.append(DamageRecord(*r[1:-1]))
+        return tuple(out)
+
+    def accept_damage(self, conn: sqlite3.Connection, now: float, by: str) -> int:
+        """Mark every damage not yet accepted as accepted (the caller read them in this
+        transaction, so re-summing them blesses nothing unverified); returns how many."""
+        self.damage_records(conn)
+        n = conn.execute(
+            "UPDATE damage SET accepted_at = ?, accepted_by = ? WHERE accepted_at IS NULL", (now, by)
+        ).rowcount
+        conn.execute(f"UPDATE damage SET row_sum = {_DAMAGE_SUM}")
+        return n
 
 
 __all__ = [
@@ -530,13 +523,11 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "ClaimStore",
-    "Opened",
-    "connect",
-    "connect_readonly",
     "file_lock",
-    "fsync_dir",
+    "decoded_errors",
+    "is_busy",
     "is_corruption",
     "migrate",
-    "move_aside",
-    "open_store",
+    "prepare",
+    "user_version",
 ]

@@ -1,113 +1,22 @@
-"""Small hosts, requests and the no-double-booking invariant for the claim ledger tests."""
+"""The no-double-booking invariant and ledger opening for the claim ledger tests.
+
+Hosts, requests, host-state functions and the fake clock come from agent.testing (re-exported here
+for the claims tests' imports).
+"""
 
 from __future__ import annotations
 
-import uuid as uuidlib
 from typing import Iterable
 
-from agent.claims.hoststate import compute_host_state, host_state_fn
+from agent.claims.hoststate import compute_host_state
 from agent.claims.ledger import Claim, Ledger
 from agent.config import ComputeConfig
 from agent.libvirt_ops.domain_xml import DomainPlacement
-from agent.numa.request import (
-    CpuPolicy,
-    EmulatorThreadsPolicy,
-    GuestCell,
-    InstanceRequest,
-    PageSizeKind,
-    PageSizeWish,
-    ThreadPolicy,
-)
 from agent.numa.state import HostState
 from agent.numa.topology import SMALL_PAGE_KB, HostTopology
-
-NO_RESERVE = ComputeConfig(reserved_host_memory_mb=0)
-
-
-def topology(
-    cells: int = 2,
-    cores_per_cell: int = 4,
-    threads: int = 2,
-    memory_mb_per_cell: int = 16384,
-    huge_2m: int = 1024,
-    huge_2m_free: int | None = None,
-    huge_1g: int = 0,
-    small_pool: bool = False,
-) -> HostTopology:
-    """A host with `cells` cells of `cores_per_cell` cores x `threads` threads (Linux-style ids:
-    thread t of core k of cell c is c*cores + k + t*cells*cores)."""
-    per_thread = cells * cores_per_cell
-    doc_cells = []
-    for c in range(cells):
-        cpus, siblings = [], []
-        for k in range(cores_per_cell):
-            core = [c * cores_per_cell + k + t * per_thread for t in range(threads)]
-            cpus += core
-            siblings.append(core)
-        pages = []
-        huge_kb = huge_2m * 2048 + huge_1g * 1048576
-        if small_pool:
-            small = (memory_mb_per_cell * 1024 - huge_kb) // 4
-            pages.append({"size_kb": 4, "total": small, "free": small})
-        if huge_2m:
-            pages.append({"size_kb": 2048, "total": huge_2m, "free": huge_2m if huge_2m_free is None else huge_2m_free})
-        if huge_1g:
-            pages.append({"size_kb": 1048576, "total": huge_1g, "free": huge_1g})
-        doc_cells.append(
-            {
-                "id": c,
-                "cpus": sorted(cpus),
-                "siblings": sorted(siblings),
-                "memory_kb": memory_mb_per_cell * 1024,
-                "pages": pages,
-                "distances": {str(o): 10 if o == c else 21 for o in range(cells)},
-            }
-        )
-    return HostTopology.from_json({"hostname": "test", "cells": doc_cells})
-
-
-def request(
-    vcpus: int = 2,
-    memory_mb: int = 1024,
-    *,
-    dedicated: bool = True,
-    page_kb: int | None = 2048,
-    numa_nodes: int = 1,
-    emulator_isolate: bool = False,
-    thread_policy: ThreadPolicy = ThreadPolicy.PREFER,
-    uuid: str | None = None,
-) -> InstanceRequest:
-    assert vcpus % numa_nodes == 0 and memory_mb % numa_nodes == 0
-    per = vcpus // numa_nodes
-    cells = []
-    for i in range(numa_nodes):
-        ids = frozenset(range(i * per, (i + 1) * per))
-        cells.append(
-            GuestCell(
-                id=i, vcpus=ids, memory_mb=memory_mb // numa_nodes, dedicated_vcpus=ids if dedicated else frozenset()
-            )
-        )
-    page = (
-        None
-        if page_kb is None
-        else (PageSizeWish(PageSizeKind.SMALL) if page_kb == 4 else PageSizeWish(PageSizeKind.EXPLICIT, page_kb))
-    )
-    return InstanceRequest(
-        uuid=uuid or str(uuidlib.uuid4()),
-        vcpus=vcpus,
-        memory_mb=memory_mb,
-        cells=tuple(cells),
-        cpu_policy=CpuPolicy.DEDICATED if dedicated else CpuPolicy.SHARED,
-        thread_policy=thread_policy,
-        emulator_threads=EmulatorThreadsPolicy.ISOLATE if emulator_isolate else EmulatorThreadsPolicy.SHARE,
-        page_size=page,
-        numa_implicit=numa_nodes == 1,
-    )
-
-
-def state_fn(topo: HostTopology, domains: Iterable[DomainPlacement] = (), cfg: ComputeConfig = NO_RESERVE):
-    doms = list(domains)
-    return host_state_fn(topo, lambda: doms, cfg)
+from agent.testing.builders import NO_RESERVE, request, state_fn, topology
+from agent.testing.clock import FakeClock
+from agent.testing.ledger import fill_ledger
 
 
 def check_invariant(
@@ -166,12 +75,13 @@ def open_ledger(path, clock=None, **kw) -> Ledger:
     return Ledger.open(path, **kw)
 
 
-class FakeClock:
-    def __init__(self, t: float = 1_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
+__all__ = [
+    "NO_RESERVE",
+    "FakeClock",
+    "check_invariant",
+    "fill_ledger",
+    "open_ledger",
+    "request",
+    "state_fn",
+    "topology",
+]

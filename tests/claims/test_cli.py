@@ -183,3 +183,16 @@ def test_reasons_are_shown_verbatim_not_as_markup(tmp_path):
         out = io.StringIO()
         _print_show(ledger.get("m-esc"), ledger.transitions("m-esc"), out)
     assert "[libvirt] live_migration_permit_post_copy=false [bold]x" in out.getvalue()
+
+
+def test_list_shows_the_latest_ended_claims_and_says_how_many_are_left_out(tmp_path):
+    with Ledger.open(tmp_path) as led:
+        for i in range(4):
+            led.claim(f"ended-{i}", request(1, 512), "src", 60, FN)
+            led.release(f"ended-{i}", "done")
+        led.claim("live", request(1, 512), "src", 60, FN)
+    code, out, _ = run(["claims", "--state-dir", str(tmp_path), "list", "--limit", "2"])
+    assert code == 0 and "live" in out and "ended-3" in out and "ended-2" in out and "ended-0" not in out
+    assert "2 older ended claim(s) not shown" in out
+    code, out, _ = run(["claims", "--state-dir", str(tmp_path), "--json", "list", "--all"])
+    assert [d["migration_id"] for d in json.loads(out)] == ["ended-0", "ended-1", "ended-2", "ended-3", "live"]

@@ -252,8 +252,8 @@ def test_schema_migration_from_v1(tmp_path, clock, caplog):
     with caplog.at_level(logging.INFO, logger="compute_agent.claims"):
         led = Ledger.open(tmp_path, clock=clock)
     with led:
-        assert "upgraded from schema version 1 to 2" in caplog.text
-        assert led.schema_version == 2
+        assert f"upgraded from schema version 1 to {SCHEMA_VERSION}" in caplog.text  # v3: row checksums
+        assert led.schema_version == SCHEMA_VERSION
         got = led.get("m")
         assert got.placement == c.placement and got.state is ClaimState.HELD and got.ttl_s == 0
         assert len(led.transitions("m")) == 1
