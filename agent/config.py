@@ -64,6 +64,9 @@ class ClaimsConfig:
 
     state_dir: Path = Path("/var/lib/compute-agent")
     claim_ttl_s: int = 300  # held claim never started -> expired
+    # the longest TTL a caller may ask for; after damage, new claims wait this long (or
+    # migrating_timeout_s, if longer) for every claim the damage may have hidden to end
+    claim_ttl_max_s: int = 7200
     migrating_timeout_s: int = 1800  # migrating with no progress report -> expired
     retention_s: int = 7 * 24 * 3600  # terminal claims kept for audit
     reconcile_interval_s: int = 60
@@ -251,6 +254,7 @@ _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
     "claims": {
         "state_dir": _abs_path,
         "claim_ttl_s": _int_range(1, _BIG),
+        "claim_ttl_max_s": _int_range(1, 30 * 24 * 3600),  # a claim older than a month is forgotten, not held
         "migrating_timeout_s": _int_range(1, _BIG),
         "retention_s": _int_range(0, _BIG),
         "reconcile_interval_s": _int_range(1, _BIG),
@@ -308,6 +312,7 @@ def load_config(path: str | Path | None = None, *, text: str | None = None) -> A
         raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(extra))}")
     defaults = _read_defaults(parser, source)
     _check_compute(sections["compute"], source)
+    _check_claims(sections["claims"], source)
     _check_bus(sections["bus"], source)
     return AgentConfig(
         compute=sections["compute"],
@@ -326,6 +331,13 @@ def _check_compute(compute: ComputeConfig, source: str) -> None:
             raise ConfigError(
                 f"{source}: [compute] cpu_dedicated_set and cpu_shared_set overlap on {format_cpu_set(both)}"
             )
+
+
+def _check_claims(claims: ClaimsConfig, source: str) -> None:
+    if claims.claim_ttl_s > claims.claim_ttl_max_s:
+        raise ConfigError(
+            f"{source}: [claims] claim_ttl_s = {claims.claim_ttl_s}: over claim_ttl_max_s ({claims.claim_ttl_max_s})"
+        )
 
 
 def _check_bus(bus: BusConfig, source: str) -> None:

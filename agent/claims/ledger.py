@@ -243,7 +243,11 @@ class Ledger:
     @classmethod
     def from_config(cls, cfg: ClaimsConfig, **kwargs: Any) -> "Ledger":
         return cls.open(
-            cfg.state_dir, migrating_timeout_s=cfg.migrating_timeout_s, retention_s=cfg.retention_s, **kwargs
+            cfg.state_dir,
+            migrating_timeout_s=cfg.migrating_timeout_s,
+            retention_s=cfg.retention_s,
+            max_ttl_s=cfg.claim_ttl_max_s,
+            **kwargs,
         )
 
     @property
