@@ -209,3 +209,10 @@ def test_units():
     assert scale_to_kib(1, "GiB") == 1 << 20 and scale_to_kib(1, "MB") == 977 and scale_to_kib(5, None) == 5
     with pytest.raises(ValueError):
         scale_to_kib(1, "parsecs")
+
+
+def test_claim_ttl_over_its_maximum_is_refused():
+    with pytest.raises(ConfigError, match=r"\[claims\] claim_ttl_s = 9000: over claim_ttl_max_s \(7200\)"):
+        load_config(text="[claims]\nclaim_ttl_s = 9000\n")
+    cfg = load_config(text="[claims]\nclaim_ttl_s = 9000\nclaim_ttl_max_s = 10000\n")
+    assert (cfg.claims.claim_ttl_s, cfg.claims.claim_ttl_max_s) == (9000, 10000)
