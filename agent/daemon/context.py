@@ -1,0 +1,196 @@
+"""What every role of the daemon is given: `AgentContext`, and the `Role` protocol it serves through.
+
+A role (the destination side, the source side) is one object built from an `AgentContext`. The
+process (agent.daemon.process) builds the context, then for each role: `register(server)` before
+the bus starts, `start()` once the bus is up, `status()` for systemd's STATUS line at any time, and
+`stop()` on SIGTERM. Nothing here is global: two agents in one test process each have their own
+context, connections, ledger and metrics.
+
+    class Destination:                      # agent.daemon.destination
+        def __init__(self, ctx: AgentContext) -> None: ...
+        def register(self, server: RpcServer) -> None:
+            server.register("claim", self.claim, since="1.1", body_type=ClaimBody)
+        def start(self) -> None: ...        # threads of its own, if any
+        def stop(self) -> None: ...         # returns within a few seconds; libvirt's jobs keep running
+        def status(self) -> str: return "1 claim held"
+
+Threads: handlers run on the RPC server's worker threads, so a role never shares a libvirt
+connection between threads: `ctx.libvirt.get()` gives the calling thread its own. The ledger,
+the event publisher, the peer client, the metrics and `ctx.changed()` are thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+from agent.config import AgentConfig
+from agent.libvirt_ops.connection import close_quietly, open_connection
+
+if TYPE_CHECKING:
+    from agent.bus.rpc import RpcServer
+    from agent.claims.ledger import Ledger
+    from agent.daemon.metrics import AgentMetrics
+    from agent.numa.topology import HostTopology
+
+log = logging.getLogger("compute_agent.daemon")
+
+
+# --- the seams a role talks through -----------------------------------------------------------------
+
+
+class EventSink(Protocol):
+    """Publishes a signed event (agent.bus.events.EventPublisher has this shape)."""
+
+    def publish(self, routing_key: str, body: Any, *, wait: bool = True) -> None: ...
+
+
+class PeerCaller(Protocol):
+    """Calls another agent (agent.bus.rpc.RpcClient has this shape): the result, or a RemoteError."""
+
+    def call(
+        self, host: str, method: str, body: Any, *, timeout: float | None = None, version: str | None = None
+    ) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class Role(Protocol):
+    """One side of the daemon's work (see the module doc for the order of the calls)."""
+
+    def register(self, server: RpcServer) -> None:
+        """Register this role's methods on the RPC server (before it starts)."""
+
+    def start(self) -> None:
+        """Begin background work; called once the bus is connected. Must not block for long."""
+
+    def stop(self) -> None:
+        """End background work within a few seconds; running libvirt jobs are left running."""
+
+    def status(self) -> str:
+        """A fragment of systemd's STATUS line, e.g. "2 migrations out" ("" says nothing)."""
+
+
+# --- libvirt: one connection per thread -------------------------------------------------------------
+
+
+class LibvirtConnections:
+    """Opens one libvirt connection per calling thread, lazily, and reopens one that died.
+
+    libvirt connections may be shared in C, but a connection that dies under one thread's call
+    must not be closed under another's: each thread owns its own, and `close_all()` at shutdown
+    closes every one.
+    """
+
+    def __init__(self, uri: str, opener: Callable[[str], Any] = open_connection) -> None:
+        self.uri = uri
+        self._opener = opener
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[Any] = []
+
+    def get(self) -> Any:
+        """This thread's connection to `uri` (LibvirtConnectionError when libvirtd is unreachable)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and _alive(conn):
+            return conn
+        if conn is not None:
+            log.warning("libvirt connection to %s died; reopening it", self.uri)
+            self._forget(conn)
+        conn = self._opener(self.uri)
+        self._local.conn = conn
+        with self._lock:
+            self._all.append(conn)
+        return conn
+
+    def close_all(self) -> None:
+        with self._lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            close_quietly(conn)
+
+    def _forget(self, conn: Any) -> None:
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
+        close_quietly(conn)
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except Exception:  # a broken binding or a closed connection: open a new one
+        return False
+
+
+# --- what changes at run time -----------------------------------------------------------------------
+
+
+class LiveConfig:
+    """The configuration in force: replaced whole on SIGHUP (one reference swap), read with
+    `.current` wherever a value is used, so a migration started after a reload sees the new values."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self._cfg = cfg
+
+    @property
+    def current(self) -> AgentConfig:
+        return self._cfg
+
+    def replace(self, cfg: AgentConfig) -> None:
+        self._cfg = cfg
+
+
+class TopologyHolder:
+    """The host topology last discovered (replaced on a hotplug); `.current` to read it."""
+
+    def __init__(self, topology: HostTopology) -> None:
+        self._topology = topology
+
+    @property
+    def current(self) -> HostTopology:
+        return self._topology
+
+    def replace(self, topology: HostTopology) -> None:
+        self._topology = topology
+
+
+# --- the context ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AgentContext:
+    """Everything a role needs, built once by the process (tests build one by hand with fakes).
+
+    `changed(why)` tells the process that what this host offers changed (a claim taken or ended, a
+    migration started or ended): it republishes capabilities and refreshes systemd's STATUS soon,
+    coalescing bursts. It is thread-safe and never blocks.
+    """
+
+    host: str  # this agent's name on the bus ([DEFAULT] host)
+    config: LiveConfig
+    ledger: Ledger
+    libvirt: LibvirtConnections
+    events: EventSink
+    peers: Callable[[], PeerCaller]  # the shared client for calling other agents (made on first use)
+    metrics: AgentMetrics
+    topology: TopologyHolder
+    changed: Callable[[str], None]
+    clock: Callable[[], float]  # seconds since the epoch (time.time): claim expiries, event ts
+
+    @property
+    def cfg(self) -> AgentConfig:
+        """The configuration in force now (short for `config.current`)."""
+        return self.config.current
+
+
+__all__ = [
+    "AgentContext",
+    "EventSink",
+    "LibvirtConnections",
+    "LiveConfig",
+    "PeerCaller",
+    "Role",
+    "TopologyHolder",
+]
