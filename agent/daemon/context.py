@@ -14,6 +14,9 @@ context, connections, ledger and metrics.
         def stop(self) -> None: ...         # returns within a few seconds; libvirt's jobs keep running
         def status(self) -> str: return "1 claim held"
 
+The process builds `agent.daemon.destination.Destination(ctx)` and, when that module exists,
+`agent.daemon.source.Source(ctx)`: a role is any class whose constructor takes the context.
+
 Threads: handlers run on the RPC server's worker threads, so a role never shares a libvirt
 connection between threads: `ctx.libvirt.get()` gives the calling thread its own. The ledger,
 the event publisher, the peer client, the metrics and `ctx.changed()` are thread-safe.
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from agent.config import AgentConfig
@@ -124,6 +128,66 @@ def _alive(conn: Any) -> bool:
         return False
 
 
+# --- libvirt domain lifecycle events ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DomainLifecycle:
+    """One libvirt lifecycle event of a domain on this host (VIR_DOMAIN_EVENT_ID_LIFECYCLE).
+
+    `event` is libvirt's event word (defined, undefined, started, suspended, resumed, stopped,
+    shutdown, pmsuspended, crashed); `detail` libvirt's detail number for it (e.g. started/migrated).
+    """
+
+    uuid: str  # lower case, with dashes
+    name: str
+    event: str
+    detail: int
+
+
+DomainListener = Callable[[DomainLifecycle], None]
+
+
+class DomainEvents:
+    """Fans libvirt's lifecycle events out to the roles that subscribed.
+
+    Listeners run one after the other on the hub's own thread (never on libvirt's event loop, which
+    must not block, nor on the control loop), so a listener may look the domain up on its thread's
+    own connection or write the ledger. A failing listener is logged and the others still run.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[DomainListener] = []
+        self._worker: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def subscribe(self, listener: DomainListener) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def emit(self, event: DomainLifecycle) -> None:
+        """Hand `event` to every listener (returns at once; thread-safe)."""
+        with self._lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="domain-events")
+            listeners, worker = tuple(self._listeners), self._worker
+        worker.submit(self._deliver, listeners, event)
+
+    def close(self) -> None:
+        with self._lock:
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _deliver(listeners: tuple[DomainListener, ...], event: DomainLifecycle) -> None:
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("domain event listener failed for %s %s", event.name, event.event)
+
+
 # --- what changes at run time -----------------------------------------------------------------------
 
 
@@ -178,6 +242,7 @@ class AgentContext:
     topology: TopologyHolder
     changed: Callable[[str], None]
     clock: Callable[[], float]  # seconds since the epoch (time.time): claim expiries, event ts
+    domain_events: DomainEvents = field(default_factory=DomainEvents)  # libvirt lifecycle events
 
     @property
     def cfg(self) -> AgentConfig:
@@ -187,6 +252,8 @@ class AgentContext:
 
 __all__ = [
     "AgentContext",
+    "DomainEvents",
+    "DomainLifecycle",
     "EventSink",
     "LibvirtConnections",
     "LiveConfig",
