@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from agent.config import AgentConfig
+from agent.errors import AgentError
 from agent.libvirt_ops.connection import close_quietly, open_connection
 
 if TYPE_CHECKING:
@@ -207,10 +208,12 @@ class LiveConfig:
 
 
 class TopologyHolder:
-    """The host topology last discovered (replaced on a hotplug); `.current` to read it."""
+    """The host topology last discovered; `.current` to read it, `fresh()` to read the host again
+    (live free page counts) with the `reader` the process gave (a hotplug does the same)."""
 
-    def __init__(self, topology: HostTopology) -> None:
+    def __init__(self, topology: HostTopology, reader: Callable[[], HostTopology] | None = None) -> None:
         self._topology = topology
+        self._reader = reader
 
     @property
     def current(self) -> HostTopology:
@@ -218,6 +221,16 @@ class TopologyHolder:
 
     def replace(self, topology: HostTopology) -> None:
         self._topology = topology
+
+    def fresh(self) -> HostTopology:
+        """The topology read now (and kept); the last one, with a warning, when it cannot be read."""
+        if self._reader is None:
+            return self._topology
+        try:
+            self._topology = self._reader()
+        except AgentError as exc:
+            log.warning("cannot read the host topology again (%s): using the last one", exc)
+        return self._topology
 
 
 # --- the context ------------------------------------------------------------------------------------
