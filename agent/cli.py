@@ -246,6 +246,20 @@ def _add_host_state(sub: Any) -> None:
     p.set_defaults(func=_cmd_host_state)
 
 
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    from agent.daemon.process import DaemonOptions, run_daemon
+
+    config = getattr(args, "daemon_config", None) or args.config
+    return run_daemon(DaemonOptions(config_path=Path(config) if config else None, sysfs_root=Path(args.sysfs_root)))
+
+
+def _add_daemon(sub: Any) -> None:
+    p = sub.add_parser("daemon", help="run the agent (under systemd: Type=notify)")
+    p.add_argument("--config", dest="daemon_config", metavar="FILE", help="agent config (default as above)")
+    p.add_argument("--sysfs-root", default="/sys", metavar="DIR", help="read the topology below DIR (tests)")
+    p.set_defaults(func=_cmd_daemon)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="NUMA-aware live migration agent for KVM hypervisors.")
     parser.add_argument("--version", action="version", version=f"compute-agent {__version__}")
@@ -262,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub)
     _add_host_state(sub)
     add_claims_parser(sub)
+    _add_daemon(sub)
     return parser
 
 
