@@ -175,8 +175,7 @@ class Destination:
         cfg = self.ctx.cfg
         ttl = body.ttl_s if body.ttl_s is not None else float(cfg.claims.claim_ttl_s)
         with self._claim_lock:
-            self._check_inbound_limit(body.migration_id, cfg.max_concurrent_incoming_migrations)
-            before = self._known(body.migration_id)
+            live = self._check_inbound_limit(body.migration_id, cfg.max_concurrent_incoming_migrations)
             claim = self.ctx.ledger.claim(
                 body.migration_id,
                 request,
@@ -184,7 +183,7 @@ class Destination:
                 ttl,
                 host_state_fn(self.ctx.topology.fresh, self._inventory, cfg.compute),
             )
-        if before is None:
+        if all(c.migration_id != claim.migration_id for c in live):
             self._announce(claim, "claim taken")
         return {"placement": claim.placement.to_json(), "expires_at": claim.expires_at}
 
@@ -221,17 +220,11 @@ class Destination:
     def _inventory(self) -> Any:
         return read_domains(self.ctx.libvirt.get())
 
-    def _known(self, migration_id: str) -> Claim | None:
-        try:
-            return self.ctx.ledger.get(migration_id)
-        except UnknownClaim:
-            return None
-
-    def _check_inbound_limit(self, migration_id: str, limit: int) -> None:
-        """Busy when `limit` claims are live already (a repeat of one of them is never refused)."""
+    def _check_inbound_limit(self, migration_id: str, limit: int) -> list[Claim]:
+        """The live claims; Busy when `limit` are live already (a repeat of one is never refused)."""
         live = self.ctx.ledger.live_claims()
         if len(live) < limit or any(c.migration_id == migration_id for c in live):
-            return
+            return live
         wait = retry_after_s(live, self.ctx.clock())
         log.info("claim %s refused: %d incoming migrations held (limit %d)", migration_id, len(live), limit)
         raise RemoteBusy(
