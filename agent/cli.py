@@ -23,6 +23,7 @@ from agent.claims.store import LEDGER_FILE
 from agent.cli_output import ExitCode, console, exit_code_for, print_error, print_json, print_warning, table
 from agent.cpuset import format_cpu_set
 from agent.errors import AgentError, InvalidInput
+from agent.libvirt_ops.instance_cli import add_instance_parser
 from agent.limits import MAX_CLI_FILE_BYTES
 from agent.log import setup_logging
 from agent.units import page_label
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub)
     _add_host_state(sub)
     add_claims_parser(sub)
+    add_instance_parser(sub)
     _add_daemon(sub)
     return parser
 
