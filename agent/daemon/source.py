@@ -22,13 +22,14 @@ tests and the fleet bench drive the same code with a fake.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, cast
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, cast
 
 from agent.bus.errors import (
     BusError,
@@ -48,7 +49,7 @@ from agent.bus.schemas import (
 from agent.daemon.metrics import RunningMigration
 from agent.daemon.migrations import MigrationRecord, MigrationStore
 from agent.errors import AgentError, InvalidInput
-from agent.libvirt_ops.connection import lookup_domain
+from agent.libvirt_ops.connection import close_quietly, lookup_domain, open_connection
 from agent.libvirt_ops.domain_model import DomainPlacement
 from agent.libvirt_ops.domain_read import parse_domain
 from agent.libvirt_ops.domain_rewrite import check_matches
@@ -258,12 +259,15 @@ class Source:
         runner_factory: RunnerFactory = _default_runner,
         sleep: Callable[[float], None] = time.sleep,
         recover: bool = True,
+        connect: Callable[[str], Any] = open_connection,
     ) -> None:
         self.ctx = ctx
         self._store = store
         self._runner_factory = runner_factory
         self._sleep = sleep
         self._recover = recover
+        self._connect = connect
+        self.recovered = threading.Event()  # set once the restart recovery looked at every record
         self._lock = threading.Lock()
         self._flights: dict[str, Flight] = {}
         self._queue: collections.deque[str] = collections.deque()
@@ -287,13 +291,33 @@ class Source:
         server.register("migration_status", self.migration_status, since="1.0", body_type=MigrationIdBody)
 
     def start(self) -> None:
+        """Open the record and take up what it says was under way, in the background (recovery
+        asks libvirt on both hosts and may retry claim calls: the daemon's start must not wait)."""
         pruned = self.store.prune()
         if pruned:
             log.info("forgot %d ended migrations past their retention", pruned)
-        if self._recover:
-            from agent.daemon.source_recovery import recover
+        if not self._recover:
+            self.recovered.set()
+            return
+        threading.Thread(target=self._recover_all, name="source-recovery", daemon=True).start()
 
-            recover(self)
+    def _recover_all(self) -> None:
+        from agent.daemon.source_recovery import recover
+
+        try:
+            recover(self, self._sleep)
+        finally:
+            self.recovered.set()
+
+    @contextlib.contextmanager
+    def own_connection(self) -> Iterator[Any]:
+        """A libvirt connection for one migration's thread, closed when it ends (the per-thread
+        connections of the context would pile up: a migration thread lives once)."""
+        conn = self._connect(self.ctx.libvirt.uri)
+        try:
+            yield conn
+        finally:
+            close_quietly(conn)
 
     def stop(self) -> None:
         """Start nothing more; running jobs belong to libvirt and go on (a restart takes them up)."""
@@ -309,10 +333,10 @@ class Source:
 
     # --- describe_instance --------------------------------------------------------------------------
 
-    def instance(self, name_or_uuid: str) -> InstanceView:
+    def instance(self, name_or_uuid: str, conn: Any = None) -> InstanceView:
         """The domain and its metadata; RemoteNotFound when there is no such domain here."""
         try:
-            dom = lookup_domain(self.ctx.libvirt.get(), name_or_uuid)
+            dom = lookup_domain(conn if conn is not None else self.ctx.libvirt.get(), name_or_uuid)
             xml, (state, _reason) = dom.XMLDesc(0), dom.state()
         except DomainNotFound:
             raise RemoteNotFound(
@@ -492,11 +516,15 @@ class Source:
     def _migrate(self, flight: Flight) -> Ending:
         if flight.abort_requested:
             return Ending("aborted", "aborted before it started", self.ctx.host)
-        view = self.instance(flight.instance_uuid)
+        with self.own_connection() as conn:
+            return self._migrate_on(flight, conn)
+
+    def _migrate_on(self, flight: Flight, conn: Any) -> Ending:
+        view = self.instance(flight.instance_uuid, conn)
         request = view.request()
         flight.policy = decide_policy(request.migration, self.ctx.cfg.libvirt, domain_paused=view.state == 3)
         self._mark(flight, status="preparing", phase="preparing", started_at=self.ctx.clock())
-        runner = self._runner_factory(self.ctx.libvirt.get(), self.ctx.cfg.libvirt)
+        runner = self._runner_factory(conn, self.ctx.cfg.libvirt)
         flight.controls = runner
         if flight.abort_requested:
             return Ending("aborted", "aborted before it started", self.ctx.host)

@@ -24,6 +24,7 @@ should offer so that this module shrinks to the verdict table is in the lead's r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -266,7 +267,7 @@ def _flight(record: MigrationRecord) -> Flight:
 
 
 def _ended_after_job(
-    source: Source, record: MigrationRecord, job: AttachedJob, sleep: Callable[[float], None]
+    source: Source, record: MigrationRecord, job: AttachedJob, conn: Any, sleep: Callable[[float], None]
 ) -> Ending:
     """The outcome of an attached job once libvirt's job is over."""
     from agent.daemon.source import Ending
@@ -274,7 +275,7 @@ def _ended_after_job(
     host = source.ctx.host
     for _ in range(int(_END_WAIT_S / 0.5)):
         there = destination_running(record.dest_libvirt_uri, record.instance_uuid)
-        here, _job, postcopy = _source_side(source.ctx.libvirt.get(), record.instance_uuid)
+        here, _job, postcopy = _source_side(conn, record.instance_uuid)
         if there:
             return Ending("completed", f"migrated to {record.dest_host} (followed after a restart)", record.dest_host)
         if here and not postcopy:
@@ -292,14 +293,21 @@ def _ended_after_job(
 
 def _attach(source: Source, record: MigrationRecord, sleep: Callable[[float], None]) -> None:
     flight = _flight(record)
-    dom = source.ctx.libvirt.get().lookupByUUIDString(record.instance_uuid)
-    memory_mb = float(dom.maxMemory()) / 1024.0
+    stack = contextlib.ExitStack()
+    conn = stack.enter_context(source.own_connection())  # the monitor's own, closed when it ends
+    try:
+        dom = conn.lookupByUUIDString(record.instance_uuid)
+        memory_mb = float(dom.maxMemory()) / 1024.0
+    except BaseException:
+        stack.close()
+        raise
     job = AttachedJob(dom, source.ctx.cfg.libvirt, flight.policy or _policy(record), memory_mb)
     flight.controls, flight.started = job, record.status == "running"
 
     def monitor() -> Ending:
-        job.follow(lambda p: source.on_progress(flight, p), sleep)
-        return _ended_after_job(source, record, job, sleep)
+        with stack:
+            job.follow(lambda p: source.on_progress(flight, p), sleep)
+            return _ended_after_job(source, record, job, conn, sleep)
 
     log.warning("migration %s: found its job running after a restart; following it again", record.migration_id)
     source.adopt(flight, monitor)

@@ -249,8 +249,11 @@ def test_a_running_job_is_attached_and_followed_to_its_end(
         def isAlive(self) -> bool:  # noqa: N802
             return True
 
+        def close(self) -> None:
+            pass
+
     src, h = seeded(tmp_path, for_vm(vm, status="running", percent=30.0, post_copy=True, auto_converge=False))
-    monkeypatch.setattr(src.ctx.libvirt, "get", lambda: Conn())
+    src._connect = lambda uri: Conn()
     monkeypatch.setattr(rec, "_source_side", lambda conn, uuid: (False, False, False))
     assert recover(src, sleep=lambda s: None) == {"m-1": "attach"}
     wait_for(lambda: len(h.events.bodies(".progress")) >= 1)
@@ -263,3 +266,13 @@ def test_a_running_job_is_attached_and_followed_to_its_end(
     wait_for(lambda: src.store.get("m-1").claim_action == "confirmed")  # type: ignore[union-attr]
     percents = [b["percent"] for b in h.events.bodies(".progress")]
     assert percents == sorted(percents)
+
+
+def test_start_recovers_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vm: tuple[str, str]) -> None:
+    monkeypatch.setattr(rec, "destination_running", lambda uri, uuid, connect=None: False)
+    h = make_harness(tmp_path, [])
+    src = Source(h.ctx, runner_factory=h.runner_factory, sleep=lambda s: None)
+    src.store.add(for_vm(vm, status="running"))
+    src.start()
+    assert src.recovered.wait(5)
+    assert src.store.get("m-1").status == "failed"  # type: ignore[union-attr]
