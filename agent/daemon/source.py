@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, cast
 
+import libvirt
+
 from agent.bus.errors import (
     BusError,
     RemoteBusy,
@@ -53,7 +55,13 @@ from agent.libvirt_ops.connection import close_quietly, lookup_domain, open_conn
 from agent.libvirt_ops.domain_model import DomainPlacement
 from agent.libvirt_ops.domain_read import parse_domain
 from agent.libvirt_ops.domain_rewrite import check_matches
-from agent.libvirt_ops.errors import DomainNotFound, MigrationAbortRefused, MigrationError, NoMigrationInProgress
+from agent.libvirt_ops.errors import (
+    DomainNotFound,
+    LibvirtOpError,
+    MigrationAbortRefused,
+    MigrationError,
+    NoMigrationInProgress,
+)
 from agent.libvirt_ops.instance_metadata import InstanceMetadata, read_instance_metadata
 from agent.libvirt_ops.migration import MigrationOutcome, MigrationProgress, MigrationRunner, MigrationTarget
 from agent.libvirt_ops.policy import MigrationPolicy, decide_policy
@@ -73,7 +81,8 @@ GUEST_PAGE_BYTES = 4096  # QEMU counts dirty pages in target pages: 4 KiB on x86
 CLAIM_CALL_DELAYS_S = (0.0, 1.0, 2.0, 4.0, 8.0)  # ~15 s of retries; the destination confirms alone anyway
 CLAIM_CALL_TIMEOUT_S = 10.0
 _STATE_WORDS = ("nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "pmsuspended")
-_LIVE_STATES = frozenset({1, 2, 3})  # running, blocked, paused: what a live migration can move
+# what a live migration can move
+_LIVE_STATES = frozenset({libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED})
 _WIRE_PHASES = {"paused-precopy": "paused"}  # the runner's phase names -> docs/protocol.md 6.2
 
 
@@ -342,17 +351,19 @@ class Source:
             raise RemoteNotFound(
                 f"no instance {name_or_uuid!r} on {self.ctx.host}", details={"code": "no_instance"}
             ) from None
-        except Exception as exc:  # libvirtError while reading a domain that was just there
-            if "no domain" in str(exc).lower():
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:  # gone between the lookup and the read
                 raise RemoteNotFound(f"instance {name_or_uuid!r} vanished", details={"code": "no_instance"}) from None
-            raise
+            raise LibvirtOpError.from_libvirt(f"reading instance {name_or_uuid!r}", exc) from None
         domain = parse_domain(xml)
         meta = read_instance_metadata(xml) or InstanceMetadata()
         return InstanceView(domain.uuid.lower(), domain.name, int(state), domain, meta)
 
     def describe_instance(self, body: DescribeInstanceBody) -> dict[str, Any]:
         view = self.instance(body.instance)
-        policy = decide_policy(view.request().migration, self.ctx.cfg.libvirt, domain_paused=view.state == 3)
+        policy = decide_policy(
+            view.request().migration, self.ctx.cfg.libvirt, domain_paused=view.state == libvirt.VIR_DOMAIN_PAUSED
+        )
         placement = view.placement()
         return {
             "uuid": view.uuid,
@@ -520,21 +531,27 @@ class Source:
             return self._migrate_on(flight, conn)
 
     def _migrate_on(self, flight: Flight, conn: Any) -> Ending:
-        view = self.instance(flight.instance_uuid, conn)
-        request = view.request()
-        flight.policy = decide_policy(request.migration, self.ctx.cfg.libvirt, domain_paused=view.state == 3)
-        self._mark(flight, status="preparing", phase="preparing", started_at=self.ctx.clock())
-        runner = self._runner_factory(conn, self.ctx.cfg.libvirt)
-        flight.controls = runner
-        if flight.abort_requested:
-            return Ending("aborted", "aborted before it started", self.ctx.host)
         try:
+            view, request, runner = self._prepare(flight, conn)
+            if flight.abort_requested:
+                return Ending("aborted", "aborted before it started", self.ctx.host)
             placement = flight.placement or _legacy_placement(view, runner)
             outcome = runner.run(view.uuid, flight.target, placement, request, lambda p: self.on_progress(flight, p))
         except AgentError as exc:  # refused before libvirt's job started: the VM never moved
             status = "aborted" if flight.abort_requested else "failed"
             return Ending(status, f"not started: {exc}", self.ctx.host)
         return ending_from_outcome(outcome, self.ctx.host, flight.target.host)
+
+    def _prepare(self, flight: Flight, conn: Any) -> tuple[InstanceView, InstanceRequest, Runner]:
+        """The instance as it is now (it may have changed while queued), its policy, a runner."""
+        view = self.instance(flight.instance_uuid, conn)
+        request = view.request()
+        paused = view.state == libvirt.VIR_DOMAIN_PAUSED
+        flight.policy = decide_policy(request.migration, self.ctx.cfg.libvirt, domain_paused=paused)
+        self._mark(flight, status="preparing", phase="preparing", started_at=self.ctx.clock())
+        runner = self._runner_factory(conn, self.ctx.cfg.libvirt)
+        flight.controls = runner
+        return view, request, runner
 
     def _mark(self, flight: Flight, **changes: Any) -> MigrationRecord:
         if flight.policy is not None:

@@ -458,3 +458,18 @@ def _fields(body: LiveMigrateBodyV10) -> dict:
 
 def _doc(placement: object) -> dict:
     return placement.to_json()  # type: ignore[attr-defined]
+
+
+def test_an_instance_gone_while_queued_fails_without_a_runner(tmp_path: Path, vm: tuple[str, str]) -> None:
+    first = FakeRunner()
+    h = make_harness(tmp_path, [first], limit=1)
+    src = source_for(h)
+    src.live_migrate(migrate_body(vm[0], "m-1"))
+    name, _ = define_domain()
+    src.live_migrate(migrate_body(name, "m-2"))
+    drop_domain(name)
+    first.started.wait(2)
+    first.finish()
+    wait_for(lambda: status(src, "m-2")["status"] == "failed")
+    assert "not started" in status(src, "m-2")["reason"]
+    wait_for(lambda: src.store.get("m-2").claim_action == "released")  # type: ignore[union-attr]
