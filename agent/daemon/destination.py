@@ -47,7 +47,6 @@ from agent.claims.model import LIVE_STATES, Claim, ClaimState
 from agent.daemon.capabilities import Announcer, host_state_now
 from agent.daemon.context import AgentContext, DomainLifecycle
 from agent.daemon.destination_watch import ClaimWatcher
-from agent.daemon.host_load import read_host_load
 from agent.errors import InvalidInput, InvalidRequest
 from agent.libvirt_ops.inventory import IncompleteInventory, read_domains
 from agent.numa.fit import fit
@@ -270,6 +269,8 @@ class Destination:
 
 
 def _host_load_doc() -> dict[str, Any]:
+    from agent.daemon.host_load import read_host_load  # psutil: loaded on the first describe_host, not at start
+
     load = read_host_load()
     return {
         "load_1m": load.load_1m,

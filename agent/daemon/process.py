@@ -24,7 +24,9 @@ Nothing is global: two `Daemon`s in one test process have their own everything.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
+import gc
 import logging
 import os
 import signal
@@ -35,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 from agent.bus.errors import KeyFileError
 from agent.bus.events import EventPublisher
@@ -48,7 +50,6 @@ from agent.daemon.context import AgentContext, LibvirtConnections, LiveConfig, P
 from agent.daemon.destination import Destination
 from agent.daemon.destination_watch import reconcile_at_start
 from agent.daemon.errors import HotplugWatchError, NotifySocketError
-from agent.daemon.hotplug import HotplugWatcher, TopologyEvent
 from agent.daemon.lifecycle import LifecycleEvents
 from agent.daemon.metrics import AgentMetrics, MetricsServer
 from agent.daemon.notify import Notifier
@@ -60,6 +61,9 @@ from agent.log import set_log_level, setup_logging
 from agent.numa.capabilities import discover
 from agent.numa.fit import fit
 from agent.numa.topology import HostTopology
+
+if TYPE_CHECKING:  # pyudev is loaded after READY=1 (agent.daemon.hotplug imports it)
+    from agent.daemon.hotplug import HotplugWatcher, TopologyEvent
 
 log = logging.getLogger("compute_agent.daemon")
 
@@ -146,6 +150,7 @@ class Daemon:
             await self.close()
             raise
         self.ready_s = time.monotonic() - started
+        release_startup_memory()
         self.notifier.ready(self.status_line())
         log.info("compute-agent %s ready in %.0f ms", self.host, self.ready_s * 1000)
 
@@ -163,7 +168,7 @@ class Daemon:
         await self._on_worker(self.server.start, START_WAIT_S)
         for role in self.roles:
             await self._on_worker(role.start)
-        await self._on_worker(self._start_watchers, ctx)
+        await self._on_worker(self._start_lifecycle, ctx)
         self._start_metrics()
         await self._publish("start")
 
@@ -207,11 +212,14 @@ class Daemon:
             return topology_from_libvirt(self.libvirt.get(), self.host)
         return topology
 
-    def _start_watchers(self, ctx: AgentContext) -> None:
+    def _start_lifecycle(self, ctx: AgentContext) -> None:
         self.lifecycle = LifecycleEvents(self.cfg.libvirt.connection_uri, ctx.domain_events, self.changed)
         self.lifecycle.open()
-        if not self.opts.hotplug:
-            return
+
+    def _start_hotplug(self) -> bool:
+        """The udev watch (after READY=1: pyudev's load is not on the start-up path); True if it runs."""
+        from agent.daemon.hotplug import HotplugWatcher
+
         watcher = HotplugWatcher(
             self._on_uevents, debounce_s=self.opts.hotplug_debounce_s, source=self.opts.hotplug_source
         )
@@ -219,8 +227,15 @@ class Daemon:
             watcher.start()
         except HotplugWatchError as exc:
             log.warning("no hotplug watch (%s): the topology is read again only at restart", exc)
-            return
+            return False
         self.hotplug = watcher
+        return True
+
+    async def _watch_hotplug(self) -> None:
+        """Start watching, then read the topology once more: a change between the start-up reading
+        and the watch is not lost."""
+        if self.opts.hotplug and await self._on_worker(self._start_hotplug):
+            await self._rediscover("the watch started", publish_unchanged=False)
 
     def _start_metrics(self) -> None:
         listen = self.cfg.metrics_listen
@@ -236,7 +251,13 @@ class Daemon:
         """The control loop's timers until `request_stop()`; then everything is closed."""
         tasks = [
             asyncio.create_task(coro)
-            for coro in (self._watchdog(), self._periodic_capabilities(), self._changes(), self._housekeeping())
+            for coro in (
+                self._watchdog(),
+                self._periodic_capabilities(),
+                self._changes(),
+                self._housekeeping(),
+                self._watch_hotplug(),
+            )
         ]
         try:
             await self._stop.wait()
@@ -248,9 +269,9 @@ class Daemon:
 
     async def main(self) -> int:
         """start + serve with the signals handled: the whole life of `compute-agent daemon`."""
-        await self.start()
-        if self.opts.install_signals:
+        if self.opts.install_signals:  # before READY=1: a SIGTERM right after it must find them
             self._install_signals()
+        await self.start()
         await self.serve()
         return EXIT_OK
 
@@ -327,18 +348,21 @@ class Daemon:
     def _on_uevents(self, batch: tuple[TopologyEvent, ...]) -> None:
         """On the watcher's thread: hand the batch to the control loop."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._rediscover(batch)))
+        if loop is None or loop.is_closed():
+            return
+        what = ", ".join(map(str, batch[:8])) + (" ..." if len(batch) > 8 else "")
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._rediscover(f"uevents {what}")))
 
-    async def _rediscover(self, batch: tuple[TopologyEvent, ...]) -> None:
+    async def _rediscover(self, why: str, *, publish_unchanged: bool = True) -> None:
+        """Read the topology again, log what changed, republish (after uevents always: free counts move)."""
         assert self.ctx is not None
         topology = self.ctx.topology
         old = topology.current
         new = await self._on_worker(topology.fresh)
         changes = topology_changes(old, new)
-        what = ", ".join(map(str, batch[:8])) + (" ..." if len(batch) > 8 else "")
-        log.info("uevents (%s): topology %s", what, "; ".join(changes) if changes else "unchanged")
-        await self._publish(f"topology change after {len(batch)} uevent(s)")
+        log.info("%s: topology %s", why, "; ".join(changes) if changes else "unchanged")
+        if changes or publish_unchanged:
+            await self._publish(f"topology read again after {why}"[:200])
 
     async def reload(self) -> None:
         """SIGHUP: read the config again, take what may change at run time, say what changed."""
@@ -440,6 +464,16 @@ def _role_status(role: Role) -> str:
     except Exception:  # STATUS is informative: a role's bug must not take the loop down
         log.exception("status of %s failed", type(role).__name__)
         return ""
+
+
+def release_startup_memory() -> None:
+    """Give back the heap start-up freed (import-time garbage, parsed XML): glibc keeps freed memory
+    in its arenas until told otherwise, and it would count in the daemon's RSS for its whole life."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc: nothing to trim
+        pass
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:

@@ -180,6 +180,8 @@ async def test_a_real_cpu_uevent_makes_the_daemon_rediscover_and_republish_withi
     try:
         async with serving(agent_files, hotplug=True, hotplug_source="kernel", hotplug_debounce_s=0.05):
             _, first = await events.wait(key_prefix="capabilities.")
+            while not any("the watch started" in r.getMessage() for r in lines.records):
+                await asyncio.sleep(0.01)  # the watch starts (and reads the topology once) right after READY=1
             assert first["cells"][1]["free_pages"]["2048"] == 17
             _grow_hugepages(agent_files, node=1, total=2048, free=1017)  # the test's sysfs tree changes
             started = time.monotonic()
