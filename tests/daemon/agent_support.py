@@ -75,18 +75,24 @@ def write_config(files: AgentFiles, extra: dict[str, dict[str, str]] | None = No
 
 
 def make_agent_files(
-    tmp_path: Path, host: str = "hv-a", prefix: str | None = None, extra: dict[str, dict[str, str]] | None = None
+    tmp_path: Path,
+    host: str = "hv-a",
+    prefix: str | None = None,
+    extra: dict[str, dict[str, str]] | None = None,
+    sysfs_root: Path | None = None,
 ) -> AgentFiles:
+    """An agent's files; its sysfs is a copy of SYSFS_FIXTURE unless `sysfs_root` (e.g. /sys) is given."""
     base = tmp_path / host
     base.mkdir(parents=True)
-    shutil.copytree(SYSFS_FIXTURE, base / "sysfs")
+    if sysfs_root is None:
+        shutil.copytree(SYSFS_FIXTURE, base / "sysfs")
     key_file = base / "bus.keys"
     key_file.write_text(f"k1 {SECRET_A.hex()}\n")
     files = AgentFiles(
         host=host,
         prefix=prefix or f"test-{uuid.uuid4().hex[:12]}",
         config_path=base / "agent.conf",
-        sysfs_root=base / "sysfs",
+        sysfs_root=sysfs_root or base / "sysfs",
         state_dir=base / "state",
         key_file=key_file,
     )
