@@ -757,6 +757,11 @@ class Source:
             return self._record(body.migration_id).state()
         except MigrationError as exc:
             raise RemoteConflict(f"force-complete failed: {exc}", details={"code": exc.code}) from None
+        if action == "none":  # the runner found it in post-copy already (or the guest paused): nothing to force
+            raise RemoteRefused(
+                f"migration {record.migration_id} is already in post-copy or paused: nothing to force",
+                details={"code": "postcopy"},
+            )
         log.info("migration %s: force-complete: %s", record.migration_id, action)
         return self._record(body.migration_id).state()
 

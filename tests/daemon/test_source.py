@@ -343,6 +343,8 @@ def test_abort_and_force_complete_in_postcopy_are_refused(tmp_path: Path, vm: tu
     src.live_migrate(migrate_body(vm[0]))
     wait_for(lambda: status(src)["phase"] == "precopy")  # the job runs (not preparing)
     src.force_complete(MigrationIdBody("m-1"))  # switches to post-copy
+    with pytest.raises(RemoteRefused, match="nothing to force"):  # before the monitor saw the switch
+        src.force_complete(MigrationIdBody("m-1"))
     runner.emit(progress(60, phase="postcopy"))
     with pytest.raises(RemoteRefused, match="post-copy"):
         src.force_complete(MigrationIdBody("m-1"))
