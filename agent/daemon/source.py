@@ -598,6 +598,7 @@ class Source:
 
     def finish(self, flight: Flight, ending: Ending) -> None:
         """Record the outcome, settle the destination's claim, tell the world (`.done`)."""
+        last_phase = flight.phase  # where it ended, for the metrics (the record says "done")
         record = self._mark(
             flight,
             status=ending.status,
@@ -619,7 +620,7 @@ class Source:
         )
         record = self.settle_claim(record, ending)
         self.publish_done(record)
-        self.ctx.metrics.migration_ended(ending.status, flight.phase)
+        self.ctx.metrics.migration_ended(ending.status, last_phase)
         self.ctx.changed(f"migration {record.migration_id} {ending.status}")
 
     def settle_claim(self, record: MigrationRecord, ending: Ending) -> MigrationRecord:

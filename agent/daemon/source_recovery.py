@@ -303,6 +303,8 @@ def _attach(source: Source, record: MigrationRecord, sleep: Callable[[float], No
         raise
     job = AttachedJob(dom, source.ctx.cfg.libvirt, flight.policy or _policy(record), memory_mb)
     flight.controls, flight.started = job, record.status == "running"
+    if record.abort_requested:  # asked before the restart; the agent died before libvirt heard it
+        _abort_again(job, record)
 
     def monitor() -> Ending:
         with stack:
@@ -311,6 +313,13 @@ def _attach(source: Source, record: MigrationRecord, sleep: Callable[[float], No
 
     log.warning("migration %s: found its job running after a restart; following it again", record.migration_id)
     source.adopt(flight, monitor)
+
+
+def _abort_again(job: AttachedJob, record: MigrationRecord) -> None:
+    try:
+        job.abort()
+    except MigrationError as exc:  # refused in post-copy, or the job just ended: the monitor sees the end
+        log.warning("migration %s: the abort asked before the restart: %s", record.migration_id, exc)
 
 
 def _conclude(source: Source, record: MigrationRecord, status: str, reason: str, host_now: str, probe_: Probe) -> None:

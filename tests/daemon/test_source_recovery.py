@@ -276,3 +276,26 @@ def test_start_recovers_in_the_background(tmp_path: Path, monkeypatch: pytest.Mo
     src.start()
     assert src.recovered.wait(5)
     assert src.store.get("m-1").status == "failed"  # type: ignore[union-attr]
+
+
+def test_an_abort_asked_before_the_restart_is_applied_on_attach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vm: tuple[str, str]
+) -> None:
+    dom = FakeDomain(elapsed_ms=1000)
+
+    class Conn:
+        def lookupByUUIDString(self, uuid: str) -> Any:  # noqa: N802
+            return dom
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(rec, "probe", lambda conn, record, connect=None: Probe(here=True, job_active=True, there=None))
+    monkeypatch.setattr(rec, "destination_running", lambda uri, uuid, connect=None: False)
+    monkeypatch.setattr(rec, "_source_side", lambda conn, uuid: (True, False, False))
+    src, h = seeded(tmp_path, for_vm(vm, status="running", abort_requested=True))
+    src._connect = lambda uri: Conn()
+    assert recover(src, sleep=lambda s: None) == {"m-1": "attach"}
+    assert ("abortJob",) in dom.calls
+    wait_for(lambda: src.store.get("m-1").status == "aborted")  # type: ignore[union-attr]
+    wait_for(lambda: src.store.get("m-1").claim_action == "released")  # type: ignore[union-attr]
