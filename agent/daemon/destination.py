@@ -48,6 +48,7 @@ from agent.daemon.capabilities import Announcer, host_state_now
 from agent.daemon.context import AgentContext, DomainLifecycle
 from agent.daemon.destination_watch import ClaimWatcher
 from agent.errors import InvalidInput, InvalidRequest
+from agent.libvirt_ops.errors import LibvirtConnectionError
 from agent.libvirt_ops.inventory import IncompleteInventory, read_domains
 from agent.numa.fit import fit
 from agent.numa.placement import NoFit
@@ -75,7 +76,7 @@ def wire_error(exc: Exception) -> RemoteError | None:
         return RemoteNotFound(exc.message, details={"code": exc.code})
     if isinstance(exc, (ClaimConflict, IllegalTransition)):  # ClaimEnded included: it holds nothing
         return RemoteConflict(exc.message, details={"code": exc.code})
-    if isinstance(exc, IncompleteInventory):
+    if isinstance(exc, (IncompleteInventory, LibvirtConnectionError)):  # not now: nothing is known to be wrong
         return RemoteRefused(exc.message, details={"code": exc.code})
     if isinstance(exc, InvalidRequest):
         return RemoteInvalidRequest(exc.message, details={"field": "body.instance", "keys": list(exc.keys)})
@@ -147,9 +148,9 @@ class Destination:
 
     @_answers_on_the_wire
     def describe_host(self, _: schemas.Empty) -> dict[str, Any]:
-        report = host_state_now(self.ctx)
         if self.announcer is None:
             raise RemoteRefused("this agent has not read its host facts yet", details={"code": "starting"})
+        report = host_state_now(self.ctx)
         doc = msgspec.to_builtins(self.announcer.current(report.state))
         doc["host_state"] = report.state.to_json()
         doc["host_state"]["problems"] = [*report.unreadable, *report.overlaps, *report.notes]

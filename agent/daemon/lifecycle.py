@@ -58,6 +58,15 @@ class LifecycleEvents:
             return False
         return True
 
+    def ensure_open(self) -> None:
+        """Subscribe again when the connection died (libvirtd restarted); a no-op while it lives."""
+        if self._conn is not None and _alive(self._conn):
+            return
+        if self._conn is not None:
+            log.warning("lifecycle events: the connection to %s died; subscribing again", self.uri)
+        self.close()
+        self.open()
+
     def close(self) -> None:
         if self._conn is not None and self._callback_id is not None:
             try:
@@ -77,3 +86,10 @@ class LifecycleEvents:
         self._hub.emit(seen)
         if seen.event in HOLDING_CHANGES:
             self._changed(f"domain {seen.name} {seen.event}")
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False

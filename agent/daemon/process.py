@@ -72,6 +72,7 @@ START_WAIT_S = 10.0  # for the broker at start; systemd's TimeoutStartSec is 60
 STOP_STEP_S = 2.0  # per part at SIGTERM: four parts stay within the 10 s promised (TimeoutStopSec=15)
 CHANGE_DEBOUNCE_S = 0.1  # a claim and its domain event a moment later make one capabilities event
 HOUSEKEEPING_S = 5.0  # STATUS and the bus counters into the metrics
+STOP_DEADLINE_S = 9.5  # systemd is promised an exit within 10 s of SIGTERM
 
 RoleFactory = Callable[[AgentContext], Role]
 _T = TypeVar("_T")
@@ -331,13 +332,18 @@ class Daemon:
             await asyncio.sleep(HOUSEKEEPING_S)
             self._sync_bus_metrics()
             self._say(self.status_line())
+            if self.lifecycle is not None:  # libvirtd restarted: subscribe again on a new connection
+                await self._on_worker(_quietly, self.lifecycle.ensure_open)
 
     async def _publish(self, why: str) -> None:
-        """Capabilities now, from the worker thread; a failure is logged (the next one will do)."""
+        """Capabilities now, from the worker thread; a failure is logged (the next one will do):
+        libvirtd or the broker may be away for a while, the loop must go on."""
         try:
             await self._on_worker(self._publish_blocking, why)
         except AgentError as exc:
             log.warning("capabilities not published (%s): %s", why, exc)
+        except Exception:
+            log.exception("capabilities not published (%s)", why)
 
     def _publish_blocking(self, why: str) -> None:
         assert self.ctx is not None and self.announcer is not None
@@ -358,7 +364,11 @@ class Daemon:
         assert self.ctx is not None
         topology = self.ctx.topology
         old = topology.current
-        new = await self._on_worker(topology.fresh)
+        try:
+            new = await self._on_worker(topology.fresh)
+        except Exception:  # fresh() keeps the last topology on a read error; anything else is a bug
+            log.exception("reading the topology again failed (%s)", why)
+            return
         changes = topology_changes(old, new)
         log.info("%s: topology %s", why, "; ".join(changes) if changes else "unchanged")
         if changes or publish_unchanged:
@@ -432,6 +442,8 @@ class Daemon:
     async def close(self) -> None:
         """Stop taking calls, stop the roles (running migrations stay libvirt's), flush, close."""
         self.notifier.stopping("stopping: answering the calls in progress")
+        if self.opts.install_signals:  # a process of its own: it must end in time whatever hangs
+            _exit_guard(STOP_DEADLINE_S)
         if self.hotplug is not None:
             _quietly(self.hotplug.stop, STOP_STEP_S)
         if self.server is not None:
@@ -474,6 +486,20 @@ def release_startup_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):  # not glibc: nothing to trim
         pass
+
+
+def _exit_guard(seconds: float) -> None:
+    """End the process after `seconds` if the orderly stop has not (a hung handler or broker):
+    exit status 1 and an error in the log, so the hang is seen rather than waited for."""
+
+    def force() -> None:
+        log.error("stop did not finish in %.1f s: exiting anyway", seconds)
+        logging.shutdown()
+        os._exit(EXIT_FAILED)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
 
 
 def _quietly(fn: Callable[..., Any], *args: Any) -> None:
