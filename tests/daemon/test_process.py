@@ -268,3 +268,29 @@ async def test_two_agents_in_one_process_share_nothing(broker, tmp_path):
             await call(c, "hv-a", "claim", body)
         assert sorted(answers) == ["hv-a", "hv-b"]
         assert len(da.ledger.live_claims()) == 1 and db.ledger.live_claims() == []
+
+
+def test_sighup_with_a_broken_config_keeps_the_running_one(agent_files, notify, client):
+    proc = spawn_daemon(agent_files, notify)
+    try:
+        notify.wait_for("READY", 30)
+        agent_files.rewrite({"DEFAULT": {"log_level": "LOUD"}})
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING", 10)
+        notify.wait_for("READY", 10)
+        assert client.call(agent_files.host, "describe_host", {})["host"] == agent_files.host
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0 and "reload refused" in err and "[DEFAULT] log_level" in err
+
+
+@pytest.mark.asyncio
+async def test_capabilities_are_published_every_interval(agent_files):
+    agent_files.rewrite({"bus": {"capabilities_interval_s": "1"}})
+    events = EventLog(agent_files, f"capabilities.{agent_files.host}")
+    try:
+        async with serving(agent_files):
+            seqs = [(await events.wait(timeout=3))[1]["seq"] for _ in range(3)]
+    finally:
+        events.close()
+    assert seqs == [1, 2, 3]  # at start, then every second; no gap
