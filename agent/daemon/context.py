@@ -14,7 +14,7 @@ context, connections, ledger and metrics.
         def stop(self) -> None: ...         # returns within a few seconds; libvirt's jobs keep running
         def status(self) -> str: return "1 claim held"
 
-The process builds `agent.daemon.destination.Destination(ctx)` and, when that module exists,
+The process builds `agent.daemon.destination.Destination(ctx, announcer)` and
 `agent.daemon.source.Source(ctx)`: a role is any class whose constructor takes the context.
 
 Threads: handlers run on the RPC server's worker threads, so a role never shares a libvirt

@@ -54,6 +54,7 @@ from agent.daemon.lifecycle import LifecycleEvents
 from agent.daemon.metrics import AgentMetrics, MetricsServer
 from agent.daemon.notify import Notifier
 from agent.daemon.reload import apply_reload
+from agent.daemon.source import Source
 from agent.errors import AgentError, ConfigError, DiscoveryError
 from agent.libvirt_ops.connection import ensure_event_loop
 from agent.libvirt_ops.host import topology_from_libvirt
@@ -92,13 +93,7 @@ class DaemonOptions:
 
 
 def optional_roles() -> list[RoleFactory]:
-    """The source role, when this build has it (agent.daemon.source.Source)."""
-    try:
-        from agent.daemon.source import Source  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError as exc:
-        if exc.name != "agent.daemon.source":
-            raise
-        return []
+    """The roles besides the destination, which every agent has: the source side (tests leave it out)."""
     return [Source]
 
 
