@@ -294,3 +294,18 @@ async def test_capabilities_are_published_every_interval(agent_files):
     finally:
         events.close()
     assert seqs == [1, 2, 3]  # at start, then every second; no gap
+
+
+@pytest.mark.asyncio
+async def test_a_domain_starting_or_stopping_republishes_capabilities(agent_files, test_domains):
+    events = EventLog(agent_files, f"capabilities.{agent_files.host}")
+    try:
+        async with serving(agent_files):
+            _, first = await events.wait()
+            dom = test_domains.start(f"lc-{uuid.uuid4().hex[:6]}", str(uuid.uuid4()), None)
+            _, started = await events.wait(timeout=3)  # the lifecycle event, not the 60 s timer
+            dom.destroy()
+            _, stopped = await events.wait(timeout=3)
+    finally:
+        events.close()
+    assert (first["seq"], started["seq"], stopped["seq"]) == (1, 2, 3)
