@@ -183,8 +183,8 @@ class Destination:
                 ttl,
                 host_state_fn(self.ctx.topology.fresh, self._inventory, cfg.compute),
             )
-        if all(c.migration_id != claim.migration_id for c in live):
-            self._announce(claim, "claim taken")
+        if claim.state is ClaimState.HELD and all(c.migration_id != claim.migration_id for c in live):
+            self._announce(claim, "claim taken")  # new: a repeat of a held or ended claim says nothing
         return {"placement": claim.placement.to_json(), "expires_at": claim.expires_at}
 
     @_answers_on_the_wire
