@@ -358,3 +358,25 @@ def test_source_sigkilled_mid_migration_takes_the_job_up_again(fleet: Fleet) -> 
     assert state["status"] == "completed"
     print(json.dumps({"before_kill_percent": before["percent"], "events_after_restart": len(events)}))
     tb.destroy_domain(fleet.b.host, "e2e-kill")
+
+
+def test_a_migration_that_completes_while_the_source_is_down_is_confirmed_after_its_restart(fleet: Fleet) -> None:
+    uuid = start_guest(fleet.a.host, "e2e-down", {"hw:cpu_policy": "dedicated"})
+    request = request_of(fleet, "e2e-down")
+    mid = f"e2e-down-{uuid[:8]}"
+    migrate(fleet, mid, "e2e-down", claim(fleet, mid, request)["placement"])
+    fleet.transferring(mid)
+    fleet.a.kill(signal.SIGKILL)
+    deadline = time.monotonic() + DONE_S
+    while domain_state(fleet.a.host, uuid) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)  # libvirt finishes the job without the agent
+    there = domain_state(fleet.b.host, uuid)
+    assert there is not None and there[0], "the job did not complete on its own"
+    fleet.a.start()
+    fleet.wait_ready(fleet.a)
+    events = fleet.events_of(mid)
+    done = events[-1][1]
+    assert (done["status"], done["host_now"]) == ("completed", fleet.b.host.name), done
+    assert fleet.call(fleet.b, "confirm_claim", {"migration_id": mid})["state"] == "confirmed"
+    assert fleet.call(fleet.a, "migration_status", {"migration_id": mid})["status"] == "completed"
+    tb.destroy_domain(fleet.b.host, "e2e-down")
