@@ -65,6 +65,7 @@ from agent.libvirt_ops.errors import (
 from agent.libvirt_ops.instance_metadata import InstanceMetadata, read_instance_metadata
 from agent.libvirt_ops.migration import MigrationOutcome, MigrationProgress, MigrationRunner, MigrationTarget
 from agent.libvirt_ops.policy import MigrationPolicy, decide_policy
+from agent.log import log_context
 from agent.numa.placement import Placement
 from agent.numa.request import InstanceRequest, parse_request
 from agent.units import mib_from_kib
@@ -507,6 +508,21 @@ class Source:
         self._finish_with(flight, lambda: self._migrate(flight))
 
     def _finish_with(self, flight: Flight, body: Callable[[], Ending]) -> None:
+        """Run one migration's thread: every record it logs (the runner's included) carries the
+        migration's journal fields, so `journalctl MIGRATION_ID=<id>` tells its whole story."""
+        with log_context(**self.journal_fields(flight)):
+            self._run_to_end(flight, body)
+
+    def journal_fields(self, flight: Flight) -> dict[str, str | None]:
+        return {
+            "migration_id": flight.migration_id,
+            "instance_uuid": flight.instance_uuid,
+            "source_host": self.ctx.host,
+            "dest_host": flight.target.host,
+            "claim_id": flight.migration_id if flight.claim_host else None,
+        }
+
+    def _run_to_end(self, flight: Flight, body: Callable[[], Ending]) -> None:
         try:
             ending = body()
         except Exception as exc:  # a bug: the migration's end must still be recorded and told
@@ -707,6 +723,10 @@ class Source:
         return self._record(body.migration_id).state()
 
     def abort_migration(self, body: MigrationIdBody) -> dict[str, Any]:
+        with log_context(migration_id=body.migration_id):  # the runner's abort logs go to its story too
+            return self._abort_migration(body)
+
+    def _abort_migration(self, body: MigrationIdBody) -> dict[str, Any]:
         record = self._record(body.migration_id)
         with self._lock:
             flight = self._flights.get(body.migration_id)
@@ -741,6 +761,10 @@ class Source:
             raise RemoteConflict(f"abort failed: {exc}", details={"code": exc.code}) from None
 
     def force_complete(self, body: MigrationIdBody) -> dict[str, Any]:
+        with log_context(migration_id=body.migration_id):
+            return self._force_complete(body)
+
+    def _force_complete(self, body: MigrationIdBody) -> dict[str, Any]:
         record = self._record(body.migration_id)
         with self._lock:
             flight = self._flights.get(body.migration_id)

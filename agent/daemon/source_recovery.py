@@ -45,6 +45,7 @@ from agent.libvirt_ops.migration import (
     progress_from_stats,
 )
 from agent.libvirt_ops.policy import MigrationPolicy
+from agent.log import log_context
 from agent.numa.placement import Placement
 
 if TYPE_CHECKING:
@@ -374,7 +375,8 @@ def recover(source: Source, sleep: Callable[[float], None] | None = None) -> dic
     taken: dict[str, Verdict] = {}
     for record in source.store.unfinished():
         try:
-            taken[record.migration_id] = take_up(source, record, sleep or time.sleep)
+            with log_context(migration_id=record.migration_id, instance_uuid=record.instance_uuid):
+                taken[record.migration_id] = take_up(source, record, sleep or time.sleep)
         except Exception:
             log.exception("migration %s: could not take it up after the restart", record.migration_id)
     return taken

@@ -475,3 +475,28 @@ def test_an_instance_gone_while_queued_fails_without_a_runner(tmp_path: Path, vm
     wait_for(lambda: status(src, "m-2")["status"] == "failed")
     assert "not started" in status(src, "m-2")["reason"]
     wait_for(lambda: src.store.get("m-2").claim_action == "released")  # type: ignore[union-attr]
+
+
+def test_the_migration_thread_carries_the_journal_fields(tmp_path: Path, vm: tuple[str, str]) -> None:
+    import structlog
+
+    seen: dict = {}
+
+    class Recording(FakeRunner):
+        def run(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.update(structlog.contextvars.get_contextvars())
+            return super().run(*args, **kwargs)
+
+    runner = Recording()
+    src = source_for(make_harness(tmp_path, [runner]))
+    src.live_migrate(migrate_body(vm[0]))
+    runner.started.wait(2)
+    runner.finish()
+    wait_for(lambda: status(src)["status"] == "completed")
+    assert seen == {
+        "migration_id": "m-1",
+        "instance_uuid": vm[1],
+        "source_host": "hv-01",
+        "dest_host": "hv-02",
+        "claim_id": "m-1",
+    }
