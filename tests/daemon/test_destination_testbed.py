@@ -108,6 +108,7 @@ def test_describe_fit_claim_and_a_numa_aware_move_through_the_daemons(hosts, dae
                     "placement": claim["placement"],
                     "claim_host": h2.name,
                 },
+                version="1.1",  # the NUMA-aware move (1.0's live_migrate has no placement)
             )
             assert accepted == {"migration_id": mid, "accepted": True}
             done = wait_done(events, mid, timeout=180)
