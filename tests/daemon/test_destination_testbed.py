@@ -47,39 +47,78 @@ def hosts():
         tb.destroy_all(h)
 
 
+class Daemons:
+    """A `compute-agent daemon` per testbed host; `kill(i)` SIGKILLs one, `start(i)` (re)starts it."""
+
+    def __init__(self, tmp_path: Path, hosts) -> None:
+        prefix = f"test-{uuid.uuid4().hex[:12]}"
+        self.tmp_path = tmp_path
+        self.files = [
+            make_agent_files(
+                tmp_path,
+                host=h.name,
+                prefix=prefix,
+                sysfs_root=Path("/sys"),
+                extra={"DEFAULT": {"my_ip": h.address}, "libvirt": {"connection_uri": h.uri}},
+            )
+            for h in hosts
+        ]
+        self.procs: list = [None] * len(hosts)
+
+    def start(self, i: int) -> None:
+        notify = NotifySocket(self.tmp_path / f"notify-{i}-{uuid.uuid4().hex[:6]}")
+        self.procs[i] = (spawn_daemon(self.files[i], notify), notify)
+        notify.wait_for("READY", 60)
+
+    def kill(self, i: int) -> None:
+        proc, notify = self.procs[i]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        notify.close()
+        self.procs[i] = None
+
+    def stop_all(self) -> None:
+        for running in filter(None, self.procs):
+            proc, notify = running
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=15)
+            notify.close()
+            assert proc.returncode == 0, err.decode()[-3000:]
+
+
 @pytest.fixture
 def daemons(broker, tmp_path, hosts):
     """A daemon per testbed host, READY; stopped with SIGTERM after the test (each must exit 0)."""
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
-    running = []
-    for h in hosts:
-        files = make_agent_files(
-            tmp_path,
-            host=h.name,
-            prefix=prefix,
-            sysfs_root=Path("/sys"),
-            extra={"DEFAULT": {"my_ip": h.address}, "libvirt": {"connection_uri": h.uri}},
-        )
-        notify = NotifySocket(tmp_path / f"notify-{h.name}")
-        proc = spawn_daemon(files, notify)
-        notify.wait_for("READY", 60)
-        running.append((files, proc, notify))
-    yield [files for files, _, _ in running]
-    for _, proc, notify in running:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=15)
-        notify.close()
-        assert proc.returncode == 0, err.decode()[-3000:]
+    running = Daemons(tmp_path, hosts)
+    for i in range(len(hosts)):
+        running.start(i)
+    yield running
+    running.stop_all()
+
+
+def start_guest(host) -> tuple[str, dict]:
+    """The pinned test guest on `host` with its flavor recorded; (its name, its instance request)."""
+    name = tb.define_and_start(host, tb.guest_xml("dm1", vcpus=1, memory_mib=256, uuid=GUEST_UUID))
+    tb.wait_guest_ready(host, name)
+    with host.connect() as conn:
+        store_instance_metadata(conn, name, InstanceMetadata(EXTRA_SPECS, {}))
+    return name, {"uuid": GUEST_UUID, "vcpus": 1, "memory_mb": 256, "extra_specs": EXTRA_SPECS, "image_properties": {}}
+
+
+def migrate_body(mid: str, name: str, dest, placement: dict) -> dict:
+    return {
+        "migration_id": mid,
+        "instance": name,
+        "destination": {"host": dest.name, "libvirt_uri": dest.uri, "migration_uri": dest.migration_uri},
+        "placement": placement,
+        "claim_host": dest.name,
+    }
 
 
 def test_describe_fit_claim_and_a_numa_aware_move_through_the_daemons(hosts, daemons):
     h1, h2 = hosts
-    a, b = daemons
-    name = tb.define_and_start(h1, tb.guest_xml("dm1", vcpus=1, memory_mib=256, uuid=GUEST_UUID))
-    tb.wait_guest_ready(h1, name)
-    with h1.connect() as conn:
-        store_instance_metadata(conn, name, InstanceMetadata(EXTRA_SPECS, {}))
-    request = {"uuid": GUEST_UUID, "vcpus": 1, "memory_mb": 256, "extra_specs": EXTRA_SPECS, "image_properties": {}}
+    a, b = daemons.files
+    name, request = start_guest(h1)
     events = EventLog(a, "migration.#", "claim.#")
     keyring = Keyring.from_file(a.key_file)
     try:
@@ -98,17 +137,9 @@ def test_describe_fit_claim_and_a_numa_aware_move_through_the_daemons(hosts, dae
 
             mid = f"tb-move-{uuid.uuid4().hex[:6]}"
             claim = client.call(h2.name, "claim", {"migration_id": mid, "instance": request, "source_host": h1.name})
+            # 1.1: the NUMA-aware move (1.0's live_migrate has no placement)
             accepted = client.call(
-                h1.name,
-                "live_migrate",
-                {
-                    "migration_id": mid,
-                    "instance": name,
-                    "destination": {"host": h2.name, "libvirt_uri": h2.uri, "migration_uri": h2.migration_uri},
-                    "placement": claim["placement"],
-                    "claim_host": h2.name,
-                },
-                version="1.1",  # the NUMA-aware move (1.0's live_migrate has no placement)
+                h1.name, "live_migrate", migrate_body(mid, name, h2, claim["placement"]), version="1.1"
             )
             assert accepted == {"migration_id": mid, "accepted": True}
             done = wait_done(events, mid, timeout=180)
@@ -116,9 +147,34 @@ def test_describe_fit_claim_and_a_numa_aware_move_through_the_daemons(hosts, dae
             assert wait_confirmed(b, mid, timeout=30)
     finally:
         events.close()
-    pins = claim["placement"]["cells"][0]["cpu_pins"]["0"]
-    with h2.connect() as conn:
-        arrived = parse_domain(conn.lookupByUUIDString(GUEST_UUID).XMLDesc(0))
+    assert_runs_with_pins(h2, claim["placement"])
+
+
+def test_sigkill_of_the_destination_mid_migration_keeps_its_claim_once(hosts, daemons):
+    """The destination agent dies right after the move started; restarted, it has the claim (never
+    lost, never doubled) and it ends confirmed: by the source's confirm or by the destination itself."""
+    h1, h2 = hosts
+    a, b = daemons.files
+    name, request = start_guest(h1)
+    with RpcClient(a.config().bus, Keyring.from_file(a.key_file), sender="orchestrator@testbed") as client:
+        mid = f"tb-kill-{uuid.uuid4().hex[:6]}"
+        claim = client.call(h2.name, "claim", {"migration_id": mid, "instance": request, "source_host": h1.name})
+        client.call(h1.name, "live_migrate", migrate_body(mid, name, h2, claim["placement"]), version="1.1")
+        daemons.kill(1)
+        (kept,) = [c for c in claim_json(b) if c["migration_id"] == mid]
+        assert kept["state"] in ("held", "migrating", "confirmed")
+        daemons.start(1)
+        assert wait_confirmed(b, mid, timeout=120)
+    assert [c["state"] for c in claim_json(b) if c["migration_id"] == mid] == ["confirmed"]
+    assert_runs_with_pins(h2, claim["placement"])
+
+
+def assert_runs_with_pins(host, placement: dict) -> None:
+    pins = placement["cells"][0]["cpu_pins"]["0"]
+    with host.connect() as conn:
+        dom = conn.lookupByUUIDString(GUEST_UUID)
+        assert dom.isActive()
+        arrived = parse_domain(dom.XMLDesc(0))
     assert sorted(arrived.vcpu_pins[0]) == pins
 
 
