@@ -50,6 +50,7 @@ from agent.daemon.destination_watch import ClaimWatcher
 from agent.errors import InvalidInput, InvalidRequest
 from agent.libvirt_ops.errors import LibvirtConnectionError
 from agent.libvirt_ops.inventory import IncompleteInventory, read_domains
+from agent.log import log_context
 from agent.numa.fit import fit
 from agent.numa.placement import NoFit
 
@@ -86,21 +87,33 @@ def wire_error(exc: Exception) -> RemoteError | None:
 
 
 def _answers_on_the_wire(handler: _H) -> _H:
-    """Raise the handler's typed errors as the wire errors of docs/protocol.md section 3."""
+    """Raise the handler's typed errors as the wire errors of docs/protocol.md section 3, with the
+    call's migration fields bound to every record it logs (journalctl MIGRATION_ID=...)."""
 
     @functools.wraps(handler)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return handler(*args, **kwargs)
-        except RemoteError:
-            raise
-        except Exception as exc:
-            remote = wire_error(exc)
-            if remote is None:
+    def wrapper(self: Destination, body: Any) -> Any:
+        with log_context(**_log_fields(self.ctx.host, body)):
+            try:
+                return handler(self, body)
+            except RemoteError:
                 raise
-            raise remote from None
+            except Exception as exc:
+                remote = wire_error(exc)
+                if remote is None:
+                    raise
+                raise remote from None
 
     return cast(_H, wrapper)  # functools.wraps keeps the signature at run time, not for mypy
+
+
+def _log_fields(host: str, body: Any) -> dict[str, str]:
+    fields = {"dest_host": host}
+    migration_id = getattr(body, "migration_id", None)
+    if migration_id is not None:
+        fields["migration_id"] = fields["claim_id"] = migration_id
+    if getattr(body, "source_host", None) is not None:
+        fields["source_host"] = body.source_host
+    return fields
 
 
 def retry_after_s(live: list[Claim], now: float) -> float:

@@ -33,6 +33,7 @@ from agent.claims.model import Claim
 from agent.daemon.context import AgentContext, DomainLifecycle
 from agent.errors import AgentError
 from agent.libvirt_ops.domain_read import parse_domain
+from agent.log import log_context
 from agent.numa.placement import Placement
 
 log = logging.getLogger("compute_agent.daemon.destination")
@@ -167,6 +168,11 @@ class ClaimWatcher:
         self._recount()
 
     def _follow(self, claim: Claim, arrival: Arrival) -> None:
+        fields = {"migration_id": claim.migration_id, "claim_id": claim.migration_id, "dest_host": self.ctx.host}
+        with log_context(instance_uuid=claim.instance_uuid, source_host=claim.source_host, **fields):
+            self._act(claim, arrival)
+
+    def _act(self, claim: Claim, arrival: Arrival) -> None:
         try:
             if arrival is Arrival.INCOMING:
                 self._changed(claim, self.ctx.ledger.progress(claim.migration_id, "the incoming migration runs here"))

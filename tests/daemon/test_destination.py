@@ -324,3 +324,18 @@ def test_retry_after_is_bounded():
 def test_ledger_errors_map_to_wire_errors():
     assert isinstance(wire_error(IllegalTransition("m", "expired", "migrating")), RemoteConflict)
     assert wire_error(RuntimeError("bug")) is None
+
+
+@pytest.mark.asyncio
+async def test_claim_records_carry_the_migration_fields_for_the_journal(running_daemon, client):
+    import io
+
+    from agent.log import setup_logging
+
+    out = io.StringIO()
+    setup_logging("INFO", stream=out, journal=False)
+    body = claim_body(instance_request(), migration_id="mig-journal")
+    await call(client, HOST, "claim", body)
+    held = next(line for line in out.getvalue().splitlines() if "held until" in line)
+    assert "migration_id=mig-journal" in held and "claim_id=mig-journal" in held
+    assert "source_host=hv-src" in held and f"dest_host={HOST}" in held
