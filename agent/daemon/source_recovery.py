@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import libvirt
 
+from agent.daemon.source_model import Ending, Flight
 from agent.errors import AgentError
 from agent.libvirt_ops.connection import close_quietly, open_connection
 from agent.libvirt_ops.errors import MigrationAbortRefused, MigrationError, NoMigrationInProgress
@@ -51,7 +52,7 @@ from agent.numa.placement import Placement
 if TYPE_CHECKING:
     from agent.config import LibvirtConfig
     from agent.daemon.migrations import MigrationRecord
-    from agent.daemon.source import Ending, Flight, Source
+    from agent.daemon.source import Source
 
 log = logging.getLogger("compute_agent.source")
 
@@ -257,8 +258,6 @@ def _policy(record: MigrationRecord) -> MigrationPolicy:
 
 
 def _flight(record: MigrationRecord) -> Flight:
-    from agent.daemon.source import Flight
-
     placement = Placement.from_json(record.placement_json) if record.placement_json else None
     target = MigrationTarget(record.dest_libvirt_uri, record.dest_migration_uri, record.dest_host)
     flight = Flight(record.migration_id, record.instance_uuid, target, placement, record.claim_host)
@@ -271,8 +270,6 @@ def _ended_after_job(
     source: Source, record: MigrationRecord, job: AttachedJob, conn: Any, sleep: Callable[[float], None]
 ) -> Ending:
     """The outcome of an attached job once libvirt's job is over."""
-    from agent.daemon.source import Ending
-
     host = source.ctx.host
     for _ in range(int(_END_WAIT_S / 0.5)):
         there = destination_running(record.dest_libvirt_uri, record.instance_uuid)
@@ -324,8 +321,6 @@ def _abort_again(job: AttachedJob, record: MigrationRecord) -> None:
 
 
 def _conclude(source: Source, record: MigrationRecord, status: str, reason: str, host_now: str, probe_: Probe) -> None:
-    from agent.daemon.source import Ending
-
     ending = Ending(status, reason, host_now, in_postcopy=probe_.in_postcopy and status != "completed")
     source.finish(_flight(record), ending)
 
@@ -336,8 +331,6 @@ def take_up(source: Source, record: MigrationRecord, sleep: Callable[[float], No
     decided = verdict(record, found)
     log.info("migration %s (%s before the restart): %s", record.migration_id, record.status, decided)
     if decided == "settle":
-        from agent.daemon.source import Ending
-
         ending = Ending(record.status, record.reason or "", record.host_now or source.ctx.host)
         source.publish_done(source.settle_claim(record, ending))
     elif decided == "attach":
