@@ -188,10 +188,25 @@ class TestDomains:
         self.created: list[Any] = []
 
     def start(self, name: str, instance_uuid: str, placement: Placement | None, *, paused: bool = False) -> Any:
-        dom = self.conn.createXML(domain_xml(name, instance_uuid, placement), 0)
+        """A running domain, or (paused) one that looks like an incoming copy carrying `placement`."""
+        if not paused:
+            dom = self.conn.createXML(domain_xml(name, instance_uuid, placement), 0)
+            self.created.append(dom)
+            return dom
+        # the test driver cannot start paused: start without the placement (not the claim's copy
+        # yet, whatever a watcher sees meanwhile), pause, then record the placement
+        dom = self.conn.createXML(domain_xml(name, instance_uuid, None), 0)
         self.created.append(dom)
-        if paused:  # the test driver cannot start paused; an incoming copy looks the same
-            dom.suspend()
+        dom.suspend()
+        if placement is not None:
+            text = placement_json_text(placement).replace("&", "&amp;").replace("<", "&lt;")
+            dom.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                f"<placement>{text}</placement>",
+                "ca",
+                PLACEMENT_NS,
+                libvirt.VIR_DOMAIN_AFFECT_LIVE,
+            )
         return dom
 
     def remove_all(self) -> None:
