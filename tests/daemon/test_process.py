@@ -309,3 +309,13 @@ async def test_a_domain_starting_or_stopping_republishes_capabilities(agent_file
     finally:
         events.close()
     assert (first["seq"], started["seq"], stopped["seq"]) == (1, 2, 3)
+
+
+def test_an_unreachable_libvirtd_is_exit_1_with_one_clear_line(agent_files, notify):
+    agent_files.rewrite({"libvirt": {"connection_uri": "test+tcp://127.0.0.1:1/default"}})
+    proc = spawn_daemon(agent_files, notify)
+    _, err = proc.communicate(timeout=30)
+    last = err.decode().strip().splitlines()[-1]
+    assert proc.returncode == 1
+    assert last.startswith("compute-agent: could not start:") and "127.0.0.1:1" in last
+    assert not any("READY" in fields for _, fields in notify.drain(0.2))
