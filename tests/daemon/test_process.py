@@ -319,3 +319,20 @@ def test_an_unreachable_libvirtd_is_exit_1_with_one_clear_line(agent_files, noti
     assert proc.returncode == 1
     assert last.startswith("compute-agent: could not start:") and "127.0.0.1:1" in last
     assert not any("READY" in fields for _, fields in notify.drain(0.2))
+
+
+@pytest.mark.asyncio
+async def test_bus_drops_are_counted_in_the_metrics(running_daemon, agent_files, tmp_path):
+    from agent.bus.errors import CallTimeout
+    from agent.bus.keys import Keyring
+    from agent.bus.rpc import RpcClient
+
+    stranger_keys = tmp_path / "stranger.keys"
+    stranger_keys.write_text(f"kx {bytes(range(40, 72)).hex()}\n")
+    with RpcClient(agent_files.config().bus, Keyring.from_file(stranger_keys), sender="stranger") as stranger:
+        with pytest.raises(CallTimeout):  # dropped unanswered: its key is unknown here
+            await call(stranger, running_daemon.host, "describe_host", {}, timeout=1.0)
+    running_daemon._sync_bus_metrics()  # what the housekeeping timer does every few seconds
+    running_daemon._sync_bus_metrics()  # counted once, however often it looks
+    text = running_daemon.metrics.render().decode()
+    assert 'compute_agent_bus_messages_dropped_total{reason="unknown_kid"} 1.0' in text
