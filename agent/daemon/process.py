@@ -325,7 +325,7 @@ class Daemon:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
-            self._sync_bus_metrics()
+            self.sync_bus_metrics()
             self._say(self.status_line())
             if self.lifecycle is not None:  # libvirtd restarted: subscribe again on a new connection
                 await self._on_worker(_quietly, self.lifecycle.ensure_open)
@@ -396,7 +396,7 @@ class Daemon:
     def _say(self, status: str) -> None:
         self.notifier.status(status)
 
-    def _sync_bus_metrics(self) -> None:
+    def sync_bus_metrics(self) -> None:
         """The bus's own counters (drops by reason, reconnects) into the metrics, as increments."""
         parts = [p for p in (self.server, self.events) if p is not None]
         reconnects = sum(getattr(t, "reconnects", 0) for p in parts for t in _bus_threads(p))

@@ -332,7 +332,7 @@ async def test_bus_drops_are_counted_in_the_metrics(running_daemon, agent_files,
     with RpcClient(agent_files.config().bus, Keyring.from_file(stranger_keys), sender="stranger") as stranger:
         with pytest.raises(CallTimeout):  # dropped unanswered: its key is unknown here
             await call(stranger, running_daemon.host, "describe_host", {}, timeout=1.0)
-    running_daemon._sync_bus_metrics()  # what the housekeeping timer does every few seconds
-    running_daemon._sync_bus_metrics()  # counted once, however often it looks
+    running_daemon.sync_bus_metrics()  # what the housekeeping timer does every few seconds
+    running_daemon.sync_bus_metrics()  # counted once, however often it looks
     text = running_daemon.metrics.render().decode()
     assert 'compute_agent_bus_messages_dropped_total{reason="unknown_kid"} 1.0' in text
