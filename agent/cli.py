@@ -15,20 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from agent import __version__
-from agent.claims.cli import add_claims_parser
-from agent.claims.errors import LedgerError
-from agent.claims.ledger import Ledger
-from agent.claims.model import Claim
-from agent.claims.store import LEDGER_FILE
-from agent.cli_output import ExitCode, console, exit_code_for, print_error, print_json, print_warning, table
 from agent.cpuset import format_cpu_set
 from agent.errors import AgentError, InvalidInput
 from agent.limits import MAX_CLI_FILE_BYTES
-from agent.log import setup_logging
 from agent.units import page_label
 
+# The commands' own modules (rich, the ledger, libvirt) are imported where they are used, so that
+# `compute-agent daemon` starts without loading what only the operator commands need.
 if TYPE_CHECKING:
     from agent.claims.hoststate import HostStateReport
+    from agent.claims.model import Claim
     from agent.libvirt_ops.inventory import DomainInventory
     from agent.numa.placement import Placement
     from agent.numa.request import InstanceRequest
@@ -62,6 +58,7 @@ def _read_capabilities(path: str | None) -> str | None:
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:
+    from agent.cli_output import ExitCode, print_json
     from agent.numa.capabilities import discover
 
     caps_xml = _read_capabilities(args.capabilities)
@@ -74,6 +71,8 @@ def _cmd_discover(args: argparse.Namespace) -> int:
 
 
 def _print_topology(topology: HostTopology, differences: Sequence[str]) -> None:
+    from agent.cli_output import console, print_warning, table
+
     columns = ("cell", "CPUs", "cores", "memory", "hugepages (free/total)", "distances")
     rows = [
         (
@@ -101,6 +100,7 @@ def _print_topology(topology: HostTopology, differences: Sequence[str]) -> None:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
+    from agent.cli_output import ExitCode, print_json
     from agent.numa.fit import fit
     from agent.numa.placement import NoFit
     from agent.numa.request import parse_request
@@ -119,6 +119,8 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _print_placement(request: InstanceRequest, placement: Placement) -> None:
+    from agent.cli_output import console, table
+
     columns = ("guest cell", "host cell", "vCPU -> host CPUs", "memory", "page size")
     rows = [
         (
@@ -141,6 +143,10 @@ def _print_placement(request: InstanceRequest, placement: Placement) -> None:
 def _live_claims(state_dir: Path) -> list[Claim]:
     """The ledger's live claims, read-only: a look at the host never creates, upgrades or moves
     aside the agent's ledger. No ledger yet: no claims."""
+    from agent.claims.errors import LedgerError
+    from agent.claims.ledger import Ledger
+    from agent.claims.store import LEDGER_FILE
+
     try:
         with Ledger.open(state_dir, readonly=True) as ledger:
             return ledger.live_claims()
@@ -154,6 +160,7 @@ def _live_claims(state_dir: Path) -> list[Claim]:
 def _cmd_host_state(args: argparse.Namespace) -> int:
     """This host's true state: topology - config reservations - domains - live claims."""
     from agent.claims.hoststate import compute_host_state
+    from agent.cli_output import ExitCode, print_json
     from agent.config import load_config
     from agent.libvirt_ops.connection import connection
     from agent.libvirt_ops.inventory import read_domains
@@ -189,6 +196,8 @@ def _print_host_state(
     report: HostStateReport,
     problems: list[str],
 ) -> None:
+    from agent.cli_output import console, print_warning, table
+
     columns = ("cell", "pinned", "free dedicated", "shared", "floating room", "small MiB free", "hugepages free")
     rows = []
     for res in report.state.all_resources():
@@ -246,7 +255,36 @@ def _add_host_state(sub: Any) -> None:
     p.set_defaults(func=_cmd_host_state)
 
 
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    from agent.daemon.process import DaemonOptions, run_daemon
+
+    config = getattr(args, "daemon_config", None) or args.config
+    return run_daemon(DaemonOptions(config_path=Path(config) if config else None, sysfs_root=Path(args.sysfs_root)))
+
+
+def _daemon_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", dest="daemon_config", metavar="FILE", help="agent config (default as above)")
+    p.add_argument("--sysfs-root", default="/sys", metavar="DIR", help="read the topology below DIR (tests)")
+    p.set_defaults(func=_cmd_daemon)
+
+
+def _add_daemon(sub: Any) -> None:
+    _daemon_arguments(sub.add_parser("daemon", help="run the agent (under systemd: Type=notify)"))
+
+
+def _daemon_main(argv: list[str]) -> int:
+    """`compute-agent daemon ...` without building the operator commands' parsers (start-up time)."""
+    parser = argparse.ArgumentParser(prog=f"{PROG} daemon", description="run the agent (under systemd: Type=notify)")
+    _daemon_arguments(parser)
+    args = parser.parse_args(argv)
+    args.config = None
+    return _cmd_daemon(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from agent.claims.cli import add_claims_parser
+    from agent.libvirt_ops.instance_cli import add_instance_parser
+
     parser = argparse.ArgumentParser(prog=PROG, description="NUMA-aware live migration agent for KVM hypervisors.")
     parser.add_argument("--version", action="version", version=f"compute-agent {__version__}")
     parser.add_argument(
@@ -262,12 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(sub)
     _add_host_state(sub)
     add_claims_parser(sub)
+    add_instance_parser(sub)
+    _add_daemon(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["daemon"]:  # the systemd unit's command line: the fast way in
+        return _daemon_main(given[1:])
+    from agent.cli_output import exit_code_for, print_error
+    from agent.log import setup_logging
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
     setup_logging(args.log_level)
     try:
         return int(args.func(args))
@@ -283,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _unexpected(command: str, exc: Exception) -> int:
+    from agent.cli_output import ExitCode, print_error
+
     if type(exc).__name__ == "libvirtError":  # a libvirt call not yet wrapped at its edge
         log.debug("libvirt error", exc_info=True)
         print_error(PROG, f"libvirt error: {exc}")

@@ -8,6 +8,7 @@ Option names follow Nova's where the meaning is the same, so operators can carry
 from __future__ import annotations
 
 import configparser
+import ipaddress
 import math
 import re
 from dataclasses import dataclass, field, fields
@@ -107,6 +108,11 @@ class AgentConfig:
     host: str | None = None  # [DEFAULT] host: name published on the bus; default = hostname
     log_level: str = "INFO"
     metrics_listen: tuple[str, int] | None = None  # [DEFAULT] metrics_listen = host:port; None = no endpoint
+    # the address peers reach this host at (Nova's my_ip): the published migration_uri tcp://<my_ip>
+    # and, when connection_uri is local, libvirt_uri qemu+tcp://<my_ip>/system; None = resolve the host name
+    my_ip: str | None = None
+    max_concurrent_live_migrations: int = 1  # outbound (Nova's name); the rest wait in a queue
+    max_concurrent_incoming_migrations: int = 2  # inbound claims held at once; beyond: Busy + retry_after
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -280,7 +286,19 @@ _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
 # values never echoed in an error (a broker URL carries its password)
 _SECRET_OPTIONS = frozenset({("bus", "transport_url")})
 _SECTION_TYPES = {"compute": ComputeConfig, "libvirt": LibvirtConfig, "claims": ClaimsConfig, "bus": BusConfig}
-_DEFAULT_OPTIONS = frozenset({"host", "log_level", "metrics_listen"})
+_DEFAULT_OPTIONS = frozenset(
+    {
+        "host",
+        "log_level",
+        "metrics_listen",
+        "my_ip",
+        "max_concurrent_live_migrations",
+        "max_concurrent_incoming_migrations",
+    }
+)
+# concurrent migrations: each one is a full RAM copy over the migration link; 64 saturates any link
+# (Nova's 0 = unlimited is not offered for that reason)
+_MIGRATION_LIMIT = _int_range(1, 64)
 # configparser copies [DEFAULT] into every section (and hides a section's own value of an option
 # that [DEFAULT] also has from a naive "skip defaults" filter). We want none of that: [DEFAULT] is
 # read as a plain section holding only _DEFAULT_OPTIONS, so name the parser's default section
@@ -401,10 +419,31 @@ def _read_defaults(parser: configparser.ConfigParser, source: str) -> dict[str, 
         "host": (defaults.get("host") or "").strip() or None,
         "log_level": log_level,
         "metrics_listen": _default_option(source, defaults, "metrics_listen", parse_listen_address),
+        "my_ip": _default_option(source, defaults, "my_ip", _ip_address),
+        **{
+            option: _default_option(source, defaults, option, _MIGRATION_LIMIT, _field_default(option))
+            for option in ("max_concurrent_live_migrations", "max_concurrent_incoming_migrations")
+        },
     }
 
 
-def _default_option(source: str, defaults: dict[str, str], option: str, conv: Callable[[str], Any]) -> Any:
+def _field_default(option: str) -> Any:
+    return next(f.default for f in fields(AgentConfig) if f.name == option)
+
+
+def _ip_address(text: str) -> str | None:
+    """An IPv4 or IPv6 address ('' = None: resolve the host name)."""
+    value = text.strip()
+    if not value:
+        return None
+    return str(ipaddress.ip_address(value))
+
+
+def _default_option(
+    source: str, defaults: dict[str, str], option: str, conv: Callable[[str], Any], default: Any = None
+) -> Any:
+    if default is not None and option not in defaults:
+        return default
     try:
         return conv(defaults.get(option, ""))
     except ValueError as exc:
