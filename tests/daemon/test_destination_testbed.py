@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import testbed as tb
+from agent.testing import testbed as tb
 from tests.daemon.agent_support import EventLog, NotifySocket, claim_json, make_agent_files, spawn_daemon
 
 _ok, _why = tb.testbed_available()

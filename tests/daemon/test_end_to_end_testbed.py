@@ -5,7 +5,7 @@ pinning, abort, force-complete refused in post-copy, progress events in order wi
 never goes down, and the source agent SIGKILLed mid-migration and restarted.
 
 The daemons run as processes (`python -m agent.cli daemon --config ...`, the real /sys: the testbed
-hosts share this machine's CPUs). Guests are the testbed's TCG guests (tests.testbed); the
+hosts share this machine's CPUs). Guests are the testbed's TCG guests (agent.testing.testbed); the
 non-converging one (HOT_GUEST) over the capped link (HOT_MIGRATION) keeps a migration running for as
 long as a scenario needs.
 """
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests import testbed as tb
+from agent.testing import testbed as tb
 
 _ok, _why = tb.testbed_available()
 pytestmark = [
