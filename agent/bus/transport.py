@@ -38,6 +38,7 @@ CONFIRM_TIMEOUT_S = 10.0  # a broker that has not confirmed by then is treated a
 CONNECT_TIMEOUT_S = 5.0
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0  # the fault tests want service back within 10 s of a broker restart
+FLUSH_S = 5.0  # how long stop() lets a connected publisher send what it was given
 MIN_EXPIRATION_MS = 1  # AMQP expiration "0" means "deliver now or drop": keep at least 1 ms
 
 
@@ -177,7 +178,8 @@ class _ConnectionThread(threading.Thread):
         self.stopping = threading.Event()
         self.ready = threading.Event()  # set while a session is up
         self.backoff = Backoff()
-        self.reconnects = 0
+        self.reconnects = 0  # failed connection attempts and broken sessions since start
+        self.sessions = 0  # sessions that came up (more than one: it reconnected)
         self._last_heartbeat = 0.0
 
     # hooks (no-ops): override to observe the lifecycle
@@ -194,7 +196,8 @@ class _ConnectionThread(threading.Thread):
         errors = self.conn.connection_errors + self.conn.channel_errors + (OSError,)
         while not self.stopping.is_set():
             try:
-                self.conn.connect()
+                # one attempt (kombu's connect() sleeps 2 s and tries again); our loop backs off
+                self.conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
                 self.on_connection_revived()
                 self.session()
             except errors as exc:
@@ -225,6 +228,7 @@ class _ConnectionThread(threading.Thread):
             self.conn.heartbeat_check()
 
     def went_ready(self) -> None:
+        self.sessions += 1
         self.backoff.reset()
         self.ready.set()
         log.info("bus: %s ready on %s", self.name, redact(self.conn.as_uri(include_password=False)))
@@ -342,6 +346,7 @@ class PublisherThread(_ConnectionThread):
         self.clock = clock
         self.inbox: queue.SimpleQueue[Outgoing | None] = queue.SimpleQueue()
         self.returned = 0
+        self.closing = threading.Event()  # stop() was called: no new messages
         self._current: Outgoing | None = None
         self._channel: Any = None
 
@@ -351,7 +356,7 @@ class PublisherThread(_ConnectionThread):
         log.warning("bus: returned unroutable message to %r via %r: %s", routing_key, exchange, exc)
 
     def submit(self, out: Outgoing) -> None:
-        if self.stopping.is_set():
+        if self.closing.is_set():
             _fail(out, BusUnavailable("the bus publisher is stopped"))
             return
         self.inbox.put(out)
@@ -373,9 +378,12 @@ class PublisherThread(_ConnectionThread):
                 out = self.inbox.get(timeout=TICK_S)
             except queue.Empty:
                 self._read_idle()
-                out = None
-            if out is not None:
-                self._publish(out)
+                self.heartbeat()
+                continue
+            if out is None:  # stop()'s sentinel: everything submitted before it is published
+                self.stopping.set()
+                return
+            self._publish(out)
             self.heartbeat()
 
     def _read_idle(self) -> None:
@@ -445,8 +453,11 @@ class PublisherThread(_ConnectionThread):
                 _fail(out, gone)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.stopping.set()
+        """Publish what was submitted before (while connected, up to FLUSH_S), then close."""
+        self.closing.set()
         self.inbox.put(None)
+        if self.ready.is_set() and self.is_alive():
+            self.join(min(timeout, FLUSH_S))
         super().stop(timeout)
 
 
