@@ -1,0 +1,312 @@
+"""Bus benchmark: our signed RPC against oslo.messaging's, in one run, on the same local RabbitMQ.
+
+    python bench/bus_bench.py [--calls N] [--url URL] [--json]
+
+Three servers, each in a process of its own (as an agent would be), called from this process:
+  (a) oslo.messaging RPC echo (rabbit driver, threading executor): the library OpenStack agents use;
+  (b) our signed call to a method that echoes its body (the same ~1 KiB payload as (a): the bus's
+      whole cost: envelope, HMAC signature both ways, checks, confirms, reply queue);
+  (c) our full `claim`: a real RpcServer whose `claim` handler runs the project's fitter and the
+      durable ledger commit (agent.claims.ledger: WAL, synchronous=FULL, one fsync'ed transaction),
+      followed by `release_claim` (not timed in the claim figures; it is in the cycle figures).
+For each: sequential p50/p99 and calls/s, and calls/s with 8 concurrent callers. Ratios are to
+oslo's echo p50 in the same run. oslo.messaging is a bench-only extra: `pip install -e '.[bench]'`.
+
+Targets (issue 8): empty p50 <= 0.5 x oslo echo p50; claim p50 <= 1.0 x oslo echo p50; >= 400
+claims/s sequential (claims/s counts the claim calls' own time, as bench/claims_bench.py does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import msgspec  # noqa: E402
+
+from agent.bus.keys import Keyring  # noqa: E402
+from agent.bus.rpc import RpcClient, RpcServer  # noqa: E402
+from agent.bus.schemas import ClaimBody, ReleaseClaimBody  # noqa: E402
+from agent.config import BusConfig  # noqa: E402
+
+PAYLOAD = "x" * 1024  # ~1 KiB, the issue's payload
+CONCURRENCY = 8
+HOST = "bench-host"
+URL = "amqp://guest:guest@127.0.0.1:5672//"
+START_TIMEOUT_S = 60.0
+
+
+class EchoBody(msgspec.Struct, frozen=True):
+    payload: str
+
+
+# --- servers (each in a spawned process) ----------------------------------------------------------
+
+
+def _oslo_url(url: str) -> str:
+    return "rabbit://" + url.split("://", 1)[1].rstrip("/") + "/"
+
+
+def _quiet_oslo() -> None:
+    warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")  # raised on import by oslo.service
+    logging.getLogger("oslo.messaging").setLevel(logging.ERROR)
+    logging.getLogger("amqp").setLevel(logging.ERROR)
+
+
+def serve_oslo(url: str, topic: str, ready: Any, stop: Any) -> None:
+    _quiet_oslo()
+    import oslo_messaging as om  # type: ignore[import-untyped]  # bench-only extra, untyped
+    from oslo_config import cfg
+
+    cfg.CONF(args=[], project="bus-bench")  # oslo registers its own options on the global CONF
+    transport = om.get_rpc_transport(cfg.CONF, url=_oslo_url(url))
+
+    class Echo:
+        def echo(self, ctxt: Any, payload: str) -> str:
+            return payload
+
+    target = om.Target(topic=topic, server="bench")
+    server = om.get_rpc_server(transport, target, [Echo()], executor="threading")
+    server.start()
+    ready.set()
+    stop.wait()
+    server.stop()
+    server.wait()
+    transport.cleanup()
+
+
+def _ledger_handlers(ledger: Any, host_state: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    def claim(body: ClaimBody) -> dict[str, Any]:
+        held = ledger.claim(body.migration_id, body.request(), body.source_host, body.ttl_s or 60.0, host_state)
+        return {"placement": held.placement.to_json(), "expires_at": held.expires_at}
+
+    def release_claim(body: ReleaseClaimBody) -> dict[str, Any]:
+        return ledger.release(body.migration_id, body.reason).to_json()
+
+    return claim, release_claim
+
+
+def serve_ours(cfg: BusConfig, key_file: str, ledger_dir: str, ready: Any, stop: Any) -> None:
+    from claims_bench import build_topology, make_request
+
+    from agent.claims.hoststate import host_state_fn
+    from agent.claims.ledger import Ledger
+    from agent.config import ComputeConfig
+
+    keyring = Keyring.from_file(key_file)
+    server = RpcServer(cfg, HOST, keyring)
+    server.register("echo", lambda body: {"payload": body.payload}, since="1.0", body_type=EchoBody)
+    with Ledger.open(Path(ledger_dir)) as ledger:
+        host_state = host_state_fn(build_topology(), list, ComputeConfig())
+        for i in range(8):  # the same background as claims_bench: a partly full host
+            ledger.claim(f"background-{i}", make_request(), "src", 3600, host_state)
+        claim, release = _ledger_handlers(ledger, host_state)
+        server.register("claim", claim, since="1.1", body_type=ClaimBody)
+        server.register("release_claim", release, since="1.1", body_type=ReleaseClaimBody)
+        server.start()
+        ready.set()
+        stop.wait()
+        server.stop()
+
+
+class Served:
+    """A server process started with `target(*args, ready, stop)`, stopped on exit."""
+
+    def __init__(self, target: Callable[..., None], *args: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self.ready, self.stop = ctx.Event(), ctx.Event()
+        self.proc = ctx.Process(target=target, args=(*args, self.ready, self.stop), daemon=True)
+
+    def __enter__(self) -> Served:
+        self.proc.start()
+        if not self.ready.wait(START_TIMEOUT_S):
+            self.proc.kill()
+            raise RuntimeError(f"{self.proc.name} did not start in {START_TIMEOUT_S} s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.proc.join(20)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+
+def sequential(call: Callable[[int], float | None], n: int, warmup: int) -> dict[str, float]:
+    """`call(i)` n times after `warmup`; it returns the seconds to count (None: its own wall time)."""
+    for i in range(warmup):
+        call(-1 - i)
+    lat: list[float] = []
+    t_all = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        counted = call(i)
+        lat.append(counted if counted is not None else time.perf_counter() - t0)
+    wall = time.perf_counter() - t_all
+    q = statistics.quantiles(lat, n=100, method="inclusive")
+    return {
+        "p50_ms": round(statistics.median(lat) * 1000, 3),
+        "p99_ms": round(q[98] * 1000, 3),
+        "per_s": round(n / sum(lat), 1),
+        "wall_per_s": round(n / wall, 1),
+    }
+
+
+def concurrent(call: Callable[[int], Any], n: int, workers: int = CONCURRENCY) -> float:
+    """Calls per second with `workers` threads sharing `n` calls."""
+    counter = iter(range(n))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            call(i)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(worker) for _ in range(workers)]:
+            f.result()
+    return round(n / (time.perf_counter() - t0), 1)
+
+
+# --- the three cases ------------------------------------------------------------------------------
+
+
+def bench_oslo(url: str, n: int, warmup: int) -> dict[str, float]:
+    _quiet_oslo()
+    import oslo_messaging as om  # type: ignore[import-untyped]  # untyped
+    from oslo_config import cfg
+
+    topic = f"bus-bench-{uuid.uuid4().hex[:8]}"
+    with Served(serve_oslo, url, topic):
+        cfg.CONF(args=[], project="bus-bench")
+        transport = om.get_rpc_transport(cfg.CONF, url=_oslo_url(url))
+        client = om.get_rpc_client(transport, om.Target(topic=topic, server="bench"))
+
+        def call(i: int) -> None:
+            assert client.call({}, "echo", payload=PAYLOAD) == PAYLOAD
+
+        res = sequential(call, n, warmup)
+        res["concurrent_per_s"] = concurrent(call, n)
+        transport.cleanup()
+    return res
+
+
+def bench_ours(cfg: BusConfig, key_file: Path, n: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
+    keyring = Keyring.from_file(key_file)
+    with tempfile.TemporaryDirectory(prefix="bus-bench-ledger-", dir="/var/tmp") as ledger_dir:
+        with Served(serve_ours, cfg, str(key_file), ledger_dir), RpcClient(cfg, keyring, sender="bench") as client:
+
+            def echo(i: int) -> None:
+                assert client.call(HOST, "echo", {"payload": PAYLOAD})["payload"] == PAYLOAD
+
+            empty = sequential(echo, n, warmup)
+            empty["concurrent_per_s"] = concurrent(echo, n)
+
+            def cycle(i: int) -> float:
+                doc = {"uuid": str(uuid.uuid4()), "vcpus": 4, "memory_mb": 4096, "extra_specs": EXTRA_SPECS}
+                mig = f"bench-{i}-{uuid.uuid4().hex[:8]}"
+                body = {"migration_id": mig, "instance": doc, "source_host": "src", "ttl_s": 60}
+                t0 = time.perf_counter()
+                client.call(HOST, "claim", body)
+                took = time.perf_counter() - t0
+                client.call(HOST, "release_claim", {"migration_id": mig, "reason": "bench cycle"})
+                return took
+
+            t0 = time.perf_counter()
+            claim = sequential(cycle, n, warmup)
+            claim["cycles_per_s"] = round(n / (time.perf_counter() - t0), 1)
+            claim["concurrent_per_s"] = concurrent(cycle, n)  # claim + release cycles per second
+    return empty, claim
+
+
+#: the claims_bench request as flavor extra specs: 4 dedicated vCPUs on 2 MiB pages
+EXTRA_SPECS = {"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": "prefer", "hw:mem_page_size": "2048"}
+
+
+def run(url: str, n: int, warmup: int) -> dict[str, Any]:
+    oslo = bench_oslo(url, n, warmup)
+    with tempfile.TemporaryDirectory(prefix="bus-bench-") as tmp:
+        key_file = Path(tmp) / "bus.keys"
+        key_file.write_text(f"bench {os.urandom(32).hex()}\n")
+        cfg = replace(BusConfig(), transport_url=url, exchange_prefix=f"bus-bench-{uuid.uuid4().hex[:8]}")
+        empty, claim = bench_ours(cfg, key_file, n, warmup)
+    return {
+        "calls": n,
+        "payload_bytes": len(PAYLOAD),
+        "oslo_echo_p50_ms": oslo["p50_ms"],
+        "oslo_echo_p99_ms": oslo["p99_ms"],
+        "oslo_echo_per_s": oslo["per_s"],
+        "oslo_echo_concurrent_per_s": oslo["concurrent_per_s"],
+        "empty_call_p50_ms": empty["p50_ms"],
+        "empty_call_p99_ms": empty["p99_ms"],
+        "empty_calls_per_s": empty["per_s"],
+        "empty_calls_concurrent_per_s": empty["concurrent_per_s"],
+        "claim_p50_ms": claim["p50_ms"],
+        "claim_p99_ms": claim["p99_ms"],
+        "claims_per_s": claim["per_s"],
+        "claim_release_cycles_per_s": claim["cycles_per_s"],
+        "claim_release_cycles_concurrent_per_s": claim["concurrent_per_s"],
+        "ratio_empty_to_oslo": round(empty["p50_ms"] / oslo["p50_ms"], 3),
+        "ratio_claim_to_oslo": round(claim["p50_ms"] / oslo["p50_ms"], 3),
+    }
+
+
+def report(res: dict[str, Any]) -> str:
+    targets = [
+        ("empty p50 <= 0.5 x oslo", res["ratio_empty_to_oslo"] <= 0.5),
+        ("claim p50 <= 1.0 x oslo", res["ratio_claim_to_oslo"] <= 1.0),
+        (">= 400 claims/s", res["claims_per_s"] >= 400),
+    ]
+    lines = [
+        f"{res['calls']} calls each, payload {res['payload_bytes']} B, {CONCURRENCY} concurrent callers",
+        f"oslo.messaging echo: p50 {res['oslo_echo_p50_ms']} ms, p99 {res['oslo_echo_p99_ms']} ms, "
+        f"{res['oslo_echo_per_s']}/s sequential, {res['oslo_echo_concurrent_per_s']}/s concurrent",
+        f"our signed call:     p50 {res['empty_call_p50_ms']} ms, p99 {res['empty_call_p99_ms']} ms, "
+        f"{res['empty_calls_per_s']}/s sequential, {res['empty_calls_concurrent_per_s']}/s concurrent "
+        f"(ratio to oslo {res['ratio_empty_to_oslo']})",
+        f"our full claim:      p50 {res['claim_p50_ms']} ms, p99 {res['claim_p99_ms']} ms, "
+        f"{res['claims_per_s']} claims/s sequential (ratio to oslo {res['ratio_claim_to_oslo']}); "
+        f"claim+release cycles {res['claim_release_cycles_per_s']}/s sequential, "
+        f"{res['claim_release_cycles_concurrent_per_s']}/s concurrent",
+        "targets: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=1000, help="calls per measurement (default 1000)")
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--url", default=URL, help=f"the broker (default {URL})")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    res = run(args.url, args.calls, args.warmup)
+    print(json.dumps(res) if args.json else report(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
