@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import enum
 import heapq
+import logging
+import threading
+import time
 import uuid
+from collections import Counter
 from typing import Annotated, Any, Callable, Literal
 
 import msgspec
@@ -81,6 +85,38 @@ class Dropped(BusError):
     def __init__(self, reason: DropReason, detail: str = "") -> None:
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
+
+
+DROP_LOG_BURST = 10  # log lines per reason per window: a flood of garbage must not flood the journal
+DROP_LOG_WINDOW_S = 60.0
+
+
+class DropLog:
+    """Counts dropped messages by reason (`counts`, thread-safe) and logs them, at most
+    DROP_LOG_BURST lines per reason a minute plus one line saying how many more were dropped."""
+
+    def __init__(self, where: str, logger: logging.Logger) -> None:
+        self.where = where
+        self.log = logger
+        self.counts: Counter[DropReason] = Counter()
+        self._lock = threading.Lock()
+        self._windows: dict[DropReason, list[float]] = {}  # reason -> [window start, lines in window]
+
+    def record(self, drop: Dropped) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.counts[drop.reason] += 1
+            window = self._windows.setdefault(drop.reason, [now, 0])
+            if now - window[0] > DROP_LOG_WINDOW_S:
+                if window[1] > DROP_LOG_BURST:
+                    self.log.warning(
+                        "bus: %s: %d more %s drops not logged", self.where, window[1] - DROP_LOG_BURST, drop.reason
+                    )
+                window[:] = [now, 0]
+            window[1] += 1
+            loud = window[1] <= DROP_LOG_BURST
+        if loud:
+            self.log.warning("bus: %s: dropped %s", self.where, drop)
 
 
 class ReplayCache:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import msgspec
 from kombu import Queue
 
-from agent.bus.envelope import Dropped, DropReason, Envelope, Opener, seal
+from agent.bus.envelope import DropLog, Dropped, DropReason, Envelope, Opener, seal
 from agent.bus.errors import BusUnavailable, CallTimeout
 from agent.bus.keys import Keyring
 from agent.bus.transport import ConsumerThread, Names, Outgoing, PublisherThread
@@ -85,7 +85,8 @@ class EventSubscriber:
     ) -> None:
         self.cfg, self.clock = cfg, clock
         self.names = Names(cfg.exchange_prefix)
-        self.drops: Counter[DropReason] = Counter()
+        self.drop_log = DropLog(f"event subscriber {name}", log)
+        self.drops: Counter[DropReason] = self.drop_log.counts
         self.delivered = 0
         self._subs: list[tuple[str, EventHandler, type[msgspec.Struct] | None]] = []
         self._opener = Opener(
@@ -127,12 +128,12 @@ class EventSubscriber:
         try:
             env = self._opener.open(body)
         except Dropped as drop:
-            self.drops[drop.reason] += 1
-            log.warning("bus: dropped event: %s", drop)
+            self.drop_log.record(drop)
             return
         if env.method != key:  # the signed routing key must be the one it was routed by
-            self.drops[DropReason.BAD_ENVELOPE] += 1
-            log.warning("bus: event %s signed for %r arrived as %r", env.id, env.method, key)
+            self.drop_log.record(
+                Dropped(DropReason.BAD_ENVELOPE, f"event {env.id} signed for {env.method!r} came as {key!r}")
+            )
             return
         self._worker.submit(self._dispatch, env)
 
@@ -145,8 +146,7 @@ class EventSubscriber:
         try:
             body = env.body if body_type is None else msgspec.convert(env.body, type=body_type)
         except msgspec.ValidationError as exc:
-            self.drops[DropReason.BAD_ENVELOPE] += 1
-            log.warning("bus: event %s from %s has a bad body: %s", env.method, env.sender, exc)
+            self.drop_log.record(Dropped(DropReason.BAD_ENVELOPE, f"event {env.method} from {env.sender}: {exc}"))
             return
         try:
             handler(env.method, body)

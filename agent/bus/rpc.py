@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import msgspec
 from kombu import Queue
 
-from agent.bus.envelope import Dropped, DropReason, Envelope, Opener, seal
+from agent.bus.envelope import DropLog, Dropped, DropReason, Envelope, Opener, seal
 from agent.bus.errors import (
     BusUnavailable,
     CallTimeout,
@@ -106,7 +106,8 @@ class RpcServer:
         self.min_version, self.max_version = parse_version(min_version), parse_version(max_version)
         self.error_map = error_map
         self.names = Names(cfg.exchange_prefix)
-        self.drops: Counter[DropReason] = Counter()
+        self.drop_log = DropLog(f"rpc server {host}", log)
+        self.drops: Counter[DropReason] = self.drop_log.counts
         self.served: Counter[str] = Counter()  # "ok" or the wire error type
         self._served_lock = threading.Lock()
         self._methods: dict[str, list[_Registration]] = {}
@@ -166,8 +167,7 @@ class RpcServer:
         try:
             env = self._opener.open(body)
         except Dropped as drop:
-            self.drops[drop.reason] += 1
-            log.warning("bus: dropped message on %s: %s", self.host, drop)
+            self.drop_log.record(drop)
             return
         try:
             reg, typed = self._check(env)
@@ -207,8 +207,7 @@ class RpcServer:
     def _run(self, env: Envelope, props: Mapping[str, Any], reg: _Registration, typed: Any) -> None:
         try:
             if env.expires + self.cfg.max_clock_skew_s < self.clock():  # waited too long for a worker
-                self.drops[DropReason.STALE] += 1
-                log.warning("bus: call %s (%s) expired before a worker took it", env.id, env.method)
+                self.drop_log.record(Dropped(DropReason.STALE, f"call {env.id} expired before a worker took it"))
                 return
             result = self._invoke(env, reg, typed)
             self._count("ok")
@@ -318,7 +317,8 @@ class RpcClient:
         self.cfg, self.keyring, self.sender, self.clock = cfg, keyring, sender, clock
         self.version_cap = parse_version(version_cap)
         self.names = Names(cfg.exchange_prefix)
-        self.drops: Counter[DropReason] = Counter()
+        self.drop_log = DropLog(f"rpc client {sender}", log)
+        self.drops: Counter[DropReason] = self.drop_log.counts
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._opener = Opener(
@@ -469,8 +469,7 @@ class RpcClient:
         try:
             env = self._opener.open(body)
         except Dropped as drop:
-            self.drops[drop.reason] += 1
-            log.warning("bus: dropped reply: %s", drop)
+            self.drop_log.record(drop)
             return
         with self._lock:
             pending = self._pending.get(env.reply_to_id or "")

@@ -28,7 +28,7 @@ from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
 from kombu import Connection, Exchange, Queue
 from kombu.message import Message
 
-from agent.bus.errors import BusUnavailable, CallTimeout, PublishNotConfirmed
+from agent.bus.errors import BusError, BusUnavailable, CallTimeout, PublishNotConfirmed
 from agent.config import BusConfig
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,9 @@ class _ConnectionThread(threading.Thread):
         self.backoff = Backoff()
         self.reconnects = 0  # failed connection attempts and broken sessions since start
         self.sessions = 0  # sessions that came up (more than one: it reconnected)
+        self.conn_errors: tuple[type[BaseException], ...] = (
+            self.conn.connection_errors + self.conn.channel_errors + (OSError,)
+        )
         self._last_heartbeat = 0.0
 
     # hooks (no-ops): override to observe the lifecycle
@@ -193,7 +196,7 @@ class _ConnectionThread(threading.Thread):
         """Called when the session is declared and working."""
 
     def run(self) -> None:
-        errors = self.conn.connection_errors + self.conn.channel_errors + (OSError,)
+        errors = self.conn_errors
         while not self.stopping.is_set():
             try:
                 # one attempt (kombu's connect() sleeps 2 s and tries again); our loop backs off
@@ -298,7 +301,10 @@ class ConsumerThread(_ConnectionThread):
             self._channel.basic_ack(message.delivery_tag)
         body = message.body
         data = body if isinstance(body, bytes) else str(body).encode()
-        self.on_message(data, message.properties, message.delivery_info.get("routing_key", ""))
+        try:
+            self.on_message(data, message.properties, message.delivery_info.get("routing_key", ""))
+        except Exception:  # a bug in a callback must not take the consumer (and the agent) down
+            log.exception("bus: %s: message handling failed", self.name)
 
     def _drain(self) -> None:
         # The socket itself times out every tick, so reads need no per-frame timeout juggling
@@ -406,6 +412,13 @@ class PublisherThread(_ConnectionThread):
         except PublishNotConfirmed as exc:
             self._current = None
             _fail(out, exc)
+            return
+        except self.conn_errors:
+            raise  # reconnect, then publish self._current again
+        except Exception as exc:  # a message py-amqp cannot encode: fail it, keep the thread
+            self._current = None
+            log.exception("bus: %s: cannot publish to %r", self.name, out.routing_key)
+            _fail(out, BusError(f"cannot publish to {out.routing_key!r}: {exc}"))
             return
         self._current = None
         if out.done is not None:

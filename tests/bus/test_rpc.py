@@ -10,14 +10,14 @@ from typing import Any, Callable, Iterator
 
 import msgspec
 import pytest
-from kombu import Connection, Producer
+from kombu import Connection, Producer, Queue
 
 from agent.bus import errors as e
 from agent.bus.envelope import DropReason, seal
 from agent.bus.keys import Keyring
 from agent.bus.rpc import RpcClient, RpcServer
 from agent.bus.schemas import ClaimBody, Empty, MigrationIdBody
-from agent.bus.transport import Names
+from agent.bus.transport import ConsumerThread, Names
 from agent.config import BusConfig
 from agent.errors import AgentError, InvalidInput
 
@@ -343,3 +343,28 @@ def test_client_on_other_keys_gets_no_service(make_server, bus_cfg):
         with pytest.raises(e.CallTimeout):
             c.call("hv-01", "echo", {}, timeout=0.5)
     assert server.drops == {DropReason.UNKNOWN_KID: 1}
+
+
+def test_a_failing_callback_does_not_kill_the_consumer(bus_cfg):
+    seen: list[bytes] = []
+
+    def declare(channel: Any) -> list[Queue]:
+        q = Queue(Names(bus_cfg.exchange_prefix).private_queue("cb"), exclusive=True, auto_delete=True)(channel)
+        q.declare()
+        return [q]
+
+    def on_message(body: bytes, props: Any, key: str) -> None:
+        seen.append(body)
+        if body == b"boom":
+            raise RuntimeError("callback bug")
+
+    consumer = ConsumerThread(bus_cfg, "cb-test", declare, on_message)
+    consumer.start()
+    try:
+        assert consumer.ready.wait(10)
+        for body in (b"boom", b"after"):
+            publish_raw(bus_cfg, body, routing_key=consumer.queue_names[0], exchange="")
+        assert wait_for(lambda: seen == [b"boom", b"after"])
+        assert consumer.is_alive() and consumer.reconnects == 0
+    finally:
+        consumer.stop()
