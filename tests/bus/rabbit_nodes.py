@@ -27,11 +27,21 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.bus.errors import BusError, RemoteError
+from agent.bus.keys import Keyring
+from agent.bus.rpc import RpcClient, RpcServer
+from agent.config import BusConfig
 
 RABBIT_BIN = Path(os.environ.get("COMPUTE_AGENT_RABBIT_BIN", "/usr/lib/rabbitmq/bin"))
 #: A node on a loaded 2-core machine boots in ~4 s; a cluster join can take a few more.
@@ -373,3 +383,111 @@ def node_set(prefix: str = "ca-rabbit-") -> Iterator[NodeSet]:
         yield nodes
     finally:
         nodes.close()
+
+
+# --- bus wiring for the fault tests ------------------------------------------------------------------
+
+
+class OpBody(msgspec.Struct, frozen=True):
+    """The body of the fault tests' one method: an operation id, unique per call."""
+
+    op: str
+
+
+class Executions:
+    """A handler that counts its executions by operation id (the proof of "never twice")."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def handler(self, body: OpBody) -> dict[str, str]:
+        with self._lock:
+            self.counts[body.op] += 1
+        return {"op": body.op}
+
+    def more_than_once(self) -> dict[str, int]:
+        with self._lock:
+            return {op: n for op, n in self.counts.items() if n > 1}
+
+    def __getitem__(self, op: str) -> int:
+        with self._lock:
+            return self.counts[op]
+
+
+def bus_config(transport_url: str, key_file: Path, **overrides: Any) -> BusConfig:
+    """A [bus] for private nodes: its own exchange prefix, short heartbeats and timeouts."""
+    base = dict(
+        transport_url=transport_url,
+        exchange_prefix=f"fault-{uuid.uuid4().hex[:10]}",
+        key_file=key_file,
+        heartbeat_s=2,
+        call_timeout_s=2.0,
+    )
+    return replace(BusConfig(), **{**base, **overrides})
+
+
+def serve(cfg: BusConfig, host: str, keyring: Keyring, executions: Executions) -> RpcServer:
+    """A started RpcServer for `host` whose `work` method counts executions."""
+    server = RpcServer(cfg, host, keyring)
+    server.register("work", executions.handler, since="1.0", body_type=OpBody)
+    server.start(wait=30.0)
+    return server
+
+
+@dataclass(frozen=True)
+class Outcome:
+    op: str
+    started: float  # time.monotonic()
+    ended: float
+    error: str | None  # None: answered (call) or confirmed by the broker (cast)
+
+
+class Traffic(threading.Thread):
+    """Steady calls (or casts) from one thread until stopped, each with an operation id of its own."""
+
+    def __init__(self, client: RpcClient, host: str, prefix: str, *, cast: bool = False, timeout: float = 2.0):
+        super().__init__(name=f"traffic-{prefix}", daemon=True)
+        self.client, self.host, self.prefix, self.cast, self.timeout = client, host, prefix, cast, timeout
+        self.outcomes: list[Outcome] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self.stopping.is_set():
+            op = f"{self.prefix}-{i}"
+            i += 1
+            t0 = time.monotonic()
+            try:
+                self._send(op)
+                error = None
+            except (BusError, RemoteError) as exc:
+                error = type(exc).__name__
+            self.outcomes.append(Outcome(op, t0, time.monotonic(), error))
+            self.stopping.wait(0.005 if error is None else 0.05)
+
+    def _send(self, op: str) -> None:
+        if self.cast:
+            self.client.cast(self.host, "work", {"op": op}, timeout=self.timeout)
+        elif self.client.call(self.host, "work", {"op": op}, timeout=self.timeout) != {"op": op}:
+            raise AssertionError(f"wrong answer to {op}")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(30)
+
+    def ok_ops(self) -> set[str]:
+        return {o.op for o in list(self.outcomes) if o.error is None}
+
+    def first_ok_started_after(self, t: float) -> float | None:
+        """When the first call that started after `t` succeeded (None: none yet)."""
+        return next((o.ended for o in list(self.outcomes) if o.started >= t and o.error is None), None)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
