@@ -19,10 +19,11 @@ Version history (the `v` a caller sends; see docs/protocol.md):
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -87,6 +88,45 @@ def _builtins(result: Any) -> dict[str, Any]:
 # --- server ---------------------------------------------------------------------------------------
 
 
+class Workers:
+    """A fixed set of handler threads fed by one queue, bounded: `submit` refuses (returns False)
+    when `max_workers` run and `max_waiting` wait. Lighter than ThreadPoolExecutor (no Future per
+    task), which matters on the call path: every call crosses it once."""
+
+    def __init__(self, max_workers: int, max_waiting: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._slots = threading.BoundedSemaphore(max_workers + max_waiting)
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(max_workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> bool:
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._queue.put((fn, args))
+        return True
+
+    def _work(self) -> None:
+        while (task := self._queue.get()) is not None:
+            fn, args = task
+            try:
+                fn(*args)
+            except Exception:  # a task's own failures are handled inside it; this is a last resort
+                log.exception("bus: worker task failed")
+            finally:
+                self._slots.release()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let queued tasks finish, then end the threads."""
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+
+
 class RpcServer:
     """Serves the methods registered on it for `host` (its per-host queue and the broadcast)."""
 
@@ -118,8 +158,7 @@ class RpcServer:
             kinds=frozenset({"call", "cast"}),
             clock=clock,
         )
-        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"rpc-{host}")
-        self._slots = threading.BoundedSemaphore(max_workers * (1 + QUEUED_PER_WORKER))
+        self._workers = Workers(max_workers, max_workers * QUEUED_PER_WORKER, f"rpc-{host}")
         self.publisher = PublisherThread(cfg, f"rpc-pub-{host}", clock)
         self.consumer = ConsumerThread(cfg, f"rpc-con-{host}", self._declare, self._on_message)
 
@@ -142,7 +181,7 @@ class RpcServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.consumer.stop(timeout)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._workers.stop(timeout)
         self.publisher.stop(timeout)
 
     # -- consumer thread ---------------------------------------------------------------------------
@@ -174,10 +213,8 @@ class RpcServer:
         except RemoteError as exc:
             self._answer_error(env, props, exc)
             return
-        if not self._slots.acquire(blocking=False):
+        if not self._workers.submit(self._run, env, props, reg, typed):
             self._answer_error(env, props, _busy())
-            return
-        self._pool.submit(self._run, env, props, reg, typed)
 
     def _check(self, env: Envelope) -> tuple[_Registration, Any]:
         """The registration and typed body for a call, or the RemoteError to answer with."""
@@ -214,8 +251,6 @@ class RpcServer:
             self._answer(env, props, {"ok": True, "result": result})
         except RemoteError as exc:
             self._answer_error(env, props, exc)
-        finally:
-            self._slots.release()
 
     def _invoke(self, env: Envelope, reg: _Registration, typed: Any) -> dict[str, Any]:
         try:
