@@ -27,6 +27,7 @@ import msgspec
 
 from agent.bus.errors import BusError
 from agent.bus.keys import Keyring, canonical_json
+from agent.errors import InvalidInput
 
 MAX_DEPTH = 32  # our bodies nest about 6 deep; the stdlib encoder recurses, so bound it well below its limit
 MAX_LIFETIME_S = 24 * 3600.0  # expires - ts: bounds how long an id stays in the replay cache
@@ -292,7 +293,8 @@ def seal(
     reply_to_id: str | None = None,
     msg_id: str | None = None,
 ) -> tuple[str, bytes]:
-    """(id, wire bytes) of a signed envelope; `body` must be plain JSON data (dicts, lists, ...)."""
+    """(id, wire bytes) of a signed envelope; `body` must be plain JSON data (dicts, lists, str,
+    int, finite floats, bool, None), else InvalidInput."""
     env: dict[str, Any] = {
         "v": version,
         "kind": kind,
@@ -306,7 +308,10 @@ def seal(
     }
     if reply_to_id is not None:
         env["reply_to_id"] = reply_to_id
-    signed = canonical_json(env)
+    try:
+        signed = canonical_json(env)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidInput(f"the {kind} body of {method!r} is not JSON data: {exc}") from None
     sig = keyring.sign_bytes(keyring.signing_kid, signed)
     # the wire form is the signed bytes with sig as a last member (see _verify's fast path)
     return env["id"], signed[:-1] + b',"sig":"' + sig.encode("ascii") + b'"}'

@@ -288,7 +288,18 @@ class RpcServer:
             log.warning("bus: call %s from %s has no reply_to: cannot answer", env.id, env.sender)
             return
         now = self.clock()
-        _, data = seal(
+        try:
+            data = self._seal_reply(env, body, now)
+        except InvalidInput:  # a result that is not JSON data (NaN, a set, bytes): our bug, not the caller's
+            log.exception("bus: %s %s: cannot encode the result", env.method, env.id)
+            self._count(RemoteInternal.wire_type)
+            error = RemoteInternal(f"{env.method} failed on {self.host}; see the agent's log for call {env.id}")
+            data = self._seal_reply(env, {"ok": False, "error": error.to_wire()}, now)
+        out = Outgoing("", reply_to, data, max(env.expires, now + 1.0), correlation_id=env.id, mandatory=True)
+        self.publisher.submit(out)
+
+    def _seal_reply(self, env: Envelope, body: dict[str, Any], now: float) -> bytes:
+        return seal(
             self.keyring,
             kind="reply",
             method=env.method,
@@ -298,9 +309,7 @@ class RpcServer:
             now=now,
             ttl_s=max(env.expires - now, 1.0),
             reply_to_id=env.id,
-        )
-        out = Outgoing("", reply_to, data, max(env.expires, now + 1.0), correlation_id=env.id, mandatory=True)
-        self.publisher.submit(out)
+        )[1]
 
 
 def _busy() -> RemoteError:

@@ -154,6 +154,7 @@ def test_unknown_error_types_and_mapped_agent_errors(make_server, client):
     server.register("agent_bug", _raise(Exploded("secret internals")), since="1.0", body_type=Empty)
     server.register("bug", _raise(ZeroDivisionError("secret traceback text")), since="1.0", body_type=Empty)
     server.register("bad_result", lambda body: [1, 2], since="1.0", body_type=Empty)
+    server.register("nan_result", lambda body: {"x": float("nan")}, since="1.0", body_type=Empty)
     server.start()
     with pytest.raises(e.RemoteError) as exc:
         client.call("hv-01", "odd", {})
@@ -163,7 +164,7 @@ def test_unknown_error_types_and_mapped_agent_errors(make_server, client):
     with pytest.raises(e.RemoteNotFound, match="no claim m-9") as nf:
         client.call("hv-01", "no_claim", {})
     assert nf.value.details == {"code": "unknown_claim"}
-    for method in ("agent_bug", "bug", "bad_result"):
+    for method in ("agent_bug", "bug", "bad_result", "nan_result"):
         with pytest.raises(e.RemoteInternal) as internal:
             client.call("hv-01", method, {})
         assert "secret" not in str(internal.value) and "Traceback" not in str(internal.value)
@@ -318,6 +319,13 @@ def test_full_worker_pool_answers_busy(make_server, client):
     busy = [o for o in outcomes if isinstance(o, e.RemoteBusy)]
     assert len(busy) == 3 and all(b.retry_after == 1.0 for b in busy)
     assert outcomes.count({}) == 5
+
+
+def test_bodies_that_are_not_json_are_refused_typed(client):
+    with pytest.raises(InvalidInput, match="not JSON data"):
+        client.call("hv-01", "echo", {"x": float("inf")}, timeout=1)
+    with pytest.raises(InvalidInput, match="not JSON data"):
+        client.cast("hv-01", "echo", {"x": {1, 2}})
 
 
 def test_calls_to_nobody_time_out(client):
