@@ -10,7 +10,6 @@ runs the handlers, in arrival order, on one worker thread (never on the consumer
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +44,8 @@ def topic_matches(pattern: str, routing_key: str) -> bool:
 
 
 class EventPublisher:
+    """Publishes signed events from one publisher thread (thread-safe: any thread may publish)."""
+
     def __init__(
         self, cfg: BusConfig, keyring: Keyring, *, sender: str, clock: Callable[[], float] = time.time
     ) -> None:
@@ -80,6 +81,8 @@ class EventPublisher:
 
 
 class EventSubscriber:
+    """One exclusive queue bound with every `subscribe()` pattern; handlers run in order on one thread."""
+
     def __init__(
         self, cfg: BusConfig, keyring: Keyring, *, name: str = "subscriber", clock: Callable[[], float] = time.time
     ) -> None:
@@ -98,7 +101,6 @@ class EventSubscriber:
         )
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"events-{name}")
         self.consumer = ConsumerThread(cfg, f"events-con-{name}", self._declare, self._on_message)
-        self._lock = threading.Lock()
 
     def subscribe(self, pattern: str, handler: EventHandler, *, body_type: type[msgspec.Struct] | None = None) -> None:
         """Call `handler(routing_key, body)` for events matching `pattern` (before `start()`);

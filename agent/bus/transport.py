@@ -298,7 +298,10 @@ class ConsumerThread(_ConnectionThread):
 
     def _deliver(self, message: Any) -> None:
         if not self.auto_ack:
-            self._channel.basic_ack(message.delivery_tag)
+            try:
+                self._channel.basic_ack(message.delivery_tag)
+            except socket.timeout:  # a write cut short by the read tick: the stream is broken
+                raise ConnectionError("ack could not be written in time") from None
         body = message.body
         data = body if isinstance(body, bytes) else str(body).encode()
         try:
