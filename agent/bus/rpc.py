@@ -174,6 +174,8 @@ class RpcServer:
         regs.sort(key=lambda r: r.since, reverse=True)
 
     def start(self, wait: float | None = 10.0) -> None:
+        """Start consuming; with `wait`, BusUnavailable if the broker is not reached in time (the
+        threads keep trying until stop(); `wait=None` returns at once and serves when it can)."""
         self.publisher.start()
         self.consumer.start()
         if wait is not None and not (self.consumer.ready.wait(wait) and self.publisher.ready.wait(wait)):
