@@ -372,6 +372,9 @@ class NodeSet:
         for node in self.nodes:
             node.kill()
             _live.pop(node.name, None)
+        if os.environ.get("COMPUTE_AGENT_KEEP_RABBIT_DIRS") == "1":  # the nodes' logs, to debug a failure
+            print(f"rabbit_nodes: kept {self.tmp}")
+            return
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
