@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import msgspec
 from kombu import Queue
@@ -324,10 +324,11 @@ def _busy() -> RemoteError:
 class _Pending:
     """One call waiting for its reply (or a broadcast collecting replies) by message id."""
 
-    __slots__ = ("host", "msg_id", "replies", "failure", "_done")
+    __slots__ = ("host", "expect", "msg_id", "replies", "failure", "_done")
 
-    def __init__(self, host: str | None) -> None:
+    def __init__(self, host: str | None, expect: frozenset[str] = frozenset()) -> None:
         self.host = host  # None: a broadcast (any sender)
+        self.expect = expect  # a broadcast may end early once all of these answered
         self.msg_id = ""
         self.replies: list[Envelope] = []
         self.failure: BaseException | None = None
@@ -346,6 +347,11 @@ class _Pending:
     def fail(self, exc: BaseException) -> None:
         self.failure = exc
         self.wake()
+
+    def add(self, env: Envelope) -> None:
+        self.replies.append(env)
+        if self.host is not None or (self.expect and self.expect <= {r.sender for r in self.replies}):
+            self.wake()
 
 
 class RpcClient:
@@ -407,11 +413,20 @@ class RpcClient:
             raise pending.failure
         return _result(pending.replies[0])
 
-    def broadcast_call(self, method: str, body: Any, *, timeout: float, version: str | None = None) -> dict[str, Any]:
-        """Call every live agent; waits the whole `timeout`, then {host: result or RemoteError}."""
-        pending = _Pending(None)
+    def broadcast_call(
+        self,
+        method: str,
+        body: Any,
+        *,
+        timeout: float,
+        version: str | None = None,
+        expect: Iterable[str] = (),
+    ) -> dict[str, Any]:
+        """Call every live agent: {host: result or RemoteError} of the replies received within
+        `timeout` (the whole timeout, or until every host named in `expect` has answered)."""
+        pending = _Pending(None, frozenset(expect))
         self._send_call(self.names.broadcast, "", method, body, timeout, version, pending)
-        pending.wait(timeout)  # woken early only by a publish failure
+        pending.wait(timeout)  # woken early by the last expected reply or a publish failure
         self._forget(pending)
         if pending.failure is not None:
             raise pending.failure
@@ -522,9 +537,7 @@ class RpcClient:
         if pending is None or (pending.host is not None and pending.host != env.sender):
             log.info("bus: reply %s from %s matches no waiting call (late?)", env.id, env.sender)
             return
-        pending.replies.append(env)
-        if pending.host is not None:
-            pending.wake()
+        pending.add(env)
 
 
 def _result(env: Envelope) -> dict[str, Any]:

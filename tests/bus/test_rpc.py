@@ -113,6 +113,10 @@ def test_broadcast_call_gathers_every_live_agent(make_server, client):
     assert replies["hv-01"] == {"text": "all", "host": "hv-01"}
     assert replies["hv-02"] == {"text": "all", "host": "hv-02"}
     assert isinstance(replies["hv-03"], e.RemoteBusy) and replies["hv-03"].retry_after == 3
+    started = time.monotonic()
+    early = client.broadcast_call("echo", {"text": "x"}, timeout=10, version="1.0", expect=["hv-01", "hv-02"])
+    assert time.monotonic() - started < 5  # ended when the expected hosts had answered
+    assert {"hv-01", "hv-02"} <= set(early)
 
 
 def _raise(exc: BaseException) -> Callable[[Any], Any]:
