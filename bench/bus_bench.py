@@ -19,6 +19,7 @@ claims/s sequential (claims/s counts the claim calls' own time, as bench/claims_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -150,29 +151,31 @@ class Served:
 
 # --- measuring ------------------------------------------------------------------------------------
 
+#: a case: call(i) makes one call and returns the seconds to count (None: its own wall time)
+Call = Callable[[int], "float | None"]
 
-def sequential(call: Callable[[int], float | None], n: int, warmup: int) -> dict[str, float]:
-    """`call(i)` n times after `warmup`; it returns the seconds to count (None: its own wall time)."""
-    for i in range(warmup):
-        call(-1 - i)
-    lat: list[float] = []
+
+def _stats(lat: list[float], wall: float) -> dict[str, float]:
+    q = statistics.quantiles(lat, n=100, method="inclusive")
+    return {
+        "p50_ms": round(statistics.median(lat) * 1000, 3),
+        "p99_ms": round(q[98] * 1000, 3),
+        "per_s": round(len(lat) / sum(lat), 1),  # counted time only (a claim without its release)
+        "wall_per_s": round(len(lat) / wall, 1),  # everything the case does (claim + release)
+    }
+
+
+def _run_sequential(call: Call, n: int, lat: list[float]) -> float:
     t_all = time.perf_counter()
     for i in range(n):
         t0 = time.perf_counter()
         counted = call(i)
         lat.append(counted if counted is not None else time.perf_counter() - t0)
-    wall = time.perf_counter() - t_all
-    q = statistics.quantiles(lat, n=100, method="inclusive")
-    return {
-        "p50_ms": round(statistics.median(lat) * 1000, 3),
-        "p99_ms": round(q[98] * 1000, 3),
-        "per_s": round(n / sum(lat), 1),
-        "wall_per_s": round(n / wall, 1),
-    }
+    return time.perf_counter() - t_all
 
 
-def concurrent(call: Callable[[int], Any], n: int, workers: int = CONCURRENCY) -> float:
-    """Calls per second with `workers` threads sharing `n` calls."""
+def _run_concurrent(call: Call, n: int, workers: int = CONCURRENCY) -> float:
+    """Seconds for `workers` threads to make `n` calls between them."""
     counter = iter(range(n))
     lock = threading.Lock()
 
@@ -188,71 +191,95 @@ def concurrent(call: Callable[[int], Any], n: int, workers: int = CONCURRENCY) -
     with ThreadPoolExecutor(workers) as pool:
         for f in [pool.submit(worker) for _ in range(workers)]:
             f.result()
-    return round(n / (time.perf_counter() - t0), 1)
+    return time.perf_counter() - t0
+
+
+def measure(cases: dict[str, Call], n: int, warmup: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Every case `n` times sequentially and `n` times with 8 callers, interleaved in `rounds` rounds,
+    so that the machine's changing load (2 shared cores) weighs on every case alike."""
+    for call in cases.values():
+        for i in range(warmup):
+            call(i)
+    per_round = max(1, n // rounds)
+    lat: dict[str, list[float]] = {name: [] for name in cases}
+    wall = dict.fromkeys(cases, 0.0)
+    conc = dict.fromkeys(cases, 0.0)
+    for _ in range(rounds):
+        for name, call in cases.items():
+            wall[name] += _run_sequential(call, per_round, lat[name])
+        for name, call in cases.items():
+            conc[name] += _run_concurrent(call, per_round)
+    out = {}
+    for name in cases:
+        out[name] = _stats(lat[name], wall[name])
+        out[name]["concurrent_per_s"] = round(per_round * rounds / conc[name], 1)
+    return out
 
 
 # --- the three cases ------------------------------------------------------------------------------
-
-
-def bench_oslo(url: str, n: int, warmup: int) -> dict[str, float]:
-    _quiet_oslo()
-    import oslo_messaging as om  # type: ignore[import-untyped]  # untyped
-    from oslo_config import cfg
-
-    topic = f"bus-bench-{uuid.uuid4().hex[:8]}"
-    with Served(serve_oslo, url, topic):
-        cfg.CONF(args=[], project="bus-bench")
-        transport = om.get_rpc_transport(cfg.CONF, url=_oslo_url(url))
-        client = om.get_rpc_client(transport, om.Target(topic=topic, server="bench"))
-
-        def call(i: int) -> None:
-            assert client.call({}, "echo", payload=PAYLOAD) == PAYLOAD
-
-        res = sequential(call, n, warmup)
-        res["concurrent_per_s"] = concurrent(call, n)
-        transport.cleanup()
-    return res
-
-
-def bench_ours(cfg: BusConfig, key_file: Path, n: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
-    keyring = Keyring.from_file(key_file)
-    with tempfile.TemporaryDirectory(prefix="bus-bench-ledger-", dir="/var/tmp") as ledger_dir:
-        with Served(serve_ours, cfg, str(key_file), ledger_dir), RpcClient(cfg, keyring, sender="bench") as client:
-
-            def echo(i: int) -> None:
-                assert client.call(HOST, "echo", {"payload": PAYLOAD})["payload"] == PAYLOAD
-
-            empty = sequential(echo, n, warmup)
-            empty["concurrent_per_s"] = concurrent(echo, n)
-
-            def cycle(i: int) -> float:
-                doc = {"uuid": str(uuid.uuid4()), "vcpus": 4, "memory_mb": 4096, "extra_specs": EXTRA_SPECS}
-                mig = f"bench-{i}-{uuid.uuid4().hex[:8]}"
-                body = {"migration_id": mig, "instance": doc, "source_host": "src", "ttl_s": 60}
-                t0 = time.perf_counter()
-                client.call(HOST, "claim", body)
-                took = time.perf_counter() - t0
-                client.call(HOST, "release_claim", {"migration_id": mig, "reason": "bench cycle"})
-                return took
-
-            t0 = time.perf_counter()
-            claim = sequential(cycle, n, warmup)
-            claim["cycles_per_s"] = round(n / (time.perf_counter() - t0), 1)
-            claim["concurrent_per_s"] = concurrent(cycle, n)  # claim + release cycles per second
-    return empty, claim
-
 
 #: the claims_bench request as flavor extra specs: 4 dedicated vCPUs on 2 MiB pages
 EXTRA_SPECS = {"hw:cpu_policy": "dedicated", "hw:cpu_thread_policy": "prefer", "hw:mem_page_size": "2048"}
 
 
-def run(url: str, n: int, warmup: int) -> dict[str, Any]:
-    oslo = bench_oslo(url, n, warmup)
-    with tempfile.TemporaryDirectory(prefix="bus-bench-") as tmp:
-        key_file = Path(tmp) / "bus.keys"
+def oslo_echo(url: str, topic: str) -> tuple[Call, Callable[[], None]]:
+    """(the oslo echo call, its cleanup)."""
+    import oslo_messaging as om  # type: ignore[import-untyped]  # untyped
+    from oslo_config import cfg
+
+    cfg.CONF(args=[], project="bus-bench")
+    transport = om.get_rpc_transport(cfg.CONF, url=_oslo_url(url))
+    client = om.get_rpc_client(transport, om.Target(topic=topic, server="bench"))
+
+    def call(i: int) -> None:
+        if client.call({}, "echo", payload=PAYLOAD) != PAYLOAD:
+            raise AssertionError("oslo echo answered something else")
+        return None
+
+    return call, transport.cleanup
+
+
+def our_calls(client: RpcClient) -> tuple[Call, Call]:
+    """(the signed echo call, the claim + release_claim cycle that counts the claim only)."""
+
+    def echo(i: int) -> None:
+        if client.call(HOST, "echo", {"payload": PAYLOAD})["payload"] != PAYLOAD:
+            raise AssertionError("our echo answered something else")
+        return None
+
+    def claim_cycle(i: int) -> float:
+        doc = {"uuid": str(uuid.uuid4()), "vcpus": 4, "memory_mb": 4096, "extra_specs": EXTRA_SPECS}
+        mig = f"bench-{uuid.uuid4().hex[:12]}"
+        body = {"migration_id": mig, "instance": doc, "source_host": "src", "ttl_s": 60}
+        t0 = time.perf_counter()
+        client.call(HOST, "claim", body)
+        took = time.perf_counter() - t0
+        client.call(HOST, "release_claim", {"migration_id": mig, "reason": "bench cycle"})
+        return took
+
+    return echo, claim_cycle
+
+
+def run(url: str, n: int, warmup: int, rounds: int) -> dict[str, Any]:
+    _quiet_oslo()
+    topic = f"bus-bench-{uuid.uuid4().hex[:8]}"
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bus-bench-", dir="/var/tmp")))
+        key_file = tmp / "bus.keys"
         key_file.write_text(f"bench {os.urandom(32).hex()}\n")
         cfg = replace(BusConfig(), transport_url=url, exchange_prefix=f"bus-bench-{uuid.uuid4().hex[:8]}")
-        empty, claim = bench_ours(cfg, key_file, n, warmup)
+        stack.enter_context(Served(serve_oslo, url, topic))
+        stack.enter_context(Served(serve_ours, cfg, str(key_file), str(tmp / "ledger")))
+        oslo, oslo_cleanup = oslo_echo(url, topic)
+        stack.callback(oslo_cleanup)
+        client = stack.enter_context(RpcClient(cfg, Keyring.from_file(key_file), sender="bench"))
+        echo, claim = our_calls(client)
+        res = measure({"oslo": oslo, "empty": echo, "claim": claim}, n, warmup, rounds)
+    return summary(res, n)
+
+
+def summary(res: dict[str, dict[str, float]], n: int) -> dict[str, Any]:
+    oslo, empty, claim = res["oslo"], res["empty"], res["claim"]
     return {
         "calls": n,
         "payload_bytes": len(PAYLOAD),
@@ -267,7 +294,7 @@ def run(url: str, n: int, warmup: int) -> dict[str, Any]:
         "claim_p50_ms": claim["p50_ms"],
         "claim_p99_ms": claim["p99_ms"],
         "claims_per_s": claim["per_s"],
-        "claim_release_cycles_per_s": claim["cycles_per_s"],
+        "claim_release_cycles_per_s": claim["wall_per_s"],
         "claim_release_cycles_concurrent_per_s": claim["concurrent_per_s"],
         "ratio_empty_to_oslo": round(empty["p50_ms"] / oslo["p50_ms"], 3),
         "ratio_claim_to_oslo": round(claim["p50_ms"] / oslo["p50_ms"], 3),
@@ -299,11 +326,12 @@ def report(res: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=1000, help="calls per measurement (default 1000)")
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--url", default=URL, help=f"the broker (default {URL})")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    res = run(args.url, args.calls, args.warmup)
+    res = run(args.url, args.calls, args.warmup, args.rounds)
     print(json.dumps(res) if args.json else report(res))
     return 0
 
