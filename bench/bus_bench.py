@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -40,7 +41,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import amqp  # type: ignore[import-untyped]  # noqa: E402  # py-amqp ships no type hints
 import msgspec  # noqa: E402
+from kombu import Connection  # noqa: E402
 
 from agent.bus.keys import Keyring  # noqa: E402
 from agent.bus.rpc import RpcClient, RpcServer  # noqa: E402
@@ -125,6 +128,25 @@ def serve_ours(cfg: BusConfig, key_file: str, ledger_dir: str, ready: Any, stop:
         ready.set()
         stop.wait()
         server.stop()
+
+
+def serve_floor(url: str, queue: str, ready: Any, stop: Any) -> None:
+    """The floor: a bare py-amqp echo, one thread, no signature, no confirms, no checks."""
+    with Connection(url) as conn:
+        channel = conn.channel()
+        channel.queue_declare(queue, auto_delete=True)
+
+        def echo(msg: Any) -> None:
+            reply = amqp.Message(msg.body, correlation_id=msg.properties.get("correlation_id"))
+            channel.basic_publish(reply, exchange="", routing_key=msg.properties["reply_to"])
+
+        channel.basic_consume(queue, callback=echo, no_ack=True)
+        ready.set()
+        while not stop.is_set():
+            try:
+                conn.drain_events(timeout=0.2)
+            except socket.timeout:
+                pass
 
 
 class Served:
@@ -239,6 +261,26 @@ def oslo_echo(url: str, topic: str) -> tuple[Call, Callable[[], None]]:
     return call, transport.cleanup
 
 
+def floor_echo(url: str, queue: str) -> tuple[Call, Callable[[], None]]:
+    """(the bare py-amqp round trip, its cleanup): what any RPC over this broker costs at least."""
+    conn = Connection(url)
+    channel = conn.channel()
+    reply_queue = channel.queue_declare("", exclusive=True).queue
+    got: list[bytes] = []
+    channel.basic_consume(reply_queue, callback=lambda msg: got.append(msg.body), no_ack=True)
+    lock = threading.Lock()  # one connection: the 8 concurrent callers take turns
+
+    def call(i: int) -> None:
+        with lock:
+            got.clear()
+            channel.basic_publish(amqp.Message(PAYLOAD.encode(), reply_to=reply_queue), exchange="", routing_key=queue)
+            while not got:
+                conn.drain_events(timeout=5)
+        return None
+
+    return call, conn.release
+
+
 def our_calls(client: RpcClient) -> tuple[Call, Call]:
     """(the signed echo call, the claim + release_claim cycle that counts the claim only)."""
 
@@ -270,19 +312,25 @@ def run(url: str, n: int, warmup: int, rounds: int) -> dict[str, Any]:
         cfg = replace(BusConfig(), transport_url=url, exchange_prefix=f"bus-bench-{uuid.uuid4().hex[:8]}")
         stack.enter_context(Served(serve_oslo, url, topic))
         stack.enter_context(Served(serve_ours, cfg, str(key_file), str(tmp / "ledger")))
+        floor_queue = f"bus-bench-floor-{uuid.uuid4().hex[:8]}"
+        stack.enter_context(Served(serve_floor, url, floor_queue))
+        floor, floor_cleanup = floor_echo(url, floor_queue)
+        stack.callback(floor_cleanup)
         oslo, oslo_cleanup = oslo_echo(url, topic)
         stack.callback(oslo_cleanup)
         client = stack.enter_context(RpcClient(cfg, Keyring.from_file(key_file), sender="bench"))
         echo, claim = our_calls(client)
-        res = measure({"oslo": oslo, "empty": echo, "claim": claim}, n, warmup, rounds)
+        res = measure({"floor": floor, "oslo": oslo, "empty": echo, "claim": claim}, n, warmup, rounds)
     return summary(res, n)
 
 
 def summary(res: dict[str, dict[str, float]], n: int) -> dict[str, Any]:
-    oslo, empty, claim = res["oslo"], res["empty"], res["claim"]
+    floor, oslo, empty, claim = res["floor"], res["oslo"], res["empty"], res["claim"]
     return {
         "calls": n,
         "payload_bytes": len(PAYLOAD),
+        "floor_amqp_p50_ms": floor["p50_ms"],
+        "floor_amqp_p99_ms": floor["p99_ms"],
         "oslo_echo_p50_ms": oslo["p50_ms"],
         "oslo_echo_p99_ms": oslo["p99_ms"],
         "oslo_echo_per_s": oslo["per_s"],
@@ -309,6 +357,8 @@ def report(res: dict[str, Any]) -> str:
     ]
     lines = [
         f"{res['calls']} calls each, payload {res['payload_bytes']} B, {CONCURRENCY} concurrent callers",
+        f"floor (bare py-amqp echo, no signature, no confirms): p50 {res['floor_amqp_p50_ms']} ms, "
+        f"p99 {res['floor_amqp_p99_ms']} ms",
         f"oslo.messaging echo: p50 {res['oslo_echo_p50_ms']} ms, p99 {res['oslo_echo_p99_ms']} ms, "
         f"{res['oslo_echo_per_s']}/s sequential, {res['oslo_echo_concurrent_per_s']}/s concurrent",
         f"our signed call:     p50 {res['empty_call_p50_ms']} ms, p99 {res['empty_call_p99_ms']} ms, "
