@@ -62,7 +62,8 @@ def _park_stale_call(cfg, keyring, host: str, op: str, ttl_s: float) -> None:
     """A signed, persistent call to `host`'s durable queue while nobody serves it: the broker keeps
     it across a restart (no AMQP expiration), so only the envelope's own expiry can stop it."""
     names = Names(cfg.exchange_prefix)
-    with Connection(cfg.transport_url) as conn:
+    # with a publisher confirm: the broker has the message on disk, so even a SIGKILL keeps it
+    with Connection(cfg.transport_url, transport_options={"confirm_publish": True}) as conn:
         channel = conn.channel()
         rpc = Exchange(names.rpc, "topic", durable=True)
         Queue(names.host_queue(host), rpc, routing_key=Names.host_key(host), durable=True)(channel).declare()
@@ -83,7 +84,8 @@ def _park_stale_call(cfg, keyring, host: str, op: str, ttl_s: float) -> None:
         )
 
 
-def test_broker_restart_during_steady_calls(nodes, key_file, keyring):
+@pytest.mark.parametrize("crash", [False, True], ids=["clean-stop", "sigkill"])
+def test_broker_restart_during_steady_calls(nodes, key_file, keyring, crash):
     node = nodes[0]
     _running(node)
     cfg = bus_config(node.url, key_file, max_clock_skew_s=0.5)
@@ -98,7 +100,7 @@ def test_broker_restart_during_steady_calls(nodes, key_file, keyring):
             t.start()
         assert wait_for(lambda: all(len(t.ok_ops()) >= 20 for t in traffic), 20), "no steady calls before the fault"
 
-        node.stop()  # a clean broker shutdown closes every connection
+        node.kill() if crash else node.stop()  # a clean stop closes every connection; SIGKILL resets them
         t_outage = time.monotonic()
         # made during the outage, expired before the broker is back: refused at once when the client
         # has no reply queue (BusUnavailable), or left unsent by the publisher (CallTimeout)
@@ -124,7 +126,8 @@ def test_broker_restart_during_steady_calls(nodes, key_file, keyring):
     assert server.consumer.sessions >= 2 and server.publisher.sessions >= 2
     assert client.consumer.sessions >= 2 and client.publisher.sessions >= 2
     print(
-        f"\nbroker restart: outage {t_back - t_outage:.1f} s (node start {node.start_seconds:.1f} s), "
+        f"\nbroker restart ({'SIGKILL' if crash else 'clean stop'}): outage {t_back - t_outage:.1f} s "
+        f"(node start {node.start_seconds:.1f} s), "
         f"both callers served again {recovered:.2f} s after the broker was back; "
         f"{sum(len(t.ok_ops()) for t in traffic)} calls answered, none twice"
     )
