@@ -112,7 +112,9 @@ class EventSubscriber:
     def start(self, wait: float | None = 10.0) -> None:
         self.consumer.start()
         if wait is not None and not self.consumer.ready.wait(wait):
-            raise BusUnavailable(f"the event subscriber could not reach the broker in {wait} s")
+            raise BusUnavailable(
+                f"the event subscriber could not reach the broker in {wait} s ({self.consumer.why_down()})"
+            )
 
     def stop(self, timeout: float = 10.0) -> None:
         self.consumer.stop(timeout)

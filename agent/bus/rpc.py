@@ -178,8 +178,11 @@ class RpcServer:
         threads keep trying until stop(); `wait=None` returns at once and serves when it can)."""
         self.publisher.start()
         self.consumer.start()
-        if wait is not None and not (self.consumer.ready.wait(wait) and self.publisher.ready.wait(wait)):
-            raise BusUnavailable(f"the RPC server for {self.host} could not reach the broker in {wait} s")
+        for thread in (self.consumer, self.publisher):
+            if wait is not None and not thread.ready.wait(wait):
+                raise BusUnavailable(
+                    f"the RPC server for {self.host} could not reach the broker in {wait} s ({thread.why_down()})"
+                )
 
     def stop(self, timeout: float = 10.0) -> None:
         self.consumer.stop(timeout)
@@ -498,7 +501,9 @@ class RpcClient:
     ) -> None:
         version = self._version(method, version)
         if not self.consumer.ready.wait(timeout):
-            raise BusUnavailable(f"no reply queue: the broker was unreachable for {timeout} s")
+            raise BusUnavailable(
+                f"no reply queue: the broker was unreachable for {timeout} s ({self.consumer.why_down()})"
+            )
         reply_to = self.consumer.queue_names[0]
         now = self.clock()
         msg_id, data = seal(

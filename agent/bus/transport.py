@@ -38,6 +38,7 @@ CONFIRM_TIMEOUT_S = 10.0  # a broker that has not confirmed by then is treated a
 CONNECT_TIMEOUT_S = 5.0
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0  # the fault tests want service back within 10 s of a broker restart
+MAX_NACKS = 2  # publishes of one message the broker may nack before it fails PublishNotConfirmed
 FLUSH_S = 5.0  # how long stop() lets a connected publisher send what it was given
 MIN_EXPIRATION_MS = 1  # AMQP expiration "0" means "deliver now or drop": keep at least 1 ms
 
@@ -180,6 +181,7 @@ class _ConnectionThread(threading.Thread):
         self.backoff = Backoff()
         self.reconnects = 0  # failed connection attempts and broken sessions since start
         self.sessions = 0  # sessions that came up (more than one: it reconnected)
+        self.last_error: BaseException | None = None
         self.conn_errors: tuple[type[BaseException], ...] = (
             self.conn.connection_errors + self.conn.channel_errors + (OSError,)
         )
@@ -213,6 +215,7 @@ class _ConnectionThread(threading.Thread):
         if self.stopping.is_set():
             return
         delay = self.backoff.next()
+        self.last_error = exc
         log.warning("bus: %s: %s (%s); retrying in %.2f s", self.name, type(exc).__name__, exc, delay)
         self.on_connection_error(exc, delay)
         self._release()
@@ -222,6 +225,11 @@ class _ConnectionThread(threading.Thread):
 
     def session(self) -> None:
         raise NotImplementedError
+
+    def why_down(self) -> str:
+        """The last connection error, for the message of a BusUnavailable."""
+        exc = self.last_error
+        return "no connection error seen yet" if exc is None else f"last error: {type(exc).__name__}: {exc}"
 
     def heartbeat(self) -> None:
         """Send/check AMQP heartbeats, at most once a tick (py-amqp's check costs ~25 µs)."""
@@ -340,7 +348,7 @@ class Outgoing:
     persistent: bool = False
     done: Future[None] | None = None
     on_failure: Callable[[BaseException], None] | None = None  # lighter than `done` for calls
-    attempts: int = field(default=0)
+    nacks: int = field(default=0)
 
 
 class PublisherThread(_ConnectionThread):
@@ -371,11 +379,7 @@ class PublisherThread(_ConnectionThread):
         self.inbox.put(out)
 
     def session(self) -> None:
-        channel = self.conn.channel()
-        for exchange in self.names.exchanges():
-            exchange(channel).declare()
-        channel.events["basic_return"].add(self.on_return)
-        self._channel = channel
+        self._open_channel()
         # a confirm that has not come by then raises socket.timeout (no per-publish timeout juggling)
         self.conn.connection.sock.settimeout(CONFIRM_TIMEOUT_S)
         buffer_reads(self.conn.connection.transport)
@@ -395,6 +399,19 @@ class PublisherThread(_ConnectionThread):
             self._publish(out)
             self.heartbeat()
 
+    def _open_channel(self) -> None:
+        channel = self.conn.channel()
+        for exchange in self.names.exchanges():
+            exchange(channel).declare()
+        channel.events["basic_return"].add(self.on_return)
+        self._channel = channel
+
+    def _renew_channel(self) -> None:
+        """A fresh channel after a nack: RabbitMQ 3.10 may nack every later publish on a channel
+        that published to a quorum queue during its leader election, while a new channel is fine."""
+        self.conn.maybe_close_channel(self._channel)
+        self._open_channel()
+
     def _read_idle(self) -> None:
         """Read what the broker sent while we were idle (its heartbeats): py-amqp counts received
         bytes to decide that the broker is gone, so an idle publisher must still read."""
@@ -409,10 +426,14 @@ class PublisherThread(_ConnectionThread):
             _fail(out, CallTimeout(f"message for {out.routing_key!r} expired before the broker took it"))
             return
         self._current = out
-        out.attempts += 1
         try:
             self._send(out, remaining)
         except PublishNotConfirmed as exc:
+            out.nacks += 1
+            self._renew_channel()  # a connection error here: reconnect, then self._current again
+            if out.nacks < MAX_NACKS:  # once more on the new channel (a duplicate is replay-checked)
+                self._publish(out)
+                return
             self._current = None
             _fail(out, exc)
             return
