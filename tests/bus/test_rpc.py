@@ -380,3 +380,21 @@ def test_a_failing_callback_does_not_kill_the_consumer(bus_cfg):
         assert consumer.is_alive() and consumer.reconnects == 0
     finally:
         consumer.stop()
+
+
+def test_nacked_casts_fail_typed_and_the_publisher_goes_on(make_server, client, bus_cfg):
+    make_server().start()
+    names = Names(bus_cfg.exchange_prefix)
+    with Connection(bus_cfg.transport_url) as conn:  # a queue that refuses everything: the broker nacks
+        full = Queue(
+            names.host_queue("full"),
+            names.exchanges()[0],
+            routing_key=Names.host_key("full"),
+            auto_delete=True,
+            queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        full(conn.channel()).declare()
+        with pytest.raises(e.PublishNotConfirmed, match="nacked"):
+            client.cast("full", "echo", {"text": "x"})
+    assert client.call("hv-01", "echo", {"text": "after"})["text"] == "after"  # on a fresh channel
+    assert client.publisher.reconnects == 0
