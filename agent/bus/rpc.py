@@ -79,9 +79,10 @@ class _ReplyBody(msgspec.Struct, frozen=True):
 
 
 def _builtins(result: Any) -> dict[str, Any]:
+    """A body or result as plain JSON data (a Struct is converted; a dict is taken as it is)."""
     out = msgspec.to_builtins(result) if isinstance(result, msgspec.Struct) else result
     if not isinstance(out, dict):
-        raise TypeError(f"a handler must return a Struct or a dict, not {type(result).__name__}")
+        raise TypeError(f"a body or result must be a msgspec Struct or a dict, not {type(result).__name__}")
     return out
 
 
