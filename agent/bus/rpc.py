@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -88,6 +89,16 @@ def _builtins(result: Any) -> dict[str, Any]:
 
 # --- server ---------------------------------------------------------------------------------------
 
+# a host name is a topic-exchange binding key word list: "*" or "#" in it would bind other hosts' calls;
+# 128 characters keep "<prefix>.agent.<host>" inside AMQP's 255-byte queue names
+_HOST_RE = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,127}")
+
+
+def _check_host(host: str) -> str:
+    if not isinstance(host, str) or not _HOST_RE.fullmatch(host) or ".." in host or host.endswith("."):
+        raise InvalidInput(f"host name {str(host)[:80]!r} must be 1-128 characters of [A-Za-z0-9_.:-]")
+    return host
+
 
 class Workers:
     """A fixed set of handler threads fed by one queue, bounded: `submit` refuses (returns False)
@@ -143,7 +154,7 @@ class RpcServer:
         clock: Callable[[], float] = time.time,
         error_map: Mapping[type[Exception], type[RemoteError]] = DEFAULT_ERROR_MAP,
     ) -> None:
-        self.cfg, self.host, self.keyring, self.clock = cfg, host, keyring, clock
+        self.cfg, self.host, self.keyring, self.clock = cfg, _check_host(host), keyring, clock
         self.min_version, self.max_version = parse_version(min_version), parse_version(max_version)
         self.error_map = error_map
         self.names = Names(cfg.exchange_prefix)

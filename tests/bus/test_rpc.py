@@ -398,3 +398,9 @@ def test_nacked_casts_fail_typed_and_the_publisher_goes_on(make_server, client, 
             client.cast("full", "echo", {"text": "x"})
     assert client.call("hv-01", "echo", {"text": "after"})["text"] == "after"  # on a fresh channel
     assert client.publisher.reconnects == 0
+
+
+@pytest.mark.parametrize("host", ["#", "hv.*", "", "a..b", "hv-01.", "h" * 129, "hv 01", "hv/01"])
+def test_server_host_names_cannot_bind_other_hosts(bus_cfg, keyring, host):
+    with pytest.raises(InvalidInput, match="host name"):
+        RpcServer(bus_cfg, host, keyring)
