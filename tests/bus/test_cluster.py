@@ -59,11 +59,6 @@ def _failures(what: str, traffic: Traffic, since: float) -> str:
     return f"{what} did not go on within {RECOVERY_S} s of the kill: outcomes since {dict(errors)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bus publisher keeps a channel that RabbitMQ 3.10 nacks forever after a quorum-queue leader election "
-    "(every publish -> PublishNotConfirmed); a new channel is acked: see the report to the lead",
-)
 def test_quorum_queues_survive_a_node_killed_under_traffic(cluster, key_file, keyring):
     first, *others = cluster
     urls = ";".join(n.url for n in cluster)

@@ -1,6 +1,6 @@
 """TLS to a private RabbitMQ node with a test CA (issue 8): calls work when the agent trusts the
-broker's CA, and are refused, with a typed error in bounded time and the cause in the log, when it
-trusts another CA. The PKI is made by openssl for this module (tests/bus/rabbit_nodes.py)."""
+broker's CA, and are refused, with a typed error naming the cause (certificate verify failed) in
+bounded time, when it trusts another CA. The PKI is made by openssl for this module (tests/bus/rabbit_nodes.py)."""
 
 from __future__ import annotations
 
@@ -66,19 +66,19 @@ def test_a_broker_certificate_from_another_ca_is_refused(tls_node, key_file, key
     caplog.set_level(logging.WARNING, logger="agent.bus")
     server = RpcServer(cfg, HOST, keyring)
     t0 = time.monotonic()
-    with pytest.raises(BusUnavailable, match=HOST):
+    with pytest.raises(BusUnavailable, match=f"(?i){HOST}.*certificate verify failed"):
         server.start(wait=REFUSAL_S)
     server_refused = time.monotonic() - t0
     server.stop()
     client = RpcClient(cfg, keyring, sender="orchestrator@tls")
     t0 = time.monotonic()
     try:
-        with pytest.raises(BusUnavailable):
+        with pytest.raises(BusUnavailable, match="(?i)certificate verify failed"):
             client.call(HOST, "work", {"op": "never"}, timeout=REFUSAL_S)
         client_refused = time.monotonic() - t0
     finally:
         client.close()
-    # no hang: each side gave up when told to, and the log says why
+    # no hang: each side gave up when told to; the error and the log say why
     assert server_refused < REFUSAL_S + 2 and client_refused < REFUSAL_S + 2
     assert "certificate verify failed" in caplog.text.lower()
     print(f"\ntls: wrong CA refused: server after {server_refused:.1f} s, client after {client_refused:.1f} s")
