@@ -96,10 +96,44 @@ def serve_oslo(url: str, topic: str, ready: Any, stop: Any) -> None:
     transport.cleanup()
 
 
-def _ledger_handlers(ledger: Any, host_state: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+class HandlerTimes:
+    """Where the claim handler's time goes, measured inside the server: parsing the request, the
+    ledger's claim (fit + one fsync'ed transaction: wall time and the thread's CPU time; the
+    difference is waiting, mostly for the disk), building the result."""
+
+    def __init__(self) -> None:
+        self.parse: list[float] = []
+        self.ledger_wall: list[float] = []
+        self.ledger_cpu: list[float] = []
+        self.result: list[float] = []
+
+    def summary(self) -> dict[str, float]:
+        def p50(xs: list[float]) -> float:
+            return round(statistics.median(xs) * 1000, 3) if xs else 0.0
+
+        return {
+            "claim_parse_p50_ms": p50(self.parse),
+            "claim_ledger_p50_ms": p50(self.ledger_wall),
+            "claim_ledger_cpu_p50_ms": p50(self.ledger_cpu),
+            "claim_result_p50_ms": p50(self.result),
+        }
+
+
+def _ledger_handlers(
+    ledger: Any, host_state: Any, times: HandlerTimes
+) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
     def claim(body: ClaimBody) -> dict[str, Any]:
-        held = ledger.claim(body.migration_id, body.request(), body.source_host, body.ttl_s or 60.0, host_state)
-        return {"placement": held.placement.to_json(), "expires_at": held.expires_at}
+        t0 = time.perf_counter()
+        request = body.request()
+        t1, c1 = time.perf_counter(), time.thread_time()
+        held = ledger.claim(body.migration_id, request, body.source_host, body.ttl_s or 60.0, host_state)
+        t2, c2 = time.perf_counter(), time.thread_time()
+        result = {"placement": held.placement.to_json(), "expires_at": held.expires_at}
+        times.parse.append(t1 - t0)
+        times.ledger_wall.append(t2 - t1)
+        times.ledger_cpu.append(c2 - c1)
+        times.result.append(time.perf_counter() - t2)
+        return result
 
     def release_claim(body: ReleaseClaimBody) -> dict[str, Any]:
         return ledger.release(body.migration_id, body.reason).to_json()
@@ -121,13 +155,15 @@ def serve_ours(cfg: BusConfig, key_file: str, ledger_dir: str, ready: Any, stop:
         host_state = host_state_fn(build_topology(), list, ComputeConfig())
         for i in range(8):  # the same background as claims_bench: a partly full host
             ledger.claim(f"background-{i}", make_request(), "src", 3600, host_state)
-        claim, release = _ledger_handlers(ledger, host_state)
+        times = HandlerTimes()
+        claim, release = _ledger_handlers(ledger, host_state, times)
         server.register("claim", claim, since="1.1", body_type=ClaimBody)
         server.register("release_claim", release, since="1.1", body_type=ReleaseClaimBody)
         server.start()
         ready.set()
         stop.wait()
         server.stop()
+    (Path(ledger_dir) / "handler-times.json").write_text(json.dumps(times.summary()))
 
 
 def serve_floor(url: str, queue: str, ready: Any, stop: Any) -> None:
@@ -311,6 +347,9 @@ def run(url: str, n: int, warmup: int, rounds: int) -> dict[str, Any]:
         key_file.write_text(f"bench {os.urandom(32).hex()}\n")
         cfg = replace(BusConfig(), transport_url=url, exchange_prefix=f"bus-bench-{uuid.uuid4().hex[:8]}")
         stack.enter_context(Served(serve_oslo, url, topic))
+        handler_times: dict[str, float] = {}
+        # registered before the server: runs after it stopped and wrote its times
+        stack.callback(lambda: handler_times.update(json.loads((tmp / "ledger" / "handler-times.json").read_text())))
         stack.enter_context(Served(serve_ours, cfg, str(key_file), str(tmp / "ledger")))
         floor_queue = f"bus-bench-floor-{uuid.uuid4().hex[:8]}"
         stack.enter_context(Served(serve_floor, url, floor_queue))
@@ -321,7 +360,7 @@ def run(url: str, n: int, warmup: int, rounds: int) -> dict[str, Any]:
         client = stack.enter_context(RpcClient(cfg, Keyring.from_file(key_file), sender="bench"))
         echo, claim = our_calls(client)
         res = measure({"floor": floor, "oslo": oslo, "empty": echo, "claim": claim}, n, warmup, rounds)
-    return summary(res, n)
+    return {**summary(res, n), **handler_times}
 
 
 def summary(res: dict[str, dict[str, float]], n: int) -> dict[str, Any]:
@@ -368,6 +407,9 @@ def report(res: dict[str, Any]) -> str:
         f"{res['claims_per_s']} claims/s sequential (ratio to oslo {res['ratio_claim_to_oslo']}); "
         f"claim+release cycles {res['claim_release_cycles_per_s']}/s sequential, "
         f"{res['claim_release_cycles_concurrent_per_s']}/s concurrent",
+        f"inside the claim handler (p50): request parsing {res['claim_parse_p50_ms']} ms, ledger.claim "
+        f"{res['claim_ledger_p50_ms']} ms (of which CPU {res['claim_ledger_cpu_p50_ms']} ms; the rest is waiting, "
+        f"mostly for the fsync), result {res['claim_result_p50_ms']} ms",
         "targets: " + ", ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in targets),
     ]
     return "\n".join(lines)
