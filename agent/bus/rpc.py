@@ -111,6 +111,8 @@ class Workers:
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(max_workers)
         ]
+
+    def start(self) -> None:
         for thread in self._threads:
             thread.start()
 
@@ -136,7 +138,8 @@ class Workers:
             self._queue.put(None)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(max(deadline - time.monotonic(), 0.0))
+            if thread.is_alive():
+                thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 class RpcServer:
@@ -188,6 +191,7 @@ class RpcServer:
     def start(self, wait: float | None = 10.0) -> None:
         """Start consuming; with `wait`, BusUnavailable if the broker is not reached in time (the
         threads keep trying until stop(); `wait=None` returns at once and serves when it can)."""
+        self._workers.start()
         self.publisher.start()
         self.consumer.start()
         for thread in (self.consumer, self.publisher):
