@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 import msgspec
 from kombu import Queue
 
-from agent.bus.envelope import DropLog, Dropped, DropReason, Envelope, Opener, seal
+from agent.bus.envelope import MAX_LIFETIME_S, DropLog, Dropped, DropReason, Envelope, Opener, seal
 from agent.bus.errors import (
     BusUnavailable,
     CallTimeout,
@@ -421,7 +421,7 @@ class RpcClient:
         version: str | None = None,
     ) -> dict[str, Any]:
         """Call `method` on `host`; the result, or the typed RemoteError, or CallTimeout."""
-        timeout = self.cfg.call_timeout_s if timeout is None else timeout
+        timeout = self._timeout(timeout)
         pending = _Pending(host)
         self._send_call(self.names.rpc, Names.host_key(host), method, body, timeout, version, pending)
         if not pending.wait(timeout):
@@ -443,6 +443,7 @@ class RpcClient:
     ) -> dict[str, Any]:
         """Call every live agent: {host: result or RemoteError} of the replies received within
         `timeout` (the whole timeout, or until every host named in `expect` has answered)."""
+        timeout = self._timeout(timeout)
         pending = _Pending(None, frozenset(expect))
         self._send_call(self.names.broadcast, "", method, body, timeout, version, pending)
         pending.wait(timeout)  # woken early by the last expected reply or a publish failure
@@ -461,7 +462,7 @@ class RpcClient:
         self, host: str, method: str, body: Any, *, version: str | None = None, timeout: float | None = None
     ) -> None:
         """Send without a reply; returns once the broker confirmed it (persistent message)."""
-        timeout = self.cfg.call_timeout_s if timeout is None else timeout
+        timeout = self._timeout(timeout)
         version = self._version(method, version)
         now = self.clock()
         _, data = seal(
@@ -497,6 +498,12 @@ class RpcClient:
         self.close()
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _timeout(self, timeout: float | None) -> float:
+        value = self.cfg.call_timeout_s if timeout is None else timeout
+        if not 0 < value <= MAX_LIFETIME_S:  # agents drop messages that live longer (bad_lifetime)
+            raise InvalidInput(f"timeout {value!r} s must be in (0, {MAX_LIFETIME_S:.0f}]")
+        return value
 
     def _version(self, method: str, version: str | None) -> str:
         version = version or method_since(method) or "1.0"

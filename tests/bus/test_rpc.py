@@ -332,6 +332,14 @@ def test_bodies_that_are_not_json_are_refused_typed(client):
         client.cast("hv-01", "echo", {"x": {1, 2}})
 
 
+def test_timeouts_must_fit_a_message_lifetime(client):
+    for bad in (0, -1, 2 * 86400):
+        with pytest.raises(InvalidInput, match="timeout"):
+            client.call("hv-01", "echo", {}, timeout=bad)
+    with pytest.raises(InvalidInput, match="timeout"):
+        client.broadcast_call("echo", {}, timeout=0)
+
+
 def test_calls_to_nobody_time_out(client):
     started = time.monotonic()
     with pytest.raises(e.CallTimeout, match="no reply from ghost"):
