@@ -18,11 +18,12 @@ from typing import Any, Callable, Mapping
 import msgspec
 from kombu import Queue
 
-from agent.bus.envelope import DropLog, Dropped, DropReason, Envelope, Opener, seal
+from agent.bus.envelope import MAX_LIFETIME_S, DropLog, Dropped, DropReason, Envelope, Opener, seal
 from agent.bus.errors import BusUnavailable, CallTimeout
 from agent.bus.keys import Keyring
 from agent.bus.transport import ConsumerThread, Names, Outgoing, PublisherThread
 from agent.config import BusConfig
+from agent.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class EventPublisher:
 
     def publish(self, routing_key: str, body: Any, *, ttl_s: float = EVENT_TTL_S, wait: bool = True) -> None:
         """Publish a signed event; with `wait`, returns once the broker confirmed it."""
+        if not 0 < ttl_s <= MAX_LIFETIME_S:  # subscribers would drop it (bad_lifetime)
+            raise InvalidInput(f"event ttl_s {ttl_s!r} must be in (0, {MAX_LIFETIME_S:.0f}]")
         now = self.clock()
         data = msgspec.to_builtins(body) if isinstance(body, msgspec.Struct) else body
         _, raw = seal(
