@@ -16,7 +16,7 @@ from agent.bus import errors as e
 from agent.bus.envelope import DropReason, seal
 from agent.bus.keys import Keyring
 from agent.bus.rpc import RpcClient, RpcServer
-from agent.bus.schemas import ClaimBody, Empty, MigrationIdBody
+from agent.bus.schemas import ClaimBody, Empty, LiveMigrateBody, LiveMigrateBodyV10, MigrationIdBody
 from agent.bus.transport import ConsumerThread, Names
 from agent.config import BusConfig
 from agent.errors import AgentError, InvalidInput
@@ -412,3 +412,26 @@ def test_nacked_casts_fail_typed_and_the_publisher_goes_on(make_server, client, 
 def test_server_host_names_cannot_bind_other_hosts(bus_cfg, keyring, host):
     with pytest.raises(InvalidInput, match="host name"):
         RpcServer(bus_cfg, host, keyring)
+
+
+def test_a_method_answers_with_the_definition_of_the_version_asked(make_server, client):
+    server = make_server()
+    server.register(
+        "live_migrate", lambda body: {"via": "1.0", "has_placement": False}, since="1.0", body_type=LiveMigrateBodyV10
+    )
+    server.register(
+        "live_migrate",
+        lambda body: {"via": "1.1", "has_placement": body.placement is not None},
+        since="1.1",
+        body_type=LiveMigrateBody,
+    )
+    server.start()
+    body = {
+        "migration_id": "m-1",
+        "instance": UUID,
+        "destination": {"host": "hv-02", "libvirt_uri": "qemu+tcp://hv-02/system", "migration_uri": "tcp://hv-02"},
+    }
+    assert client.call("hv-01", "live_migrate", body) == {"via": "1.0", "has_placement": False}  # method_since: 1.0
+    assert client.call("hv-01", "live_migrate", body, version="1.1") == {"via": "1.1", "has_placement": False}
+    with pytest.raises(e.RemoteInvalidRequest, match="body.placement"):
+        client.call("hv-01", "live_migrate", {**body, "placement": {"fits": "yes"}}, version="1.1")
