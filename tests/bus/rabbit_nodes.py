@@ -9,7 +9,8 @@ cookie of our own lets the nodes run as any user).
 
 Every node started here is recorded; `cleanup_all()` (also registered with atexit) SIGKILLs whatever
 of ours is still alive, found by the node's own HOME path in the beam's command line, so a failed or
-interrupted test leaves no beam behind.
+interrupted test leaves no beam behind. A test process killed outright runs no cleanup: the next
+NodeSet reaps the nodes of every node set whose owner process (its `owner.pid`) is gone.
 
 Measured on this machine (2 cores shared with other runs): a node boots in 3-4.5 s (`start_seconds`
 records each start), a clean stop takes ~1.4 s, three nodes started in parallel and joined into a
@@ -283,18 +284,7 @@ class RabbitNode:
 
     def beam_pids(self) -> list[int]:
         """The beam processes of this node, found by its own HOME in their command line."""
-        marker = f"-home {self.home} ".encode()
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if cmdline.startswith(b"/") and b"beam" in cmdline.split(b" ", 1)[0] and marker in cmdline:
-                pids.append(int(entry.name))
-        return pids
+        return beam_pids(f"-home {self.home} ")
 
     def _wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -322,6 +312,47 @@ class RabbitNode:
         return f"RabbitNode({self.name}, amqp={self.amqp_port})"
 
 
+def beam_pids(marker: str) -> list[int]:
+    """Beam (Erlang VM) processes whose command line contains `marker`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if cmdline.startswith(b"/") and b"beam" in cmdline.split(b" ", 1)[0] and marker.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans(prefix: str = "ca-rabbit-") -> None:
+    """SIGKILL the nodes of node sets whose owning process died without cleaning up (SIGKILLed
+    test run), and remove their directories. Node sets of live processes are left alone."""
+    for owner_file in Path(tempfile.gettempdir()).glob(f"{prefix}*/owner.pid"):
+        try:
+            owner = int(owner_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if _pid_alive(owner):
+            continue
+        for pid in beam_pids(f"-home {owner_file.parent}/"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(owner_file.parent, ignore_errors=True)
+
+
 def cleanup_all() -> None:
     """SIGKILL every node this process started that is still alive (atexit and fixture finalizers)."""
     for node in list(_live.values()):
@@ -336,7 +367,9 @@ class NodeSet:
     """Nodes sharing one cookie and one temporary directory, all removed by `close()`."""
 
     def __init__(self, prefix: str = "ca-rabbit-"):
+        reap_orphans(prefix)
         self.tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        (self.tmp / "owner.pid").write_text(str(os.getpid()))
         self.cookie = secrets.token_hex(20).upper()
         self.nodes: list[RabbitNode] = []
         self._pki: TlsFiles | None = None
