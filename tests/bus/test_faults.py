@@ -151,12 +151,14 @@ def test_failover_to_the_second_url_when_the_first_node_dies(nodes, key_file, ke
         assert wait_for(lambda: len(traffic[0].ok_ops()) >= 20, 20)
         assert [_port(t) for t in threads] == [first.amqp_port] * 4
 
-        first.kill()
         t_kill = time.monotonic()
+        first.kill()
+        on_second = lambda: all(t.ready.is_set() and _port(t) == second.amqp_port for t in threads)  # noqa: E731
+        assert wait_for(on_second, RECOVERY_S, step=0.01), [(_port(t), t.ready.is_set()) for t in threads]
+        reconnected = time.monotonic() - t_kill
+        assert client.call(HOST, "work", {"op": "after-failover"}, timeout=5.0) == {"op": "after-failover"}
+        answered = time.monotonic() - t_kill
         assert wait_for(lambda: traffic[0].first_ok_started_after(t_kill), RECOVERY_S)
-        failed_over = (traffic[0].first_ok_started_after(t_kill) or 0.0) - t_kill
-        assert wait_for(lambda: all(t.ready.is_set() for t in threads), RECOVERY_S)
-        assert [_port(t) for t in threads] == [second.amqp_port] * 4
         time.sleep(0.5)
     finally:
         _stop_all(traffic, client, server)
@@ -164,7 +166,10 @@ def test_failover_to_the_second_url_when_the_first_node_dies(nodes, key_file, ke
 
     assert executions.more_than_once() == {}
     assert all(executions[op] == 1 for op in traffic[0].ok_ops())
-    print(f"\nfailover: calls answered through the second node {failed_over:.2f} s after the first was killed")
+    print(
+        f"\nfailover: all four connections ready on the second node {reconnected:.2f} s after the SIGKILL, "
+        f"a new call answered through it at {answered:.2f} s"
+    )
 
 
 def test_nodes_are_private(nodes):
