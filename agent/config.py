@@ -272,7 +272,7 @@ _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
         "heartbeat_s": _int_range(1, 3600),
         "call_timeout_s": _float_range(0.0, 86400.0),
         "max_clock_skew_s": _float_range(0.0, 3600.0, lo_inclusive=True),
-        "max_message_bytes": _int_range(4096, 64 << 20),  # above RabbitMQ's frame size is pointless
+        "max_message_bytes": _int_range(4096, 64 << 20),  # our largest body (a host state) is tens of KiB
         "prefetch_count": _int_range(1, 65535),  # AMQP's basic.qos field is 16 bits
         "quorum_queues": parse_bool,
         "ssl": parse_bool,

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import enum
 import heapq
+import logging
+import threading
+import time
 import uuid
+from collections import Counter
 from typing import Annotated, Any, Callable, Literal
 
 import msgspec
 
 from agent.bus.errors import BusError
 from agent.bus.keys import Keyring, canonical_json
+from agent.errors import InvalidInput
 
 MAX_DEPTH = 32  # our bodies nest about 6 deep; the stdlib encoder recurses, so bound it well below its limit
 MAX_LIFETIME_S = 24 * 3600.0  # expires - ts: bounds how long an id stays in the replay cache
@@ -81,6 +86,38 @@ class Dropped(BusError):
     def __init__(self, reason: DropReason, detail: str = "") -> None:
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
+
+
+DROP_LOG_BURST = 10  # log lines per reason per window: a flood of garbage must not flood the journal
+DROP_LOG_WINDOW_S = 60.0
+
+
+class DropLog:
+    """Counts dropped messages by reason (`counts`, thread-safe) and logs them, at most
+    DROP_LOG_BURST lines per reason a minute plus one line saying how many more were dropped."""
+
+    def __init__(self, where: str, logger: logging.Logger) -> None:
+        self.where = where
+        self.log = logger
+        self.counts: Counter[DropReason] = Counter()
+        self._lock = threading.Lock()
+        self._windows: dict[DropReason, list[float]] = {}  # reason -> [window start, lines in window]
+
+    def record(self, drop: Dropped) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.counts[drop.reason] += 1
+            window = self._windows.setdefault(drop.reason, [now, 0])
+            if now - window[0] > DROP_LOG_WINDOW_S:
+                if window[1] > DROP_LOG_BURST:
+                    self.log.warning(
+                        "bus: %s: %d more %s drops not logged", self.where, window[1] - DROP_LOG_BURST, drop.reason
+                    )
+                window[:] = [now, 0]
+            window[1] += 1
+            loud = window[1] <= DROP_LOG_BURST
+        if loud:
+            self.log.warning("bus: %s: dropped %s", self.where, drop)
 
 
 class ReplayCache:
@@ -256,7 +293,8 @@ def seal(
     reply_to_id: str | None = None,
     msg_id: str | None = None,
 ) -> tuple[str, bytes]:
-    """(id, wire bytes) of a signed envelope; `body` must be plain JSON data (dicts, lists, ...)."""
+    """(id, wire bytes) of a signed envelope; `body` must be plain JSON data (dicts, lists, str,
+    int, finite floats, bool, None), else InvalidInput."""
     env: dict[str, Any] = {
         "v": version,
         "kind": kind,
@@ -270,7 +308,10 @@ def seal(
     }
     if reply_to_id is not None:
         env["reply_to_id"] = reply_to_id
-    signed = canonical_json(env)
+    try:
+        signed = canonical_json(env)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidInput(f"the {kind} body of {method!r} is not JSON data: {exc}") from None
     sig = keyring.sign_bytes(keyring.signing_kid, signed)
     # the wire form is the signed bytes with sig as a last member (see _verify's fast path)
     return env["id"], signed[:-1] + b',"sig":"' + sig.encode("ascii") + b'"}'

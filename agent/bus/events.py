@@ -10,7 +10,6 @@ runs the handlers, in arrival order, on one worker thread (never on the consumer
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,11 +18,12 @@ from typing import Any, Callable, Mapping
 import msgspec
 from kombu import Queue
 
-from agent.bus.envelope import Dropped, DropReason, Envelope, Opener, seal
+from agent.bus.envelope import MAX_LIFETIME_S, DropLog, Dropped, DropReason, Envelope, Opener, seal
 from agent.bus.errors import BusUnavailable, CallTimeout
 from agent.bus.keys import Keyring
 from agent.bus.transport import ConsumerThread, Names, Outgoing, PublisherThread
 from agent.config import BusConfig
+from agent.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ def topic_matches(pattern: str, routing_key: str) -> bool:
 
 
 class EventPublisher:
+    """Publishes signed events from one publisher thread (thread-safe: any thread may publish)."""
+
     def __init__(
         self, cfg: BusConfig, keyring: Keyring, *, sender: str, clock: Callable[[], float] = time.time
     ) -> None:
@@ -55,6 +57,8 @@ class EventPublisher:
 
     def publish(self, routing_key: str, body: Any, *, ttl_s: float = EVENT_TTL_S, wait: bool = True) -> None:
         """Publish a signed event; with `wait`, returns once the broker confirmed it."""
+        if not 0 < ttl_s <= MAX_LIFETIME_S:  # subscribers would drop it (bad_lifetime)
+            raise InvalidInput(f"event ttl_s {ttl_s!r} must be in (0, {MAX_LIFETIME_S:.0f}]")
         now = self.clock()
         data = msgspec.to_builtins(body) if isinstance(body, msgspec.Struct) else body
         _, raw = seal(
@@ -80,12 +84,15 @@ class EventPublisher:
 
 
 class EventSubscriber:
+    """One exclusive queue bound with every `subscribe()` pattern; handlers run in order on one thread."""
+
     def __init__(
         self, cfg: BusConfig, keyring: Keyring, *, name: str = "subscriber", clock: Callable[[], float] = time.time
     ) -> None:
         self.cfg, self.clock = cfg, clock
         self.names = Names(cfg.exchange_prefix)
-        self.drops: Counter[DropReason] = Counter()
+        self.drop_log = DropLog(f"event subscriber {name}", log)
+        self.drops: Counter[DropReason] = self.drop_log.counts
         self.delivered = 0
         self._subs: list[tuple[str, EventHandler, type[msgspec.Struct] | None]] = []
         self._opener = Opener(
@@ -97,7 +104,6 @@ class EventSubscriber:
         )
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"events-{name}")
         self.consumer = ConsumerThread(cfg, f"events-con-{name}", self._declare, self._on_message)
-        self._lock = threading.Lock()
 
     def subscribe(self, pattern: str, handler: EventHandler, *, body_type: type[msgspec.Struct] | None = None) -> None:
         """Call `handler(routing_key, body)` for events matching `pattern` (before `start()`);
@@ -109,7 +115,9 @@ class EventSubscriber:
     def start(self, wait: float | None = 10.0) -> None:
         self.consumer.start()
         if wait is not None and not self.consumer.ready.wait(wait):
-            raise BusUnavailable(f"the event subscriber could not reach the broker in {wait} s")
+            raise BusUnavailable(
+                f"the event subscriber could not reach the broker in {wait} s ({self.consumer.why_down()})"
+            )
 
     def stop(self, timeout: float = 10.0) -> None:
         self.consumer.stop(timeout)
@@ -127,12 +135,12 @@ class EventSubscriber:
         try:
             env = self._opener.open(body)
         except Dropped as drop:
-            self.drops[drop.reason] += 1
-            log.warning("bus: dropped event: %s", drop)
+            self.drop_log.record(drop)
             return
         if env.method != key:  # the signed routing key must be the one it was routed by
-            self.drops[DropReason.BAD_ENVELOPE] += 1
-            log.warning("bus: event %s signed for %r arrived as %r", env.id, env.method, key)
+            self.drop_log.record(
+                Dropped(DropReason.BAD_ENVELOPE, f"event {env.id} signed for {env.method!r} came as {key!r}")
+            )
             return
         self._worker.submit(self._dispatch, env)
 
@@ -145,8 +153,7 @@ class EventSubscriber:
         try:
             body = env.body if body_type is None else msgspec.convert(env.body, type=body_type)
         except msgspec.ValidationError as exc:
-            self.drops[DropReason.BAD_ENVELOPE] += 1
-            log.warning("bus: event %s from %s has a bad body: %s", env.method, env.sender, exc)
+            self.drop_log.record(Dropped(DropReason.BAD_ENVELOPE, f"event {env.method} from {env.sender}: {exc}"))
             return
         try:
             handler(env.method, body)

@@ -19,17 +19,19 @@ Version history (the `v` a caller sends; see docs/protocol.md):
 from __future__ import annotations
 
 import logging
+import queue
+import re
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import msgspec
 from kombu import Queue
 
-from agent.bus.envelope import Dropped, DropReason, Envelope, Opener, seal
+from agent.bus.envelope import MAX_LIFETIME_S, DropLog, Dropped, DropReason, Envelope, Opener, seal
 from agent.bus.errors import (
     BusUnavailable,
     CallTimeout,
@@ -78,13 +80,66 @@ class _ReplyBody(msgspec.Struct, frozen=True):
 
 
 def _builtins(result: Any) -> dict[str, Any]:
+    """A body or result as plain JSON data (a Struct is converted; a dict is taken as it is)."""
     out = msgspec.to_builtins(result) if isinstance(result, msgspec.Struct) else result
     if not isinstance(out, dict):
-        raise TypeError(f"a handler must return a Struct or a dict, not {type(result).__name__}")
+        raise TypeError(f"a body or result must be a msgspec Struct or a dict, not {type(result).__name__}")
     return out
 
 
 # --- server ---------------------------------------------------------------------------------------
+
+# a host name is a topic-exchange binding key word list: "*" or "#" in it would bind other hosts' calls;
+# 128 characters keep "<prefix>.agent.<host>" inside AMQP's 255-byte queue names
+_HOST_RE = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,127}")
+
+
+def _check_host(host: str) -> str:
+    if not isinstance(host, str) or not _HOST_RE.fullmatch(host) or ".." in host or host.endswith("."):
+        raise InvalidInput(f"host name {str(host)[:80]!r} must be 1-128 characters of [A-Za-z0-9_.:-]")
+    return host
+
+
+class Workers:
+    """A fixed set of handler threads fed by one queue, bounded: `submit` refuses (returns False)
+    when `max_workers` run and `max_waiting` wait. Lighter than ThreadPoolExecutor (no Future per
+    task), which matters on the call path: every call crosses it once."""
+
+    def __init__(self, max_workers: int, max_waiting: int, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._slots = threading.BoundedSemaphore(max_workers + max_waiting)
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(max_workers)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> bool:
+        if not self._slots.acquire(blocking=False):
+            return False
+        self._queue.put((fn, args))
+        return True
+
+    def _work(self) -> None:
+        while (task := self._queue.get()) is not None:
+            fn, args = task
+            try:
+                fn(*args)
+            except Exception:  # a task's own failures are handled inside it; this is a last resort
+                log.exception("bus: worker task failed")
+            finally:
+                self._slots.release()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let queued tasks finish, then end the threads."""
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 class RpcServer:
@@ -102,11 +157,12 @@ class RpcServer:
         clock: Callable[[], float] = time.time,
         error_map: Mapping[type[Exception], type[RemoteError]] = DEFAULT_ERROR_MAP,
     ) -> None:
-        self.cfg, self.host, self.keyring, self.clock = cfg, host, keyring, clock
+        self.cfg, self.host, self.keyring, self.clock = cfg, _check_host(host), keyring, clock
         self.min_version, self.max_version = parse_version(min_version), parse_version(max_version)
         self.error_map = error_map
         self.names = Names(cfg.exchange_prefix)
-        self.drops: Counter[DropReason] = Counter()
+        self.drop_log = DropLog(f"rpc server {host}", log)
+        self.drops: Counter[DropReason] = self.drop_log.counts
         self.served: Counter[str] = Counter()  # "ok" or the wire error type
         self._served_lock = threading.Lock()
         self._methods: dict[str, list[_Registration]] = {}
@@ -117,8 +173,7 @@ class RpcServer:
             kinds=frozenset({"call", "cast"}),
             clock=clock,
         )
-        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"rpc-{host}")
-        self._slots = threading.BoundedSemaphore(max_workers * (1 + QUEUED_PER_WORKER))
+        self._workers = Workers(max_workers, max_workers * QUEUED_PER_WORKER, f"rpc-{host}")
         self.publisher = PublisherThread(cfg, f"rpc-pub-{host}", clock)
         self.consumer = ConsumerThread(cfg, f"rpc-con-{host}", self._declare, self._on_message)
 
@@ -134,14 +189,20 @@ class RpcServer:
         regs.sort(key=lambda r: r.since, reverse=True)
 
     def start(self, wait: float | None = 10.0) -> None:
+        """Start consuming; with `wait`, BusUnavailable if the broker is not reached in time (the
+        threads keep trying until stop(); `wait=None` returns at once and serves when it can)."""
+        self._workers.start()
         self.publisher.start()
         self.consumer.start()
-        if wait is not None and not (self.consumer.ready.wait(wait) and self.publisher.ready.wait(wait)):
-            raise BusUnavailable(f"the RPC server for {self.host} could not reach the broker in {wait} s")
+        for thread in (self.consumer, self.publisher):
+            if wait is not None and not thread.ready.wait(wait):
+                raise BusUnavailable(
+                    f"the RPC server for {self.host} could not reach the broker in {wait} s ({thread.why_down()})"
+                )
 
     def stop(self, timeout: float = 10.0) -> None:
         self.consumer.stop(timeout)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._workers.stop(timeout)
         self.publisher.stop(timeout)
 
     # -- consumer thread ---------------------------------------------------------------------------
@@ -166,18 +227,15 @@ class RpcServer:
         try:
             env = self._opener.open(body)
         except Dropped as drop:
-            self.drops[drop.reason] += 1
-            log.warning("bus: dropped message on %s: %s", self.host, drop)
+            self.drop_log.record(drop)
             return
         try:
             reg, typed = self._check(env)
         except RemoteError as exc:
             self._answer_error(env, props, exc)
             return
-        if not self._slots.acquire(blocking=False):
+        if not self._workers.submit(self._run, env, props, reg, typed):
             self._answer_error(env, props, _busy())
-            return
-        self._pool.submit(self._run, env, props, reg, typed)
 
     def _check(self, env: Envelope) -> tuple[_Registration, Any]:
         """The registration and typed body for a call, or the RemoteError to answer with."""
@@ -207,16 +265,13 @@ class RpcServer:
     def _run(self, env: Envelope, props: Mapping[str, Any], reg: _Registration, typed: Any) -> None:
         try:
             if env.expires + self.cfg.max_clock_skew_s < self.clock():  # waited too long for a worker
-                self.drops[DropReason.STALE] += 1
-                log.warning("bus: call %s (%s) expired before a worker took it", env.id, env.method)
+                self.drop_log.record(Dropped(DropReason.STALE, f"call {env.id} expired before a worker took it"))
                 return
             result = self._invoke(env, reg, typed)
             self._count("ok")
             self._answer(env, props, {"ok": True, "result": result})
         except RemoteError as exc:
             self._answer_error(env, props, exc)
-        finally:
-            self._slots.release()
 
     def _invoke(self, env: Envelope, reg: _Registration, typed: Any) -> dict[str, Any]:
         try:
@@ -254,7 +309,18 @@ class RpcServer:
             log.warning("bus: call %s from %s has no reply_to: cannot answer", env.id, env.sender)
             return
         now = self.clock()
-        _, data = seal(
+        try:
+            data = self._seal_reply(env, body, now)
+        except InvalidInput:  # a result that is not JSON data (NaN, a set, bytes): our bug, not the caller's
+            log.exception("bus: %s %s: cannot encode the result", env.method, env.id)
+            self._count(RemoteInternal.wire_type)
+            error = RemoteInternal(f"{env.method} failed on {self.host}; see the agent's log for call {env.id}")
+            data = self._seal_reply(env, {"ok": False, "error": error.to_wire()}, now)
+        out = Outgoing("", reply_to, data, max(env.expires, now + 1.0), correlation_id=env.id, mandatory=True)
+        self.publisher.submit(out)
+
+    def _seal_reply(self, env: Envelope, body: dict[str, Any], now: float) -> bytes:
+        return seal(
             self.keyring,
             kind="reply",
             method=env.method,
@@ -264,9 +330,7 @@ class RpcServer:
             now=now,
             ttl_s=max(env.expires - now, 1.0),
             reply_to_id=env.id,
-        )
-        out = Outgoing("", reply_to, data, max(env.expires, now + 1.0), correlation_id=env.id, mandatory=True)
-        self.publisher.submit(out)
+        )[1]
 
 
 def _busy() -> RemoteError:
@@ -279,10 +343,11 @@ def _busy() -> RemoteError:
 class _Pending:
     """One call waiting for its reply (or a broadcast collecting replies) by message id."""
 
-    __slots__ = ("host", "msg_id", "replies", "failure", "_done")
+    __slots__ = ("host", "expect", "msg_id", "replies", "failure", "_done")
 
-    def __init__(self, host: str | None) -> None:
+    def __init__(self, host: str | None, expect: frozenset[str] = frozenset()) -> None:
         self.host = host  # None: a broadcast (any sender)
+        self.expect = expect  # a broadcast may end early once all of these answered
         self.msg_id = ""
         self.replies: list[Envelope] = []
         self.failure: BaseException | None = None
@@ -302,6 +367,11 @@ class _Pending:
         self.failure = exc
         self.wake()
 
+    def add(self, env: Envelope) -> None:
+        self.replies.append(env)
+        if self.host is not None or (self.expect and self.expect <= {r.sender for r in self.replies}):
+            self.wake()
+
 
 class RpcClient:
     """Calls agents. Thread-safe: any number of threads may call at once."""
@@ -318,7 +388,8 @@ class RpcClient:
         self.cfg, self.keyring, self.sender, self.clock = cfg, keyring, sender, clock
         self.version_cap = parse_version(version_cap)
         self.names = Names(cfg.exchange_prefix)
-        self.drops: Counter[DropReason] = Counter()
+        self.drop_log = DropLog(f"rpc client {sender}", log)
+        self.drops: Counter[DropReason] = self.drop_log.counts
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._opener = Opener(
@@ -350,7 +421,7 @@ class RpcClient:
         version: str | None = None,
     ) -> dict[str, Any]:
         """Call `method` on `host`; the result, or the typed RemoteError, or CallTimeout."""
-        timeout = self.cfg.call_timeout_s if timeout is None else timeout
+        timeout = self._timeout(timeout)
         pending = _Pending(host)
         self._send_call(self.names.rpc, Names.host_key(host), method, body, timeout, version, pending)
         if not pending.wait(timeout):
@@ -361,11 +432,21 @@ class RpcClient:
             raise pending.failure
         return _result(pending.replies[0])
 
-    def broadcast_call(self, method: str, body: Any, *, timeout: float, version: str | None = None) -> dict[str, Any]:
-        """Call every live agent; waits the whole `timeout`, then {host: result or RemoteError}."""
-        pending = _Pending(None)
+    def broadcast_call(
+        self,
+        method: str,
+        body: Any,
+        *,
+        timeout: float,
+        version: str | None = None,
+        expect: Iterable[str] = (),
+    ) -> dict[str, Any]:
+        """Call every live agent: {host: result or RemoteError} of the replies received within
+        `timeout` (the whole timeout, or until every host named in `expect` has answered)."""
+        timeout = self._timeout(timeout)
+        pending = _Pending(None, frozenset(expect))
         self._send_call(self.names.broadcast, "", method, body, timeout, version, pending)
-        pending.wait(timeout)  # woken early only by a publish failure
+        pending.wait(timeout)  # woken early by the last expected reply or a publish failure
         self._forget(pending)
         if pending.failure is not None:
             raise pending.failure
@@ -381,7 +462,7 @@ class RpcClient:
         self, host: str, method: str, body: Any, *, version: str | None = None, timeout: float | None = None
     ) -> None:
         """Send without a reply; returns once the broker confirmed it (persistent message)."""
-        timeout = self.cfg.call_timeout_s if timeout is None else timeout
+        timeout = self._timeout(timeout)
         version = self._version(method, version)
         now = self.clock()
         _, data = seal(
@@ -418,6 +499,12 @@ class RpcClient:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _timeout(self, timeout: float | None) -> float:
+        value = self.cfg.call_timeout_s if timeout is None else timeout
+        if not 0 < value <= MAX_LIFETIME_S:  # agents drop messages that live longer (bad_lifetime)
+            raise InvalidInput(f"timeout {value!r} s must be in (0, {MAX_LIFETIME_S:.0f}]")
+        return value
+
     def _version(self, method: str, version: str | None) -> str:
         version = version or method_since(method) or "1.0"
         if not self.can_send(version):
@@ -437,7 +524,9 @@ class RpcClient:
     ) -> None:
         version = self._version(method, version)
         if not self.consumer.ready.wait(timeout):
-            raise BusUnavailable(f"no reply queue: the broker was unreachable for {timeout} s")
+            raise BusUnavailable(
+                f"no reply queue: the broker was unreachable for {timeout} s ({self.consumer.why_down()})"
+            )
         reply_to = self.consumer.queue_names[0]
         now = self.clock()
         msg_id, data = seal(
@@ -469,17 +558,14 @@ class RpcClient:
         try:
             env = self._opener.open(body)
         except Dropped as drop:
-            self.drops[drop.reason] += 1
-            log.warning("bus: dropped reply: %s", drop)
+            self.drop_log.record(drop)
             return
         with self._lock:
             pending = self._pending.get(env.reply_to_id or "")
         if pending is None or (pending.host is not None and pending.host != env.sender):
             log.info("bus: reply %s from %s matches no waiting call (late?)", env.id, env.sender)
             return
-        pending.replies.append(env)
-        if pending.host is not None:
-            pending.wake()
+        pending.add(env)
 
 
 def _result(env: Envelope) -> dict[str, Any]:

@@ -23,12 +23,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import amqp  # type: ignore[import-untyped]  # py-amqp (kombu's AMQP transport) ships no type hints
-from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
+import amqp
+from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Queue
 from kombu.message import Message
 
-from agent.bus.errors import BusUnavailable, CallTimeout, PublishNotConfirmed
+from agent.bus.errors import BusError, BusUnavailable, CallTimeout, PublishNotConfirmed
 from agent.config import BusConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ CONFIRM_TIMEOUT_S = 10.0  # a broker that has not confirmed by then is treated a
 CONNECT_TIMEOUT_S = 5.0
 BACKOFF_START_S = 0.1
 BACKOFF_MAX_S = 5.0  # the fault tests want service back within 10 s of a broker restart
+MAX_NACKS = 2  # publishes of one message the broker may nack before it fails PublishNotConfirmed
+FLUSH_S = 5.0  # how long stop() lets a connected publisher send what it was given
 MIN_EXPIRATION_MS = 1  # AMQP expiration "0" means "deliver now or drop": keep at least 1 ms
 
 
@@ -177,7 +179,12 @@ class _ConnectionThread(threading.Thread):
         self.stopping = threading.Event()
         self.ready = threading.Event()  # set while a session is up
         self.backoff = Backoff()
-        self.reconnects = 0
+        self.reconnects = 0  # failed connection attempts and broken sessions since start
+        self.sessions = 0  # sessions that came up (more than one: it reconnected)
+        self.last_error: BaseException | None = None
+        self.conn_errors: tuple[type[BaseException], ...] = (
+            self.conn.connection_errors + self.conn.channel_errors + (OSError,)
+        )
         self._last_heartbeat = 0.0
 
     # hooks (no-ops): override to observe the lifecycle
@@ -191,10 +198,11 @@ class _ConnectionThread(threading.Thread):
         """Called when the session is declared and working."""
 
     def run(self) -> None:
-        errors = self.conn.connection_errors + self.conn.channel_errors + (OSError,)
+        errors = self.conn_errors
         while not self.stopping.is_set():
             try:
-                self.conn.connect()
+                # one attempt (kombu's connect() sleeps 2 s and tries again); our loop backs off
+                self.conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
                 self.on_connection_revived()
                 self.session()
             except errors as exc:
@@ -207,6 +215,7 @@ class _ConnectionThread(threading.Thread):
         if self.stopping.is_set():
             return
         delay = self.backoff.next()
+        self.last_error = exc
         log.warning("bus: %s: %s (%s); retrying in %.2f s", self.name, type(exc).__name__, exc, delay)
         self.on_connection_error(exc, delay)
         self._release()
@@ -217,6 +226,11 @@ class _ConnectionThread(threading.Thread):
     def session(self) -> None:
         raise NotImplementedError
 
+    def why_down(self) -> str:
+        """The last connection error, for the message of a BusUnavailable."""
+        exc = self.last_error
+        return "no connection error seen yet" if exc is None else f"last error: {type(exc).__name__}: {exc}"
+
     def heartbeat(self) -> None:
         """Send/check AMQP heartbeats, at most once a tick (py-amqp's check costs ~25 µs)."""
         now = time.monotonic()
@@ -225,6 +239,7 @@ class _ConnectionThread(threading.Thread):
             self.conn.heartbeat_check()
 
     def went_ready(self) -> None:
+        self.sessions += 1
         self.backoff.reset()
         self.ready.set()
         log.info("bus: %s ready on %s", self.name, redact(self.conn.as_uri(include_password=False)))
@@ -291,10 +306,16 @@ class ConsumerThread(_ConnectionThread):
 
     def _deliver(self, message: Any) -> None:
         if not self.auto_ack:
-            self._channel.basic_ack(message.delivery_tag)
+            try:
+                self._channel.basic_ack(message.delivery_tag)
+            except socket.timeout:  # a write cut short by the read tick: the stream is broken
+                raise ConnectionError("ack could not be written in time") from None
         body = message.body
         data = body if isinstance(body, bytes) else str(body).encode()
-        self.on_message(data, message.properties, message.delivery_info.get("routing_key", ""))
+        try:
+            self.on_message(data, message.properties, message.delivery_info.get("routing_key", ""))
+        except Exception:  # a bug in a callback must not take the consumer (and the agent) down
+            log.exception("bus: %s: message handling failed", self.name)
 
     def _drain(self) -> None:
         # The socket itself times out every tick, so reads need no per-frame timeout juggling
@@ -327,7 +348,7 @@ class Outgoing:
     persistent: bool = False
     done: Future[None] | None = None
     on_failure: Callable[[BaseException], None] | None = None  # lighter than `done` for calls
-    attempts: int = field(default=0)
+    nacks: int = field(default=0)
 
 
 class PublisherThread(_ConnectionThread):
@@ -342,6 +363,7 @@ class PublisherThread(_ConnectionThread):
         self.clock = clock
         self.inbox: queue.SimpleQueue[Outgoing | None] = queue.SimpleQueue()
         self.returned = 0
+        self.closing = threading.Event()  # stop() was called: no new messages
         self._current: Outgoing | None = None
         self._channel: Any = None
 
@@ -351,17 +373,13 @@ class PublisherThread(_ConnectionThread):
         log.warning("bus: returned unroutable message to %r via %r: %s", routing_key, exchange, exc)
 
     def submit(self, out: Outgoing) -> None:
-        if self.stopping.is_set():
+        if self.closing.is_set():
             _fail(out, BusUnavailable("the bus publisher is stopped"))
             return
         self.inbox.put(out)
 
     def session(self) -> None:
-        channel = self.conn.channel()
-        for exchange in self.names.exchanges():
-            exchange(channel).declare()
-        channel.events["basic_return"].add(self.on_return)
-        self._channel = channel
+        self._open_channel()
         # a confirm that has not come by then raises socket.timeout (no per-publish timeout juggling)
         self.conn.connection.sock.settimeout(CONFIRM_TIMEOUT_S)
         buffer_reads(self.conn.connection.transport)
@@ -373,10 +391,26 @@ class PublisherThread(_ConnectionThread):
                 out = self.inbox.get(timeout=TICK_S)
             except queue.Empty:
                 self._read_idle()
-                out = None
-            if out is not None:
-                self._publish(out)
+                self.heartbeat()
+                continue
+            if out is None:  # stop()'s sentinel: everything submitted before it is published
+                self.stopping.set()
+                return
+            self._publish(out)
             self.heartbeat()
+
+    def _open_channel(self) -> None:
+        channel = self.conn.channel()
+        for exchange in self.names.exchanges():
+            exchange(channel).declare()
+        channel.events["basic_return"].add(self.on_return)
+        self._channel = channel
+
+    def _renew_channel(self) -> None:
+        """A fresh channel after a nack: RabbitMQ 3.10 may nack every later publish on a channel
+        that published to a quorum queue during its leader election, while a new channel is fine."""
+        self.conn.maybe_close_channel(self._channel)
+        self._open_channel()
 
     def _read_idle(self) -> None:
         """Read what the broker sent while we were idle (its heartbeats): py-amqp counts received
@@ -392,12 +426,23 @@ class PublisherThread(_ConnectionThread):
             _fail(out, CallTimeout(f"message for {out.routing_key!r} expired before the broker took it"))
             return
         self._current = out
-        out.attempts += 1
         try:
             self._send(out, remaining)
         except PublishNotConfirmed as exc:
+            out.nacks += 1
+            self._renew_channel()  # a connection error here: reconnect, then self._current again
+            if out.nacks < MAX_NACKS:  # once more on the new channel (a duplicate is replay-checked)
+                self._publish(out)
+                return
             self._current = None
             _fail(out, exc)
+            return
+        except self.conn_errors:
+            raise  # reconnect, then publish self._current again
+        except Exception as exc:  # a message py-amqp cannot encode: fail it, keep the thread
+            self._current = None
+            log.exception("bus: %s: cannot publish to %r", self.name, out.routing_key)
+            _fail(out, BusError(f"cannot publish to {out.routing_key!r}: {exc}"))
             return
         self._current = None
         if out.done is not None:
@@ -445,8 +490,11 @@ class PublisherThread(_ConnectionThread):
                 _fail(out, gone)
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.stopping.set()
+        """Publish what was submitted before (while connected, up to FLUSH_S), then close."""
+        self.closing.set()
         self.inbox.put(None)
+        if self.ready.is_set() and self.is_alive():
+            self.join(min(timeout, FLUSH_S))
         super().stop(timeout)
 
 

@@ -14,6 +14,7 @@ from agent.bus.events import EventPublisher, EventSubscriber, topic_matches
 from agent.bus.keys import Keyring
 from agent.bus.schemas import ClaimEvent
 from agent.bus.transport import Names
+from agent.errors import InvalidInput
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -146,5 +147,7 @@ def test_a_failing_handler_does_not_stop_the_subscriber(bus_cfg, keyring, publis
         assert drain(got, 1) == [2]
         with pytest.raises(RuntimeError, match="before start"):
             sub.subscribe("y.*", handler)
+        with pytest.raises(InvalidInput, match="ttl_s"):
+            publisher.publish("x.a", {"n": 3}, ttl_s=0)
     finally:
         sub.stop()

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from agent.bus.errors import KeyFileError
 from agent.bus.keys import MIN_SECRET_BYTES, Keyring, canonical_json
+from agent.config import BusConfig, load_config
+from agent.errors import ConfigError
 
 A = bytes(range(32))
 B = bytes(range(100, 148))
@@ -109,3 +111,53 @@ def test_any_change_breaks_the_signature(body, key):
     assert ring.verify(json.loads(json.dumps(env)), "k1", sig)  # survives a JSON round trip
     changed = {"v": "1.0", "body": {**body, key: "changed" if body.get(key) != "changed" else "other"}}
     assert not ring.verify(changed, "k1", sig)
+
+
+# --- the [bus] section of the config file (agent/config.py) -------------------------------------------
+
+
+def test_bus_section_defaults_and_values():
+    assert load_config(text="").bus == BusConfig()
+    assert BusConfig().heartbeat_s == 30 and BusConfig().max_message_bytes == 1 << 20
+    cfg = load_config(
+        text="[bus]\n"
+        "transport_url = amqp://u:p@h1:5672//; amqps://u:p@h2:5671/vh\n"
+        "exchange_prefix = test.prefix-1\n"
+        "key_file = /etc/keys\n"
+        "heartbeat_s = 10\n"
+        "quorum_queues = true\n"
+        "ssl = true\n"
+        "ssl_ca_file = /etc/ca.pem\n"
+        "ssl_cert_file = /etc/c.pem\n"
+        "ssl_key_file = /etc/c.key\n"
+    ).bus
+    assert cfg.urls == ("amqp://u:p@h1:5672//", "amqps://u:p@h2:5671/vh")
+    assert (cfg.exchange_prefix, str(cfg.key_file), cfg.heartbeat_s, cfg.quorum_queues) == (
+        "test.prefix-1",
+        "/etc/keys",
+        10,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("heartbeat_s = 0", "[bus] heartbeat_s = '0'"),
+        ("transport_url = http://x", "[bus] transport_url = <hidden>: URL 1 is not amqp://"),
+        ("transport_url = amqp://u:secret@h//;;ftp://x", "URL 2 is not"),
+        ("exchange_prefix = a b", "[bus] exchange_prefix"),
+        ("key_file = relative/keys", "[bus] key_file"),
+        ("max_message_bytes = 10", "[bus] max_message_bytes"),
+        ("prefetch_count = 70000", "[bus] prefetch_count"),
+        ("quorum_queues = maybe", "[bus] quorum_queues"),
+        ("ssl = true", "[bus] ssl_ca_file: required when ssl = true"),
+        ("ssl_cert_file = /c.pem", "[bus] ssl_cert_file and ssl_key_file: give both or neither"),
+        ("colour = blue", "[bus] colour: unknown option"),
+    ],
+)
+def test_bad_bus_options_name_the_option(text, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(text=f"[bus]\n{text}\n")
+    assert needle in str(exc.value)
+    assert "secret" not in str(exc.value)

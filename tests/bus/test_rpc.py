@@ -10,14 +10,14 @@ from typing import Any, Callable, Iterator
 
 import msgspec
 import pytest
-from kombu import Connection, Producer
+from kombu import Connection, Producer, Queue
 
 from agent.bus import errors as e
 from agent.bus.envelope import DropReason, seal
 from agent.bus.keys import Keyring
 from agent.bus.rpc import RpcClient, RpcServer
-from agent.bus.schemas import ClaimBody, Empty, MigrationIdBody
-from agent.bus.transport import Names
+from agent.bus.schemas import ClaimBody, Empty, LiveMigrateBody, LiveMigrateBodyV10, MigrationIdBody
+from agent.bus.transport import ConsumerThread, Names
 from agent.config import BusConfig
 from agent.errors import AgentError, InvalidInput
 
@@ -113,6 +113,10 @@ def test_broadcast_call_gathers_every_live_agent(make_server, client):
     assert replies["hv-01"] == {"text": "all", "host": "hv-01"}
     assert replies["hv-02"] == {"text": "all", "host": "hv-02"}
     assert isinstance(replies["hv-03"], e.RemoteBusy) and replies["hv-03"].retry_after == 3
+    started = time.monotonic()
+    early = client.broadcast_call("echo", {"text": "x"}, timeout=10, version="1.0", expect=["hv-01", "hv-02"])
+    assert time.monotonic() - started < 5  # ended when the expected hosts had answered
+    assert {"hv-01", "hv-02"} <= set(early)
 
 
 def _raise(exc: BaseException) -> Callable[[Any], Any]:
@@ -154,6 +158,7 @@ def test_unknown_error_types_and_mapped_agent_errors(make_server, client):
     server.register("agent_bug", _raise(Exploded("secret internals")), since="1.0", body_type=Empty)
     server.register("bug", _raise(ZeroDivisionError("secret traceback text")), since="1.0", body_type=Empty)
     server.register("bad_result", lambda body: [1, 2], since="1.0", body_type=Empty)
+    server.register("nan_result", lambda body: {"x": float("nan")}, since="1.0", body_type=Empty)
     server.start()
     with pytest.raises(e.RemoteError) as exc:
         client.call("hv-01", "odd", {})
@@ -163,7 +168,7 @@ def test_unknown_error_types_and_mapped_agent_errors(make_server, client):
     with pytest.raises(e.RemoteNotFound, match="no claim m-9") as nf:
         client.call("hv-01", "no_claim", {})
     assert nf.value.details == {"code": "unknown_claim"}
-    for method in ("agent_bug", "bug", "bad_result"):
+    for method in ("agent_bug", "bug", "bad_result", "nan_result"):
         with pytest.raises(e.RemoteInternal) as internal:
             client.call("hv-01", method, {})
         assert "secret" not in str(internal.value) and "Traceback" not in str(internal.value)
@@ -320,6 +325,21 @@ def test_full_worker_pool_answers_busy(make_server, client):
     assert outcomes.count({}) == 5
 
 
+def test_bodies_that_are_not_json_are_refused_typed(client):
+    with pytest.raises(InvalidInput, match="not JSON data"):
+        client.call("hv-01", "echo", {"x": float("inf")}, timeout=1)
+    with pytest.raises(InvalidInput, match="not JSON data"):
+        client.cast("hv-01", "echo", {"x": {1, 2}})
+
+
+def test_timeouts_must_fit_a_message_lifetime(client):
+    for bad in (0, -1, 2 * 86400):
+        with pytest.raises(InvalidInput, match="timeout"):
+            client.call("hv-01", "echo", {}, timeout=bad)
+    with pytest.raises(InvalidInput, match="timeout"):
+        client.broadcast_call("echo", {}, timeout=0)
+
+
 def test_calls_to_nobody_time_out(client):
     started = time.monotonic()
     with pytest.raises(e.CallTimeout, match="no reply from ghost"):
@@ -343,3 +363,75 @@ def test_client_on_other_keys_gets_no_service(make_server, bus_cfg):
         with pytest.raises(e.CallTimeout):
             c.call("hv-01", "echo", {}, timeout=0.5)
     assert server.drops == {DropReason.UNKNOWN_KID: 1}
+
+
+def test_a_failing_callback_does_not_kill_the_consumer(bus_cfg):
+    seen: list[bytes] = []
+
+    def declare(channel: Any) -> list[Queue]:
+        q = Queue(Names(bus_cfg.exchange_prefix).private_queue("cb"), exclusive=True, auto_delete=True)(channel)
+        q.declare()
+        return [q]
+
+    def on_message(body: bytes, props: Any, key: str) -> None:
+        seen.append(body)
+        if body == b"boom":
+            raise RuntimeError("callback bug")
+
+    consumer = ConsumerThread(bus_cfg, "cb-test", declare, on_message)
+    consumer.start()
+    try:
+        assert consumer.ready.wait(10)
+        for body in (b"boom", b"after"):
+            publish_raw(bus_cfg, body, routing_key=consumer.queue_names[0], exchange="")
+        assert wait_for(lambda: seen == [b"boom", b"after"])
+        assert consumer.is_alive() and consumer.reconnects == 0
+    finally:
+        consumer.stop()
+
+
+def test_nacked_casts_fail_typed_and_the_publisher_goes_on(make_server, client, bus_cfg):
+    make_server().start()
+    names = Names(bus_cfg.exchange_prefix)
+    with Connection(bus_cfg.transport_url) as conn:  # a queue that refuses everything: the broker nacks
+        full = Queue(
+            names.host_queue("full"),
+            names.exchanges()[0],
+            routing_key=Names.host_key("full"),
+            auto_delete=True,
+            queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        full(conn.channel()).declare()
+        with pytest.raises(e.PublishNotConfirmed, match="nacked"):
+            client.cast("full", "echo", {"text": "x"})
+    assert client.call("hv-01", "echo", {"text": "after"})["text"] == "after"  # on a fresh channel
+    assert client.publisher.reconnects == 0
+
+
+@pytest.mark.parametrize("host", ["#", "hv.*", "", "a..b", "hv-01.", "h" * 129, "hv 01", "hv/01"])
+def test_server_host_names_cannot_bind_other_hosts(bus_cfg, keyring, host):
+    with pytest.raises(InvalidInput, match="host name"):
+        RpcServer(bus_cfg, host, keyring)
+
+
+def test_a_method_answers_with_the_definition_of_the_version_asked(make_server, client):
+    server = make_server()
+    server.register(
+        "live_migrate", lambda body: {"via": "1.0", "has_placement": False}, since="1.0", body_type=LiveMigrateBodyV10
+    )
+    server.register(
+        "live_migrate",
+        lambda body: {"via": "1.1", "has_placement": body.placement is not None},
+        since="1.1",
+        body_type=LiveMigrateBody,
+    )
+    server.start()
+    body = {
+        "migration_id": "m-1",
+        "instance": UUID,
+        "destination": {"host": "hv-02", "libvirt_uri": "qemu+tcp://hv-02/system", "migration_uri": "tcp://hv-02"},
+    }
+    assert client.call("hv-01", "live_migrate", body) == {"via": "1.0", "has_placement": False}  # method_since: 1.0
+    assert client.call("hv-01", "live_migrate", body, version="1.1") == {"via": "1.1", "has_placement": False}
+    with pytest.raises(e.RemoteInvalidRequest, match="body.placement"):
+        client.call("hv-01", "live_migrate", {**body, "placement": {"fits": "yes"}}, version="1.1")
