@@ -71,7 +71,7 @@ def assert_reflects(out: str, placement: Placement, before: DomainPlacement, *, 
         assert after.vcpu_cpuset == want
     else:
         assert after.vcpu_cpuset is None
-    assert after.numatune_mode == "strict"
+    assert after.numatune_mode == (before.numatune_mode or "strict")  # the mode is kept (issue 11, defect 6)
     assert after.numatune_nodeset == frozenset(c.host_cell for c in placement.cells)
     if before.guest_cells:
         assert dict(after.memnodes) == {c.guest_cell: frozenset([c.host_cell]) for c in placement.cells}
@@ -329,7 +329,7 @@ def test_rewrite_pins_go_before_cachetune_and_auto_placement_becomes_static() ->
         "    <emulatorpin cpuset='9'/>\n"
         "    <cachetune vcpus='0-1'>" in out
     )
-    assert "  <numatune>\n    <memory mode='strict' nodeset='0'/>\n  </numatune>" in out
+    assert "  <numatune>\n    <memory mode='interleave' placement='static' nodeset='0'/>\n  </numatune>" in out
     assert '<app:owner xmlns:app="https://example.org/app">batch</app:owner>\n    <ca:placement' in out
 
 
