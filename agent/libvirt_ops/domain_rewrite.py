@@ -82,7 +82,9 @@ def rewrite_for_placement(
     - `numatune/memory nodeset=<host cells>`, plus one `memnode cellid=G nodeset=H` per guest cell
       when the domain has a guest NUMA topology (libvirt refuses memnode without `<cpu><numa>`).
       Only the nodesets change: an existing element keeps its mode (strict, interleave, preferred,
-      restrictive); a missing one is created with libvirt's default mode, strict.
+      restrictive); a missing one is created with libvirt's default mode, strict. Memory is bound
+      only where the placement pins it (`_binds_memory`): a floating guest without guest NUMA
+      topology on small pages, which may overcommit RAM, gets no binding it did not have.
     - `<metadata><ca:placement xmlns:ca=PLACEMENT_NS>` = placement_json_text(placement).
 
     Guest-side elements (`cpu/numa`, hugepage `page@nodeset`, vCPU count) and every other byte of
@@ -164,23 +166,39 @@ def _update_numatune(rw: _Rewrite) -> None:
     mode (strict, interleave, preferred, restrictive) and its other attributes. What is missing is
     created in libvirt's default mode, strict: <memory> on the placement's host cells, one <memnode>
     per guest cell when the domain has a guest NUMA topology (libvirt refuses memnode without
-    `<cpu><numa>`); a memnode of no guest cell goes."""
+    `<cpu><numa>`); a memnode of no guest cell goes. Nothing is bound that the placement does not
+    pin (`_binds_memory`)."""
     numatune = rw.root.find_one("numatune")
+    binds = _binds_memory(rw.dom, rw.placement)
     if numatune is None:
-        items = [_memory_item(rw), *(_memnode_item(c) for c in _memnode_cells(rw, frozenset()))]
-        rw.splicer.create_container(rw.root, "numatune", items, rw.unit, _NUMATUNE_AFTER)
+        if binds:
+            items = [_memory_item(rw), *(_memnode_item(c) for c in _memnode_cells(rw, frozenset()))]
+            rw.splicer.create_container(rw.root, "numatune", items, rw.unit, _NUMATUNE_AFTER)
         return
     memory = numatune.find_one("memory")
-    if memory is not None:
+    if memory is not None and binds:
         rw.splicer.edit_attrs(memory, _nodeset_change(memory, rw.placement.host_nodeset))
     kept = _update_memnodes(rw, numatune)
-    front = [] if memory is not None else [_memory_item(rw)]
+    front = [_memory_item(rw)] if memory is None and binds else []
     back = [_memnode_item(c) for c in _memnode_cells(rw, frozenset(kept))]
     if kept and front:  # libvirt's order: <memory> before the memnodes
         rw.splicer.replace_children(numatune, [], front, rw.unit, before=("memnode",))
         front = []
     if front or back:
         rw.splicer.replace_children(numatune, [], front + back, rw.unit)
+
+
+def _binds_memory(dom: DomainPlacement, placement: Placement) -> bool:
+    """Whether the destination XML binds the guest's memory to the placement's host cells: when the
+    placement pins it - a guest NUMA topology, hugepages (drawn from one cell's pools), dedicated
+    vCPUs or an isolated emulator (the fitter charges those to the cell, never overcommitted) - or
+    when the domain already had a binding (<numatune><memory nodeset>: re-pointed, mode kept).
+    A floating guest without NUMA topology on small pages is the one the fitter lets overcommit RAM
+    (ram_allocation_ratio): a strict binding to one node could run that node out of memory, so it
+    gets no binding it did not have (Nova binds nothing for an instance without NUMA topology)."""
+    if dom.guest_cells or dom.numatune_nodeset is not None or placement.emulator_isolated:
+        return True
+    return any(c.dedicated_vcpus or c.pagesize_kb != SMALL_PAGE_KB for c in placement.cells)
 
 
 def _update_memnodes(rw: _Rewrite, numatune: Node) -> dict[int, Node]:
@@ -329,8 +347,7 @@ def _verify(out: str, rw: _Rewrite) -> None:
         "emulatorpin": after.emulator_pins == (emu or None),
         "iothreadpin": dict(after.iothread_pins) == ({t: emu for t in before.iothread_pins} if emu else {}),
         "vcpu cpuset": after.vcpu_cpuset == (rw.floating_cpuset or None),
-        "numatune memory": after.numatune_mode == (before.numatune_mode or "strict")
-        and after.numatune_nodeset == frozenset(placement.host_nodeset),
+        "numatune memory": _memory_binding(after) == _want_memory_binding(before, placement),
         "numatune memnode": dict(after.memnodes) == want_memnodes,
         "numatune memnode mode": _memnode_modes(after_root)
         == {g: modes_before.get(g, "strict") for g in want_memnodes},
@@ -340,6 +357,18 @@ def _verify(out: str, rw: _Rewrite) -> None:
     problems = [name for name, ok in checks.items() if not ok]
     if problems:
         raise DomainXMLError(f"internal error: rewritten XML does not reflect the placement ({', '.join(problems)})")
+
+
+def _memory_binding(dom: DomainPlacement) -> tuple[str | None, frozenset[int] | None]:
+    return dom.numatune_mode, dom.numatune_nodeset
+
+
+def _want_memory_binding(before: DomainPlacement, placement: Placement) -> tuple[str | None, frozenset[int] | None]:
+    """<numatune><memory> (mode, nodeset) after the rewrite: the placement's host cells in the mode
+    the domain had (strict when new) when the memory is bound, else what the domain had."""
+    if not _binds_memory(before, placement):
+        return _memory_binding(before)
+    return before.numatune_mode or "strict", frozenset(placement.host_nodeset)
 
 
 def _memnode_modes(root: Node) -> dict[int, str]:

@@ -1,5 +1,6 @@
 """Regression tests for the rewriter's numatune defects of issue 11: the rewrite kept no mode but
-`strict` (defect 6)."""
+`strict` (defect 6), and bound the memory of floating guests that overcommit RAM to one node
+(defect 7)."""
 
 from __future__ import annotations
 
@@ -145,3 +146,96 @@ def test_read_back_refuses_a_changed_mode(monkeypatch: pytest.MonkeyPatch) -> No
         rewrite_for_placement(xml, swapped())
     with pytest.raises(DomainXMLError, match="numatune memory"):
         rewrite_for_placement(two_cells("<memory mode='interleave' nodeset='0-1'/>"), swapped())
+
+
+# --- defect 7: memory is bound only where the placement pins it -----------------------------------
+
+PLAIN = """<domain type='kvm'>
+  <name>p</name>
+  <uuid>8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a12</uuid>
+  <memory unit='KiB'>6291456</memory>{backing}
+  <vcpu placement='static'>2</vcpu>{numatune}
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>
+"""
+
+
+def plain(numatune: str = "", backing: str = "") -> str:
+    """A guest without NUMA topology: 2 vCPUs, 6 GiB."""
+    return PLAIN.format(numatune=numatune and "\n  " + numatune, backing=backing and "\n  " + backing)
+
+
+def one_cell(*, dedicated: frozenset[int] = frozenset(), pagesize_kb: int = 4, isolated: bool = False) -> Placement:
+    pins = {v: ((20 + v,) if v in dedicated else (2, 3)) for v in (0, 1)}
+    cell = CellPlacement(0, 1, (0, 1), pins, 6144, pagesize_kb, dedicated_vcpus=dedicated)
+    return Placement(cells=(cell,), emulator_pins=(9,) if isolated else (2, 3), emulator_isolated=isolated)
+
+
+def test_floating_small_page_guest_without_numa_gets_no_binding() -> None:
+    xml = plain()
+    out = rewrite_for_placement(xml, one_cell())
+    assert "numatune" not in out
+    after = parse_domain(out)
+    assert (after.numatune_mode, after.numatune_nodeset, dict(after.memnodes)) == (None, None, {})
+    assert after.vcpu_pins == {0: {2, 3}, 1: {2, 3}}  # the CPUs are still placed
+    assert rewrite_for_placement(out, one_cell()) == out
+
+
+def test_floating_guest_keeps_an_unbound_numatune_as_it_is() -> None:
+    xml = plain("<numatune><memory mode='interleave' placement='auto'/></numatune>")
+    out = rewrite_for_placement(xml, one_cell())
+    assert "<numatune><memory mode='interleave' placement='auto'/></numatune>" in out
+    empty = rewrite_for_placement(plain("<numatune/>"), one_cell())
+    assert "<numatune/>" in empty
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_floating_guest_that_had_a_binding_keeps_it_on_the_new_node(mode: str) -> None:
+    out = rewrite_for_placement(plain(f"<numatune><memory mode='{mode}' nodeset='0'/></numatune>"), one_cell())
+    assert f"<numatune><memory mode='{mode}' nodeset='1'/></numatune>" in out
+
+
+@pytest.mark.parametrize(
+    "why,xml,placement",
+    [
+        ("dedicated vCPU", plain(), one_cell(dedicated=frozenset({0}))),
+        ("isolated emulator", plain(), one_cell(isolated=True)),
+        ("hugepages", plain(backing="<memoryBacking><hugepages/></memoryBacking>"), one_cell(pagesize_kb=2048)),
+    ],
+)
+def test_pinned_memory_is_bound_strict(why: str, xml: str, placement: Placement) -> None:
+    out = rewrite_for_placement(xml, placement)
+    assert "<numatune>\n    <memory mode='strict' nodeset='1'/>\n  </numatune>" in out, why
+
+
+def test_floating_guest_with_numa_topology_is_bound() -> None:
+    floating = Placement(
+        cells=(
+            CellPlacement(0, 1, (0, 1), {0: (10, 11), 1: (10, 11)}, 1024, 4),
+            CellPlacement(1, 0, (2, 3), {2: (0, 1), 3: (0, 1)}, 1024, 4),
+        ),
+        emulator_pins=(0, 1, 10, 11),
+    )
+    out = rewrite_for_placement(two_cells("<memory mode='preferred' nodeset='0-1'/>"), floating)
+    after = parse_domain(out)
+    assert (after.numatune_mode, after.numatune_nodeset) == ("preferred", {0, 1})
+    assert dict(after.memnodes) == {0: {1}, 1: {0}}
+
+
+def test_fitter_placement_of_an_overcommitting_guest_is_not_bound() -> None:
+    """End to end: the fitter puts a plain shared instance (no NUMA, no page size) with overcommitted
+    RAM on one host cell; its destination XML binds no memory, so the node cannot run out."""
+    from agent.numa.fit import fit
+    from agent.numa.request import parse_request
+    from agent.testing.builders import host_state, state_cell
+
+    request = parse_request({"uuid": "8d5b0c1e-5f2a-4c4e-9f51-7f2d1c0e9a12", "vcpus": 2, "memory_mb": 6144})
+    state = host_state(
+        state_cell(0, [0, 1], small_mb=4096, small_free_mb=0),
+        state_cell(1, [2, 3], small_mb=8192, small_free_mb=4096),
+        ram_allocation_ratio=1.5,
+    )
+    placement = fit(request, state)
+    assert isinstance(placement, Placement) and placement.cells[0].host_cell == 1
+    assert placement.cells[0].memory_mb > state.resources(1).small_free_mb  # RAM overcommitted
+    assert "numatune" not in rewrite_for_placement(plain(), placement)
