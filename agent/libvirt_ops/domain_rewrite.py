@@ -9,7 +9,7 @@ result is read back (`_verify`) and must say exactly what the placement says.
 Owned by the rewriter:
   <vcpu cpuset=...> (and placement='auto' -> 'static', since libvirt ignores cpuset with auto)
   <cputune>/<vcpupin>, <emulatorpin>, <iothreadpin>
-  <numatune>/<memory>, <memnode>
+  <numatune>/<memory>, <memnode>: their nodesets only (each keeps its mode and other attributes)
   <metadata>/<ca:placement xmlns:ca=PLACEMENT_NS>
 New elements go where the first removed one was, else at a libvirt-like position, each on its own
 line with the indentation of its siblings, so rewriting twice gives the same bytes.
@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 from xml.sax.saxutils import escape as _xml_escape
 
 from agent.cpuset import format_cpu_set
 from agent.errors import DomainXMLError
 from agent.libvirt_ops.domain_model import PLACEMENT_NS, DomainPlacement, guest_cell_page_kib
-from agent.libvirt_ops.domain_read import parse_domain, placement_elements, read_domain
-from agent.numa.placement import Placement
+from agent.libvirt_ops.domain_read import placement_elements, read_domain
+from agent.numa.placement import CellPlacement, Placement
 from agent.units import SMALL_PAGE_KB, mib_from_kib
-from agent.xmlsafe import Node, Splicer, parse, to_bytes
+from agent.xmlsafe import Node, Splicer, parse, to_bytes, uint
 
 __all__ = ["floating_vcpus", "placement_json_text", "rewrite_for_placement"]
 
@@ -79,9 +79,12 @@ def rewrite_for_placement(
       placement has no emulator pins (they would point at source-host CPUs).
     - `<vcpu cpuset=...>`: with floating vCPUs, `floating_cpuset` if given, else the union of the
       floating vCPUs' pins; removed when every vCPU is dedicated. placement='auto' becomes 'static'.
-    - `numatune/memory mode=strict nodeset=<host cells>`, plus one `memnode cellid=G mode=strict
-      nodeset=H` per guest cell when the domain has a guest NUMA topology (libvirt refuses memnode
-      without `<cpu><numa>`).
+    - `numatune/memory nodeset=<host cells>`, plus one `memnode cellid=G nodeset=H` per guest cell
+      when the domain has a guest NUMA topology (libvirt refuses memnode without `<cpu><numa>`).
+      Only the nodesets change: an existing element keeps its mode (strict, interleave, preferred,
+      restrictive); a missing one is created with libvirt's default mode, strict. Memory is bound
+      only where the placement pins it (`_binds_memory`): a floating guest without guest NUMA
+      topology on small pages, which may overcommit RAM, gets no binding it did not have.
     - `<metadata><ca:placement xmlns:ca=PLACEMENT_NS>` = placement_json_text(placement).
 
     Guest-side elements (`cpu/numa`, hugepage `page@nodeset`, vCPU count) and every other byte of
@@ -159,17 +162,82 @@ def _update_cputune(rw: _Rewrite) -> None:
 
 
 def _update_numatune(rw: _Rewrite) -> None:
-    """<numatune>: strict memory on the placement's host cells, one memnode per guest cell."""
-    items = [f"<memory mode='strict' nodeset='{format_cpu_set(rw.placement.host_nodeset)}'/>".encode()]
-    if rw.dom.guest_cells:
-        cells = sorted(rw.placement.cells, key=lambda c: c.guest_cell)
-        items += [f"<memnode cellid='{c.guest_cell}' mode='strict' nodeset='{c.host_cell}'/>".encode() for c in cells]
+    """<numatune>: only the nodesets change (the placement's host cells); every element keeps its
+    mode (strict, interleave, preferred, restrictive) and its other attributes. What is missing is
+    created in libvirt's default mode, strict: <memory> on the placement's host cells, one <memnode>
+    per guest cell when the domain has a guest NUMA topology (libvirt refuses memnode without
+    `<cpu><numa>`); a memnode of no guest cell goes. Nothing is bound that the placement does not
+    pin (`_binds_memory`)."""
     numatune = rw.root.find_one("numatune")
+    binds = _binds_memory(rw.dom, rw.placement)
     if numatune is None:
-        rw.splicer.create_container(rw.root, "numatune", items, rw.unit, _NUMATUNE_AFTER)
+        if binds:
+            items = [_memory_item(rw), *(_memnode_item(c) for c in _memnode_cells(rw, frozenset()))]
+            rw.splicer.create_container(rw.root, "numatune", items, rw.unit, _NUMATUNE_AFTER)
         return
-    owned = [c for c in numatune.children if c.tag in ("memory", "memnode")]
-    rw.splicer.replace_children(numatune, owned, items, rw.unit)
+    memory = numatune.find_one("memory")
+    if memory is not None and binds:
+        rw.splicer.edit_attrs(memory, _nodeset_change(memory, rw.placement.host_nodeset))
+    kept = _update_memnodes(rw, numatune)
+    front = [_memory_item(rw)] if memory is None and binds else []
+    back = [_memnode_item(c) for c in _memnode_cells(rw, frozenset(kept))]
+    if kept and front:  # libvirt's order: <memory> before the memnodes
+        rw.splicer.replace_children(numatune, [], front, rw.unit, before=("memnode",))
+        front = []
+    if front or back:
+        rw.splicer.replace_children(numatune, [], front + back, rw.unit)
+
+
+def _binds_memory(dom: DomainPlacement, placement: Placement) -> bool:
+    """Whether the destination XML binds the guest's memory to the placement's host cells: when the
+    placement pins it - a guest NUMA topology, hugepages (drawn from one cell's pools), dedicated
+    vCPUs or an isolated emulator (the fitter charges those to the cell, never overcommitted) - or
+    when the domain already had a binding (<numatune><memory nodeset>: re-pointed, mode kept).
+    A floating guest without NUMA topology on small pages is the one the fitter lets overcommit RAM
+    (ram_allocation_ratio): a strict binding to one node could run that node out of memory, so it
+    gets no binding it did not have (Nova binds nothing for an instance without NUMA topology)."""
+    if dom.guest_cells or dom.numatune_nodeset is not None or placement.emulator_isolated:
+        return True
+    return any(c.dedicated_vcpus or c.pagesize_kb != SMALL_PAGE_KB for c in placement.cells)
+
+
+def _update_memnodes(rw: _Rewrite, numatune: Node) -> dict[int, Node]:
+    """Point each existing memnode of a guest cell at its host cell (mode kept), remove the others;
+    returns the kept ones by guest cell."""
+    host_of = {c.guest_cell: c.host_cell for c in rw.placement.cells} if rw.dom.guest_cells else {}
+    kept: dict[int, Node] = {}
+    for memnode in numatune.find_all("memnode"):
+        cell = uint(memnode.attrs.get("cellid", ""))
+        if cell is None or cell not in host_of:
+            rw.splicer.remove(memnode)
+            continue
+        rw.splicer.edit_attrs(memnode, _nodeset_change(memnode, (host_of[cell],)))
+        kept[cell] = memnode
+    return kept
+
+
+def _memnode_cells(rw: _Rewrite, present: frozenset[int]) -> list[CellPlacement]:
+    """The placement's cells that need a new memnode: none without a guest NUMA topology."""
+    if not rw.dom.guest_cells:
+        return []
+    return sorted((c for c in rw.placement.cells if c.guest_cell not in present), key=lambda c: c.guest_cell)
+
+
+def _memory_item(rw: _Rewrite) -> bytes:
+    return f"<memory mode='strict' nodeset='{format_cpu_set(rw.placement.host_nodeset)}'/>".encode()
+
+
+def _memnode_item(cell: CellPlacement) -> bytes:
+    return f"<memnode cellid='{cell.guest_cell}' mode='strict' nodeset='{cell.host_cell}'/>".encode()
+
+
+def _nodeset_change(node: Node, nodes: Iterable[int]) -> dict[str, str | None]:
+    """The attribute edits that bind `node` to `nodes`: the nodeset, and placement 'auto' ->
+    'static' (libvirt would let numad choose the nodes and ignore ours)."""
+    changes: dict[str, str | None] = {"nodeset": format_cpu_set(nodes)}
+    if node.attrs.get("placement") == "auto":
+        changes["placement"] = "static"
+    return changes
 
 
 def _update_metadata(rw: _Rewrite) -> None:
@@ -270,22 +338,46 @@ def _check_cell_memory(dom: DomainPlacement, guest_cell: int, memory_mb: int, pa
 
 def _verify(out: str, rw: _Rewrite) -> None:
     """Read the result back: it must say exactly what the placement says (guards the splicer)."""
-    after, before, placement, emu = parse_domain(out), rw.dom, rw.placement, frozenset(rw.emulator_pins)
+    after_root = parse(out.encode("utf-8"), what="domain", root="domain", utf8=True)
+    after, before, placement, emu = read_domain(after_root), rw.dom, rw.placement, frozenset(rw.emulator_pins)
     want_memnodes = {c.guest_cell: frozenset([c.host_cell]) for c in placement.cells} if before.guest_cells else {}
+    modes_before = _memnode_modes(rw.root)
     checks = {
         "vcpupin": dict(after.vcpu_pins) == {v: frozenset(c.cpu_pins[v]) for c in placement.cells for v in c.vcpus},
         "emulatorpin": after.emulator_pins == (emu or None),
         "iothreadpin": dict(after.iothread_pins) == ({t: emu for t in before.iothread_pins} if emu else {}),
         "vcpu cpuset": after.vcpu_cpuset == (rw.floating_cpuset or None),
-        "numatune memory": after.numatune_mode == "strict"
-        and after.numatune_nodeset == frozenset(placement.host_nodeset),
+        "numatune memory": _memory_binding(after) == _want_memory_binding(before, placement),
         "numatune memnode": dict(after.memnodes) == want_memnodes,
+        "numatune memnode mode": _memnode_modes(after_root)
+        == {g: modes_before.get(g, "strict") for g in want_memnodes},
         "metadata placement": after.agent_placement == json.loads(placement_json_text(placement)),
         "guest-side elements": _guest_side(after) == _guest_side(before),
     }
     problems = [name for name, ok in checks.items() if not ok]
     if problems:
         raise DomainXMLError(f"internal error: rewritten XML does not reflect the placement ({', '.join(problems)})")
+
+
+def _memory_binding(dom: DomainPlacement) -> tuple[str | None, frozenset[int] | None]:
+    return dom.numatune_mode, dom.numatune_nodeset
+
+
+def _want_memory_binding(before: DomainPlacement, placement: Placement) -> tuple[str | None, frozenset[int] | None]:
+    """<numatune><memory> (mode, nodeset) after the rewrite: the placement's host cells in the mode
+    the domain had (strict when new) when the memory is bound, else what the domain had."""
+    if not _binds_memory(before, placement):
+        return _memory_binding(before)
+    return before.numatune_mode or "strict", frozenset(placement.host_nodeset)
+
+
+def _memnode_modes(root: Node) -> dict[int, str]:
+    """Guest cell -> mode of its <numatune><memnode> (libvirt's default: strict)."""
+    numatune = root.find_one("numatune")
+    memnodes = numatune.find_all("memnode") if numatune is not None else []
+    return {
+        cell: m.attrs.get("mode", "strict") for m in memnodes if (cell := uint(m.attrs.get("cellid", ""))) is not None
+    }
 
 
 def _guest_side(dom: DomainPlacement) -> tuple[object, ...]:

@@ -42,7 +42,9 @@ Interpretations (documented here because the issue text leaves them open):
   parsed into one implicit guest cell (``InstanceRequest.numa_implicit``) and placed in ONE host
   cell like any other guest cell: its floating vCPUs float over that host cell's shared CPUs only
   and all its memory must fit that host cell. It is refused when no single host cell has room,
-  even if the host as a whole does. The fitter does not look at ``numa_implicit``.
+  even if the host as a whole does. The fitter does not look at ``numa_implicit``; so the
+  self-overcommit rule below holds it to one host cell's CPUs and memory too (Nova holds it to the
+  whole host's, placement's ``max_unit``).
 
 * Memory overcommit follows Nova: only an instance that asks for no page size at all
   (``page_size is None``) and pins nothing (cpu_policy ``shared``, no dedicated vCPU) may use the
@@ -57,6 +59,22 @@ Interpretations (documented here because the issue text leaves them open):
   numatune): it is counted on no cell, so it can only be taken from the host-wide sum. An instance
   with no small-page memory at all (hugepages only) is never refused by this rule, even on a host
   already below its reservation.
+* An instance cannot overcommit against itself (Nova's ``_numa_fit_instance_cell``): whatever
+  ``cpu_allocation_ratio`` and ``ram_allocation_ratio`` say, a guest cell's floating vCPUs never
+  outnumber the CPUs they float over on its host cell (``shared_cpus`` minus the instance's own
+  CPUs there, see below), and its small-page memory never exceeds the host cell's small-page
+  memory in all (``CellResources.small_total_mb``: the 4 KiB pool's total, else MemTotal minus the
+  hugepage pools, as Nova's ``can_fit_pagesize(..., use_free=False)`` / ``host_cell.memory``). The
+  ratios only let several instances share a cell. Dedicated vCPUs and hugepages need free CPUs and
+  free pages anyway, which no ratio stretches. With strict memory binding this is also what keeps
+  one guest from running its node out of memory by itself. DIFFERS FROM NOVA (stricter): Nova
+  checks a mixed instance's dedicated vCPUs only; the floating vCPUs of a mixed guest cell are held
+  to the same rule here.
+* DIFFERS FROM NOVA: thread policy ``isolate`` on an SMT host with a ``cpu_dedicated_set`` is
+  served by reserving whole cores (each vCPU takes a fully free core; its siblings are kept idle and
+  counted as the instance's, ``CellPlacement.reserved_cpus``). Nova refuses it there: since Train
+  ``isolate`` with PCPU inventory becomes a forbidden ``HW_CPU_HYPERTHREADING`` trait, so hosts with
+  SMT are filtered out.
 * An explicit page size of 4 KiB is treated like ``small`` (small pages, no overcommit).
 * Floating vCPUs of a guest cell float over the host cell's ``shared_cpus`` minus every CPU the
   instance pins or reserves on that host cell (its dedicated vCPUs' CPUs, isolate-reserved siblings,
@@ -68,7 +86,8 @@ Interpretations (documented here because the issue text leaves them open):
   shared pool for good, also for the floating vCPUs already running there (they float over every
   shared CPU, so pinning one of them shrinks their pool). So on every host cell the instance uses,
   with ``remaining`` = ``shared_cpus`` minus the instance's CPUs there (as above), a pair fits only if
-  ``existing + new <= int(len(remaining) * cpu_allocation_ratio)`` and, when ``existing + new > 0``,
+  ``existing + new <= int(len(remaining) * cpu_allocation_ratio)`` and ``new <= len(remaining)`` (no
+  self-overcommit, above) and, when ``existing + new > 0``,
   ``remaining`` is non-empty (``existing`` = the cell's floating vCPUs, ``CellUsage.floating_vcpus``;
   ``new`` = the guest cell's floating vCPUs). This applies to dedicated-only guest cells too: a
   dedicated vCPU, reserved sibling or isolated emulator CPU that would push the cell's existing
@@ -336,8 +355,14 @@ class _Fitter:
             return True  # fast path: nothing would float on h, or the instance takes no CPU there
         pool, room, _ = self.floating_room(h, need)
         # room < 0 only when the instance shrinks the pool below what already floats there
-        # (that includes an emptied pool: int(0 * ratio) - existing < 0)
-        return n_float <= room and (pool > 0 or not n_float)
+        # (that includes an emptied pool: int(0 * ratio) - existing < 0); n_float <= pool: an
+        # instance cannot overcommit against itself (module doc), whatever cpu_allocation_ratio
+        return n_float <= room and n_float <= pool
+
+    def small_fits(self, h: _HostCell, mem: int) -> bool:
+        """Small-page memory: within the pool the instance may use, and never more than the host
+        cell has in all (an instance cannot overcommit against itself, whatever ram_allocation_ratio)."""
+        return mem <= self.small_avail(h) and mem <= h.res.small_total_mb
 
     def _huge_ok(self, h: _HostCell, size: int, mem_kb: int) -> bool:
         free = h.res.free_pages.get(size)
@@ -347,8 +372,7 @@ class _Fitter:
         mem = g.memory_mb
         kind = self.page_kind
         if kind is PageSizeKind.SMALL:
-            avail = self.small_avail(h)
-            return _PairFit(SMALL_PAGE_KB, mem, avail) if avail >= mem else None
+            return _PairFit(SMALL_PAGE_KB, mem, self.small_avail(h)) if self.small_fits(h, mem) else None
         mem_kb = mem * 1024
         if kind is PageSizeKind.EXPLICIT:
             size = self.page_size
@@ -358,10 +382,8 @@ class _Fitter:
         for size in h.hugepage_sizes_desc:
             if self._huge_ok(h, size, mem_kb):
                 return _PairFit(size, 0, h.res.free_pages[size] * size // 1024)
-        if kind is PageSizeKind.ANY:
-            avail = self.small_avail(h)
-            if avail >= mem:
-                return _PairFit(SMALL_PAGE_KB, mem, avail)
+        if kind is PageSizeKind.ANY and self.small_fits(h, mem):
+            return _PairFit(SMALL_PAGE_KB, mem, self.small_avail(h))
         return None
 
     def pair(self, g: GuestCell, h: _HostCell) -> _PairFit | None:
@@ -397,17 +419,7 @@ class _Fitter:
         ratio = self.state.cpu_allocation_ratio
         if n_float > 0:
             # the instance's own CPUs can be excluded only where its dedicated CPUs fit at all
-            pool, room, excluded = self.floating_room(h, need if need <= cap else 0)
-            own = f" once the {excluded} CPUs the instance pins there are excluded" if excluded else ""
-            there = f", {h.existing} floating vCPUs already there" if excluded and h.existing else ""
-            if not pool:
-                left = " left" if excluded else ""
-                out.append(f"no shared CPUs{left} for {n_float} floating vCPUs of guest cell {gid}{own}")
-            elif n_float > room:
-                out.append(
-                    f"room for {max(0, room)} more floating vCPUs (cpu_allocation_ratio "
-                    f"{ratio:g}{own}{there}) < {n_float} of guest cell {gid}"
-                )
+            out.extend(self._floating_reasons(gid, h, n_float, need if need <= cap else 0))
         elif need <= cap and h.existing and not self.floating_ok(h, need, 0):
             pool, room, excluded = self.floating_room(h, need)
             left = (
@@ -423,6 +435,26 @@ class _Fitter:
         if self.memory(g, h) is None:
             out.append(self._memory_reason(g, h))
         return out
+
+    def _floating_reasons(self, gid: int, h: _HostCell, n_float: int, need: int) -> list[str]:
+        """Why the `n_float` floating vCPUs of guest cell `gid` do not fit h (empty if they do)."""
+        pool, room, excluded = self.floating_room(h, need)
+        own = f" once the {excluded} CPUs the instance pins there are excluded" if excluded else ""
+        there = f", {h.existing} floating vCPUs already there" if excluded and h.existing else ""
+        if not pool:
+            left = " left" if excluded else ""
+            return [f"no shared CPUs{left} for {n_float} floating vCPUs of guest cell {gid}{own}"]
+        if n_float > room:
+            return [
+                f"room for {max(0, room)} more floating vCPUs (cpu_allocation_ratio "
+                f"{self.state.cpu_allocation_ratio:g}{own}{there}) < {n_float} of guest cell {gid}"
+            ]
+        if n_float > pool:  # what the ratio would allow, but not on fewer CPUs
+            return [
+                f"{n_float} floating vCPUs of guest cell {gid} > the {pool} shared CPUs they would float"
+                f" over{own} (an instance cannot overcommit against itself)"
+            ]
+        return []
 
     def _memory_reason(self, g: GuestCell, h: _HostCell) -> str:
         mem = g.memory_mb
@@ -440,6 +472,11 @@ class _Fitter:
             return f"{name} pages: {h.res.free_pages[size]} free < {need} needed by guest cell {gid}"
 
         def small() -> str:
+            if mem <= self.small_avail(h):  # what the ratio would allow, but more than the cell has
+                return (
+                    f"{mem} MiB of guest cell {gid} > the cell's {h.res.small_total_mb} MiB of small-page memory"
+                    " (an instance cannot overcommit against itself)"
+                )
             what = "small-page MiB (ram_allocation_ratio applied)" if self.overcommit_ok else "free small-page MiB"
             return f"{self.small_avail(h)} {what} < {mem} MiB of guest cell {gid}"
 

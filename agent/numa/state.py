@@ -70,6 +70,7 @@ class CellResources:
     free_pages: Mapping[int, int]  # hugepage size KiB -> pages that may be promised
     small_free_mb: int  # small-page MiB a pinned (no-overcommit) guest may take
     small_floating_mb: int  # small-page MiB a floating guest may take (ram ratio applied)
+    small_total_mb: int  # small-page MiB of the cell in all: no guest cell may have more (fit.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,7 @@ def cell_resources(state: HostState, cell: NumaCell) -> CellResources:
         free_pages=free_pages,
         small_free_mb=small_free_mb,
         small_floating_mb=small_floating_mb,
+        small_total_mb=small_total_mb,
     )
 
 

@@ -71,8 +71,14 @@ def assert_reflects(out: str, placement: Placement, before: DomainPlacement, *, 
         assert after.vcpu_cpuset == want
     else:
         assert after.vcpu_cpuset is None
-    assert after.numatune_mode == "strict"
-    assert after.numatune_nodeset == frozenset(c.host_cell for c in placement.cells)
+    # issue 11, defects 6 and 7: the mode is kept; memory is bound only where the placement pins it
+    # (guest NUMA cells, hugepages, dedicated vCPUs, isolated emulator) or the domain had a nodeset
+    pins_memory = placement.emulator_isolated or any(c.dedicated_vcpus or c.pagesize_kb != 4 for c in placement.cells)
+    if before.guest_cells or before.numatune_nodeset is not None or pins_memory:
+        assert after.numatune_mode == (before.numatune_mode or "strict")
+        assert after.numatune_nodeset == frozenset(c.host_cell for c in placement.cells)
+    else:
+        assert (after.numatune_mode, after.numatune_nodeset) == (before.numatune_mode, before.numatune_nodeset)
     if before.guest_cells:
         assert dict(after.memnodes) == {c.guest_cell: frozenset([c.host_cell]) for c in placement.cells}
     else:
@@ -329,7 +335,8 @@ def test_rewrite_pins_go_before_cachetune_and_auto_placement_becomes_static() ->
         "    <emulatorpin cpuset='9'/>\n"
         "    <cachetune vcpus='0-1'>" in out
     )
-    assert "  <numatune>\n    <memory mode='strict' nodeset='0'/>\n  </numatune>" in out
+    # a floating guest without NUMA cells on small pages: its memory is not bound (issue 11, defect 7)
+    assert "  <numatune>\n    <memory mode='interleave' placement='auto'/>\n  </numatune>" in out
     assert '<app:owner xmlns:app="https://example.org/app">batch</app:owner>\n    <ca:placement' in out
 
 

@@ -17,7 +17,11 @@ Rules checked here that are easy to get wrong:
   instance's (``existing + new <= int(len(left) * cpu_allocation_ratio)``, and a non-empty pool when
   anything floats there). The oracle applies it with the same deterministic selection the fitter
   uses (the fitter does not try other selections), and `check_placement` checks it on the CPUs the
-  placement actually takes."""
+  placement actually takes;
+* an instance cannot overcommit against itself (Nova's `_numa_fit_instance_cell`), whatever the
+  allocation ratios: a guest cell's floating vCPUs never outnumber the CPUs they float over on its
+  host cell (the shared CPUs minus the instance's own there), and its small-page memory never
+  exceeds the host cell's small-page memory in all (``small_total_mb``)."""
 
 from __future__ import annotations
 
@@ -51,6 +55,11 @@ def _small_avail(request: InstanceRequest, res: CellResources) -> int:
     return res.small_floating_mb if overcommit_ok(request) else res.small_free_mb
 
 
+def _small_fits(request: InstanceRequest, res: CellResources, mem_mb: int) -> bool:
+    """Within the pool the instance may use, and no more than the cell has: no self-overcommit."""
+    return _small_avail(request, res) >= mem_mb and res.small_total_mb >= mem_mb
+
+
 def _huge_fits(res: CellResources, size: int, mem_mb: int) -> bool:
     if size not in res.free_pages:
         return False
@@ -62,7 +71,7 @@ def expected_pagesize(request: InstanceRequest, res: CellResources, mem_mb: int)
     """The page size the rules pick for `mem_mb` on this host cell, or None if no size fits."""
     kind, size = _page_kind(request)
     if kind == "small":
-        return 4 if _small_avail(request, res) >= mem_mb else None
+        return 4 if _small_fits(request, res, mem_mb) else None
     if kind == "explicit":
         assert size is not None
         return size if _huge_fits(res, size, mem_mb) else None
@@ -70,7 +79,7 @@ def expected_pagesize(request: InstanceRequest, res: CellResources, mem_mb: int)
     for s in huge:
         if _huge_fits(res, s, mem_mb):
             return s
-    if kind == "any" and _small_avail(request, res) >= mem_mb:
+    if kind == "any" and _small_fits(request, res, mem_mb):
         return 4
     return None
 
@@ -146,8 +155,9 @@ def pair_fits(request: InstanceRequest, state: HostState, guest: int, host_cell:
     if need > policy_capacity(request.thread_policy, res):
         return None
     n_float = len(g.vcpus - g.dedicated_vcpus)
-    if starves(state, res, expected_taken(request.thread_policy, res, need), n_float):
-        return None
+    taken = expected_taken(request.thread_policy, res, need)
+    if starves(state, res, taken, n_float) or n_float > len(res.shared_cpus - taken):
+        return None  # (the second: more floating vCPUs than CPUs to float over, a self-overcommit)
     return expected_pagesize(request, res, g.memory_mb)
 
 
@@ -277,6 +287,7 @@ def _check_floating(a: _Audit, cp: CellPlacement, res: CellResources, mine: set[
     if floating:
         assert pool, "floating vCPUs without a shared CPU"
         assert len(floating) <= room, "cpu_allocation_ratio exceeded"
+        assert len(floating) <= len(pool), "more floating vCPUs than CPUs to float over (self-overcommit)"
     assert not starves(a.state, res, mine, len(floating)), (
         f"host cell {cp.host_cell}: the instance's CPUs there {sorted(mine)} leave too few shared CPUs"
         f" for the cell's floating vCPUs"

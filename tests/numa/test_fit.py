@@ -414,19 +414,28 @@ def test_starvation_uses_the_deterministic_selection_only():
 
 
 def test_floating_overcommit_with_cpu_allocation_ratio():
+    # the ratio lets instances share the 2 shared CPUs (8 floating vCPUs in all), but one instance
+    # cannot overcommit against itself: at most 2 floating vCPUs in one guest cell (issue 11, defect 10)
     st_ = host(cell(0, [0, 1, 2, 3]), cpu_dedicated_set=[2, 3], cpu_shared_set=[0, 1], cpu_allocation_ratio=4.0)
-    p = placed(req((8, 1024), policy=CpuPolicy.SHARED), st_)
-    assert all(p.cells[0].cpu_pins[v] == (0, 1) for v in range(8))
-    r = nofit(req((9, 1024), policy=CpuPolicy.SHARED), st_)
-    assert "room for 8 more floating vCPUs" in r.reason
+    p = placed(req((2, 1024), policy=CpuPolicy.SHARED), st_)
+    assert all(p.cells[0].cpu_pins[v] == (0, 1) for v in range(2))
+    r = nofit(req((3, 1024), policy=CpuPolicy.SHARED), st_)
+    assert "3 floating vCPUs of guest cell 0 > the 2 shared CPUs they would float over" in r.reason
     st2 = host(
-        cell(0, [0, 1, 2, 3], floating_vcpus=3),
+        cell(0, [0, 1, 2, 3], floating_vcpus=6),
         cpu_dedicated_set=[2, 3],
         cpu_shared_set=[0, 1],
         cpu_allocation_ratio=4.0,
     )
-    placed(req((5, 1024), policy=CpuPolicy.SHARED), st2)
-    nofit(req((6, 1024), policy=CpuPolicy.SHARED), st2)
+    placed(req((2, 1024), policy=CpuPolicy.SHARED), st2)
+    st3 = host(
+        cell(0, [0, 1, 2, 3], floating_vcpus=7),
+        cpu_dedicated_set=[2, 3],
+        cpu_shared_set=[0, 1],
+        cpu_allocation_ratio=4.0,
+    )
+    r = nofit(req((2, 1024), policy=CpuPolicy.SHARED), st3)
+    assert "room for 1 more floating vCPUs" in r.reason
 
 
 def test_ram_allocation_ratio_only_for_floating_guests():
