@@ -23,6 +23,7 @@ A claim's life here, besides the calls:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -113,7 +114,15 @@ def _log_fields(host: str, body: Any) -> dict[str, str]:
         fields["migration_id"] = fields["claim_id"] = migration_id
     if getattr(body, "source_host", None) is not None:
         fields["source_host"] = body.source_host
+    instance = getattr(body, "instance", None)
+    if isinstance(instance, dict) and isinstance(instance.get("uuid"), str):
+        fields["instance_uuid"] = instance["uuid"][:255]  # unchecked yet: bounded for the journal
     return fields
+
+
+def _claim_fields(claim: Claim) -> contextlib.AbstractContextManager[None]:
+    """The claim's own fields on the records of a call that names only its migration id."""
+    return log_context(source_host=claim.source_host, instance_uuid=claim.instance_uuid)
 
 
 def retry_after_s(live: list[Claim], now: float) -> float:
@@ -205,7 +214,8 @@ class Destination:
         # the ledger's progress refreshes a migrating claim to [claims] migrating_timeout_s; a ttl_s
         # asked for is not honoured beyond that (the ledger has no per-call lifetime for progress)
         before = self.ctx.ledger.get(body.migration_id)
-        claim = self.ctx.ledger.progress(body.migration_id, "the source reports its migration makes progress")
+        with _claim_fields(before):
+            claim = self.ctx.ledger.progress(body.migration_id, "the source reports its migration makes progress")
         if claim.state is not before.state:
             self._announce(claim, "migration started")
         return claim.to_json()
@@ -222,10 +232,11 @@ class Destination:
 
     def _end(self, migration_id: str, to: ClaimState, reason: str) -> dict[str, Any]:
         before = self.ctx.ledger.get(migration_id)
-        if to is ClaimState.CONFIRMED:
-            claim = self.ctx.ledger.confirm(migration_id, reason)
-        else:
-            claim = self.ctx.ledger.release(migration_id, reason)
+        with _claim_fields(before):
+            if to is ClaimState.CONFIRMED:
+                claim = self.ctx.ledger.confirm(migration_id, reason)
+            else:
+                claim = self.ctx.ledger.release(migration_id, reason)
         if claim.state is not before.state:
             self._announce(claim, f"claim {claim.state}")
         return claim.to_json()

@@ -157,7 +157,8 @@ class Daemon:
         ctx, facts = await self._on_worker(self._prepare)
         self._say("starting: serving the bus")
         self.announcer = Announcer(facts, self.events, ctx.clock)
-        self.roles = [Destination(ctx, self.announcer), *(factory(ctx) for factory in self._role_factories)]
+        # the source first: STATUS reads "serving; 2 migrations out, 1 claim held"
+        self.roles = [*(factory(ctx) for factory in self._role_factories), Destination(ctx, self.announcer)]
         self.server = RpcServer(self.cfg.bus, self.host, self.keyring)
         for role in self.roles:
             role.register(self.server)

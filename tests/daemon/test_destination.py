@@ -5,7 +5,10 @@ the bus client exactly as an orchestrator or a source agent would."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -20,6 +23,7 @@ from agent.daemon.destination import retry_after_s, wire_error
 from agent.daemon.destination_watch import Arrival, DomainSeen, arrival_of
 from agent.numa.placement import Placement
 from tests.daemon.agent_support import (
+    REPO,
     AgentFiles,
     EventLog,
     NotifySocket,
@@ -30,6 +34,7 @@ from tests.daemon.agent_support import (
     serving,
     spawn_daemon,
 )
+from tests.daemon.logging_support import journal_entries, journald_session
 
 pytest_plugins = ["tests.daemon.agent_fixtures"]  # broker, agent_files, running_daemon, client, ...
 
@@ -339,3 +344,41 @@ async def test_claim_records_carry_the_migration_fields_for_the_journal(running_
     held = next(line for line in out.getvalue().splitlines() if "held until" in line)
     assert "migration_id=mig-journal" in held and "claim_id=mig-journal" in held
     assert "source_host=hv-src" in held and f"dest_host={HOST}" in held
+
+
+journald = pytest.fixture(scope="session")(journald_session)
+
+
+def test_journalctl_migration_id_shows_the_destinations_part_of_the_story(agent_files, journald, client):
+    """A daemon under systemd (its stderr is the journal stream JOURNAL_STREAM names) writes its
+    records to a real journald natively, each claim record with the migration's fields."""
+    read_end, write_end = os.pipe()
+    stream = os.fstat(write_end)
+    env = {**os.environ, "JOURNAL_STREAM": f"{stream.st_dev}:{stream.st_ino}"}
+    argv = [sys.executable, "-m", "agent.cli", "daemon", "--config", str(agent_files.config_path)]
+    argv += ["--sysfs-root", str(agent_files.sysfs_root)]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=write_end)
+    os.close(write_end)
+    mid = f"mig-journal-{uuid.uuid4().hex[:8]}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # READY is not asked for here: the first answer says it serves
+            try:
+                client.call(HOST, "describe_host", {}, timeout=1.0)
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the daemon did not come up"
+        client.call(HOST, "claim", claim_body(instance_request(), migration_id=mid))
+        client.call(HOST, "release_claim", {"migration_id": mid, "reason": "journal test"})
+        entries = journal_entries(f"MIGRATION_ID={mid}", expect=2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        os.close(read_end)
+    assert proc.returncode == 0
+    messages = [e["MESSAGE"] for e in entries]
+    assert any("held until" in m for m in messages) and any("released" in m for m in messages), messages
+    for e in entries:
+        assert e["CLAIM_ID"] == mid and e["SOURCE_HOST"] == "hv-src" and e["DEST_HOST"] == HOST
+        assert e["INSTANCE_UUID"]
+        assert e["SYSLOG_IDENTIFIER"] == "compute-agent"
