@@ -23,8 +23,9 @@ from agent.claims.store import LEDGER_FILE
 from agent.cli_output import ExitCode, console, exit_code_for, print_error, print_json, print_warning, table
 from agent.cpuset import format_cpu_set
 from agent.errors import AgentError, InvalidInput
-from agent.limits import MAX_CLI_FILE_BYTES
+from agent.limits import MAX_CLI_FILE_BYTES, MAX_XML_BYTES
 from agent.log import setup_logging
+from agent.safe_io import read_bounded, read_bounded_text
 from agent.units import page_label
 
 if TYPE_CHECKING:
@@ -40,13 +41,7 @@ PROG = "compute-agent"
 
 
 def _read_json_file(path: str, what: str) -> Any:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidInput(f"{what} file {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CLI_FILE_BYTES:
-        raise InvalidInput(f"{what} file {path}: larger than 64 MiB")
-    return data
+    return read_bounded(path, limit=MAX_CLI_FILE_BYTES, what=f"{what} file")
 
 
 # --- discover -----------------------------------------------------------------------------------
@@ -55,10 +50,7 @@ def _read_json_file(path: str, what: str) -> Any:
 def _read_capabilities(path: str | None) -> str | None:
     if not path:
         return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"capabilities file {path}: {exc}") from None
+    return read_bounded_text(path, limit=MAX_XML_BYTES, what="capabilities file")
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:

@@ -52,6 +52,8 @@ MAX_METADATA_CHARS = 256 * 1024
 MAX_SYSFS_FILE_BYTES = 1 << 20
 #: Most digits of a number read from sysfs: a u64 has 20; int() of thousands of digits is slow.
 MAX_SYSFS_DIGITS = 20
+#: Largest configuration file: a commented agent.conf is a few KiB.
+MAX_CONFIG_FILE_BYTES = 1 << 20
 #: Largest JSON/XML file the CLI reads (topologies, requests, host states): far above any real one.
 MAX_CLI_FILE_BYTES = 64 << 20
 

@@ -34,7 +34,6 @@ Any missing or unparsable file raises `DiscoveryError` naming that file; nothing
 
 from __future__ import annotations
 
-import errno
 import re
 import socket
 from pathlib import Path
@@ -43,6 +42,7 @@ from agent.cpuset import parse_kernel_cpu_list
 from agent.errors import DiscoveryError
 from agent.limits import MAX_HOST_CPU_ID, MAX_SYSFS_DIGITS, MAX_SYSFS_FILE_BYTES
 from agent.numa.topology import HostTopology, NumaCell, PagePool, numa_cell
+from agent.safe_io import read_bounded
 from agent.units import SMALL_PAGE_KB
 
 __all__ = ["discover_sysfs", "parse_cpu_list"]
@@ -72,22 +72,16 @@ def _p(path: str | Path | None) -> str | None:
 
 
 def _read(path: Path) -> str:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_SYSFS_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise DiscoveryError("missing file", str(path)) from None
-    except IsADirectoryError:
-        raise DiscoveryError("expected a file, found a directory", str(path)) from None
-    except OSError as exc:
-        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "I/O error")
-        raise DiscoveryError(f"cannot read: {reason}", str(path)) from None
-    if len(data) > MAX_SYSFS_FILE_BYTES:
-        raise DiscoveryError(f"file larger than {MAX_SYSFS_FILE_BYTES} bytes", str(path))
+    # sysfs files report a size of 4096 whatever their length: bound the read, not the size
+    data = read_bounded(path, limit=MAX_SYSFS_FILE_BYTES, what="sysfs file", trust_size=False, error=_sysfs_error)
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:
         raise DiscoveryError("not ASCII text", str(path)) from None
+
+
+def _sysfs_error(message: str, path: str) -> DiscoveryError:
+    return DiscoveryError(message, path)
 
 
 def _read_cpu_list(path: Path) -> frozenset[int]:
