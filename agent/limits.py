@@ -42,6 +42,9 @@ MAX_XML_BYTES = 4 * 1024 * 1024
 MAX_XML_ELEMENTS = 200_000
 #: Deepest element nesting: libvirt's domain and capabilities XML nest about 8 deep.
 MAX_XML_DEPTH = 64
+#: Deepest JSON nesting of any document (files, requests, host states): ours nest at most ~6 deep;
+#: the decoders recurse once per level and Python's recursion limit is ~1000.
+MAX_JSON_DEPTH = 32
 #: Largest placement JSON in a domain's <metadata>: a few KiB even for hundreds of vCPUs; bounds
 #: json.loads' work.
 MAX_METADATA_CHARS = 256 * 1024

@@ -20,6 +20,7 @@ import msgspec
 
 from agent.cpuset import format_id_list, parse_cpu_set
 from agent.errors import InvalidRequest
+from agent.json_input import check_json_depth
 from agent.limits import MAX_MEMORY_MB as MAX_MEMORY_MB  # re-exported: claims and tests name it here
 from agent.limits import MAX_NUMA_NODES, MAX_PAGE_SIZE_KB
 from agent.limits import MAX_VCPUS as MAX_VCPUS  # re-exported: claims and tests name it here
@@ -154,7 +155,9 @@ class _RequestDoc(msgspec.Struct, frozen=True):
 def _decode_doc(doc: Any) -> _RequestDoc:
     try:
         if isinstance(doc, (bytes, bytearray, memoryview, str)):
-            return msgspec.json.decode(bytes(doc) if not isinstance(doc, str) else doc, type=_RequestDoc)
+            data = bytes(doc) if not isinstance(doc, str) else doc
+            check_json_depth(data, what="instance request", error=InvalidRequest)
+            return msgspec.json.decode(data, type=_RequestDoc)
         return msgspec.convert(doc, type=_RequestDoc)
     except msgspec.ValidationError as exc:
         match = re.search(r"at `\$\.([A-Za-z_]+)|missing required field `([A-Za-z_]+)`", str(exc))

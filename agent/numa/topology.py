@@ -12,7 +12,8 @@ from typing import Any, Iterable, Mapping
 
 import msgspec
 
-from agent.errors import InvalidHostState
+from agent.errors import AgentError, InvalidHostState
+from agent.json_input import check_json_depth
 from agent.limits import MAX_DOC_MEMORY_KB, MAX_DOC_PAGE_COUNT, MAX_DOC_PAGESIZE_KB, MAX_ID
 from agent.units import SMALL_PAGE_KB as SMALL_PAGE_KB  # re-exported: the page size host documents name
 
@@ -145,10 +146,11 @@ class TopologyDoc(msgspec.Struct, frozen=True):
     isolated_cpus: list[int] = []
 
 
-def decode_schema(data: Any, schema: type, error: type[Exception]) -> Any:
+def decode_schema(data: Any, schema: type, error: type[AgentError]) -> Any:
     """Convert already-parsed JSON (or bytes/str) into a schema struct, mapping errors to `error`."""
     try:
         if isinstance(data, (bytes, str)):
+            check_json_depth(data, what=f"{schema.__name__.removesuffix('Doc').lower()} document", error=error)
             return msgspec.json.decode(data, type=schema)
         return msgspec.convert(data, type=schema)
     except msgspec.ValidationError as exc:
