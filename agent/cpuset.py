@@ -8,24 +8,23 @@ costs a few ms at most. Callers wrap ValueError in their own typed error naming 
 
 from __future__ import annotations
 
-import re
 from typing import Iterable
 
 from agent.limits import MAX_CPU_SET_DIGITS, MAX_CPU_SET_IDS, MAX_CPU_SET_TOKENS, MAX_HOST_CPU_ID, MAX_ID
+from agent.numbers import ASCII_SPACE, uint_or_none
 
 __all__ = ["MAX_CPU_SET_ID", "format_cpu_set", "format_id_list", "parse_cpu_set", "parse_kernel_cpu_list"]
 
 #: Largest CPU / node id parse_cpu_set accepts by default (far above any kernel's NR_CPUS).
 MAX_CPU_SET_ID = MAX_ID
-_CPU_ID_RE = re.compile(rf"[0-9]{{1,{MAX_CPU_SET_DIGITS}}}")
 
 
 def _cpu_id(text: str, raw: str) -> int:
-    t = text.strip()
-    # ASCII digits only: int() would also take "1_0", "+3", " 3", Unicode digits and 5000-digit strings
-    if not _CPU_ID_RE.fullmatch(t):
-        raise ValueError(f"bad element {raw.strip()[:40]!r}")
-    return int(t)
+    # ASCII digits only: int() would also take "1_0", "+3", Unicode digits and 5000-digit strings
+    value = uint_or_none(text, max_digits=MAX_CPU_SET_DIGITS)
+    if value is None:
+        raise ValueError(f"bad element {raw.strip(ASCII_SPACE)[:40]!r}")
+    return value
 
 
 def _range(part: str, raw: str, max_id: int, excluded: bool, clip_excluded: bool) -> range:
@@ -34,7 +33,7 @@ def _range(part: str, raw: str, max_id: int, excluded: bool, clip_excluded: bool
     lo = _cpu_id(lo_s, raw)
     hi = _cpu_id(hi_s, raw) if dash else lo
     if lo > hi:
-        raise ValueError(f"descending range {raw.strip()[:40]!r}")
+        raise ValueError(f"descending range {raw.strip(ASCII_SPACE)[:40]!r}")
     if excluded and clip_excluded:
         return range(lo, min(hi, max_id) + 1)
     if hi > max_id:
@@ -60,7 +59,7 @@ def parse_cpu_set(
     """
     if not isinstance(text, str):
         raise ValueError(f"a CPU set must be text, not {type(text).__name__}")
-    if not text.strip():
+    if not text.strip(ASCII_SPACE):
         return frozenset()
     tokens = text.split(",")
     if len(tokens) > MAX_CPU_SET_TOKENS:
@@ -69,7 +68,7 @@ def parse_cpu_set(
     exclude: set[int] = set()
     budget = MAX_CPU_SET_IDS
     for raw in tokens:
-        part = raw.strip()
+        part = raw.strip(ASCII_SPACE)
         if not part:
             if allow_empty_elements:
                 continue
@@ -77,7 +76,7 @@ def parse_cpu_set(
         excluded = part.startswith("^")
         if excluded and not allow_exclude:
             raise ValueError(f"bad element {part[:40]!r}")
-        ids = _range(part[1:].strip() if excluded else part, raw, max_id, excluded, clip_excluded)
+        ids = _range(part[1:].strip(ASCII_SPACE) if excluded else part, raw, max_id, excluded, clip_excluded)
         budget -= len(ids)
         if budget < 0:
             raise ValueError(f"selects more than {MAX_CPU_SET_IDS} ids")

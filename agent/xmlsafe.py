@@ -20,16 +20,14 @@ from xml.sax.saxutils import escape as _xml_escape
 
 from agent.errors import DomainXMLError
 from agent.limits import MAX_XML_BYTES, MAX_XML_DEPTH, MAX_XML_ELEMENTS
+from agent.numbers import uint_or_none
 
 __all__ = ["Node", "Splicer", "parse", "to_bytes", "uint", "where"]
-
-_UINT_RE = re.compile(r"[0-9]{1,19}")
 
 
 def uint(text: str) -> int | None:
     """A plain ASCII non-negative integer (no sign, no unicode digits, at most 19 digits)."""
-    t = text.strip()
-    return int(t) if _UINT_RE.fullmatch(t) else None
+    return uint_or_none(text, max_digits=19)
 
 
 class Node:

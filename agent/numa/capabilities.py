@@ -25,6 +25,7 @@ from agent.errors import DiscoveryError, DomainXMLError
 from agent.limits import MAX_DOC_PAGE_COUNT, MAX_HOST_CPU_ID
 from agent.numa.discovery import discover_sysfs, sibling_partition
 from agent.numa.topology import HostTopology, NumaCell, PagePool, numa_cell
+from agent.numbers import uint_or_none
 from agent.units import SMALL_PAGE_KB, scale_to_kib
 from agent.xmlsafe import Node, parse, to_bytes
 
@@ -50,11 +51,10 @@ def parse_xml(xml: str | bytes, what: str = "capabilities", root: str = "capabil
 
 
 def _int(text: str | None, where: str, *, lo: int = 0, hi: int = 1 << 60) -> int:
-    t = (text or "").strip()
-    # digit count first: int() of more than 4300 digits raises a plain ValueError
-    if not (t.isascii() and t.isdigit()) or len(t) > len(str(hi)) or not lo <= int(t) <= hi:
-        raise DomainXMLError(f"capabilities {where}: expected an integer in [{lo}, {hi}], got {t[:40]!r}")
-    return int(t)
+    value = uint_or_none(text or "", max_digits=len(str(hi)))
+    if value is None or not lo <= value <= hi:
+        raise DomainXMLError(f"capabilities {where}: expected an integer in [{lo}, {hi}], got {(text or '')[:40]!r}")
+    return value
 
 
 def _kib(value: int, unit: str | None, where: str) -> int:

@@ -42,6 +42,7 @@ from agent.cpuset import parse_kernel_cpu_list
 from agent.errors import DiscoveryError
 from agent.limits import MAX_HOST_CPU_ID, MAX_SYSFS_DIGITS, MAX_SYSFS_FILE_BYTES
 from agent.numa.topology import HostTopology, NumaCell, PagePool, numa_cell
+from agent.numbers import uint_or_none
 from agent.safe_io import read_bounded
 from agent.units import SMALL_PAGE_KB
 
@@ -89,10 +90,11 @@ def _read_cpu_list(path: Path) -> frozenset[int]:
 
 
 def _read_int(path: Path) -> int:
-    text = _read(path).strip()
-    if not text.isdigit() or not text.isascii():
-        raise DiscoveryError(f"expected a non-negative integer, got {text[:40]!r}", str(path))
-    return _small_int(text, "number", path)
+    text = _read(path)
+    value = uint_or_none(text, max_digits=MAX_SYSFS_DIGITS)
+    if value is None:
+        raise DiscoveryError(f"expected a non-negative integer, got {text.strip()[:40]!r}", str(path))
+    return value
 
 
 def _listdir(path: Path) -> list[str]:
@@ -135,11 +137,12 @@ def _parse_distance(path: Path, node_ids: list[int]) -> dict[int, int]:
         )
     out: dict[int, int] = {}
     for other, word in zip(node_ids, words, strict=True):
-        if not (word.isascii() and word.isdigit()) or len(word) > 3 or not 0 < int(word) <= 255:
+        value = uint_or_none(word, max_digits=3)
+        if value is None or not 0 < value <= 255:
             raise DiscoveryError(
                 f"bad distance {word[:40]!r} (SLIT values are 1..255) in {text.strip()[:200]!r}", str(path)
             )
-        out[other] = int(word)
+        out[other] = value
     return out
 
 

@@ -12,6 +12,7 @@ import msgspec
 from agent.errors import InvalidInput
 from agent.limits import MAX_DOC_MEMORY_MB, MAX_DOC_PAGESIZE_KB, MAX_ID
 from agent.numa.topology import decode_schema
+from agent.numbers import uint_or_none
 
 
 def _ids_ok(ids: Any) -> bool:
@@ -167,10 +168,10 @@ def _check_cell_vcpus(c: CellPlacementDoc, where: str, seen_vcpus: set[int]) -> 
 
 
 def _pins_from_doc(c: CellPlacementDoc, where: str, vcpus: set[int]) -> dict[int, tuple[int, ...]]:
-    try:
-        pins = {int(k): tuple(sorted(v)) for k, v in c.cpu_pins.items()}
-    except ValueError:
-        raise InvalidInput(f"{where}: cpu_pins keys must be vCPU ids") from None
+    keyed = {uint_or_none(k): tuple(sorted(v)) for k, v in c.cpu_pins.items()}
+    if None in keyed:
+        raise InvalidInput(f"{where}: cpu_pins keys must be vCPU ids (ASCII digits)")
+    pins = {k: v for k, v in keyed.items() if k is not None}
     if set(pins) != vcpus:
         raise InvalidInput(f"{where}: cpu_pins must map exactly its vcpus")
     for v, pin in pins.items():

@@ -24,6 +24,7 @@ from agent.json_input import check_json_depth
 from agent.limits import MAX_MEMORY_MB as MAX_MEMORY_MB  # re-exported: claims and tests name it here
 from agent.limits import MAX_NUMA_NODES, MAX_PAGE_SIZE_KB
 from agent.limits import MAX_VCPUS as MAX_VCPUS  # re-exported: claims and tests name it here
+from agent.numbers import uint_or_none
 
 
 class CpuPolicy(enum.Enum):
@@ -250,9 +251,8 @@ def parse_page_size(value: str, key: str) -> PageSizeWish:
         return PageSizeWish(PageSizeKind.LARGE)
     if value == "any":
         return PageSizeWish(PageSizeKind.ANY)
-    if re.fullmatch(r"[0-9]{1,12}", value, re.ASCII):
-        size_kb = int(value)
-    else:
+    size_kb = uint_or_none(value, max_digits=12)
+    if size_kb is None:
         match = _IEC_SIZE_RE.fullmatch(value)
         if match is None:
             raise InvalidRequest(
@@ -484,9 +484,10 @@ def _cell_lists(
     def mems(entries: dict[int, tuple[str, str]]) -> dict[int, tuple[str, int]]:
         out = {}
         for n, (k, v) in entries.items():
-            if not re.fullmatch(r"[0-9]{1,12}", v.strip(), re.ASCII) or int(v) < 1:
+            mb = uint_or_none(v, max_digits=12)
+            if mb is None or mb < 1:
                 raise InvalidRequest(f"{k}={_show(v)}: cell memory must be a positive integer (MiB)", [k])
-            out[n] = (k, int(v))
+            out[n] = (k, mb)
         return out
 
     return _one_cell_map(meta, "cpus", cpus), _one_cell_map(meta, "mem", mems)

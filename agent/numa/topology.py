@@ -15,6 +15,7 @@ import msgspec
 from agent.errors import AgentError, InvalidHostState
 from agent.json_input import check_json_depth
 from agent.limits import MAX_DOC_MEMORY_KB, MAX_DOC_PAGE_COUNT, MAX_DOC_PAGESIZE_KB, MAX_ID
+from agent.numbers import uint_or_none
 from agent.units import SMALL_PAGE_KB as SMALL_PAGE_KB  # re-exported: the page size host documents name
 
 
@@ -192,6 +193,13 @@ def _pages_from_doc(c: CellDoc, where: str) -> list[PagePool]:
     return list(pages.values())
 
 
+def _distances_from_doc(c: CellDoc, where: str) -> dict[int, int]:
+    out = {uint_or_none(k): v for k, v in c.distances.items()}
+    if None in out:
+        raise InvalidHostState(f"{where}.distances: keys must be cell ids (ASCII digits)")
+    return {k: v for k, v in out.items() if k is not None}
+
+
 def topology_from_doc(doc: TopologyDoc) -> HostTopology:
     cells: list[NumaCell] = []
     seen_cpus: set[int] = set()
@@ -207,10 +215,7 @@ def topology_from_doc(doc: TopologyDoc) -> HostTopology:
             raise InvalidHostState(f"{where}.memory_kb: {c.memory_kb} out of range")
         siblings = _siblings_from_doc(c, cpus, where)
         pages = _pages_from_doc(c, where)
-        try:
-            distances = {int(k): int(v) for k, v in c.distances.items()}
-        except ValueError:
-            raise InvalidHostState(f"{where}.distances: keys must be cell ids") from None
+        distances = _distances_from_doc(c, where)
         cells.append(numa_cell(c.id, cpus, siblings, c.memory_kb, pages, distances))
     online = _check_ids(doc.online_cpus, "online_cpus") if doc.online_cpus is not None else frozenset(seen_cpus)
     return HostTopology(

@@ -87,3 +87,58 @@ def test_fit_command_with_deep_files(capsys, tmp_path: Path):
         rc = main(["fit", "--host", str(h), "--instance", str(i)])
         _, err = capsys.readouterr()
         assert rc == 2 and "nested deeper" in err and "Traceback" not in err
+
+
+# --- item 11: numbers are ASCII digits, everywhere ------------------------------------------------
+
+
+@pytest.mark.parametrize("tail", ["\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\u2028"])
+def test_numa_mem_ending_in_a_control_character_is_refused(tail):
+    doc = request_doc(**{"hw:numa_nodes": "1", "hw:numa_cpus.0": "0-1", "hw:numa_mem.0": "1024" + tail})
+    with pytest.raises(InvalidRequest, match="hw:numa_mem.0"):
+        parse_request(doc)
+
+
+@pytest.mark.parametrize("number", ["２０４８", "2_048", "+2048", "²", "1e3", "0x800", "-4"])
+def test_non_ascii_numbers_are_refused_in_requests(number):
+    for key, extra in (
+        ("hw:numa_mem.0", {"hw:numa_nodes": "1", "hw:numa_cpus.0": "0-1"}),
+        ("hw:mem_page_size", {}),
+        ("hw:numa_nodes", {}),
+    ):
+        with pytest.raises(InvalidRequest, match=key):
+            parse_request(request_doc(**extra, **{key: number}))
+
+
+@pytest.mark.parametrize("key", ["２０４８", "2_048", "+2048", "²", "4\x1c"])
+def test_non_ascii_number_keys_are_refused_in_host_documents(key):
+    with pytest.raises(InvalidHostState, match="page size key"):
+        HostState.from_json({**small_host(), "reserved_pages": {"0": {key: 1}}})
+    with pytest.raises(InvalidHostState, match="cell key"):
+        HostState.from_json({**small_host(), "reserved_pages": {key: {"4": 1}}})
+    doc = small_host()
+    doc["cells"][0]["distances"] = {key: 10}
+    with pytest.raises(InvalidHostState, match="distances"):
+        HostState.from_json(doc)
+
+
+def test_cpu_set_elements_with_control_characters_are_refused():
+    from agent.cpuset import parse_cpu_set
+
+    assert parse_cpu_set(" 0-1 ,\t3\n") == {0, 1, 3}
+    for text in ("0-1,\x1c3", "3\x1f", "０", "1_0"):
+        with pytest.raises(ValueError):
+            parse_cpu_set(text)
+
+
+def test_placement_pin_keys_must_be_ascii():
+    from agent.numa.fit import fit
+
+    placement = fit(parse_request(request_doc(**{"hw:cpu_policy": "dedicated"})), HostState.from_json(small_host()))
+    assert isinstance(placement, Placement)
+    doc = placement.to_json()
+    assert Placement.from_json(doc) == placement
+    pins = doc["cells"][0]["cpu_pins"]
+    pins["０"] = pins.pop("0")
+    with pytest.raises(InvalidInput, match="cpu_pins keys"):
+        Placement.from_json(doc)
