@@ -48,6 +48,7 @@ def parse_cpu_set(
     allow_exclude: bool = True,
     allow_empty_elements: bool = True,
     clip_excluded: bool = False,
+    max_ids: int = MAX_CPU_SET_IDS,
 ) -> frozenset[int]:
     """Parse a CPU set like "0-3,^2,8" (Nova/libvirt syntax) into ids; ValueError on garbage.
 
@@ -56,6 +57,7 @@ def parse_cpu_set(
     ids in all. `allow_exclude=False` refuses "^N" (the kernel's list syntax has none);
     `allow_empty_elements=False` refuses "1,,2"; `clip_excluded=True` ignores excluded ids above
     `max_id` instead of refusing them (Nova's masks: "^50" on a 4-vCPU flavor excludes nothing).
+    `max_ids` lowers the id budget where a list is known to be short (an SMT sibling list).
     """
     if not isinstance(text, str):
         raise ValueError(f"a CPU set must be text, not {type(text).__name__}")
@@ -66,7 +68,7 @@ def parse_cpu_set(
         raise ValueError(f"more than {MAX_CPU_SET_TOKENS} elements")
     include: set[int] = set()
     exclude: set[int] = set()
-    budget = MAX_CPU_SET_IDS
+    budget = max_ids
     for raw in tokens:
         part = raw.strip(ASCII_SPACE)
         if not part:
@@ -79,15 +81,15 @@ def parse_cpu_set(
         ids = _range(part[1:].strip(ASCII_SPACE) if excluded else part, raw, max_id, excluded, clip_excluded)
         budget -= len(ids)
         if budget < 0:
-            raise ValueError(f"selects more than {MAX_CPU_SET_IDS} ids")
+            raise ValueError(f"selects more than {max_ids} ids")
         (exclude if excluded else include).update(ids)
     return frozenset(include - exclude)
 
 
-def parse_kernel_cpu_list(text: str) -> frozenset[int]:
+def parse_kernel_cpu_list(text: str, *, max_ids: int = MAX_CPU_SET_IDS) -> frozenset[int]:
     """The kernel's list syntax ("0-3,8,10-11"; empty means none): no "^" exclusions, no empty
-    elements, ids up to MAX_HOST_CPU_ID. ValueError on garbage."""
-    return parse_cpu_set(text, max_id=MAX_HOST_CPU_ID, allow_exclude=False, allow_empty_elements=False)
+    elements, ids up to MAX_HOST_CPU_ID, at most `max_ids` of them. ValueError on garbage."""
+    return parse_cpu_set(text, max_id=MAX_HOST_CPU_ID, allow_exclude=False, allow_empty_elements=False, max_ids=max_ids)
 
 
 def format_cpu_set(cpus: Iterable[int]) -> str:

@@ -22,6 +22,17 @@ MAX_VCPUS = 4096
 #: Most guest NUMA cells: hosts have at most a few dozen nodes.
 MAX_NUMA_NODES = 64
 
+# --- host topology (one set for host-state documents, sysfs discovery and libvirt capabilities) --
+
+#: Most NUMA cells of a host: Linux's MAX_NUMNODES is at most 1024 (CONFIG_NODES_SHIFT <= 10).
+MAX_HOST_CELLS = 1024
+#: Most CPUs of a host (all cells together): the largest NR_CPUS a distribution kernel builds (x86-64 MAXSMP).
+MAX_HOST_CPUS = 8192
+#: Most hardware threads of one core: POWER's SMT8 is the widest shipped.
+MAX_SMT_SIBLINGS = 8
+#: Most page sizes of one cell: x86-64 has 3, arm64 at most 5 (contiguous-bit sizes included).
+MAX_PAGE_SIZES = 16
+
 # --- memory ---------------------------------------------------------------------------------------
 
 #: Most memory of an instance request (MiB): 64 TiB, more than the largest hosts sold.

@@ -40,8 +40,8 @@ from pathlib import Path
 
 from agent.cpuset import parse_kernel_cpu_list
 from agent.errors import DiscoveryError
-from agent.limits import MAX_HOST_CPU_ID, MAX_SYSFS_DIGITS, MAX_SYSFS_FILE_BYTES
-from agent.numa.topology import HostTopology, NumaCell, PagePool, numa_cell
+from agent.limits import MAX_CPU_SET_IDS, MAX_HOST_CPU_ID, MAX_SMT_SIBLINGS, MAX_SYSFS_DIGITS, MAX_SYSFS_FILE_BYTES
+from agent.numa.topology import HostTopology, NumaCell, PagePool, cell_problem, host_size_problem, numa_cell
 from agent.numbers import uint_or_none
 from agent.safe_io import read_bounded
 from agent.units import SMALL_PAGE_KB
@@ -85,8 +85,12 @@ def _sysfs_error(message: str, path: str) -> DiscoveryError:
     return DiscoveryError(message, path)
 
 
-def _read_cpu_list(path: Path) -> frozenset[int]:
-    return parse_cpu_list(_read(path), path)
+def _read_cpu_list(path: Path, max_ids: int = MAX_CPU_SET_IDS) -> frozenset[int]:
+    text = _read(path)
+    try:
+        return parse_kernel_cpu_list(text, max_ids=max_ids)
+    except ValueError as exc:
+        raise DiscoveryError(f"cannot parse CPU list {text.strip()[:80]!r}: {exc}", str(path)) from None
 
 
 def _read_int(path: Path) -> int:
@@ -212,7 +216,8 @@ def sibling_partition(cpus: frozenset[int], siblings_of: dict[int, frozenset[int
 
 def _sibling_groups(cpu_dir: Path, cpus: frozenset[int]) -> tuple[tuple[int, ...], ...]:
     siblings_of = {
-        cpu: _read_cpu_list(cpu_dir / f"cpu{cpu}" / "topology" / "thread_siblings_list") for cpu in sorted(cpus)
+        cpu: _read_cpu_list(cpu_dir / f"cpu{cpu}" / "topology" / "thread_siblings_list", MAX_SMT_SIBLINGS)
+        for cpu in sorted(cpus)
     }
     return sibling_partition(cpus, siblings_of)
 
@@ -238,8 +243,11 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
         raise DiscoveryError("no nodeN directories", str(node_root))
     if node_ids[-1] > MAX_HOST_CPU_ID:
         raise DiscoveryError(f"implausible node id {node_ids[-1]}", str(node_root))
-
     online = _online_cpus(cpu_dir)
+    problem = host_size_problem(len(node_ids), len(online))
+    if problem:
+        raise DiscoveryError(problem, str(root / "devices" / "system"))
+
     offline = _offline_cpus(cpu_dir, online)
     isolated = _read_cpu_list(cpu_dir / "isolated") if (cpu_dir / "isolated").exists() else frozenset()
 
@@ -265,7 +273,11 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
 
         siblings = _sibling_groups(cpu_dir, cpus)
         distances = _parse_distance(node_dir / "distance", node_ids)
-        cells.append(numa_cell(node_id, cpus, siblings, mem_total, pages, distances))
+        cell = numa_cell(node_id, cpus, siblings, mem_total, pages, distances)
+        problem = cell_problem(cell)
+        if problem:
+            raise DiscoveryError(problem, str(node_dir))
+        cells.append(cell)
 
     return HostTopology(
         hostname=hostname if hostname is not None else socket.gethostname(),

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from agent.cli import main
-from agent.errors import InvalidHostState, InvalidInput, InvalidRequest
+from agent.errors import DomainXMLError, InvalidHostState, InvalidInput, InvalidRequest
 from agent.json_input import check_json_depth, json_depth
-from agent.limits import MAX_JSON_DEPTH
+from agent.limits import MAX_HOST_CELLS, MAX_HOST_CPUS, MAX_JSON_DEPTH, MAX_PAGE_SIZES, MAX_SMT_SIBLINGS
 from agent.numa.placement import Placement
 from agent.numa.request import parse_request
 from agent.numa.state import HostState
@@ -142,3 +142,81 @@ def test_placement_pin_keys_must_be_ascii():
     pins["０"] = pins.pop("0")
     with pytest.raises(InvalidInput, match="cpu_pins keys"):
         Placement.from_json(doc)
+
+
+# --- item 12: counts capped at realistic maxima, per-cell work linear --------------------------------
+
+
+def _host_cells(n: int, per: int = 1) -> dict[str, Any]:
+    cells = [
+        {
+            "id": i,
+            "cpus": list(range(i * per, (i + 1) * per)),
+            "memory_kb": 1 << 20,
+            "pages": [{"size_kb": 4, "total": 1 << 18, "free": 1 << 18}],
+        }
+        for i in range(n)
+    ]
+    return {"hostname": "hv", "cells": cells}
+
+
+def _caps(cells_xml: str) -> str:
+    return f"<capabilities><host><topology><cells>{cells_xml}</cells></topology></host></capabilities>"
+
+
+def test_forty_thousand_host_cells_are_refused_before_any_work():
+    # was 8-11 s (58 s on a loaded CI box) of quadratic work, then an answer
+    with pytest.raises(InvalidHostState, match=f"40000 NUMA cells, more than {MAX_HOST_CELLS}"):
+        HostState.from_json(json.dumps(_host_cells(40_000)).encode())
+    with pytest.raises(InvalidHostState, match=f"more than {MAX_HOST_CPUS}"):
+        HostState.from_json(_host_cells(2, per=MAX_HOST_CPUS // 2 + 1))
+
+
+@pytest.mark.timeout(60)  # a loose bound: quadratic work at this size took tens of seconds
+def test_a_host_at_the_bounds_is_read_and_fitted():
+    from agent.numa.fit import fit
+
+    state = HostState.from_json(_host_cells(MAX_HOST_CELLS, per=MAX_HOST_CPUS // MAX_HOST_CELLS))
+    request = parse_request(request_doc(**{"hw:cpu_policy": "dedicated", "hw:numa_nodes": "2"}))
+    assert isinstance(fit(request, state), Placement)
+    assert state.topology.cell(MAX_HOST_CELLS - 1).id == MAX_HOST_CELLS - 1
+
+
+def test_thirty_thousand_capability_cells_are_refused():
+    from agent.numa.capabilities import topology_from_capabilities
+
+    cells = "".join(f'<cell id="{i}"><cpus num="1"><cpu id="{i}" siblings="{i}"/></cpus></cell>' for i in range(30_000))
+    with pytest.raises(DomainXMLError, match="30000 NUMA cells"):  # was 18 s
+        topology_from_capabilities(_caps(cells), "h")
+
+
+def test_wide_sibling_lists_are_refused_before_they_are_expanded():
+    from agent.numa.capabilities import topology_from_capabilities
+
+    # 69 KB of <cpu siblings="0-65535"/> took over 4 GB: each list expanded to 65,536 ids
+    cpus = "".join(f'<cpu id="{i}" siblings="0-65535"/>' for i in range(2000))
+    doc = _caps(f'<cell id="0"><cpus num="2000">{cpus}</cpus></cell>')
+    with pytest.raises(DomainXMLError, match=f"siblings.*more than {MAX_SMT_SIBLINGS} ids"):
+        topology_from_capabilities(doc, "h")
+    # sibling lists that chain into one wide group are refused too (one set of bounds)
+    chained = "".join(f'<cpu id="{i}" siblings="{i},{i + 1}"/>' for i in range(16)) + '<cpu id="16" siblings="16"/>'
+    with pytest.raises(DomainXMLError, match="SMT sibling group of 17 CPUs"):
+        topology_from_capabilities(_caps(f'<cell id="0"><cpus num="17">{chained}</cpus></cell>'), "h")
+
+
+def test_wide_sibling_groups_in_host_documents_are_refused():
+    doc = _host_cells(1, per=16)
+    doc["cells"][0]["siblings"] = [list(range(16))]
+    with pytest.raises(InvalidHostState, match="SMT sibling group of 16"):
+        HostState.from_json(doc)
+
+
+def test_too_many_page_sizes_and_distances_are_refused():
+    doc = _host_cells(1)
+    doc["cells"][0]["pages"] = [{"size_kb": 4 << k, "total": 0, "free": 0} for k in range(MAX_PAGE_SIZES + 1)]
+    with pytest.raises(InvalidHostState, match="page sizes, more than"):
+        HostState.from_json(doc)
+    doc = _host_cells(1)
+    doc["cells"][0]["distances"] = {str(k): 20 for k in range(MAX_HOST_CELLS + 1)}
+    with pytest.raises(InvalidHostState, match="distances, more than"):
+        HostState.from_json(doc)
