@@ -190,6 +190,8 @@ def _abs_path(text: str) -> Path:
     path = Path(text.strip())
     if not text.strip() or not path.is_absolute():
         raise ValueError("must be an absolute path")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in str(path)):  # NUL: every open() fails later
+        raise ValueError("must not contain control characters (NUL, newline, escapes)")
     return path
 
 

@@ -13,6 +13,7 @@ from agent.errors import InvalidInput
 from agent.limits import MAX_DOC_MEMORY_MB, MAX_DOC_PAGESIZE_KB, MAX_ID
 from agent.numa.topology import decode_schema
 from agent.numbers import uint_or_none
+from agent.units import is_page_size
 
 
 def _ids_ok(ids: Any) -> bool:
@@ -152,8 +153,8 @@ def _check_cell_numbers(c: CellPlacementDoc, where: str, seen_guest: set[int]) -
         raise InvalidInput(f"{where}.host_cell: {c.host_cell} out of range")
     if not (0 <= c.memory_mb <= MAX_DOC_MEMORY_MB):
         raise InvalidInput(f"{where}.memory_mb: {c.memory_mb} out of range (0..{MAX_DOC_MEMORY_MB})")
-    if not (0 < c.pagesize_kb <= MAX_DOC_PAGESIZE_KB):
-        raise InvalidInput(f"{where}.pagesize_kb: {c.pagesize_kb} out of range (1..{MAX_DOC_PAGESIZE_KB})")
+    if not (is_page_size(c.pagesize_kb) and c.pagesize_kb <= MAX_DOC_PAGESIZE_KB):
+        raise InvalidInput(f"{where}.pagesize_kb: {c.pagesize_kb} is not a power of two in 4..{MAX_DOC_PAGESIZE_KB}")
 
 
 def _check_cell_vcpus(c: CellPlacementDoc, where: str, seen_vcpus: set[int]) -> set[int]:

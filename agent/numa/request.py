@@ -25,6 +25,7 @@ from agent.limits import MAX_MEMORY_MB as MAX_MEMORY_MB  # re-exported: claims a
 from agent.limits import MAX_NUMA_NODES, MAX_PAGE_SIZE_KB
 from agent.limits import MAX_VCPUS as MAX_VCPUS  # re-exported: claims and tests name it here
 from agent.numbers import uint_or_none
+from agent.units import is_page_size
 
 
 class CpuPolicy(enum.Enum):
@@ -274,6 +275,8 @@ def parse_page_size(value: str, key: str) -> PageSizeWish:
     # DIFFERS FROM NOVA: 0 and absurd sizes are refused here (Nova would carry them to scheduling).
     if not 4 <= size_kb <= MAX_PAGE_SIZE_KB:
         raise InvalidRequest(f"{key}={_show(value)}: page size must be between 4 KiB and 16 GiB", [key])
+    if not is_page_size(size_kb):  # DIFFERS FROM NOVA: 3 or 6 KiB can be no MMU's page size
+        raise InvalidRequest(f"{key}={_show(value)}: a page size is a power of two (4K, 2M, 1G, ...)", [key])
     return PageSizeWish(PageSizeKind.EXPLICIT, size_kb)
 
 

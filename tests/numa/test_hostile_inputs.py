@@ -220,3 +220,105 @@ def test_too_many_page_sizes_and_distances_are_refused():
     doc["cells"][0]["distances"] = {str(k): 20 for k in range(MAX_HOST_CELLS + 1)}
     with pytest.raises(InvalidHostState, match="distances, more than"):
         HostState.from_json(doc)
+
+
+# --- item 13: one set of bounds for discovery and documents; offline CPUs; page sizes -----------------
+
+
+def _sysfs_copy(tmp_path: Path, case: str = "hugepages_mixed") -> Path:
+    import shutil
+
+    root = tmp_path / case
+    shutil.copytree(Path(__file__).resolve().parent.parent / "fixtures" / "sysfs" / case, root)
+    return root
+
+
+def _node0_hugepages(root: Path) -> Path:
+    return root / "devices/system/node/node0/hugepages"
+
+
+def test_discover_output_is_a_valid_host_document(tmp_path):
+    from agent.numa.discovery import discover_sysfs
+
+    topology = discover_sysfs(_sysfs_copy(tmp_path), "hv")
+    assert HostState.from_json(json.dumps(topology.to_json())).topology == topology
+
+
+@pytest.mark.parametrize(
+    "rename, nr, match",
+    [
+        ("hugepages-02048kB", None, "listed twice"),  # the same size twice: fit --host refused it
+        ("hugepages-3kB", None, "not a power of two"),
+        (None, str(1 << 60), "free .* total"),  # a count fit --host refused
+    ],
+)
+def test_discovery_refuses_what_the_document_reader_refuses(tmp_path, rename, nr, match):
+    import shutil
+
+    from agent.errors import DiscoveryError
+    from agent.numa.discovery import discover_sysfs
+
+    root = _sysfs_copy(tmp_path)
+    pools = _node0_hugepages(root)
+    if rename:
+        shutil.copytree(pools / "hugepages-2048kB", pools / rename)
+    if nr:
+        (pools / "hugepages-2048kB" / "nr_hugepages").write_text(nr + "\n")
+    with pytest.raises(DiscoveryError, match=match) as exc:
+        discover_sysfs(root, "hv")
+    assert "node0" in str(exc.value)
+
+
+def test_discovery_refuses_wide_sibling_lists(tmp_path):
+    from agent.errors import DiscoveryError
+    from agent.numa.discovery import discover_sysfs
+
+    root = _sysfs_copy(tmp_path)
+    (root / "devices/system/cpu/cpu0/topology/thread_siblings_list").write_text("0-65535\n")
+    with pytest.raises(DiscoveryError, match="thread_siblings_list.*more than 8 ids"):
+        discover_sysfs(root, "hv")
+
+
+def test_an_offline_cpu_is_never_offered():
+    from agent.numa.fit import fit
+
+    doc = small_host(offline_cpus=[0, 1, 2])  # listed by the cell, but offline
+    state = HostState.from_json(doc)
+    assert state.resources(0).dedicated_cpus == {3}
+    request = parse_request(request_doc(**{"hw:cpu_policy": "dedicated"}))  # 2 vCPUs, 1 online CPU
+    assert not isinstance(fit(request, state), Placement)
+    one = parse_request({**request_doc(**{"hw:cpu_policy": "dedicated"}), "vcpus": 1})
+    placement = fit(one, state)
+    assert isinstance(placement, Placement) and set(placement.cells[0].cpu_pins[0]) == {3}
+    with pytest.raises(InvalidHostState, match="both online and offline"):
+        HostState.from_json(small_host(online_cpus=[0, 1, 2, 3], offline_cpus=[2]))
+
+
+@pytest.mark.parametrize("size_kb", [3, 6, 12, 2047, 3072])
+def test_page_sizes_are_powers_of_two_of_at_least_4k(size_kb):
+    doc = small_host()
+    doc["cells"][0]["pages"].append({"size_kb": size_kb, "total": 0, "free": 0})
+    with pytest.raises(InvalidHostState, match="not a power of two"):
+        HostState.from_json(doc)
+    for spelling in (str(size_kb), f"{size_kb}KiB"):
+        with pytest.raises(InvalidRequest, match="hw:mem_page_size"):
+            parse_request(request_doc(**{"hw:mem_page_size": spelling}))
+
+
+def test_placement_page_size_is_a_power_of_two():
+    from agent.numa.fit import fit
+
+    placement = fit(parse_request(request_doc(**{"hw:cpu_policy": "dedicated"})), HostState.from_json(small_host()))
+    assert isinstance(placement, Placement)
+    doc = placement.to_json()
+    doc["cells"][0]["pagesize_kb"] = 3
+    with pytest.raises(InvalidInput, match="pagesize_kb"):
+        Placement.from_json(doc)
+
+
+def test_capabilities_page_size_must_be_a_power_of_two():
+    from agent.numa.capabilities import topology_from_capabilities
+
+    cell = '<cell id="0"><pages unit="KiB" size="3">10</pages><cpus num="1"><cpu id="0" siblings="0"/></cpus></cell>'
+    with pytest.raises(DomainXMLError, match="not a power of two"):
+        topology_from_capabilities(_caps(cell), "h")
