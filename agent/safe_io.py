@@ -22,7 +22,7 @@ from typing import Callable
 
 from agent.errors import AgentError, InvalidInput
 
-__all__ = ["InputFileError", "read_bounded", "read_bounded_text"]
+__all__ = ["InputFileError", "read_bounded", "read_bounded_text", "require_regular_file"]
 
 _CHUNK = 1 << 16  # os.read size: large enough that a 64 MiB file takes ~1000 calls
 
@@ -126,3 +126,29 @@ def read_bounded_text(
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
         raise error(f"{what} {path}: not {encoding} text (byte {exc.start})", str(path)) from None
+
+
+def require_regular_file(
+    path: str | Path, *, what: str, follow_symlinks: bool = True, error: ErrorFactory = _default_error
+) -> os.stat_result | None:
+    """The `stat` of `path` when it is a regular file, None when it does not exist; otherwise
+    `error` (a FIFO, a device, a directory, a socket; a symbolic link with `follow_symlinks=False`).
+
+    For files another library opens itself (SQLite's ledger.db): opened without blocking and
+    checked with fstat, so a FIFO named like the file is refused at once instead of hanging.
+    """
+    name = str(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _open_error(exc, what, name, error) from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} {name}: not a regular file ({_kind(st.st_mode)})", name)
+    return st

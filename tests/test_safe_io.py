@@ -13,7 +13,7 @@ from agent.cli import main
 from agent.config import load_config
 from agent.errors import ConfigError, DiscoveryError
 from agent.numa.discovery import discover_sysfs
-from agent.safe_io import InputFileError, read_bounded, read_bounded_text
+from agent.safe_io import InputFileError, read_bounded, read_bounded_text, require_regular_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.timeout(20)  # a regression here is a hang: fail instead
@@ -124,3 +124,13 @@ def test_config_too_large(tmp_path):
 def test_bus_key_file_fifo_is_refused(fifo):
     with pytest.raises(KeyFileError, match=f"{fifo}.*FIFO"):
         Keyring.from_file(fifo)
+
+
+def test_require_regular_file_for_files_a_library_opens(tmp_path, fifo):
+    """For the ledger: SQLite opens ledger.db itself; a FIFO of that name must be refused, not hang."""
+    assert require_regular_file(tmp_path / "ledger.db", what="ledger") is None
+    (tmp_path / "ledger.db").write_bytes(b"x" * 10)
+    assert require_regular_file(tmp_path / "ledger.db", what="ledger").st_size == 10
+    for path in (fifo, "/dev/zero", tmp_path):
+        with pytest.raises(InputFileError, match="not a regular file"):
+            require_regular_file(path, what="ledger")
