@@ -89,6 +89,16 @@ def test_fit_command_with_deep_files(capsys, tmp_path: Path):
         assert rc == 2 and "nested deeper" in err and "Traceback" not in err
 
 
+def test_deep_request_to_the_ledger_is_a_typed_error(tmp_path):
+    from agent.claims.ledger import Ledger
+
+    state = HostState.from_json(small_host())
+    text = json.dumps(request_doc())[:-2] + ', "deep": ' + _deep(5000) + "}}"
+    with Ledger.open(tmp_path) as ledger:
+        with pytest.raises(InvalidInput, match="nested deeper"):
+            ledger.claim("m-1", text, "src", 60, lambda: state)
+
+
 # --- item 11: numbers are ASCII digits, everywhere ------------------------------------------------
 
 
