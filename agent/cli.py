@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 from agent import __version__
 from agent.cpuset import format_cpu_set
 from agent.errors import AgentError, InvalidInput
-from agent.limits import MAX_CLI_FILE_BYTES
+from agent.limits import MAX_CLI_FILE_BYTES, MAX_XML_BYTES
+from agent.safe_io import read_bounded, read_bounded_text
 from agent.units import page_label
 
 # The commands' own modules (rich, the ledger, libvirt) are imported where they are used, so that
@@ -36,13 +37,7 @@ PROG = "compute-agent"
 
 
 def _read_json_file(path: str, what: str) -> Any:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidInput(f"{what} file {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CLI_FILE_BYTES:
-        raise InvalidInput(f"{what} file {path}: larger than 64 MiB")
-    return data
+    return read_bounded(path, limit=MAX_CLI_FILE_BYTES, what=f"{what} file")
 
 
 # --- discover -----------------------------------------------------------------------------------
@@ -51,10 +46,7 @@ def _read_json_file(path: str, what: str) -> Any:
 def _read_capabilities(path: str | None) -> str | None:
     if not path:
         return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"capabilities file {path}: {exc}") from None
+    return read_bounded_text(path, limit=MAX_XML_BYTES, what="capabilities file")
 
 
 def _cmd_discover(args: argparse.Namespace) -> int:

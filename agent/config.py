@@ -17,6 +17,8 @@ from typing import Any, Callable, Literal
 
 from agent.cpuset import format_cpu_set, parse_cpu_set
 from agent.errors import ConfigError
+from agent.limits import MAX_CONFIG_FILE_BYTES
+from agent.safe_io import read_bounded_text
 
 DEFAULT_CONFIG_PATH = Path("/etc/compute-agent/compute-agent.conf")
 
@@ -202,6 +204,8 @@ def _abs_path(text: str) -> Path:
     path = Path(text.strip())
     if not text.strip() or not path.is_absolute():
         raise ValueError("must be an absolute path")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in str(path)):  # NUL: every open() fails later
+        raise ValueError("must not contain control characters (NUL, newline, escapes)")
     return path
 
 
@@ -366,6 +370,10 @@ def _check_bus(bus: BusConfig, source: str) -> None:
         raise ConfigError(f"{source}: [bus] ssl_cert_file and ssl_key_file: give both or neither")
 
 
+def _config_error(message: str, path: str) -> ConfigError:
+    return ConfigError(message)  # the message names the path already
+
+
 def _read_ini(path: str | Path | None, text: str | None) -> tuple[configparser.ConfigParser, str] | None:
     """(the parsed file, its name for messages); None when the default file does not exist."""
     parser = configparser.ConfigParser(interpolation=None, default_section=_NO_DEFAULT_SECTION)
@@ -378,8 +386,8 @@ def _read_ini(path: str | Path | None, text: str | None) -> tuple[configparser.C
             if path is not None:
                 raise ConfigError(f"{source}: config file not found")
             return None
-        with open(source, encoding="utf-8") as fh:
-            parser.read_file(fh, source=source)
+        content = read_bounded_text(source, limit=MAX_CONFIG_FILE_BYTES, what="config file", error=_config_error)
+        parser.read_string(content, source=source)
     except configparser.Error as exc:
         raise ConfigError(f"{source}: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -22,6 +22,17 @@ MAX_VCPUS = 4096
 #: Most guest NUMA cells: hosts have at most a few dozen nodes.
 MAX_NUMA_NODES = 64
 
+# --- host topology (one set for host-state documents, sysfs discovery and libvirt capabilities) --
+
+#: Most NUMA cells of a host: Linux's MAX_NUMNODES is at most 1024 (CONFIG_NODES_SHIFT <= 10).
+MAX_HOST_CELLS = 1024
+#: Most CPUs of a host (all cells together): the largest NR_CPUS a distribution kernel builds (x86-64 MAXSMP).
+MAX_HOST_CPUS = 8192
+#: Most hardware threads of one core: POWER's SMT8 is the widest shipped.
+MAX_SMT_SIBLINGS = 8
+#: Most page sizes of one cell: x86-64 has 3, arm64 at most 5 (contiguous-bit sizes included).
+MAX_PAGE_SIZES = 16
+
 # --- memory ---------------------------------------------------------------------------------------
 
 #: Most memory of an instance request (MiB): 64 TiB, more than the largest hosts sold.
@@ -42,9 +53,14 @@ MAX_XML_BYTES = 4 * 1024 * 1024
 MAX_XML_ELEMENTS = 200_000
 #: Deepest element nesting: libvirt's domain and capabilities XML nest about 8 deep.
 MAX_XML_DEPTH = 64
-#: Largest placement JSON in a domain's <metadata>: a few KiB even for hundreds of vCPUs; bounds
-#: json.loads' work.
-MAX_METADATA_CHARS = 256 * 1024
+#: Deepest JSON nesting of any document (files, requests, host states): ours nest at most ~6 deep;
+#: the decoders recurse once per level and Python's recursion limit is ~1000.
+MAX_JSON_DEPTH = 32
+#: Largest placement JSON in a domain's <metadata>: most of what a document may hold (the rest is
+#: left to the domain). Each floating vCPU lists every CPU it may run on, so 400 floating vCPUs
+#: over 512 CPUs take ~1 MB (a 256 KiB bound made the rewriter refuse guests the parser accepts);
+#: json.loads of 4 MiB takes ~50 ms.
+MAX_METADATA_CHARS = MAX_XML_BYTES - (64 << 10)
 
 # --- files ----------------------------------------------------------------------------------------
 
@@ -52,6 +68,8 @@ MAX_METADATA_CHARS = 256 * 1024
 MAX_SYSFS_FILE_BYTES = 1 << 20
 #: Most digits of a number read from sysfs: a u64 has 20; int() of thousands of digits is slow.
 MAX_SYSFS_DIGITS = 20
+#: Largest configuration file: a commented agent.conf is a few KiB.
+MAX_CONFIG_FILE_BYTES = 1 << 20
 #: Largest JSON/XML file the CLI reads (topologies, requests, host states): far above any real one.
 MAX_CLI_FILE_BYTES = 64 << 20
 
@@ -61,3 +79,6 @@ MAX_CLI_FILE_BYTES = 64 << 20
 MAX_DOC_PAGE_COUNT = 1 << 48
 #: Most memory of one cell in a topology document (KiB): an exbibyte.
 MAX_DOC_MEMORY_KB = 1 << 50
+#: Largest instance metadata (flavor extra specs + image properties) in a domain's <metadata>: Nova
+#: caps an extra spec at 255 characters and a flavor at a few hundred of them, far below this.
+MAX_INSTANCE_METADATA_CHARS = 256 << 10

@@ -6,7 +6,7 @@ memory that does not fill its last page still takes the page.
 
 from __future__ import annotations
 
-__all__ = ["SMALL_PAGE_KB", "mib_from_kib", "page_label", "pages_for", "scale_to_kib"]
+__all__ = ["SMALL_PAGE_KB", "is_page_size", "mib_from_kib", "page_label", "pages_for", "scale_to_kib"]
 
 #: The small (base) page size of x86-64 and most aarch64 kernels, in KiB.
 SMALL_PAGE_KB = 4
@@ -27,6 +27,11 @@ def scale_to_kib(value: int, unit: str | None) -> int:
     else:
         raise ValueError(f"unknown unit {unit!r}")
     return -(-(value * factor) // 1024)
+
+
+def is_page_size(size_kb: int) -> bool:
+    """A size a page can have: a power of two of at least 4 KiB (every MMU's pages are; 3 KiB is not)."""
+    return size_kb >= SMALL_PAGE_KB and size_kb & (size_kb - 1) == 0
 
 
 def mib_from_kib(kib: int) -> int:

@@ -20,16 +20,14 @@ from xml.sax.saxutils import escape as _xml_escape
 
 from agent.errors import DomainXMLError
 from agent.limits import MAX_XML_BYTES, MAX_XML_DEPTH, MAX_XML_ELEMENTS
+from agent.numbers import uint_or_none
 
 __all__ = ["Node", "Splicer", "parse", "to_bytes", "uint", "where"]
-
-_UINT_RE = re.compile(r"[0-9]{1,19}")
 
 
 def uint(text: str) -> int | None:
     """A plain ASCII non-negative integer (no sign, no unicode digits, at most 19 digits)."""
-    t = text.strip()
-    return int(t) if _UINT_RE.fullmatch(t) else None
+    return uint_or_none(text, max_digits=19)
 
 
 class Node:
@@ -117,14 +115,31 @@ def to_bytes(xml: str | bytes, what: str, *, require_utf8: bool = False) -> tupl
     if not isinstance(xml, (bytes, bytearray, memoryview)):
         raise DomainXMLError(f"{what} XML must be str or bytes, not {type(xml).__name__}")
     data = bytes(xml)
+    _check_encoding(data, what)
     if not require_utf8:
-        return data, False
+        return data, True  # parsed as UTF-8 (ASCII is a subset); invalid bytes are "not well-formed"
     _check_size(data, what)
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DomainXMLError(f"{what} XML is not UTF-8: {exc}") from None
     return data, True
+
+
+# the encoding in an XML declaration (which must open the document, after an optional UTF-8 BOM)
+_DECL_ENCODING_RE = re.compile(rb"""(?:\xef\xbb\xbf)?<\?xml\s[^>]{0,200}?\bencoding\s*=\s*["']([^"']{0,40})["']""")
+_UTF8_NAMES = frozenset({"utf-8", "utf8", "us-ascii", "ascii"})
+
+
+def _check_encoding(data: bytes, what: str) -> None:
+    """Refuse a declared encoding other than UTF-8/ASCII, and UTF-16/32 byte order marks: libvirt
+    writes UTF-8 only, and expat's support of other encodings raises untyped errors (UTF-7)."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data[:4] in (b"\x00\x00\xfe\xff", b"\xff\xfe\x00\x00"):
+        raise DomainXMLError(f"{what} XML: UTF-16/UTF-32 documents are not accepted (UTF-8 only)")
+    match = _DECL_ENCODING_RE.match(data)
+    if match is not None and match.group(1).decode("latin-1").strip().lower() not in _UTF8_NAMES:
+        declared = match.group(1).decode("latin-1")
+        raise DomainXMLError(f"{what} XML: encoding {declared!r} is not accepted (UTF-8 or ASCII only)")
 
 
 def _check_size(data: bytes, what: str) -> None:

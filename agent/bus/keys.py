@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from agent.bus.errors import KeyFileError
+from agent.safe_io import read_bounded
 
 MIN_SECRET_BYTES = 32  # HMAC-SHA256's block of strength; shorter secrets are guessable offline
 MAX_KEYS = 64  # a rotation needs two; more is a mistake, not a policy
@@ -35,6 +36,10 @@ def canonical_json(envelope_without_sig: Mapping[str, Any]) -> bytes:
     return text.encode("utf-8")
 
 
+def _key_file_error(message: str, path: str) -> KeyFileError:
+    return KeyFileError(message)  # the message names the path already
+
+
 @dataclass(frozen=True, slots=True)
 class Keyring:
     """The keys of one process: `signing_kid` signs, every kid in `secrets` verifies."""
@@ -44,13 +49,7 @@ class Keyring:
 
     @classmethod
     def from_file(cls, path: str | Path) -> Keyring:
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(MAX_KEY_FILE_BYTES + 1)
-        except OSError as exc:
-            raise KeyFileError(f"{path}: cannot read the bus key file: {exc.strerror or exc}") from None
-        if len(data) > MAX_KEY_FILE_BYTES:
-            raise KeyFileError(f"{path}: larger than {MAX_KEY_FILE_BYTES} bytes")
+        data = read_bounded(path, limit=MAX_KEY_FILE_BYTES, what="bus key file", error=_key_file_error)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:

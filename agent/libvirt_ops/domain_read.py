@@ -15,7 +15,7 @@ from agent.cpuset import format_cpu_set, parse_cpu_set
 from agent.errors import DomainXMLError
 from agent.libvirt_ops.domain_model import PLACEMENT_NS, DomainPlacement, GuestNumaCell, HugepageBacking
 from agent.limits import MAX_METADATA_CHARS, MAX_VCPUS
-from agent.units import scale_to_kib
+from agent.units import is_page_size, scale_to_kib
 from agent.xmlsafe import Node, parse, to_bytes, uint, where
 
 __all__ = ["parse_domain", "placement_elements", "read_domain"]
@@ -217,7 +217,14 @@ def _read_hugepages(root: Node) -> tuple[HugepageBacking, ...]:
     pages = hp.find_all("page")
     if not pages:
         return (HugepageBacking(None, None),)
-    return tuple(HugepageBacking(_memory_attr(p, "size"), _optional_cpu_set(p, "nodeset")) for p in pages)
+    return tuple(HugepageBacking(_page_size(p), _optional_cpu_set(p, "nodeset")) for p in pages)
+
+
+def _page_size(page: Node) -> int:
+    size_kb = _memory_attr(page, "size")
+    if not is_page_size(size_kb):
+        raise DomainXMLError(f"{where(page, 'size')}: {size_kb} KiB is not a page size (a power of two >= 4 KiB)")
+    return size_kb
 
 
 def placement_elements(metadata: Node | None) -> list[Node]:

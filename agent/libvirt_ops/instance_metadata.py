@@ -32,7 +32,7 @@ from agent.libvirt_ops.connection import _libvirt, lookup_domain
 from agent.libvirt_ops.domain_read import parse_domain, read_domain
 from agent.libvirt_ops.domain_rewrite import _METADATA_AFTER
 from agent.libvirt_ops.errors import LibvirtOpError
-from agent.limits import MAX_METADATA_CHARS
+from agent.limits import MAX_INSTANCE_METADATA_CHARS
 from agent.xmlsafe import Node, Splicer, parse, to_bytes
 
 __all__ = [
@@ -127,8 +127,8 @@ def _check_bounds(meta: InstanceMetadata) -> None:
                 raise InvalidInput(f"instance metadata {what}: key {str(key)[:40]!r} is not 1-{MAX_KEY_CHARS} chars")
             if not isinstance(value, str) or len(value) > MAX_VALUE_CHARS:
                 raise InvalidInput(f"instance metadata {what}[{key!r}]: not a string of at most {MAX_VALUE_CHARS}")
-    if len(json_text(meta)) > MAX_METADATA_CHARS:
-        raise InvalidInput(f"instance metadata: more than {MAX_METADATA_CHARS} characters of JSON")
+    if len(json_text(meta)) > MAX_INSTANCE_METADATA_CHARS:
+        raise InvalidInput(f"instance metadata: more than {MAX_INSTANCE_METADATA_CHARS} characters of JSON")
 
 
 def json_text(meta: InstanceMetadata) -> str:
@@ -163,8 +163,8 @@ def _read_node(root: Node) -> InstanceMetadata | None:
     if not ours:
         return None
     text = ours[0].text
-    if len(text) > MAX_METADATA_CHARS:
-        raise DomainXMLError(f"<domain/metadata/{ours[0].tag}>: more than {MAX_METADATA_CHARS} characters")
+    if len(text) > MAX_INSTANCE_METADATA_CHARS:
+        raise DomainXMLError(f"<domain/metadata/{ours[0].tag}>: more than {MAX_INSTANCE_METADATA_CHARS} characters")
     try:
         return InstanceMetadata.from_json(text)
     except InvalidInput as exc:

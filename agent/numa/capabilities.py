@@ -22,9 +22,10 @@ from typing import Iterable, Mapping
 
 from agent.cpuset import format_id_list, parse_kernel_cpu_list
 from agent.errors import DiscoveryError, DomainXMLError
-from agent.limits import MAX_DOC_PAGE_COUNT, MAX_HOST_CPU_ID
+from agent.limits import MAX_DOC_PAGE_COUNT, MAX_HOST_CPU_ID, MAX_SMT_SIBLINGS
 from agent.numa.discovery import discover_sysfs, sibling_partition
-from agent.numa.topology import HostTopology, NumaCell, PagePool, numa_cell
+from agent.numa.topology import HostTopology, NumaCell, PagePool, cell_problem, host_size_problem, numa_cell
+from agent.numbers import uint_or_none
 from agent.units import SMALL_PAGE_KB, scale_to_kib
 from agent.xmlsafe import Node, parse, to_bytes
 
@@ -50,11 +51,10 @@ def parse_xml(xml: str | bytes, what: str = "capabilities", root: str = "capabil
 
 
 def _int(text: str | None, where: str, *, lo: int = 0, hi: int = 1 << 60) -> int:
-    t = (text or "").strip()
-    # digit count first: int() of more than 4300 digits raises a plain ValueError
-    if not (t.isascii() and t.isdigit()) or len(t) > len(str(hi)) or not lo <= int(t) <= hi:
-        raise DomainXMLError(f"capabilities {where}: expected an integer in [{lo}, {hi}], got {t[:40]!r}")
-    return int(t)
+    value = uint_or_none(text or "", max_digits=len(str(hi)))
+    if value is None or not lo <= value <= hi:
+        raise DomainXMLError(f"capabilities {where}: expected an integer in [{lo}, {hi}], got {(text or '')[:40]!r}")
+    return value
 
 
 def _kib(value: int, unit: str | None, where: str) -> int:
@@ -64,9 +64,9 @@ def _kib(value: int, unit: str | None, where: str) -> int:
         raise DomainXMLError(f"capabilities {where}: {exc}") from None
 
 
-def _cpus(text: str, where: str) -> frozenset[int]:
+def _cpus(text: str, where: str, max_ids: int) -> frozenset[int]:
     try:
-        return parse_kernel_cpu_list(text)
+        return parse_kernel_cpu_list(text, max_ids=max_ids)
     except ValueError as exc:
         raise DomainXMLError(f"capabilities {where}: cannot parse CPU list {text!r}: {exc}") from None
 
@@ -83,11 +83,15 @@ def topology_from_capabilities(xml: str | bytes, hostname: str | None = None) ->
     cells_el = parse_xml(xml).find_path("host/topology/cells")
     if cells_el is None:
         raise DomainXMLError("capabilities XML has no <host><topology><cells> (no NUMA information)")
+    cell_els = cells_el.find_all("cell")
+    _check_size(cell_els)
     cells: list[NumaCell] = []
     owner: dict[int, int] = {}  # CPU -> cell, to refuse a CPU listed by two cells
-    for index, cell_el in enumerate(cells_el.find_all("cell")):
-        cell = _read_cell(cell_el, index, owner, {c.id for c in cells})
+    cell_ids: set[int] = set()
+    for index, cell_el in enumerate(cell_els):
+        cell = _read_cell(cell_el, index, owner, cell_ids)
         owner.update((c, cell.id) for c in cell.cpus)
+        cell_ids.add(cell.id)
         cells.append(cell)
     if not cells:
         raise DomainXMLError("capabilities XML: <cells> lists no <cell>")
@@ -96,6 +100,14 @@ def topology_from_capabilities(xml: str | bytes, hostname: str | None = None) ->
         cells=tuple(sorted(cells, key=lambda c: c.id)),
         online_cpus=frozenset(owner),
     )
+
+
+def _check_size(cell_els: list[Node]) -> None:
+    """The host bounds, before any per-cell work (a 30,000-cell document is refused at once)."""
+    cpu_count = sum(len(cpus.children) for c in cell_els for cpus in c.find_all("cpus"))
+    problem = host_size_problem(len(cell_els), cpu_count)
+    if problem:
+        raise DomainXMLError(f"capabilities: {problem}")
 
 
 def _read_cell(cell_el: Node, index: int, owner: Mapping[int, int], cell_ids: set[int]) -> NumaCell:
@@ -112,7 +124,11 @@ def _read_cell(cell_el: Node, index: int, owner: Mapping[int, int], cell_ids: se
     distances = _read_distances(cell_el, where)
     sib_of = _read_cpus(cell_el, where, owner)
     cpus = frozenset(sib_of)
-    return numa_cell(cell_id, cpus, sibling_partition(cpus, sib_of), memory_kb, pages, distances)
+    cell = numa_cell(cell_id, cpus, sibling_partition(cpus, sib_of), memory_kb, pages, distances)
+    problem = cell_problem(cell)
+    if problem:
+        raise DomainXMLError(f"capabilities {where}: {problem}")
+    return cell
 
 
 def _read_pages(cell_el: Node, where: str) -> list[PagePool]:
@@ -145,7 +161,11 @@ def _read_cpus(cell_el: Node, where: str, owner: Mapping[int, int]) -> dict[int,
         if cpu in owner or cpu in sib_of:
             raise DomainXMLError(f"capabilities {where}: CPU {cpu} listed twice")
         sibs = cpu_el.attrs.get("siblings")
-        sib_of[cpu] = _cpus(sibs, f"{where} cpu {cpu} siblings") | {cpu} if sibs is not None else frozenset({cpu})
+        sib_of[cpu] = (
+            _cpus(sibs, f"{where} cpu {cpu} siblings", MAX_SMT_SIBLINGS) | {cpu}
+            if sibs is not None
+            else frozenset({cpu})
+        )
     return sib_of
 
 

@@ -34,15 +34,16 @@ Any missing or unparsable file raises `DiscoveryError` naming that file; nothing
 
 from __future__ import annotations
 
-import errno
 import re
 import socket
 from pathlib import Path
 
 from agent.cpuset import parse_kernel_cpu_list
 from agent.errors import DiscoveryError
-from agent.limits import MAX_HOST_CPU_ID, MAX_SYSFS_DIGITS, MAX_SYSFS_FILE_BYTES
-from agent.numa.topology import HostTopology, NumaCell, PagePool, numa_cell
+from agent.limits import MAX_CPU_SET_IDS, MAX_HOST_CPU_ID, MAX_SMT_SIBLINGS, MAX_SYSFS_DIGITS, MAX_SYSFS_FILE_BYTES
+from agent.numa.topology import HostTopology, NumaCell, PagePool, cell_problem, host_size_problem, numa_cell
+from agent.numbers import uint_or_none
+from agent.safe_io import read_bounded
 from agent.units import SMALL_PAGE_KB
 
 __all__ = ["discover_sysfs", "parse_cpu_list"]
@@ -72,33 +73,32 @@ def _p(path: str | Path | None) -> str | None:
 
 
 def _read(path: Path) -> str:
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_SYSFS_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise DiscoveryError("missing file", str(path)) from None
-    except IsADirectoryError:
-        raise DiscoveryError("expected a file, found a directory", str(path)) from None
-    except OSError as exc:
-        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "I/O error")
-        raise DiscoveryError(f"cannot read: {reason}", str(path)) from None
-    if len(data) > MAX_SYSFS_FILE_BYTES:
-        raise DiscoveryError(f"file larger than {MAX_SYSFS_FILE_BYTES} bytes", str(path))
+    # sysfs files report a size of 4096 whatever their length: bound the read, not the size
+    data = read_bounded(path, limit=MAX_SYSFS_FILE_BYTES, what="sysfs file", trust_size=False, error=_sysfs_error)
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:
         raise DiscoveryError("not ASCII text", str(path)) from None
 
 
-def _read_cpu_list(path: Path) -> frozenset[int]:
-    return parse_cpu_list(_read(path), path)
+def _sysfs_error(message: str, path: str) -> DiscoveryError:
+    return DiscoveryError(message, path)
+
+
+def _read_cpu_list(path: Path, max_ids: int = MAX_CPU_SET_IDS) -> frozenset[int]:
+    text = _read(path)
+    try:
+        return parse_kernel_cpu_list(text, max_ids=max_ids)
+    except ValueError as exc:
+        raise DiscoveryError(f"cannot parse CPU list {text.strip()[:80]!r}: {exc}", str(path)) from None
 
 
 def _read_int(path: Path) -> int:
-    text = _read(path).strip()
-    if not text.isdigit() or not text.isascii():
-        raise DiscoveryError(f"expected a non-negative integer, got {text[:40]!r}", str(path))
-    return _small_int(text, "number", path)
+    text = _read(path)
+    value = uint_or_none(text, max_digits=MAX_SYSFS_DIGITS)
+    if value is None:
+        raise DiscoveryError(f"expected a non-negative integer, got {text.strip()[:40]!r}", str(path))
+    return value
 
 
 def _listdir(path: Path) -> list[str]:
@@ -141,11 +141,12 @@ def _parse_distance(path: Path, node_ids: list[int]) -> dict[int, int]:
         )
     out: dict[int, int] = {}
     for other, word in zip(node_ids, words, strict=True):
-        if not (word.isascii() and word.isdigit()) or len(word) > 3 or not 0 < int(word) <= 255:
+        value = uint_or_none(word, max_digits=3)
+        if value is None or not 0 < value <= 255:
             raise DiscoveryError(
                 f"bad distance {word[:40]!r} (SLIT values are 1..255) in {text.strip()[:200]!r}", str(path)
             )
-        out[other] = int(word)
+        out[other] = value
     return out
 
 
@@ -215,7 +216,8 @@ def sibling_partition(cpus: frozenset[int], siblings_of: dict[int, frozenset[int
 
 def _sibling_groups(cpu_dir: Path, cpus: frozenset[int]) -> tuple[tuple[int, ...], ...]:
     siblings_of = {
-        cpu: _read_cpu_list(cpu_dir / f"cpu{cpu}" / "topology" / "thread_siblings_list") for cpu in sorted(cpus)
+        cpu: _read_cpu_list(cpu_dir / f"cpu{cpu}" / "topology" / "thread_siblings_list", MAX_SMT_SIBLINGS)
+        for cpu in sorted(cpus)
     }
     return sibling_partition(cpus, siblings_of)
 
@@ -241,8 +243,11 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
         raise DiscoveryError("no nodeN directories", str(node_root))
     if node_ids[-1] > MAX_HOST_CPU_ID:
         raise DiscoveryError(f"implausible node id {node_ids[-1]}", str(node_root))
-
     online = _online_cpus(cpu_dir)
+    problem = host_size_problem(len(node_ids), len(online))
+    if problem:
+        raise DiscoveryError(problem, str(root / "devices" / "system"))
+
     offline = _offline_cpus(cpu_dir, online)
     isolated = _read_cpu_list(cpu_dir / "isolated") if (cpu_dir / "isolated").exists() else frozenset()
 
@@ -268,7 +273,11 @@ def discover_sysfs(root: str | Path = "/sys", hostname: str | None = None) -> Ho
 
         siblings = _sibling_groups(cpu_dir, cpus)
         distances = _parse_distance(node_dir / "distance", node_ids)
-        cells.append(numa_cell(node_id, cpus, siblings, mem_total, pages, distances))
+        cell = numa_cell(node_id, cpus, siblings, mem_total, pages, distances)
+        problem = cell_problem(cell)
+        if problem:
+            raise DiscoveryError(problem, str(node_dir))
+        cells.append(cell)
 
     return HostTopology(
         hostname=hostname if hostname is not None else socket.gethostname(),

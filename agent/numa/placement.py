@@ -12,6 +12,8 @@ import msgspec
 from agent.errors import InvalidInput
 from agent.limits import MAX_DOC_MEMORY_MB, MAX_DOC_PAGESIZE_KB, MAX_ID
 from agent.numa.topology import decode_schema
+from agent.numbers import uint_or_none
+from agent.units import is_page_size
 
 
 def _ids_ok(ids: Any) -> bool:
@@ -151,8 +153,8 @@ def _check_cell_numbers(c: CellPlacementDoc, where: str, seen_guest: set[int]) -
         raise InvalidInput(f"{where}.host_cell: {c.host_cell} out of range")
     if not (0 <= c.memory_mb <= MAX_DOC_MEMORY_MB):
         raise InvalidInput(f"{where}.memory_mb: {c.memory_mb} out of range (0..{MAX_DOC_MEMORY_MB})")
-    if not (0 < c.pagesize_kb <= MAX_DOC_PAGESIZE_KB):
-        raise InvalidInput(f"{where}.pagesize_kb: {c.pagesize_kb} out of range (1..{MAX_DOC_PAGESIZE_KB})")
+    if not (is_page_size(c.pagesize_kb) and c.pagesize_kb <= MAX_DOC_PAGESIZE_KB):
+        raise InvalidInput(f"{where}.pagesize_kb: {c.pagesize_kb} is not a power of two in 4..{MAX_DOC_PAGESIZE_KB}")
 
 
 def _check_cell_vcpus(c: CellPlacementDoc, where: str, seen_vcpus: set[int]) -> set[int]:
@@ -167,10 +169,10 @@ def _check_cell_vcpus(c: CellPlacementDoc, where: str, seen_vcpus: set[int]) -> 
 
 
 def _pins_from_doc(c: CellPlacementDoc, where: str, vcpus: set[int]) -> dict[int, tuple[int, ...]]:
-    try:
-        pins = {int(k): tuple(sorted(v)) for k, v in c.cpu_pins.items()}
-    except ValueError:
-        raise InvalidInput(f"{where}: cpu_pins keys must be vCPU ids") from None
+    keyed = {uint_or_none(k): tuple(sorted(v)) for k, v in c.cpu_pins.items()}
+    if None in keyed:
+        raise InvalidInput(f"{where}: cpu_pins keys must be vCPU ids (ASCII digits)")
+    pins = {k: v for k, v in keyed.items() if k is not None}
     if set(pins) != vcpus:
         raise InvalidInput(f"{where}: cpu_pins must map exactly its vcpus")
     for v, pin in pins.items():

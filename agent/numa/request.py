@@ -20,9 +20,12 @@ import msgspec
 
 from agent.cpuset import format_id_list, parse_cpu_set
 from agent.errors import InvalidRequest
+from agent.json_input import check_json_depth
 from agent.limits import MAX_MEMORY_MB as MAX_MEMORY_MB  # re-exported: claims and tests name it here
 from agent.limits import MAX_NUMA_NODES, MAX_PAGE_SIZE_KB
 from agent.limits import MAX_VCPUS as MAX_VCPUS  # re-exported: claims and tests name it here
+from agent.numbers import uint_or_none
+from agent.units import is_page_size
 
 
 class CpuPolicy(enum.Enum):
@@ -154,7 +157,9 @@ class _RequestDoc(msgspec.Struct, frozen=True):
 def _decode_doc(doc: Any) -> _RequestDoc:
     try:
         if isinstance(doc, (bytes, bytearray, memoryview, str)):
-            return msgspec.json.decode(bytes(doc) if not isinstance(doc, str) else doc, type=_RequestDoc)
+            data = bytes(doc) if not isinstance(doc, str) else doc
+            check_json_depth(data, what="instance request", error=InvalidRequest)
+            return msgspec.json.decode(data, type=_RequestDoc)
         return msgspec.convert(doc, type=_RequestDoc)
     except msgspec.ValidationError as exc:
         match = re.search(r"at `\$\.([A-Za-z_]+)|missing required field `([A-Za-z_]+)`", str(exc))
@@ -247,9 +252,8 @@ def parse_page_size(value: str, key: str) -> PageSizeWish:
         return PageSizeWish(PageSizeKind.LARGE)
     if value == "any":
         return PageSizeWish(PageSizeKind.ANY)
-    if re.fullmatch(r"[0-9]{1,12}", value, re.ASCII):
-        size_kb = int(value)
-    else:
+    size_kb = uint_or_none(value, max_digits=12)
+    if size_kb is None:
         match = _IEC_SIZE_RE.fullmatch(value)
         if match is None:
             raise InvalidRequest(
@@ -271,6 +275,8 @@ def parse_page_size(value: str, key: str) -> PageSizeWish:
     # DIFFERS FROM NOVA: 0 and absurd sizes are refused here (Nova would carry them to scheduling).
     if not 4 <= size_kb <= MAX_PAGE_SIZE_KB:
         raise InvalidRequest(f"{key}={_show(value)}: page size must be between 4 KiB and 16 GiB", [key])
+    if not is_page_size(size_kb):  # DIFFERS FROM NOVA: 3 or 6 KiB can be no MMU's page size
+        raise InvalidRequest(f"{key}={_show(value)}: a page size is a power of two (4K, 2M, 1G, ...)", [key])
     return PageSizeWish(PageSizeKind.EXPLICIT, size_kb)
 
 
@@ -481,9 +487,10 @@ def _cell_lists(
     def mems(entries: dict[int, tuple[str, str]]) -> dict[int, tuple[str, int]]:
         out = {}
         for n, (k, v) in entries.items():
-            if not re.fullmatch(r"[0-9]{1,12}", v.strip(), re.ASCII) or int(v) < 1:
+            mb = uint_or_none(v, max_digits=12)
+            if mb is None or mb < 1:
                 raise InvalidRequest(f"{k}={_show(v)}: cell memory must be a positive integer (MiB)", [k])
-            out[n] = (k, int(v))
+            out[n] = (k, mb)
         return out
 
     return _one_cell_map(meta, "cpus", cpus), _one_cell_map(meta, "mem", mems)

@@ -41,6 +41,7 @@ from agent.numa.topology import (
     decode_schema,
     topology_from_doc,
 )
+from agent.numbers import uint_or_none
 
 DEFAULT_CPU_ALLOCATION_RATIO = 4.0
 DEFAULT_RAM_ALLOCATION_RATIO = 1.0
@@ -197,10 +198,9 @@ class HostStateDoc(TopologyDoc, frozen=True):
 def _size_map(raw: Mapping[str, int], where: str) -> dict[int, int]:
     out: dict[int, int] = {}
     for k, v in raw.items():
-        try:
-            size = int(k)
-        except ValueError:
-            raise InvalidHostState(f"{where}: page size key {k!r} is not a number of KiB") from None
+        size = uint_or_none(k)
+        if size is None:
+            raise InvalidHostState(f"{where}: page size key {k[:40]!r} is not a number of KiB")
         if size <= 0 or v < 0 or v > MAX_DOC_PAGE_COUNT:
             raise InvalidHostState(f"{where}[{k}]: {v} out of range")
         out[size] = v
@@ -225,10 +225,9 @@ def host_state_from_doc(doc: HostStateDoc) -> HostState:
         )
     reserved_pages: dict[int, dict[int, int]] = {}
     for cell_key, sizes in doc.reserved_pages.items():
-        try:
-            cell_id = int(cell_key)
-        except ValueError:
-            raise InvalidHostState(f"reserved_pages: cell key {cell_key!r} is not a cell id") from None
+        cell_id = uint_or_none(cell_key)
+        if cell_id is None:
+            raise InvalidHostState(f"reserved_pages: cell key {cell_key[:40]!r} is not a cell id")
         reserved_pages[cell_id] = _size_map(sizes, f"reserved_pages[{cell_key}]")
     for ratio_name in ("cpu_allocation_ratio", "ram_allocation_ratio"):
         ratio = getattr(doc, ratio_name)

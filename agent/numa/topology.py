@@ -12,9 +12,23 @@ from typing import Any, Iterable, Mapping
 
 import msgspec
 
-from agent.errors import InvalidHostState
-from agent.limits import MAX_DOC_MEMORY_KB, MAX_DOC_PAGE_COUNT, MAX_DOC_PAGESIZE_KB, MAX_ID
+from agent.cpuset import format_id_list
+from agent.errors import AgentError, InvalidHostState
+from agent.json_input import check_json_depth
+from agent.limits import (
+    MAX_DOC_MEMORY_KB,
+    MAX_DOC_PAGE_COUNT,
+    MAX_DOC_PAGESIZE_KB,
+    MAX_HOST_CELLS,
+    MAX_HOST_CPU_ID,
+    MAX_HOST_CPUS,
+    MAX_ID,
+    MAX_PAGE_SIZES,
+    MAX_SMT_SIBLINGS,
+)
+from agent.numbers import uint_or_none
 from agent.units import SMALL_PAGE_KB as SMALL_PAGE_KB  # re-exported: the page size host documents name
+from agent.units import is_page_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +91,52 @@ def numa_cell(
     return NumaCell(id=cell_id, cpus=cpus, siblings=siblings, memory_kb=memory_kb, pages=ordered, distances=distances)
 
 
+# --- bounds: the one set every host reader applies (documents, sysfs, capabilities) ----------------
+
+
+def host_size_problem(cell_count: int, cpu_count: int) -> str | None:
+    """Why a host of this size must be refused (None: it is plausible). Checked before per-cell work."""
+    if cell_count > MAX_HOST_CELLS:
+        return f"{cell_count} NUMA cells, more than {MAX_HOST_CELLS} (Linux MAX_NUMNODES)"
+    if cpu_count > MAX_HOST_CPUS:
+        return f"{cpu_count} CPUs, more than {MAX_HOST_CPUS} (the largest NR_CPUS)"
+    return None
+
+
+def cell_problem(cell: NumaCell) -> str | None:
+    """Why a host reader must refuse this cell (None: fine): ids, SMT width, page pools, distances."""
+    if not 0 <= cell.id <= MAX_HOST_CPU_ID:
+        return f"cell id {cell.id} out of range 0..{MAX_HOST_CPU_ID}"
+    if not 0 <= cell.memory_kb <= MAX_DOC_MEMORY_KB:
+        return f"memory_kb {cell.memory_kb} out of range"
+    wide = next((g for g in cell.siblings if len(g) > MAX_SMT_SIBLINGS), None)
+    if wide is not None:
+        return f"an SMT sibling group of {len(wide)} CPUs, more than {MAX_SMT_SIBLINGS}"
+    return _pages_problem(cell.pages) or _distances_problem(cell.distances)
+
+
+def _pages_problem(pages: Iterable[PagePool]) -> str | None:
+    sizes: set[int] = set()
+    for p in pages:
+        if not is_page_size(p.size_kb) or p.size_kb > MAX_DOC_PAGESIZE_KB or p.size_kb in sizes:
+            return f"page size {p.size_kb} KiB is not a power of two >= 4 KiB, too large, or listed twice"
+        if not 0 <= p.free <= p.total <= MAX_DOC_PAGE_COUNT:
+            return f"{p.size_kb} KiB pages: need 0 <= free ({p.free}) <= total ({p.total}) <= {MAX_DOC_PAGE_COUNT}"
+        sizes.add(p.size_kb)
+    if len(sizes) > MAX_PAGE_SIZES:
+        return f"{len(sizes)} page sizes, more than {MAX_PAGE_SIZES}"
+    return None
+
+
+def _distances_problem(distances: Mapping[int, int]) -> str | None:
+    if len(distances) > MAX_HOST_CELLS:
+        return f"{len(distances)} distances, more than {MAX_HOST_CELLS} cells"
+    for other, value in distances.items():
+        if not 0 <= other <= MAX_HOST_CPU_ID or not 0 < value <= 255:
+            return f"distance to cell {other}: {value} (SLIT distances are 1..255)"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class HostTopology:
     hostname: str
@@ -84,12 +144,14 @@ class HostTopology:
     online_cpus: frozenset[int]
     offline_cpus: frozenset[int] = frozenset()
     isolated_cpus: frozenset[int] = frozenset()
+    # cell id -> cell, so that cell() is O(1) (callers look every cell up: O(n^2) otherwise)
+    _by_id: Mapping[int, NumaCell] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_id", {c.id: c for c in self.cells})
 
     def cell(self, cell_id: int) -> NumaCell:
-        for c in self.cells:
-            if c.id == cell_id:
-                return c
-        raise KeyError(cell_id)
+        return self._by_id[cell_id]
 
     @property
     def cell_ids(self) -> tuple[int, ...]:
@@ -145,10 +207,11 @@ class TopologyDoc(msgspec.Struct, frozen=True):
     isolated_cpus: list[int] = []
 
 
-def decode_schema(data: Any, schema: type, error: type[Exception]) -> Any:
+def decode_schema(data: Any, schema: type, error: type[AgentError]) -> Any:
     """Convert already-parsed JSON (or bytes/str) into a schema struct, mapping errors to `error`."""
     try:
         if isinstance(data, (bytes, str)):
+            check_json_depth(data, what=f"{schema.__name__.removesuffix('Doc').lower()} document", error=error)
             return msgspec.json.decode(data, type=schema)
         return msgspec.convert(data, type=schema)
     except msgspec.ValidationError as exc:
@@ -190,13 +253,25 @@ def _pages_from_doc(c: CellDoc, where: str) -> list[PagePool]:
     return list(pages.values())
 
 
+def _distances_from_doc(c: CellDoc, where: str) -> dict[int, int]:
+    out = {uint_or_none(k): v for k, v in c.distances.items()}
+    if None in out:
+        raise InvalidHostState(f"{where}.distances: keys must be cell ids (ASCII digits)")
+    return {k: v for k, v in out.items() if k is not None}
+
+
 def topology_from_doc(doc: TopologyDoc) -> HostTopology:
+    problem = host_size_problem(len(doc.cells), sum(len(c.cpus) for c in doc.cells))
+    if problem:
+        raise InvalidHostState(f"host: {problem}")
     cells: list[NumaCell] = []
     seen_cpus: set[int] = set()
+    cell_ids: set[int] = set()
     for i, c in enumerate(doc.cells):
         where = f"cells[{i}] (id {c.id})"
-        if any(cell.id == c.id for cell in cells):
+        if c.id in cell_ids:
             raise InvalidHostState(f"{where}: duplicate cell id")
+        cell_ids.add(c.id)
         cpus = _check_ids(c.cpus, f"{where}.cpus")
         if cpus & seen_cpus:
             raise InvalidHostState(f"{where}: CPUs {sorted(cpus & seen_cpus)} belong to two cells")
@@ -205,16 +280,28 @@ def topology_from_doc(doc: TopologyDoc) -> HostTopology:
             raise InvalidHostState(f"{where}.memory_kb: {c.memory_kb} out of range")
         siblings = _siblings_from_doc(c, cpus, where)
         pages = _pages_from_doc(c, where)
-        try:
-            distances = {int(k): int(v) for k, v in c.distances.items()}
-        except ValueError:
-            raise InvalidHostState(f"{where}.distances: keys must be cell ids") from None
-        cells.append(numa_cell(c.id, cpus, siblings, c.memory_kb, pages, distances))
-    online = _check_ids(doc.online_cpus, "online_cpus") if doc.online_cpus is not None else frozenset(seen_cpus)
+        distances = _distances_from_doc(c, where)
+        cell = numa_cell(c.id, cpus, siblings, c.memory_kb, pages, distances)
+        problem = cell_problem(cell)
+        if problem:
+            raise InvalidHostState(f"{where}: {problem}")
+        cells.append(cell)
     return HostTopology(
         hostname=doc.hostname,
         cells=tuple(sorted(cells, key=lambda c: c.id)),
-        online_cpus=online,
+        online_cpus=_online_from_doc(doc, frozenset(seen_cpus)),
         offline_cpus=_check_ids(doc.offline_cpus, "offline_cpus"),
         isolated_cpus=_check_ids(doc.isolated_cpus, "isolated_cpus"),
     )
+
+
+def _online_from_doc(doc: TopologyDoc, cell_cpus: frozenset[int]) -> frozenset[int]:
+    """The online CPUs: as listed (never also offline), else the cells' CPUs minus the offline ones
+    (an offline CPU must never be offered, whatever a cell lists)."""
+    offline = _check_ids(doc.offline_cpus, "offline_cpus")
+    if doc.online_cpus is None:
+        return cell_cpus - offline
+    online = _check_ids(doc.online_cpus, "online_cpus")
+    if online & offline:
+        raise InvalidHostState(f"CPUs {format_id_list(online & offline)} are listed both online and offline")
+    return online

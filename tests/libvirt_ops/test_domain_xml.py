@@ -966,3 +966,58 @@ def test_guest_cell_page_kib_with_and_without_a_default_hugepage_size():
     bare = DomainPlacement(name="d", uuid="", vcpus=2, memory_kib=2048, hugepages=(HugepageBacking(None, None),))
     assert guest_cell_page_kib(bare, 0) is None
     assert guest_cell_page_kib(bare, 0, default_hugepage_kb=2048) == 2048
+
+
+# --- issue 12 item 13: odd encodings, hugepage sizes, many floating vCPUs --------------------------
+
+_MINIMAL = "<domain type='kvm'><name>x</name><vcpu>1</vcpu><memory>1024</memory></domain>"
+
+
+@pytest.mark.parametrize("encoding", ["UTF-7", "utf-16", "latin-1", "cp1252", "ebcdic-cp-us", "bogus", ""])
+def test_declared_encodings_other_than_utf8_are_refused(encoding: str) -> None:
+    doc = f"<?xml version='1.0' encoding='{encoding}'?>{_MINIMAL}".encode()
+    with pytest.raises(DomainXMLError, match="encoding"):
+        parse_domain(doc)
+
+
+@pytest.mark.parametrize("encoding", ["UTF-8", "utf8", "US-ASCII", "ascii"])
+def test_utf8_and_ascii_declarations_are_read(encoding: str) -> None:
+    assert parse_domain(f'<?xml version="1.0" encoding="{encoding}"?>{_MINIMAL}'.encode()).name == "x"
+
+
+def test_utf16_documents_are_refused() -> None:
+    for data in (_MINIMAL.encode("utf-16"), _MINIMAL.encode("utf-32")):
+        with pytest.raises(DomainXMLError, match="UTF-16/UTF-32"):
+            parse_domain(data)
+
+
+def test_hugepage_size_must_be_a_power_of_two() -> None:
+    doc = _MINIMAL.replace(
+        "</domain>", "<memoryBacking><hugepages><page size='3' unit='KiB'/></hugepages></memoryBacking></domain>"
+    )
+    with pytest.raises(DomainXMLError, match="not a page size"):
+        parse_domain(doc)
+
+
+def test_rewriter_accepts_400_floating_vcpus_on_a_large_host() -> None:
+    """The placement JSON in <metadata> lists every CPU a floating vCPU may use: ~1 MB here, which
+    the old 256 KiB metadata bound refused on read-back (the parser accepted the guest)."""
+    from agent.numa.fit import fit
+    from agent.numa.request import parse_request
+    from agent.numa.state import HostState
+
+    cpus = list(range(512))
+    host = {
+        "cells": [
+            {"id": 0, "cpus": cpus, "memory_kb": 1 << 30, "pages": [{"size_kb": 4, "total": 1 << 28, "free": 1 << 28}]}
+        ]
+    }
+    uuid = "12345678-1234-1234-1234-123456789012"
+    placement = fit(parse_request({"uuid": uuid, "vcpus": 400, "memory_mb": 4096}), HostState.from_json(host))
+    assert isinstance(placement, Placement)
+    xml = (
+        f"<domain type='kvm'><name>x</name><uuid>{uuid}</uuid><memory unit='MiB'>4096</memory><vcpu>400</vcpu></domain>"
+    )
+    out = rewrite_for_placement(xml, placement)
+    assert len(out) > 256 * 1024
+    assert parse_domain(out).agent_placement == placement.to_json()

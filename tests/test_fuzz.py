@@ -1,0 +1,67 @@
+"""The fuzz targets of fuzz/ (issue 12): the seed corpus replayed in-process (fast, every run), and
+each target fuzzed by atheris in a subprocess for a bounded time (FUZZ_SECONDS, default 20 s each;
+0 skips). A crash is an exception that is not the project's typed error; the crashing input is kept
+in fuzz/crashes/ and belongs in fuzz/corpus/<target>/ with its fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fuzz.targets import TARGETS, run_one
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "fuzz" / "corpus"
+DICTS = ROOT / "fuzz" / "dicts"
+FUZZ_SECONDS = int(os.environ.get("FUZZ_SECONDS", "20"))
+
+
+def _seeds(target: str) -> list[Path]:
+    return sorted(p for p in (CORPUS / target).iterdir() if p.is_file())
+
+
+def test_every_target_has_a_small_seed_corpus():
+    assert set(TARGETS) == {p.name for p in CORPUS.iterdir() if p.is_dir()}
+    for target in TARGETS:
+        seeds = _seeds(target)
+        assert seeds, target
+        assert all(p.stat().st_size <= 64 * 1024 for p in seeds)  # kept in git: small files only
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_seed_corpus_replays_without_a_crash(target):
+    for seed in _seeds(target):
+        run_one(TARGETS[target], seed.read_bytes())  # raises on a crash, naming nothing: see the traceback
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(FUZZ_SECONDS * 3 + 60)
+@pytest.mark.skipif(FUZZ_SECONDS <= 0, reason="FUZZ_SECONDS=0")
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_fuzz_target_finds_no_crash(target, tmp_path):
+    scratch = tmp_path / "corpus"
+    scratch.mkdir()
+    cmd = [
+        sys.executable,
+        str(ROOT / "fuzz" / "fuzz_target.py"),
+        target,
+        f"-max_total_time={FUZZ_SECONDS}",
+        "-timeout=10",  # one input slower than 10 s is a crash (a hang)
+        "-rss_limit_mb=2048",
+        "-max_len=65536",
+        "-print_final_stats=1",
+        f"-artifact_prefix={tmp_path}/",
+        *([f"-dict={DICTS / (target + '.dict')}"] if (DICTS / (target + ".dict")).exists() else []),
+        str(scratch),  # new inputs go here: the seed corpus in the repo is only read
+        str(CORPUS / target),
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=FUZZ_SECONDS * 3 + 30)
+    crashes = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert done.returncode == 0 and not crashes, f"{target} crashed ({crashes}):\n{done.stderr[-6000:]}"
+    runs = next((line for line in done.stderr.splitlines() if "number_of_executed_units" in line), "")
+    assert int(runs.rsplit(":", 1)[-1]) > 100, f"{target} barely ran: {runs!r}"
