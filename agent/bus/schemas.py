@@ -76,6 +76,14 @@ class RpcVersions(Struct, frozen=True):
     max: Version
 
 
+class LedgerDamageView(Struct, frozen=True):
+    """A damaged claim ledger, as the agent says it loudly (README, "When the claim ledger is damaged")."""
+
+    refusing_new_claims: bool  # true: every claim is answered Refused until hold_until
+    hold_until: Seconds | None  # epoch seconds; null: until the agent reopens its ledger
+    summary: Text
+
+
 class Capabilities(Struct, frozen=True):
     """The `capabilities.<host>` event body, also the first part of `describe_host`'s result."""
 
@@ -90,9 +98,10 @@ class Capabilities(Struct, frozen=True):
     libvirt_uri: Uri
     cells: Annotated[list[CellFree], msgspec.Meta(max_length=1024)]
     ts: Seconds
+    ledger_damage: LedgerDamageView | None = None  # null: the ledger was never found damaged
 
 
-class DescribeHostResult(Capabilities, frozen=True):
+class DescribeHostResult(Capabilities, frozen=True, kw_only=True):
     host_state: dict[str, Any]  # the "Host state" document of formats.md
 
 

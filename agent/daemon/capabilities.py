@@ -20,7 +20,8 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from agent import __version__
-from agent.bus.schemas import Capabilities, CellFree, RpcVersions
+from agent.bus.schemas import Capabilities, CellFree, LedgerDamageView, RpcVersions
+from agent.claims.damage import LedgerDamage
 from agent.claims.hoststate import HostStateReport, compute_host_state
 from agent.claims.model import ClaimState
 from agent.config import AgentConfig
@@ -102,7 +103,17 @@ def cells_free(state: HostState) -> list[CellFree]:
     ]
 
 
-def capabilities_body(facts: HostFacts, state: HostState, *, seq: int, ts: float) -> Capabilities:
+def damage_view(damage: LedgerDamage | None) -> LedgerDamageView | None:
+    if damage is None:
+        return None
+    return LedgerDamageView(
+        refusing_new_claims=damage.refusing_new_claims, hold_until=damage.hold_until, summary=damage.summary
+    )
+
+
+def capabilities_body(
+    facts: HostFacts, state: HostState, *, seq: int, ts: float, damage: LedgerDamage | None = None
+) -> Capabilities:
     return Capabilities(
         host=facts.host,
         seq=seq,
@@ -115,6 +126,7 @@ def capabilities_body(facts: HostFacts, state: HostState, *, seq: int, ts: float
         libvirt_uri=facts.libvirt_uri,
         cells=cells_free(state),
         ts=ts,
+        ledger_damage=damage_view(damage),
     )
 
 
@@ -129,9 +141,15 @@ def host_state_now(ctx: AgentContext) -> HostStateReport:
 class Announcer:
     """Builds and publishes `capabilities.<host>` events, numbered from 1 (thread-safe)."""
 
-    def __init__(self, facts: HostFacts, sink: EventSink, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        facts: HostFacts,
+        sink: EventSink,
+        clock: Callable[[], float],
+        damage: Callable[[], LedgerDamage | None] = lambda: None,
+    ) -> None:
         self.facts = facts
-        self._sink, self._clock = sink, clock
+        self._sink, self._clock, self._damage = sink, clock, damage
         self._seq = 0
         self._lock = threading.Lock()
 
@@ -142,12 +160,12 @@ class Announcer:
 
     def current(self, state: HostState) -> Capabilities:
         """The body as of now, numbered like the last event (describe_host's first part)."""
-        return capabilities_body(self.facts, state, seq=self._seq, ts=self._clock())
+        return capabilities_body(self.facts, state, seq=self._seq, ts=self._clock(), damage=self._damage())
 
     def publish(self, state: HostState, why: str) -> Capabilities:
         with self._lock:  # one at a time, so the broker sees them in seq order
             self._seq += 1
-            body = capabilities_body(self.facts, state, seq=self._seq, ts=self._clock())
+            body = capabilities_body(self.facts, state, seq=self._seq, ts=self._clock(), damage=self._damage())
             self._sink.publish(f"capabilities.{self.facts.host}", body)
         log.info("capabilities #%d published (%s)", body.seq, why)
         return body

@@ -290,6 +290,7 @@ class Destination:
             "schema_version": ledger.schema_version,
             "corrupt_files": [str(p) for p in ledger.corrupt_files],
             "recovered_from_corrupt": str(recovered) if recovered is not None else None,
+            "damage": damage.to_json() if (damage := ledger.damage) is not None else None,
         }
 
 

@@ -156,7 +156,7 @@ class Daemon:
         self._say("starting: libvirt, claim ledger, topology")
         ctx, facts = await self._on_worker(self._prepare)
         self._say("starting: serving the bus")
-        self.announcer = Announcer(facts, self.events, ctx.clock)
+        self.announcer = Announcer(facts, self.events, ctx.clock, damage=lambda: ctx.ledger.damage)
         # the source first: STATUS reads "serving; 2 migrations out, 1 claim held"
         self.roles = [*(factory(ctx) for factory in self._role_factories), Destination(ctx, self.announcer)]
         self.server = RpcServer(self.cfg.bus, self.host, self.keyring)
@@ -174,8 +174,9 @@ class Daemon:
         cfg = self.cfg
         ensure_event_loop()  # before any connection, so connections get keepalives and events
         conn = self.libvirt.get()
+        # a damaged ledger is salvaged at once (never started empty), and new claims wait out the hold
         self.ledger = Ledger.from_config(
-            cfg.claims, fitter=functools.partial(fit, preference=cfg.compute.placement_preference)
+            cfg.claims, fitter=functools.partial(fit, preference=cfg.compute.placement_preference), on_corrupt="salvage"
         )
         # sysfs wins; each disagreement with libvirt's capabilities is logged by discover()
         topology, _ = discover(self.opts.sysfs_root, conn.getCapabilities(), hostname=self.host)
@@ -416,9 +417,12 @@ class Daemon:
         return new
 
     def _report_ledger_damage(self, ledger: Ledger) -> None:
-        if ledger.recovered_from_corrupt is not None or ledger.corrupt_files:
+        damage = ledger.damage
+        if damage is not None and damage.refusing_new_claims:
             self.metrics.ledger_damage_found(max(1, len(ledger.corrupt_files)))
-            log.error("claim ledger damage found: %s", ", ".join(map(str, ledger.corrupt_files)))
+            log.error("claim ledger %s: %s", ledger.path, damage.summary)
+        elif damage is not None:
+            log.warning("claim ledger %s: %s", ledger.path, damage.summary)
 
     def _live(self) -> int:
         return len(self.ledger.live_claims()) if self.ledger is not None else 0
