@@ -26,6 +26,7 @@ import msgspec
 from agent.bus import schemas as s
 from agent.bus.errors import RemoteError, RemoteInternal, VersionCapError
 from agent.bus.schemas import parse_version
+from agent.orchestrator.model import DescribedHost
 
 T = TypeVar("T", bound=msgspec.Struct)
 V10, V11 = "1.0", "1.1"
@@ -64,14 +65,17 @@ def _typed(result: dict[str, Any], kind: type[T], host: str, method: str) -> T:
 class AgentAPI:
     """The agent's methods, capped by the client's version cap and by each agent's own maximum."""
 
-    def __init__(self, client: Transport, *, peer_versions: PeerVersions | None = None) -> None:
+    def __init__(
+        self, client: Transport, *, peer_versions: PeerVersions | None = None, cap: tuple[int, int] = (1, 1)
+    ) -> None:
         self.client = client
         self.peer_versions = peer_versions or (lambda host: None)
+        self.cap = cap  # [upgrade_levels] agent, resolved (agent.orchestrator.versions.resolve_cap)
 
     def can_send(self, host: str, version: str) -> bool:
-        """`version` is within the cap and the agent `host` advertises at least it."""
-        peer = self.peer_versions(host)
-        return self.client.can_send(version) and (peer is None or parse_version(version) <= peer)
+        """`version` is within the cap (ours and the client's) and the agent `host` advertises it."""
+        asked, peer = parse_version(version), self.peer_versions(host)
+        return asked <= self.cap and self.client.can_send(version) and (peer is None or asked <= peer)
 
     def _require(self, host: str, version: str, what: str) -> None:
         if not self.can_send(host, version):
@@ -83,15 +87,15 @@ class AgentAPI:
 
     # --- 1.0 --------------------------------------------------------------------------------------
 
-    def describe_host(self, host: str) -> s.DescribeHostResult:
-        return self._call(host, "describe_host", {}, s.DescribeHostResult, V10)
+    def describe_host(self, host: str) -> DescribedHost:
+        return self._call(host, "describe_host", {}, DescribedHost, V10)
 
-    def describe_all_hosts(self, timeout: float) -> dict[str, s.DescribeHostResult | RemoteError]:
+    def describe_all_hosts(self, timeout: float) -> dict[str, DescribedHost | RemoteError]:
         """A broadcast describe_host: {host: result or its error}, every reply within `timeout`."""
-        out: dict[str, s.DescribeHostResult | RemoteError] = {}
+        out: dict[str, DescribedHost | RemoteError] = {}
         for host, reply in self.client.broadcast_call("describe_host", {}, timeout=timeout, version=V10).items():
             try:
-                out[host] = reply if isinstance(reply, RemoteError) else _typed(reply, s.DescribeHostResult, host, "")
+                out[host] = reply if isinstance(reply, RemoteError) else _typed(reply, DescribedHost, host, "")
             except RemoteError as exc:
                 out[host] = exc
         return out
