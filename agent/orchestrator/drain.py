@@ -69,7 +69,7 @@ class Drainer:
 
     def move_one(self, host: str, instance: str) -> DrainItem:
         try:
-            started = self._start(host, instance)
+            started = self.start(host, instance)
         except NoDestination as exc:
             return DrainItem(instance, "no-destination", reason=exc.message, rejections=exc.rejections)
         except NumaMigrationRefused as exc:
@@ -80,7 +80,8 @@ class Drainer:
             return DrainItem(instance, "failed", reason=str(exc))
         return self._follow(started)
 
-    def _start(self, host: str, instance: str) -> Started:
+    def start(self, host: str, instance: str) -> Started:
+        """Plan and start, waiting and trying again while every destination answers Busy."""
         for attempt in range(ALL_BUSY_RETRIES + 1):
             plan = self.orch.plan(instance, host)
             try:

@@ -163,8 +163,17 @@ class _SharedPublisherServer(RpcServer):
 class SimWorld:
     """The simulated fleet: its agents, their shared publishers and the migration scheduler."""
 
-    def __init__(self, cfg: BusConfig, keyring: Keyring, state_dir: Path, *, migration_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        cfg: BusConfig,
+        keyring: Keyring,
+        state_dir: Path,
+        *,
+        migration_s: float = 0.05,
+        model: Callable[[SimInstance], float] | None = None,
+    ) -> None:
         self.cfg, self.keyring, self.state_dir, self.migration_s = cfg, keyring, state_dir, migration_s
+        self.model = model  # the modelled time of one instance's migration (default: migration_s)
         self.agents: dict[str, SimAgent] = {}
         self.scheduler = Scheduler()
         self.events = EventPublisher(cfg, keyring, sender="sim-fleet")
@@ -197,6 +206,9 @@ class SimWorld:
             agent.ledger.close()
         self.events.close(5)
         self.replies.stop(5)
+
+    def duration(self, instance: SimInstance) -> float:
+        return self.model(instance) if self.model is not None else self.migration_s
 
     def where(self, uuid: str) -> list[str]:
         return [a.name for a in self.agents.values() if uuid in a.instances]
@@ -408,11 +420,11 @@ class SimAgent:
             mig = self.outbound.pop(0)
             self.running_out += 1
             mig.status, mig.phase, mig.started = "running", "precopy", time.monotonic()
-        half = self.world.migration_s / 2
-        self.world.scheduler.at(half, lambda: self._progress(mig))
-        self.world.scheduler.at(self.world.migration_s, lambda: self._finish(mig))
+        took = self.world.duration(mig.instance)
+        self.world.scheduler.at(took / 2, lambda: self._progress(mig, took / 2))
+        self.world.scheduler.at(took, lambda: self._finish(mig))
 
-    def _progress(self, mig: SimMigration) -> None:
+    def _progress(self, mig: SimMigration, eta_s: float) -> None:
         mig.percent = 50.0
         body = {
             "migration_id": mig.migration_id,
@@ -421,7 +433,7 @@ class SimAgent:
             "destination": mig.destination,
             "phase": "precopy",
             "percent": 50.0,
-            "eta_s": self.world.migration_s / 2,
+            "eta_s": eta_s,
             "memory_total": mig.instance.memory_mb << 20,
             "memory_remaining": mig.instance.memory_mb << 19,
             "dirty_rate_bps": 1 << 20,
