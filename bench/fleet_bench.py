@@ -9,9 +9,11 @@ Simulated (agent.orchestrator.simulation): the libvirt side; each migration take
 (MODEL_BASE_S + memory / MODEL_BANDWIDTH_MB_S) and then moves the domain with the claimed pinning.
 
 Per N: topologies and instances are generated from the seed (hosts filled to about half), then the
-orchestrator, in a process of its own (so its memory is its own), migrates M distinct instances
-chosen at random, CONCURRENCY at a time, each from its host to wherever the library chooses
-(alternates on NoFit / Busy). Reported per run:
+orchestrator, in a process of its own (so its memory is its own), does M migrations, CONCURRENCY at a
+time, of instances chosen at random (each lane of the pool owns its instances and moves them in
+turn, so an instance may move several times but never twice at once), each from where it runs to
+wherever the library chooses (alternates on NoFit / Busy; when every candidate is Busy, the wait for
+`retry_after` is not counted as overhead). Reported per run:
 
 - overhead per migration: the orchestrator's decision path, from describe_instance to the source's
   `live_migrate` accepted (candidates, every claim tried, the start), p50 / p99; the modelled
@@ -35,7 +37,6 @@ import json
 import logging
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def run_one(n: int, m: int, seed: int, old: float, base_cfg: BusConfig, key_file
             start_s = time.monotonic() - t0
             caps_before, t1 = world.capability_events, time.monotonic()
             chosen = rng.sample(sorted(u for a in world.agents.values() for u in a.instances), min(m, total))
-            result = drive(cfg, key_file, n, chosen, old)
+            result = drive(cfg, key_file, n, chosen, m, old)
             wall = time.monotonic() - t1
             time.sleep(0.5)  # the last confirmations
             result.update(checks(world, [u for a in world.agents.values() for u in a.instances] + chosen))
@@ -144,10 +145,10 @@ def run_one(n: int, m: int, seed: int, old: float, base_cfg: BusConfig, key_file
             world.stop()
 
 
-def drive(cfg: BusConfig, key_file: Path, n: int, chosen: list[str], old: float) -> dict[str, Any]:
+def drive(cfg: BusConfig, key_file: Path, n: int, chosen: list[str], m: int, old: float) -> dict[str, Any]:
     """Run the orchestrator in its own process; its JSON result."""
     job = {"prefix": cfg.exchange_prefix, "url": cfg.transport_url, "key_file": str(key_file), "agents": n,
-           "instances": chosen, "cap": "1.1" if old else "auto"}  # fmt: skip
+           "instances": chosen, "migrations": m, "cap": "1.1" if old else "auto"}  # fmt: skip
     out = subprocess.run(
         [sys.executable, __file__, "--orchestrator"],
         input=json.dumps(job),
@@ -209,6 +210,14 @@ def migrate_one(session: Session, where: dict[str, str], uuid_: str, stats: Stat
     session.tracker.forget(mid)
     follow = time.monotonic() - t1 - modelled_s(started.plan.instance.info.memory_mb)
     stats.add(outcome.status, decision, follow, started.rejections)
+    if outcome.status == "completed":
+        where[uuid_] = started.destination.name
+
+
+def lane(session: Session, where: dict[str, str], instances: list[str], quota: int, stats: Stats) -> None:
+    """`quota` migrations of this lane's instances, round-robin (an instance may move several times)."""
+    for i in range(quota if instances else 0):
+        migrate_one(session, where, instances[i % len(instances)], stats)
 
 
 def orchestrate(job: dict[str, Any]) -> dict[str, Any]:
@@ -221,12 +230,25 @@ def orchestrate(job: dict[str, Any]) -> dict[str, Any]:
         where = {u: h.name for h in session.fleet.all() for u in h.instances}
         if len(session.fleet.all()) != job["agents"]:
             raise RuntimeError(f"{len(session.fleet.all())} of {job['agents']} agents answered describe_host")
+        rss_discovered = peak_rss_mb()
         t0 = time.monotonic()
+        lanes = [job["instances"][i::CONCURRENCY] for i in range(CONCURRENCY)]  # an instance moves in one lane
+        quota = [job["migrations"] // CONCURRENCY + (i < job["migrations"] % CONCURRENCY) for i in range(CONCURRENCY)]
         with ThreadPoolExecutor(CONCURRENCY) as pool:
-            list(pool.map(lambda u: migrate_one(session, where, u, stats), job["instances"]))
+            list(pool.map(lambda i: lane(session, where, lanes[i], quota[i], stats), range(CONCURRENCY)))
         wall = time.monotonic() - t0
         events = session.fleet.events_seen
-    return summary(job, stats, wall, events)
+    out = summary(job, stats, wall, events)
+    out["orchestrator_rss_after_discovery_mb"] = round(rss_discovered, 1)
+    return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: getrusage's ru_maxrss would carry the parent's peak over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def _pct(values: list[float], q: int) -> float:
@@ -241,7 +263,8 @@ def summary(job: dict[str, Any], stats: Stats, wall: float, events: int) -> dict
     return {
         "agents": job["agents"],
         "migrations": stats.outcomes.get("completed", 0),
-        "asked": len(job["instances"]),
+        "asked": job["migrations"],
+        "instances_moved": len(job["instances"]),
         "outcomes": stats.outcomes,
         "overhead_p50_ms": _pct(stats.decision_s, 50),
         "overhead_p99_ms": _pct(stats.decision_s, 99),
@@ -250,7 +273,7 @@ def summary(job: dict[str, Any], stats: Stats, wall: float, events: int) -> dict
         "claims_refused": stats.refusals,
         "claims_retried": sum(stats.refusals.values()),
         "capability_events_seen": events,
-        "orchestrator_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "orchestrator_rss_mb": round(peak_rss_mb(), 1),
         "wall_s": round(wall, 2),
         "cap": job["cap"],
     }

@@ -27,10 +27,10 @@ from agent.errors import AgentError, InvalidInput
 from agent.orchestrator.drain import Drainer, DrainItem
 from agent.orchestrator.errors import MigrationFailed, NoDestination, NumaMigrationRefused
 from agent.orchestrator.migrate import Plan, Started
-from agent.orchestrator.model import HostInfo, Rejection
+from agent.orchestrator.model import HostInfo
 from agent.orchestrator.session import Session
 from agent.orchestrator.versions import fmt
-from agent.orchestrator.view import JsonView, LiveView, MigrateView
+from agent.orchestrator.view import JsonView, LiveView, MigrateView, rejections_doc
 
 PROG = "compute-agent"
 WAIT_S = 24 * 3600.0  # a migration's own completion timeout ends it long before this
@@ -157,10 +157,6 @@ def cmd_hosts(args: argparse.Namespace) -> int:
 # --- migrate --------------------------------------------------------------------------------------
 
 
-def _rejections_doc(rejections: Sequence[Rejection]) -> list[dict[str, Any]]:
-    return [{"host": r.host, "kind": r.kind, "reason": r.reason, "details": r.details} for r in rejections]
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     view: MigrateView = JsonView() if args.json else LiveView(console())
     return _guarded(lambda session: migrate(session, args, view), args)
@@ -231,9 +227,9 @@ def cmd_migration_list(args: argparse.Namespace) -> int:
         if args.json:
             print_json({"migrations": rows})
             return 0
-        cols = ("id", "instance", "source", "destination", "status", "phase", "percent", "reason")
-        cells = [[str(r.get(c.replace("id", "migration_id", 1) if c == "id" else c) or "") for c in cols] for r in rows]
-        console().print(table(f"{len(rows)} migrations", cols, cells))
+        keys = ("migration_id", "instance", "source", "destination", "status", "phase", "percent", "reason")
+        cells = [[str(r.get(k) if r.get(k) is not None else "") for k in keys] for r in rows]
+        console().print(table(f"{len(rows)} migrations", ("id", *keys[1:]), cells))
         return 0
 
     return _guarded(run, args)
@@ -305,7 +301,7 @@ def drain_doc(item: DrainItem) -> dict[str, Any]:
         "destination": item.destination,
         "migration_id": item.migration_id,
         "reason": item.reason,
-        "rejections": _rejections_doc(item.rejections),
+        "rejections": rejections_doc(item.rejections),
     }
 
 

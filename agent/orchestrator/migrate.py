@@ -125,7 +125,24 @@ class Orchestrator:
             preference=self.settings.preference,
             cap=cap,
         )
+        if not named:
+            candidates = self._by_move(candidates, cap, src, iplan.numa)
         return Plan(iplan, src, cap, candidates)
+
+    def _by_move(self, c: Candidates, cap: Version, src: HostInfo, numa: bool) -> Candidates:
+        """Destinations of the NUMA-aware move first, of the allowed legacy move after; those the
+        versions rule out are filtered (with the reason) instead of being asked one by one."""
+        aware: list[HostInfo] = []
+        legacy: list[HostInfo] = []
+        rejected = list(c.rejected)
+        for host in c.hosts:
+            try:
+                move = decide_move(cap, src.rpc_max, host.rpc_max, numa=numa, workaround=self.settings.numa_workaround)
+            except NumaMigrationRefused as exc:
+                rejected.append(Rejection(host.name, exc.message))
+                continue
+            (aware if move.kind is MoveKind.NUMA_AWARE else legacy).append(host)
+        return Candidates(tuple(aware + legacy), tuple(rejected))
 
     # --- place and start ----------------------------------------------------------------------------
 

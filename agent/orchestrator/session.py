@@ -52,7 +52,11 @@ class Session:
         api = AgentAPI(client, peer_versions=fleet.peer_versions)
         session = cls(client, events, fleet, tracker, api, Orchestrator(api, fleet, settings))
         if discover:
-            session.discover()
+            try:
+                session.discover()
+            except BaseException:
+                session.close()
+                raise
         return session
 
     def discover(self) -> dict[str, RemoteError]:

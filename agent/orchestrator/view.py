@@ -64,6 +64,10 @@ def progress_line(p: s.MigrationProgressEvent) -> str:
     )
 
 
+def rejections_doc(rejections: Sequence[Rejection]) -> list[dict[str, Any]]:
+    return [{"host": r.host, "kind": r.kind, "reason": r.reason, "details": r.details} for r in rejections]
+
+
 def outcome_doc(outcome: Outcome, started: Started | None) -> dict[str, Any]:
     done = outcome.done
     doc: dict[str, Any] = {
@@ -80,7 +84,7 @@ def outcome_doc(outcome: Outcome, started: Started | None) -> dict[str, Any]:
         doc["pinning_before"] = msgspec.to_builtins(before)
         doc["pinning_after"] = msgspec.to_builtins(after) if outcome.status == "completed" else doc["pinning_before"]
         doc["move"] = started.move.kind.value
-        doc["rejections"] = [{"host": r.host, "kind": r.kind, "reason": r.reason} for r in started.rejections]
+        doc["rejections"] = rejections_doc(started.rejections)
     return doc
 
 
@@ -118,7 +122,7 @@ class JsonView:
         self._emit("result", dry_run=rows)
 
     def refused(self, message: str, rejections: Sequence[Rejection]) -> None:
-        self._emit("result", status="no_destination", reason=message, rejections=[r.__dict__ for r in rejections])
+        self._emit("result", status="no_destination", reason=message, rejections=rejections_doc(rejections))
 
     def failed_to_start(self, message: str) -> None:
         self._emit("result", status="failed", reason=message)
@@ -131,7 +135,7 @@ class JsonView:
             move=started.move.kind.value,
             version=fmt(started.move.version),
             warning=started.move.warning,
-            rejections=[{"host": r.host, "kind": r.kind, "reason": r.reason} for r in started.rejections],
+            rejections=rejections_doc(started.rejections),
         )
 
     def progress(self, event: s.MigrationProgressEvent) -> None:

@@ -78,6 +78,10 @@ def test_exit_codes(world, conf, capsys) -> None:
     assert main([*base, "vm1", "--from", "hv-a", "--to", "hv-b"]) == 3  # B has no room
     out = capsys.readouterr().out
     assert "hv-b" in out and "NoFit" in out
+    assert main([*base, "vm1", "--from", "hv-a", "--to", "hv-b", "--json"]) == 3
+    result = json_lines(capsys.readouterr().out)[-1]
+    assert result["status"] == "no_destination"
+    assert [(r["host"], r["kind"]) for r in result["rejections"]] == [("hv-b", "NoFit")]
     world.agents["hv-a"].fail_migrations = True
     assert main([*base, "vm1", "--from", "hv-a", "--to", "hv-c", "--json"]) == 4
     assert json_lines(capsys.readouterr().out)[-1]["status"] == "failed"

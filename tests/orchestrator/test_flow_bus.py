@@ -226,3 +226,20 @@ def test_dry_run_holds_nothing(world, open_session) -> None:
     assert answers[0].rejection is not None and answers[0].rejection.kind == "NoFit"
     assert claims_everywhere(world) == []
     time.sleep(0)
+
+
+def test_a_1_0_destination_is_filtered_or_ranked_after(world, open_session) -> None:
+    """Cap and source at 1.1: a 1.0 destination cannot take the NUMA-aware move. Without the
+    workaround it is filtered (with the versions named); with it, it comes after every 1.1 host."""
+    world.add("hv-a", topology(**BIG, hostname="hv-a"))
+    world.add("hv-b", topology(cells=2, cores_per_cell=8, threads=2, hostname="hv-b"), rpc_max="1.0")
+    world.add("hv-c", topology(**BIG, hostname="hv-c"))
+    world.start()
+    world.agents["hv-a"].boot(instance("vm1"))
+    plan = open_session(cap="1.1").orchestrator.plan("vm1", "hv-a")
+    assert [h.name for h in plan.candidates.hosts] == ["hv-c"]
+    assert [r.host for r in plan.candidates.rejected] == ["hv-b"] and "destination 1.0" in plan.candidates.rejected[
+        0
+    ].reason
+    plan = open_session(cap="1.1", workaround=True).orchestrator.plan("vm1", "hv-a")
+    assert [h.name for h in plan.candidates.hosts] == ["hv-c", "hv-b"]  # B has more room, but only legacy
