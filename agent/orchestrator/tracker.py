@@ -88,14 +88,15 @@ class MigrationTracker:
     ) -> Outcome:
         """Until the migration ends or `timeout` passes (the migration goes on either way)."""
         f = self._get(migration_id)
-        deadline, shown = self.clock() + timeout, 0
+        deadline, shown, last = self.clock() + timeout, 0, None
         while True:
             with f.changed:
                 if f.done is None and f.events == shown:
                     f.changed.wait(max(min(poll_s, deadline - self.clock()), 0.0))
                 progress, done, events = f.progress, f.done, f.events
-            if progress is not None and events != shown and on_progress is not None:
-                on_progress(progress)
+            if progress is not None and progress is not last and on_progress is not None:
+                on_progress(progress)  # each progress event once, however many other events came
+            last = progress
             if done is not None:
                 return Outcome(migration_id, done.status, done, done.reason)
             if events == shown and poll is not None:

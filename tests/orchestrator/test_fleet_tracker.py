@@ -75,6 +75,7 @@ def test_percent_never_goes_down_and_done_ends_the_wait() -> None:
     outcome = tracker.wait("m1", timeout=5, on_progress=lambda p: shown.append(p.percent))
     assert outcome.status == "completed" and outcome.done is not None and outcome.done.host_now == "b"
     assert shown == sorted(shown) and shown[-1] == 80.0
+    assert len(shown) <= 4  # each event shown at most once (the done event does not repeat the last)
 
 
 def test_polling_finds_an_end_without_events() -> None:
@@ -95,3 +96,17 @@ def test_polling_finds_an_end_without_events() -> None:
 def test_wait_gives_up_but_the_migration_goes_on() -> None:
     outcome = MigrationTracker().wait("m1", timeout=0.05, poll_s=0.01)
     assert outcome.status == "running"
+
+
+def test_the_last_progress_is_not_repeated_by_the_done_event() -> None:
+    tracker = MigrationTracker()
+    (_, on_progress, _), (_, on_done, _) = tracker.handlers()
+    shown: list[float] = []
+    on_progress("", progress(50.0))
+
+    def finish() -> None:
+        on_done("", done())
+
+    threading.Timer(0.05, finish).start()
+    assert tracker.wait("m1", timeout=5, on_progress=lambda p: shown.append(p.percent)).status == "completed"
+    assert shown == [50.0]
