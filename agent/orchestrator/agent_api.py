@@ -95,7 +95,9 @@ class AgentAPI:
         out: dict[str, DescribedHost | RemoteError] = {}
         for host, reply in self.client.broadcast_call("describe_host", {}, timeout=timeout, version=V10).items():
             try:
-                out[host] = reply if isinstance(reply, RemoteError) else _typed(reply, DescribedHost, host, "")
+                out[host] = (
+                    reply if isinstance(reply, RemoteError) else _typed(reply, DescribedHost, host, "describe_host")
+                )
             except RemoteError as exc:
                 out[host] = exc
         return out

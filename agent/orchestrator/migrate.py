@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from agent.bus import schemas as s
-from agent.bus.errors import BusError, CallTimeout, RemoteBusy, RemoteError, RemoteNoFit, RemoteNotFound
+from agent.bus.errors import BusError, CallTimeout, RemoteError, RemoteNotFound
 from agent.orchestrator.agent_api import AgentAPI
 from agent.orchestrator.candidates import Candidates, attempts_allowed, choose
 from agent.orchestrator.errors import BadMigrationRequest, MigrationFailed, NoDestination, NumaMigrationRefused
@@ -190,10 +190,7 @@ class Orchestrator:
             claim = self.api.claim(
                 dest.name, migration_id, plan.instance.doc, plan.source.name, ttl_s=self.settings.claim_ttl_s
             )
-        except (RemoteNoFit, RemoteBusy) as exc:
-            rejections.append(_rejection(dest.name, exc))
-            return False, None
-        except (RemoteError, BusError) as exc:
+        except (RemoteError, BusError) as exc:  # NoFit, Busy, no answer, ...: the next alternate
             rejections.append(_rejection(dest.name, exc))
             if isinstance(exc, CallTimeout):  # the claim may have been taken: give it back
                 self._release(dest.name, migration_id, "the orchestrator got no answer to its claim")
