@@ -276,6 +276,7 @@ def _daemon_main(argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from agent.claims.cli import add_claims_parser
     from agent.libvirt_ops.instance_cli import add_instance_parser
+    from agent.orchestrator.cli import add_orchestrator_parsers
 
     parser = argparse.ArgumentParser(prog=PROG, description="NUMA-aware live migration agent for KVM hypervisors.")
     parser.add_argument("--version", action="version", version=f"compute-agent {__version__}")
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_host_state(sub)
     add_claims_parser(sub)
     add_instance_parser(sub)
+    add_orchestrator_parsers(sub)
     _add_daemon(sub)
     return parser
 

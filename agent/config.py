@@ -102,11 +102,41 @@ class BusConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpgradeLevelsConfig:
+    """[upgrade_levels]: the highest RPC version sent to agents (Nova's section and option name)."""
+
+    # "auto" = the lowest version the live agents advertise; or a pinned "major.minor"
+    agent: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkaroundsConfig:
+    """[workarounds]: escape hatches for a rolling upgrade (Nova's option name)."""
+
+    # below RPC 1.1 allow the legacy move of a NUMA instance (pinning copied as is, no claim);
+    # ignored (and logged as deprecated) once every agent and the cap are at 1.1
+    enable_numa_live_migration: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorConfig:
+    """[orchestrator]: how `compute-agent migrate|drain|hosts` choose and wait."""
+
+    migrate_max_retries: int = -1  # Nova's: alternates tried after the first refusal; -1 = all candidates
+    discovery_timeout_s: float = 2.0  # how long a broadcast describe_host collects replies
+    host_max_age_s: float = 180.0  # older host information is not live (3 capabilities intervals)
+    claim_ttl_s: int = 300  # a destination claim lapses after this unless the migration starts
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     libvirt: LibvirtConfig = field(default_factory=LibvirtConfig)
     claims: ClaimsConfig = field(default_factory=ClaimsConfig)
     bus: BusConfig = field(default_factory=BusConfig)
+    upgrade_levels: UpgradeLevelsConfig = field(default_factory=UpgradeLevelsConfig)
+    workarounds: WorkaroundsConfig = field(default_factory=WorkaroundsConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     host: str | None = None  # [DEFAULT] host: name published on the bus; default = hostname
     log_level: str = "INFO"
     metrics_listen: tuple[str, int] | None = None  # [DEFAULT] metrics_listen = host:port; None = no endpoint
@@ -231,6 +261,23 @@ def _exchange_prefix(text: str) -> str:
     return value
 
 
+_VERSION_RE = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}")
+
+
+def _version_cap(text: str) -> str:
+    """`auto` or a pinned RPC version `major.minor`."""
+    value = text.strip().lower()
+    if value != "auto" and not _VERSION_RE.fullmatch(value):
+        raise ValueError("want auto or a version major.minor such as 1.0")
+    return value
+
+
+def _retries(text: str) -> int:
+    """Nova's migrate_max_retries: -1 (every candidate) or 0..1000 (a fleet has fewer hosts to try)."""
+    value = text.strip()
+    return -1 if value == "-1" else _int_range(0, 1000)(value)
+
+
 _BIG = 1 << 31
 _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
     "compute": {
@@ -286,10 +333,26 @@ _CONVERTERS: dict[str, dict[str, Callable[[str], Any]]] = {
         "progress_interval_s": _float_range(0.05, 3600.0, lo_inclusive=True),
         "capabilities_interval_s": _float_range(1.0, 86400.0, lo_inclusive=True),
     },
+    "upgrade_levels": {"agent": _version_cap},
+    "workarounds": {"enable_numa_live_migration": parse_bool},
+    "orchestrator": {
+        "migrate_max_retries": _retries,
+        "discovery_timeout_s": _float_range(0.05, 60.0, lo_inclusive=True),
+        "host_max_age_s": _float_range(1.0, 86400.0, lo_inclusive=True),
+        "claim_ttl_s": _int_range(1, 7 * 24 * 3600),  # the ledger's MAX_TTL_S
+    },
 }
 # values never echoed in an error (a broker URL carries its password)
 _SECRET_OPTIONS = frozenset({("bus", "transport_url")})
-_SECTION_TYPES = {"compute": ComputeConfig, "libvirt": LibvirtConfig, "claims": ClaimsConfig, "bus": BusConfig}
+_SECTION_TYPES = {
+    "compute": ComputeConfig,
+    "libvirt": LibvirtConfig,
+    "claims": ClaimsConfig,
+    "bus": BusConfig,
+    "upgrade_levels": UpgradeLevelsConfig,
+    "workarounds": WorkaroundsConfig,
+    "orchestrator": OrchestratorConfig,
+}
 _DEFAULT_OPTIONS = frozenset(
     {
         "host",
@@ -329,7 +392,7 @@ def load_config(path: str | Path | None = None, *, text: str | None = None) -> A
         return AgentConfig()
     parser, source = read
     sections = {name: _read_section(parser, source, name, kind) for name, kind in _SECTION_TYPES.items()}
-    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"DEFAULT", "upgrade_levels", "workarounds"}
+    extra = set(parser.sections()) - set(_SECTION_TYPES) - {"DEFAULT"}
     if extra:
         raise ConfigError(f"{source}: unknown section(s) {', '.join(sorted(extra))}")
     defaults = _read_defaults(parser, source)
@@ -341,6 +404,9 @@ def load_config(path: str | Path | None = None, *, text: str | None = None) -> A
         libvirt=sections["libvirt"],
         claims=sections["claims"],
         bus=sections["bus"],
+        upgrade_levels=sections["upgrade_levels"],
+        workarounds=sections["workarounds"],
+        orchestrator=sections["orchestrator"],
         **defaults,
     )
 

@@ -41,6 +41,16 @@ SURFACE = {
         "topology",
     },
     "clock": {"DEFAULT_START", "RUNAWAY_SLEEP_S", "FakeClock"},
+    "fleet": {
+        "ALL_TRAITS",
+        "INBOUND_LIMIT",
+        "OUTBOUND_LIMIT",
+        "Scheduler",
+        "SimAgent",
+        "SimInstance",
+        "SimMigration",
+        "SimWorld",
+    },
     "ledger": {"fill_ledger"},
     "fake_libvirt": {
         "DOMAIN_NAME",

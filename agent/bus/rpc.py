@@ -156,6 +156,7 @@ class RpcServer:
         max_workers: int = 8,
         clock: Callable[[], float] = time.time,
         error_map: Mapping[type[Exception], type[RemoteError]] = DEFAULT_ERROR_MAP,
+        publisher: PublisherThread | None = None,
     ) -> None:
         self.cfg, self.host, self.keyring, self.clock = cfg, _check_host(host), keyring, clock
         self.min_version, self.max_version = parse_version(min_version), parse_version(max_version)
@@ -174,7 +175,10 @@ class RpcServer:
             clock=clock,
         )
         self._workers = Workers(max_workers, max_workers * QUEUED_PER_WORKER, f"rpc-{host}")
-        self.publisher = PublisherThread(cfg, f"rpc-pub-{host}", clock)
+        # a publisher given by the caller is shared (many simulated agents in one process): the caller
+        # starts and stops it
+        self._owns_publisher = publisher is None
+        self.publisher = publisher or PublisherThread(cfg, f"rpc-pub-{host}", clock)
         self.consumer = ConsumerThread(cfg, f"rpc-con-{host}", self._declare, self._on_message)
 
     @property
@@ -192,7 +196,8 @@ class RpcServer:
         """Start consuming; with `wait`, BusUnavailable if the broker is not reached in time (the
         threads keep trying until stop(); `wait=None` returns at once and serves when it can)."""
         self._workers.start()
-        self.publisher.start()
+        if self._owns_publisher:
+            self.publisher.start()
         self.consumer.start()
         for thread in (self.consumer, self.publisher):
             if wait is not None and not thread.ready.wait(wait):
@@ -203,7 +208,8 @@ class RpcServer:
     def stop(self, timeout: float = 10.0) -> None:
         self.consumer.stop(timeout)
         self._workers.stop(timeout)
-        self.publisher.stop(timeout)
+        if self._owns_publisher:
+            self.publisher.stop(timeout)
 
     # -- consumer thread ---------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ imports this package.
 - `agent.testing.builders`: host topologies (`topology`), host states (`state_cell`,
   `host_state`, `state_fn`), instance requests (`request`, `cells_request`) and the shared fit
   scenarios (`fit_scenarios`).
+- `agent.testing.fleet`: a simulated fleet for the orchestrator's tests and bench/fleet_bench.py:
+  real bus servers and claim ledgers per simulated host, the libvirt side modelled.
 - `agent.testing.ledger`: `fill_ledger`, a claim ledger with tens of thousands of claims in about
   a second, for scale tests and the claims benchmark.
 - `agent.testing.testbed`: the driver of the real-libvirt testbed (scripts/testbed): hosts,
@@ -22,4 +24,4 @@ Import the module you need (`from agent.testing.fake_libvirt import FakeConn`); 
 imports none of them, so using the builders never loads libvirt.
 """
 
-MODULES = ("builders", "clock", "fake_libvirt", "ledger", "testbed")
+MODULES = ("builders", "clock", "fake_libvirt", "fleet", "ledger", "testbed")
