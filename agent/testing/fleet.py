@@ -39,6 +39,7 @@ from agent.claims.hoststate import HostStateReport, compute_host_state
 from agent.claims.ledger import Ledger
 from agent.claims.model import Claim
 from agent.config import BusConfig, ComputeConfig
+from agent.daemon.capabilities import cells_free
 from agent.libvirt_ops.domain_model import DomainPlacement
 from agent.libvirt_ops.policy import TRAIT_AUTO_CONVERGE, TRAIT_POST_COPY
 from agent.numa.fit import fit
@@ -266,16 +267,7 @@ class SimAgent:
 
     def capabilities(self) -> s.Capabilities:
         state = self.report().state
-        cells = [
-            s.CellFree(
-                id=res.cell.id,
-                free_pcpus=len(res.dedicated_cpus),
-                free_shared_vcpus=res.floating_capacity,
-                free_memory_mb=res.small_free_mb,
-                free_pages={str(size): n for size, n in sorted(res.free_pages.items())},
-            )
-            for res in state.all_resources()
-        ]
+        cells = cells_free(state)
         with self.lock:
             self.seq += 1
             seq = self.seq

@@ -307,18 +307,17 @@ def wait_guest_ready(host: TestbedHost, name: str, timeout: float = 60) -> str:
 
 
 def live_xml(host: TestbedHost, name: str) -> str:
-    conn = host.connect()
-    try:
-        return conn.lookupByName(name).XMLDesc(0)
-    finally:
-        conn.close()
+    return _xml_desc(host, name, 0)
 
 
 def persistent_xml(host: TestbedHost, name: str) -> str:
-    libvirt = _libvirt()
+    return _xml_desc(host, name, _libvirt().VIR_DOMAIN_XML_INACTIVE)
+
+
+def _xml_desc(host: TestbedHost, name: str, flags: int) -> str:
     conn = host.connect()
     try:
-        return conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        return conn.lookupByName(name).XMLDesc(flags)
     finally:
         conn.close()
 
