@@ -59,7 +59,6 @@ from agent.daemon.source_model import (
     default_runner,
     ending_from_outcome,
     has_numa_topology,
-    legacy_placement,
     numa_workaround,
     policy_view,
     progress_body,
@@ -393,8 +392,10 @@ class Source:
             view, request, runner = self._prepare(flight, conn)
             if flight.abort_requested:
                 return Ending("aborted", "aborted before it started", self.ctx.host)
-            placement = flight.placement or legacy_placement(view, runner)
-            outcome = runner.run(view.uuid, flight.target, placement, request, lambda p: self.on_progress(flight, p))
+            # placement None: the legacy move, the pinning copied as it is
+            outcome = runner.run(
+                view.uuid, flight.target, flight.placement, request, lambda p: self.on_progress(flight, p)
+            )
         except AgentError as exc:  # refused before libvirt's job started: the VM never moved
             status = "aborted" if flight.abort_requested else "failed"
             return Ending(status, f"not started: {exc}", self.ctx.host)

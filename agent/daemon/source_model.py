@@ -1,12 +1,11 @@
 """The source role's values and pure rules (agent.daemon.source is the role itself): the seams it
 drives libvirt through (`Runner`, `Controls`), what it knows of an instance (`InstanceView`), a
 migration in memory (`Flight`) and how one ended (`Ending`), and the pure pieces: the progress
-event's body, an outcome as an ending, whether an instance has a NUMA topology, the legacy move.
+event's body, an outcome as an ending, whether an instance has a NUMA topology.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -15,7 +14,6 @@ from typing import Any, Callable, Mapping, Protocol, cast
 from agent.daemon.migrations import MigrationRecord
 from agent.errors import InvalidInput
 from agent.libvirt_ops.domain_model import DomainPlacement
-from agent.libvirt_ops.errors import MigrationError
 from agent.libvirt_ops.instance_metadata import InstanceMetadata
 from agent.libvirt_ops.migration import MigrationOutcome, MigrationProgress, MigrationRunner, MigrationTarget
 from agent.libvirt_ops.policy import MigrationPolicy
@@ -57,16 +55,7 @@ RunnerFactory = Callable[[Any, Any], Runner]  # (libvirt connection, LibvirtConf
 
 
 def default_runner(conn: Any, cfg: Any) -> Runner:
-    return cast(Runner, MigrationRunner(conn, cfg))  # placement=None: see _legacy_placement
-
-
-def takes_no_placement(runner: Runner) -> bool:
-    """True when `runner.run` declares `placement: Placement | None` (the legacy move as libvirt does it)."""
-    try:
-        annotation = inspect.signature(runner.run).parameters["placement"].annotation
-    except (KeyError, TypeError, ValueError):
-        return False
-    return "None" in str(annotation)
+    return cast(Runner, MigrationRunner(conn, cfg))
 
 
 # --- values ---------------------------------------------------------------------------------------
@@ -196,17 +185,3 @@ def ending_from_outcome(outcome: MigrationOutcome, source: str, destination: str
         total_s=outcome.elapsed_s,
         in_postcopy=outcome.switched_to_postcopy and outcome.status != "completed",
     )
-
-
-def legacy_placement(view: InstanceView, runner: Runner) -> Placement | None:
-    """The legacy move copies the domain's pinning as it is: no placement for a runner that takes
-    none; else (MigrationRunner today) the identity rewrite with the placement the agent recorded."""
-    if takes_no_placement(runner):
-        return None
-    placement = view.placement()
-    if placement is None:
-        raise MigrationError(
-            f"legacy move of {view.name}: the domain has no placement record and this runner needs one "
-            "(MigrationRunner.run without a placement is not available yet)"
-        )
-    return placement

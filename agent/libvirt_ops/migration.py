@@ -193,11 +193,14 @@ class MigrationRunner:
         self,
         domain_name_or_uuid: str,
         target: MigrationTarget,
-        placement: Placement,
+        placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None = None,
     ) -> MigrationOutcome:
         """Migrate the domain to `target` with `placement`; blocks until the job ends.
+
+        `placement` None is the 1.0 legacy move: the live and persistent XML go to the destination
+        unchanged (the pinning copied as it is), as libvirt does without the agent.
 
         `request` is the parsed InstanceRequest, or the instance metadata document (uuid, vcpus,
         memory_mb, extra_specs, image_properties), parsed here first so that a contradictory
@@ -262,7 +265,7 @@ class MigrationRunner:
         self,
         domain: str,
         target: MigrationTarget,
-        placement: Placement,
+        placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None,
     ) -> MigrationOutcome:
@@ -296,7 +299,7 @@ class MigrationRunner:
         return dom, name, uuid, state == libvirt.VIR_DOMAIN_PAUSED
 
     def _prepare(
-        self, domain: str, target: MigrationTarget, placement: Placement, request: InstanceRequest
+        self, domain: str, target: MigrationTarget, placement: Placement | None, request: InstanceRequest
     ) -> _Prepared:
         cfg = self._cfg
         dom, name, uuid, paused = self._read_domain(domain, request)
@@ -310,8 +313,7 @@ class MigrationRunner:
             policy.reason,
         )
         live, persistent_src, memory_kib = self._read_xml(dom, name)
-        dest_xml = rewrite_for_placement(live, placement)
-        persistent_xml = rewrite_for_placement(persistent_src, placement) if persistent_src else dest_xml
+        dest_xml, persistent_xml = _destination_xml(live, persistent_src, placement)
         flags = migration_flags(policy)
         params = migration_params(
             policy, dest_xml=dest_xml, persistent_xml=persistent_xml, migrate_uri=target.migrate_uri, cfg=cfg
@@ -700,6 +702,15 @@ def _check_instance_uuid(request: InstanceRequest, name: str, uuid: str) -> None
         raise InvalidRequest(
             f"the request is for instance {request.uuid}, but domain {name} is instance {uuid}: refused", ["uuid"]
         )
+
+
+def _destination_xml(live: str, persistent: str | None, placement: Placement | None) -> tuple[str, str]:
+    """(live, persistent) XML for the destination: rewritten for `placement`, or unchanged for the
+    legacy move (placement None); a transient domain's persistent definition is its live one."""
+    if placement is None:
+        return live, persistent or live
+    dest_xml = rewrite_for_placement(live, placement)
+    return dest_xml, rewrite_for_placement(persistent, placement) if persistent else dest_xml
 
 
 def _lookup_or_none(conn: Any, uuid: str, what: str) -> Any:

@@ -16,13 +16,12 @@ from agent.daemon.source_model import (
     ending_from_outcome,
     has_numa_topology,
     state_word,
-    takes_no_placement,
 )
 from agent.libvirt_ops.domain_model import DomainPlacement
-from agent.libvirt_ops.migration import MigrationOutcome, MigrationRunner, MigrationTarget
+from agent.libvirt_ops.migration import MigrationOutcome, MigrationTarget
 from agent.numa.request import parse_request
 from tests.daemon.test_migrations import record
-from tests.daemon.test_source_fakes import POLICY, FakeRunner, make_harness, progress
+from tests.daemon.test_source_fakes import POLICY, make_harness, progress
 
 
 def outcome(status: str, postcopy: bool = False) -> MigrationOutcome:
@@ -52,11 +51,6 @@ def test_numa_topology_as_nova_sees_it() -> None:
 
 def test_state_words() -> None:
     assert [state_word(s) for s in (1, 3, 5, 99, -1)] == ["running", "paused", "shutoff", "unknown", "unknown"]
-
-
-def test_which_runners_take_no_placement() -> None:
-    assert takes_no_placement(FakeRunner())
-    assert not takes_no_placement(MigrationRunner(None, None))  # type: ignore[arg-type]  # until it does
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
