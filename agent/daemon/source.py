@@ -408,9 +408,13 @@ class Source:
         paused = view.state == libvirt.VIR_DOMAIN_PAUSED
         flight.policy = decide_policy(request.migration, self.ctx.cfg.libvirt, domain_paused=paused)
         self._mark(flight, status="preparing", phase="preparing", started_at=self.ctx.clock())
-        runner = self._runner_factory(conn, self.ctx.cfg.libvirt)
+        runner = self.new_runner(conn)
         flight.controls = runner
         return view, request, runner
+
+    def new_runner(self, conn: Any) -> Runner:
+        """A runner for one migration (started here, or attached after a restart) on `conn`."""
+        return self._runner_factory(conn, self.ctx.cfg.libvirt)
 
     def _mark(self, flight: Flight, **changes: Any) -> MigrationRecord:
         if flight.policy is not None:

@@ -32,8 +32,8 @@ WIRE_PHASES = {"paused-precopy": "paused"}  # the runner's phase names -> docs/p
 
 
 class Controls(Protocol):
-    """What abort_migration / force_complete act on: the runner of a job we started, or the
-    attached job after a restart (agent.daemon.source_recovery.AttachedJob)."""
+    """What abort_migration / force_complete act on: the runner of a job, started here or attached
+    after a restart."""
 
     def abort(self) -> None: ...
 
@@ -47,6 +47,14 @@ class Runner(Controls, Protocol):
         target: MigrationTarget,
         placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
+        on_progress: Callable[[MigrationProgress], None] | None = None,
+    ) -> MigrationOutcome: ...
+
+    def attach(
+        self,
+        domain_name_or_uuid: str,
+        target: MigrationTarget,
+        policy: MigrationPolicy,
         on_progress: Callable[[MigrationProgress], None] | None = None,
     ) -> MigrationOutcome: ...
 

@@ -64,6 +64,7 @@ from agent.libvirt_ops.migration_job import (
     JobControls,
     MigrationJob,
     PostCopyPhase,
+    postcopy_phase_of_state,
     read_state,
 )
 from agent.libvirt_ops.migration_monitor import MigrationMonitor, MonitorPlan, MonitorResult, Sample
@@ -91,6 +92,7 @@ __all__ = [
     "StallDetector",
     "Watermark",
     "completion_timeout_s",
+    "outgoing_job_running",
     "downtime_for",
     "downtime_steps",
     "predict_precopy",
@@ -109,6 +111,12 @@ _POSTCOPY_SUSPEND_FAILED = libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY_FAILED
 _POSTCOPY_REQS = libvirt.VIR_DOMAIN_JOB_MEMORY_POSTCOPY_REQS
 # how long the JOB_COMPLETED event may trail migrateToURI3's return (seconds)
 _EVENT_TRAIL_S = 2.0
+# an attached job is over: how long the destination may take to report the guest running (seconds;
+# libvirt starts the guest there right after the job's end), asked every _ATTACH_END_POLL_S
+ATTACH_END_WAIT_S = 30.0
+_ATTACH_END_POLL_S = 0.5
+_ACTIVE_JOB_TYPES = (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
+_LIVE_STATES = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
 # the stall detector's window: a new low of remaining memory must be missing for this many polls
 # (never one sample)
 _STALL_WINDOW_POLLS = 5
@@ -251,6 +259,31 @@ class MigrationRunner:
         with self._lock:
             job = self._require_job("force_complete")
             return self._controls.force_complete(job, "force-complete requested")
+
+    def attach(
+        self,
+        domain_name_or_uuid: str,
+        target: MigrationTarget,
+        policy: MigrationPolicy,
+        on_progress: Callable[[MigrationProgress], None] | None = None,
+    ) -> MigrationOutcome:
+        """Follow an outgoing migration job that is already running (started by this agent before
+        its restart); blocks until the job ends. `policy` is the one the job was started with.
+
+        The same monitor as run()'s, on the job's own clock (jobStats `time_elapsed`): progress,
+        downtime steps, completion timeout and its action, post-copy switch rules; abort() and
+        force_complete() act on it. Its end is seen from libvirt (jobStats type NONE, the
+        JOB_COMPLETED and lifecycle events) and the outcome decided from the completed job's
+        statistics and a lookup on the destination (see ATTACH_END_WAIT_S).
+
+        Raises (before following): NoMigrationInProgress when the domain has no outgoing job,
+        DomainNotFound, LibvirtConnectionError, MigrationError."""
+        if not self._run_lock.acquire(blocking=False):
+            raise MigrationError("a migration is already running on this runner")
+        try:
+            return self._attach(domain_name_or_uuid, target, policy, on_progress)
+        finally:
+            self._run_lock.release()
 
     def _require_job(self, what: str) -> MigrationJob:
         job = self._job
@@ -553,6 +586,102 @@ class MigrationRunner:
                 pass
         close_quietly(job_conn)
 
+    # -- attach: a job started before the agent's restart ---------------------------------------
+
+    def _attach(
+        self,
+        domain: str,
+        target: MigrationTarget,
+        policy: MigrationPolicy,
+        on_progress: Callable[[MigrationProgress], None] | None,
+    ) -> MigrationOutcome:
+        found = _read_attached(lookup_domain(self._conn, domain), domain)
+        job = MigrationJob(
+            dom=found.dom,
+            name=found.name,
+            uuid=found.uuid,
+            policy=policy,
+            domain_paused_at_start=found.paused,
+            seen_active=True,
+            attached=True,
+        )
+        start = self._clock() - found.elapsed_ms / 1000.0  # the job's own start, not the attach
+        plan = self._plan(found.memory_kib / 1024.0)
+        self._log.warning(
+            "migration %s -> %s: following a job running for %.1f s (started before a restart); policy %s",
+            job.name,
+            target.host,
+            found.elapsed_ms / 1000.0,
+            policy.reason,
+        )
+        job_conn, _job_dom, event_ids = self._job_connection(job)  # for its events only
+        with self._lock:
+            self._job = job
+        try:
+            result = self._monitor(job, plan, on_progress, self._end_watch(job)).run(start)
+            elapsed = self._clock() - start
+        finally:
+            with self._lock:
+                self._job = None
+            self._close_job_connection(job_conn, event_ids)
+        return self._attached_outcome(job, target, result, elapsed)
+
+    def _end_watch(self, job: MigrationJob) -> Callable[[Sample], None]:
+        """The monitor's on_sample for an attached job: its end sets `done` (run()'s worker does it
+        for a job of ours): no job any more, the domain gone, or the JOB_COMPLETED event seen."""
+
+        def watch(sample: Sample) -> None:
+            ended = not sample.failed and not sample.active
+            if ended or job.event_seen.is_set() or (sample.failed and self._controls.no_job(job)):
+                job.done.set()
+
+        return watch
+
+    def _attached_outcome(
+        self, job: MigrationJob, target: MigrationTarget, result: MonitorResult, elapsed: float
+    ) -> MigrationOutcome:
+        last_stats = _running_stats(result.last_stats)
+        self._note_postcopy_requests(job, last_stats)
+        completed, why = self._attached_end(job, target)
+        if completed:
+            outcome = self._completed_outcome(job, target, result, last_stats, elapsed)
+        else:
+            job.error = MigrationError(why)
+            # dest_preexisting True: after a restart nobody knows what the destination held before
+            outcome = self._failed_outcome(job, target, True, result, last_stats, elapsed)
+        outcome = replace(outcome, reason=f"{outcome.reason} (followed after a restart)")
+        self._log_outcome(job, target, outcome)
+        return outcome
+
+    def _attached_end(self, job: MigrationJob, target: MigrationTarget) -> tuple[bool, str]:
+        """(completed, why not) of an attached job that is over: completed when JOB_COMPLETED came,
+        or the guest runs on the destination and no longer here; failed when it still runs here.
+        The destination may need a moment to report the guest running: asked for ATTACH_END_WAIT_S."""
+        for _ in range(int(ATTACH_END_WAIT_S / _ATTACH_END_POLL_S)):
+            if job.event_seen.is_set():
+                return True, ""
+            state, _error = read_state(job.dom)
+            here = state is not None and state[0] in _LIVE_STATES and postcopy_phase_of_state(state) is None
+            if here:
+                return False, "the job ended and the guest still runs on the source"
+            if self._destination_active(job, target):
+                return True, ""
+            self._sleep(_ATTACH_END_POLL_S)
+        return False, f"the job ended and the guest runs on neither host after {ATTACH_END_WAIT_S:.0f}s"
+
+    def _destination_active(self, job: MigrationJob, target: MigrationTarget) -> bool:
+        try:
+            conn = self._connect(target.uri)
+        except AgentError as exc:
+            self._log.info("migration %s: cannot ask %s: %s", job.name, target.host, exc)
+            return False
+        try:
+            return bool(conn.lookupByUUIDString(job.uuid).isActive())
+        except libvirt.libvirtError:
+            return False
+        finally:
+            close_quietly(conn)
+
     # -- step 5: outcome -------------------------------------------------------------------------
 
     def _outcome(
@@ -567,9 +696,9 @@ class MigrationRunner:
         last_stats = _running_stats(result.last_stats)
         self._note_postcopy_requests(job, last_stats)
         if job.error is None:
-            outcome = self._completed_outcome(job, target, prep, result, last_stats, elapsed)
+            outcome = self._completed_outcome(job, target, result, last_stats, elapsed)
         else:
-            outcome = self._failed_outcome(job, target, prep, result, last_stats, elapsed)
+            outcome = self._failed_outcome(job, target, prep.dest_preexisting, result, last_stats, elapsed)
             if recoveries and not recoveries[-1].recovered:
                 outcome = replace(outcome, reason=f"{outcome.reason}; {recoveries[-1].summary()}")
         outcome = _with_extras(outcome, prep.preflight, recoveries)
@@ -580,7 +709,6 @@ class MigrationRunner:
         self,
         job: MigrationJob,
         target: MigrationTarget,
-        prep: _Prepared,
         result: MonitorResult,
         last_stats: dict[str, Any],
         elapsed: float,
@@ -598,7 +726,7 @@ class MigrationRunner:
             status="completed",
             reason=f"migrated to {target.host}{note}",
             final_stats=final,
-            policy=prep.policy,
+            policy=job.policy,
             elapsed_s=round(elapsed, 3),
             downtime_ms=int(downtime) if downtime is not None else None,
             switched_to_postcopy=switched,
@@ -609,7 +737,7 @@ class MigrationRunner:
         self,
         job: MigrationJob,
         target: MigrationTarget,
-        prep: _Prepared,
+        dest_preexisting: bool,
         result: MonitorResult,
         last_stats: dict[str, Any],
         elapsed: float,
@@ -625,14 +753,12 @@ class MigrationRunner:
         else:
             status = "failed"
             reason = f"migration failed: {detail}"
-        notes = FailureRecovery(self._connect, self._log).recover(
-            job, target, prep.dest_preexisting, state, state_error
-        )
+        notes = FailureRecovery(self._connect, self._log).recover(job, target, dest_preexisting, state, state_error)
         return MigrationOutcome(
             status=status,
             reason=f"{reason}; {notes}" if notes else reason,
             final_stats=last_stats,
-            policy=prep.policy,
+            policy=job.policy,
             elapsed_s=round(elapsed, 3),
             downtime_ms=None,
             switched_to_postcopy=job.in_postcopy,
@@ -722,6 +848,38 @@ def _lookup_or_none(conn: Any, uuid: str, what: str) -> Any:
         raise MigrationError.from_libvirt(what, exc) from None
 
 
+@dataclass(frozen=True, slots=True)
+class _AttachedDomain:
+    """A domain found with an outgoing job, as attach() reads it."""
+
+    dom: Any
+    name: str
+    uuid: str
+    paused: bool
+    elapsed_ms: int  # jobStats time_elapsed: how long the job has run
+    memory_kib: int
+
+
+def outgoing_job_running(stats: Mapping[str, Any]) -> bool:
+    """jobStats(0) of a domain says an outgoing migration job runs (no "operation" before libvirt 3.3)."""
+    operation = stats.get("operation", libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT)
+    return stats.get("type") in _ACTIVE_JOB_TYPES and operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
+
+
+def _read_attached(dom: Any, domain: str) -> _AttachedDomain:
+    try:
+        name, uuid = dom.name(), dom.UUIDString()
+        stats = dom.jobStats(0) or {}
+        state, _reason = dom.state()
+        memory_kib = int(dom.maxMemory())
+    except libvirt.libvirtError as exc:
+        raise MigrationError.from_libvirt(f"reading domain {domain!r} and its job", exc) from None
+    if not outgoing_job_running(stats):
+        raise NoMigrationInProgress(f"attach: domain {name} has no outgoing migration job")
+    elapsed_ms = int(stats.get("time_elapsed", 0) or 0)
+    return _AttachedDomain(dom, name, uuid, state == libvirt.VIR_DOMAIN_PAUSED, elapsed_ms, memory_kib)
+
+
 def _migrate_worker(job: MigrationJob, dom: Any, dest_uri: str, params: dict, flags: int) -> None:
     try:
         dom.migrateToURI3(dest_uri, params, flags)
@@ -734,10 +892,14 @@ def _migrate_worker(job: MigrationJob, dom: Any, dest_uri: str, params: dict, fl
 def _on_job_completed(_conn: Any, _dom: Any, params: Any, opaque: MigrationJob) -> None:
     opaque.event_stats = dict(params or {})
     opaque.event_seen.set()
+    if opaque.attached:
+        opaque.done.set()
 
 
 def _on_lifecycle(_conn: Any, _dom: Any, event: int, detail: int, opaque: MigrationJob) -> None:
     """Event loop thread; one-way phase changes, no lock needed."""
+    if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and opaque.attached:
+        opaque.done.set()  # the source domain stopped: the job we follow is over
     if event != libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
         return
     if detail == _POSTCOPY_SUSPEND:
@@ -756,7 +918,9 @@ def _running_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
 
 def _error_detail(error: BaseException) -> str:
     code, message = libvirt_error_details(error)
-    if not isinstance(error, libvirt.libvirtError):
+    if isinstance(error, AgentError):  # our own words (an attached job's end), no class name needed
+        message = str(error)
+    elif not isinstance(error, libvirt.libvirtError):
         message = f"{type(error).__name__}: {error}"
     return f"{message} (libvirt error {code})" if code is not None else message
 

@@ -83,6 +83,9 @@ class MigrationJob:
     event_stats: dict[str, Any] | None = None
     event_seen: threading.Event = field(default_factory=threading.Event)
     event_registered: bool = False
+    # followed after the agent's restart (MigrationRunner.attach): no migrateToURI3 call of ours
+    # returns at its end, so the end seen (no job, JOB_COMPLETED, the domain stopped) sets `done`
+    attached: bool = False
 
     @property
     def postcopy(self) -> bool:

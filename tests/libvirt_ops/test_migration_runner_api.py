@@ -3,12 +3,18 @@ restart, the bandwidth and page size in the progress, force-complete's answer, t
 
 from __future__ import annotations
 
+from typing import Any
+
 import libvirt
 import pytest
 
+from agent.libvirt_ops import migration as mig
 from agent.libvirt_ops.domain_xml import parse_domain
+from agent.libvirt_ops.errors import MigrationAbortRefused, NoMigrationInProgress
+from agent.libvirt_ops.migration_job import MigrationJob
+from agent.libvirt_ops.policy import MigrationPolicy
 from agent.testing.clock import FakeClock
-from agent.testing.fake_libvirt import FakeDomain, job_stats
+from agent.testing.fake_libvirt import DestConn, DestDomain, FakeDomain, job_stats
 from tests.libvirt_ops.test_migration_unit import SMALL_DOMAIN_XML, TARGET, cfg, make_request, runner_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -54,3 +60,116 @@ def test_legacy_move_of_a_transient_domain_persists_its_live_xml() -> None:
     assert dom.migrate_args is not None
     params = dom.migrate_args[1]
     assert params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] == params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] == PINNED_XML
+
+
+# --- attach: following a job started before a restart ------------------------------------------------
+
+OFF = MigrationPolicy(False, False, "x")
+PC = MigrationPolicy(False, True, "y")
+TIMEOUT_CFG = dict(live_migration_completion_timeout_s=10, live_migration_downtime_delay_s=5)
+
+
+def attached(
+    script: list, end: str = "complete", config: Any = None, **kw: Any
+) -> tuple[FakeDomain, mig.MigrationRunner, FakeClock]:
+    """A domain with a running job, a runner whose destination has the guest once the job ended."""
+    clock = FakeClock(0.0)
+    dom = FakeDomain(script, end, clock=clock, **kw)
+    dest = DestConn(lambda: dom.finished and dom._error is None, DestDomain(active=True))
+    return dom, runner_for(dom, config or cfg(), dest_conn=dest, clock=clock), clock
+
+
+def test_attach_follows_a_running_job_to_its_completion() -> None:
+    dom, runner, _clock = attached([job_stats(300, elapsed_ms=5000), job_stats(100, elapsed_ms=5500)])
+    seen: list[mig.MigrationProgress] = []
+    outcome = runner.attach("vm1", TARGET, OFF, seen.append)
+    assert outcome.status == "completed" and "followed after a restart" in outcome.reason
+    assert outcome.policy is OFF
+    assert [p.percent for p in seen] == sorted(p.percent for p in seen) and seen[-1].percent > 75
+    assert seen[0].elapsed_s == 5.0  # on the job's own clock
+    assert outcome.elapsed_s >= 5.0
+    assert dom.downtimes[0][1] == 400  # 5 s in: the last step of 1 s/GiB x 4 is in force at once
+    assert "migrateToURI3" not in dom.names()
+    with pytest.raises(NoMigrationInProgress):
+        runner.abort()
+
+
+def test_attach_refuses_a_domain_without_an_outgoing_job() -> None:
+    dom, runner, _clock = attached([{"type": libvirt.VIR_DOMAIN_JOB_NONE}])
+    with pytest.raises(NoMigrationInProgress):
+        runner.attach("vm1", TARGET, OFF)
+    incoming = job_stats(100, operation=libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN)
+    _dom, runner, _clock = attached([incoming])
+    with pytest.raises(NoMigrationInProgress):
+        runner.attach("vm1", TARGET, OFF)
+
+
+def test_attached_monitor_follows_the_jobs_own_clock() -> None:
+    """The completion timeout counts from the job's start, not from the attach: 12 s into a job with
+    a 10 s/GiB timeout on a 1 GiB guest, the timeout's abort comes at the first poll."""
+    script = [job_stats(600, total_mib=1000, elapsed_ms=12_000)]
+    dom, runner, _clock = attached(script, "hang", cfg(**TIMEOUT_CFG))
+    seen: list[float] = []
+    outcome = runner.attach("vm1", TARGET, OFF, lambda p: seen.append(p.percent))
+    assert seen == [40.0]  # the timeout's abort ended the job at once
+    assert "abortJob" in dom.names() and outcome.status == "aborted"
+    assert "completion timeout" in outcome.reason
+    assert dom.names().index("migrateSetMaxDowntime") < dom.names().index("abortJob")
+
+
+def test_attached_monitor_steps_the_downtime_and_reports_it() -> None:
+    dom, runner, _clock = attached([job_stats(300, elapsed_ms=0)] * 12)
+    seen: list[int] = []
+    outcome = runner.attach("vm1", TARGET, OFF, lambda p: seen.append(p.max_downtime_ms))
+    assert seen == sorted(seen) and seen[0] < seen[-1]
+    assert outcome.status == "completed" and "abortJob" not in dom.names()
+
+
+def test_attached_abort_and_its_refusal_in_postcopy() -> None:
+    dom, runner, _clock = attached([job_stats(300, elapsed_ms=1000)] * 3, "hang", postcopy_script=[job_stats(50)])
+    actions: list[str] = []
+    refused: list[Exception] = []
+
+    def on_progress(p: mig.MigrationProgress) -> None:
+        if not actions:
+            actions.append(runner.force_complete())
+        elif p.phase == "postcopy":
+            try:
+                runner.abort()
+            except MigrationAbortRefused as exc:
+                refused.append(exc)
+
+    outcome = runner.attach("vm1", TARGET, PC, on_progress)
+    assert actions == ["postcopy"] and refused
+    assert outcome.status == "completed" and outcome.switched_to_postcopy
+    assert "abortJob" not in dom.names()
+
+
+def test_attached_abort_on_request_leaves_the_guest_here() -> None:
+    dom, runner, _clock = attached([job_stats(300, elapsed_ms=1000)] * 3, "hang")
+    outcome = runner.attach("vm1", TARGET, OFF, lambda p: runner.abort())
+    assert outcome.status == "aborted" and "aborted on request" in outcome.reason
+    assert dom.names().count("abortJob") == 1 and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def test_attached_force_complete_pauses_without_postcopy_and_resumes_after_a_failure() -> None:
+    dom, runner, _clock = attached(
+        [job_stats(300, elapsed_ms=1000)] * 3, "hang", paused_script=[job_stats(50)], paused_end="fail"
+    )
+    actions: list[str] = []
+    outcome = runner.attach("vm1", TARGET, OFF, lambda p: actions or actions.append(runner.force_complete()))
+    assert actions == ["paused"] and "suspend" in dom.names()
+    assert outcome.status == "failed" and "still runs on the source" in outcome.reason
+    assert dom.names().count("resume") == 1  # paused by us: resumed by the failure recovery
+
+
+def test_attached_end_from_the_job_completed_event() -> None:
+    job = MigrationJob(dom=None, name="vm1", uuid="u", policy=OFF, domain_paused_at_start=False, attached=True)
+    mig._on_job_completed(None, None, {"downtime": 7}, job)
+    assert job.done.is_set() and job.event_stats == {"downtime": 7}
+    stopped = MigrationJob(dom=None, name="vm1", uuid="u", policy=OFF, domain_paused_at_start=False, attached=True)
+    mig._on_lifecycle(None, None, libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED, stopped)
+    assert stopped.done.is_set()
+    ours = MigrationJob(dom=None, name="vm1", uuid="u", policy=OFF, domain_paused_at_start=False)
+    mig._on_job_completed(None, None, {}, ours)
+    assert not ours.done.is_set()  # run()'s worker sets done for a job of ours
