@@ -49,7 +49,6 @@ from agent.bus.schemas import (
 from agent.daemon.metrics import RunningMigration
 from agent.daemon.migrations import MigrationRecord, MigrationStore
 from agent.daemon.source_model import (
-    GUEST_PAGE_BYTES,
     WIRE_PHASES,
     Ending,
     Flight,
@@ -551,9 +550,7 @@ class Source:
         with self._lock:
             seen = [(f, f.last_progress) for f in self._flights.values() if f.last_progress is not None]
         snapshot = [
-            RunningMigration(
-                f.migration_id, "source", f.phase, p.memory_remaining, float(p.dirty_rate_pps * GUEST_PAGE_BYTES)
-            )
+            RunningMigration(f.migration_id, "source", f.phase, p.memory_remaining, float(p.dirty_rate_bps))
             for f, p in seen
         ]
         self.ctx.metrics.set_running_migrations(snapshot)

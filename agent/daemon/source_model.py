@@ -23,7 +23,6 @@ from agent.units import mib_from_kib
 
 log = logging.getLogger("compute_agent.source")
 
-GUEST_PAGE_BYTES = 4096  # QEMU counts dirty pages in target pages: 4 KiB on x86
 STATE_WORDS = ("nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "pmsuspended")
 WIRE_PHASES = {"paused-precopy": "paused"}  # the runner's phase names -> docs/protocol.md 6.2
 
@@ -128,7 +127,6 @@ class Flight:
     phase: str = "queued"
     started: bool = False  # libvirt's job was seen (first progress)
     last_published: float = float("-inf")
-    last_processed: tuple[float, int] | None = None  # (elapsed_s, bytes) at the last event
     last_progress: MigrationProgress | None = None
     done: threading.Event = field(default_factory=threading.Event)
     progress_lock: threading.Lock = field(default_factory=threading.Lock)  # events leave in order
@@ -156,14 +154,8 @@ def numa_workaround(cfg: Any) -> bool:
 def progress_body(
     flight: Flight, record: MigrationRecord, progress: MigrationProgress, source: str, now: float
 ) -> dict[str, Any]:
-    """The `migration.<id>.progress` body (docs/protocol.md 6.2). Bandwidth from the bytes sent
-    since the last event (the runner gives no rate), ETA = remaining / bandwidth."""
-    bandwidth = 0
-    if flight.last_processed is not None:
-        then, sent = flight.last_processed
-        if progress.elapsed_s > then:
-            bandwidth = max(int((progress.memory_processed - sent) / (progress.elapsed_s - then)), 0)
-    flight.last_processed = (progress.elapsed_s, progress.memory_processed)
+    """The `migration.<id>.progress` body (docs/protocol.md 6.2): the runner's numbers as they are
+    (rates: `bandwidth_bps`)."""
     return {
         "migration_id": flight.migration_id,
         "instance": record.instance,
@@ -171,16 +163,22 @@ def progress_body(
         "destination": flight.target.host,
         "phase": flight.phase,
         "percent": flight.percent,
-        "eta_s": round(progress.memory_remaining / bandwidth, 1) if bandwidth > 0 else None,
+        "eta_s": progress.eta_s,  # the runner's: remaining against transfer minus dirty rate
         "memory_total": progress.memory_total,
         "memory_remaining": progress.memory_remaining,
-        "dirty_rate_bps": progress.dirty_rate_pps * GUEST_PAGE_BYTES,
-        "bandwidth_bps": bandwidth,
+        "dirty_rate_bps": max(progress.dirty_rate_bps, 0),
+        "bandwidth_bps": bandwidth_bps(progress),
         "iteration": progress.iteration,
         "throttle_pct": min(max(progress.throttle_pct, 0), 100),
         "max_downtime_ms": progress.max_downtime_ms,
         "ts": now,
     }
+
+
+def bandwidth_bps(progress: MigrationProgress) -> int:
+    """The event's `bandwidth_bps` (bytes sent per second): the runner's smoothed transfer rate,
+    libvirt's own memory bandwidth until the runner has measured one (its first poll)."""
+    return max(progress.transfer_rate_bps or progress.memory_bps, 0)
 
 
 def ending_from_outcome(outcome: MigrationOutcome, source: str, destination: str) -> Ending:

@@ -134,13 +134,19 @@ def test_describe_contradictory_metadata_names_the_keys(tmp_path: Path, vm: tupl
 
 
 def test_numa_aware_move_end_to_end(tmp_path: Path, vm: tuple[str, str]) -> None:
-    runner = FakeRunner([progress(10, elapsed=1, processed=100), progress(30, elapsed=2, processed=300), progress(20)])
+    runner = FakeRunner(
+        [
+            progress(10, elapsed=1, processed=100, memory_bps=150),  # libvirt's rate until the runner has one
+            progress(30, elapsed=2, processed=300, transfer=200, memory_bps=150),
+            progress(20),
+        ]
+    )
     h = make_harness(tmp_path, [runner])
     src = source_for(h)
     assert src.live_migrate(migrate_body(vm[0])) == {"migration_id": "m-1", "accepted": True}
     runner.started.wait(2)
     wait_for(lambda: len(h.events.bodies(".progress")) == 3)
-    runner.emit(progress(50, phase="postcopy", elapsed=3, processed=600))
+    runner.emit(progress(50, phase="postcopy", elapsed=3, processed=600, transfer=300, eta=12.5))
     runner.finish()
     wait_for(lambda: status(src)["status"] == "completed")
     domain, target, placement, request = runner.calls[0]
@@ -148,8 +154,9 @@ def test_numa_aware_move_end_to_end(tmp_path: Path, vm: tuple[str, str]) -> None
     assert request.uuid == vm[1]
     percents = [b["percent"] for b in h.events.bodies(".progress")]
     assert percents == sorted(percents) and percents[-1] == 50  # never goes down
-    assert [b["bandwidth_bps"] for b in h.events.bodies(".progress")] == [0, 200, 0, 300]
-    assert h.events.bodies(".progress")[-1]["eta_s"] == round((1 << 29) / 300, 1)
+    assert [b["bandwidth_bps"] for b in h.events.bodies(".progress")] == [150, 200, 0, 300]  # the runner's rates
+    assert h.events.bodies(".progress")[-1]["eta_s"] == 12.5  # the runner's ETA
+    assert h.events.bodies(".progress")[-1]["dirty_rate_bps"] == 10 * 4096
     assert h.events.bodies(".progress")[-1]["phase"] == "postcopy"
     wait_for(lambda: h.events.keys()[-1] == "migration.m-1.done")
     (done,) = h.events.bodies(".done")

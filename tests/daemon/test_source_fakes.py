@@ -28,7 +28,17 @@ _KEEPER = libvirt.open(URI)
 POLICY = MigrationPolicy(False, False, "auto-converge off (x); post-copy off (y)")
 
 
-def progress(percent: float, phase: str = "precopy", elapsed: float = 1.0, processed: int = 0) -> MigrationProgress:
+def progress(
+    percent: float,
+    phase: str = "precopy",
+    elapsed: float = 1.0,
+    processed: int = 0,
+    *,
+    transfer: int = 0,
+    memory_bps: int = 0,
+    eta: float | None = None,
+) -> MigrationProgress:
+    """A runner's progress; `transfer` its smoothed rate, `memory_bps` libvirt's, `eta` its ETA."""
     total = 1 << 30
     return MigrationProgress(
         phase=phase,  # type: ignore[arg-type]
@@ -41,6 +51,10 @@ def progress(percent: float, phase: str = "precopy", elapsed: float = 1.0, proce
         max_downtime_ms=50,
         throttle_pct=0,
         elapsed_s=elapsed,
+        dirty_rate_bps=10 * 4096,
+        transfer_rate_bps=transfer,
+        memory_bps=memory_bps,
+        eta_s=eta,
     )
 
 

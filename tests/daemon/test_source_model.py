@@ -13,6 +13,7 @@ from agent.bus.schemas import MigrationProgressEvent
 from agent.daemon.source import Source
 from agent.daemon.source_model import (
     Flight,
+    bandwidth_bps,
     ending_from_outcome,
     has_numa_topology,
     state_word,
@@ -68,3 +69,9 @@ def test_published_percent_never_goes_down_and_bodies_match_the_schema(tmp_path:
     assert published == sorted(published) and published[-1] == max(percents)
     for body in bodies:
         msgspec.convert(body, MigrationProgressEvent)  # what a subscriber checks
+
+
+def test_the_events_bandwidth_is_the_runners_transfer_rate_else_libvirts() -> None:
+    assert bandwidth_bps(progress(10, transfer=300, memory_bps=150)) == 300
+    assert bandwidth_bps(progress(10, memory_bps=150)) == 150  # before the runner's first measured rate
+    assert bandwidth_bps(progress(10)) == 0

@@ -14,7 +14,7 @@ from agent.libvirt_ops.errors import MigrationAbortRefused, NoMigrationInProgres
 from agent.libvirt_ops.migration_job import MigrationJob
 from agent.libvirt_ops.policy import MigrationPolicy
 from agent.testing.clock import FakeClock
-from agent.testing.fake_libvirt import DestConn, DestDomain, FakeDomain, job_stats
+from agent.testing.fake_libvirt import DestConn, DestDomain, FakeDomain, MiB, job_stats
 from tests.libvirt_ops.test_migration_unit import SMALL_DOMAIN_XML, TARGET, cfg, make_request, runner_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -173,3 +173,22 @@ def test_attached_end_from_the_job_completed_event() -> None:
     ours = MigrationJob(dom=None, name="vm1", uuid="u", policy=OFF, domain_paused_at_start=False)
     mig._on_job_completed(None, None, {}, ours)
     assert not ours.done.is_set()  # run()'s worker sets done for a job of ours
+
+
+# --- progress: libvirt's bandwidth and page size -----------------------------------------------------
+
+
+def test_progress_carries_libvirts_bandwidth_and_page_size() -> None:
+    stats = job_stats(100, dirty=10, memory_bps=50 * MiB, memory_page_size=16384)
+    p = mig.progress_from_stats(stats, phase="precopy", max_downtime_ms=0, elapsed_s=1.0)
+    assert (p.memory_bps, p.memory_page_size, p.dirty_rate_bps) == (50 * MiB, 16384, 10 * 16384)
+    plain = mig.progress_from_stats(job_stats(100, dirty=10), phase="precopy", max_downtime_ms=0, elapsed_s=1.0)
+    assert (plain.memory_bps, plain.memory_page_size, plain.dirty_rate_bps) == (0, 4096, 10 * 4096)
+
+
+def test_the_runner_reports_them_in_every_progress() -> None:
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(300, memory_bps=7 * MiB, memory_page_size=8192)] * 2, clock=clock)
+    seen: list[mig.MigrationProgress] = []
+    runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, None, make_request(), seen.append)
+    assert seen and all((p.memory_bps, p.memory_page_size) == (7 * MiB, 8192) for p in seen)
