@@ -75,7 +75,7 @@ from agent.libvirt_ops.errors import (
     NoMigrationInProgress,
 )
 from agent.libvirt_ops.instance_metadata import InstanceMetadata, read_instance_metadata
-from agent.libvirt_ops.migration import MigrationProgress, MigrationTarget
+from agent.libvirt_ops.migration import ForceCompleteAction, MigrationProgress, MigrationTarget
 from agent.libvirt_ops.policy import decide_policy
 from agent.log import log_context
 from agent.numa.placement import Placement
@@ -626,12 +626,13 @@ class Source:
             return self._record(body.migration_id).state()
         except MigrationError as exc:
             raise RemoteConflict(f"force-complete failed: {exc}", details={"code": exc.code}) from None
-        if action == "none":  # the runner found it in post-copy already (or the guest paused): nothing to force
+        if action is ForceCompleteAction.ALREADY_POSTCOPY:  # the runner found it there (someone else switched)
             raise RemoteRefused(
-                f"migration {record.migration_id} is already in post-copy or paused: nothing to force",
+                f"migration {record.migration_id} is already in post-copy: nothing to force",
                 details={"code": "postcopy"},
             )
-        log.info("migration %s: force-complete: %s", record.migration_id, action)
+        # ALREADY_PAUSED: the guest is paused, pre-copy completes: what force-complete asks is under way
+        log.info("migration %s: force-complete: %s", record.migration_id, action.value)
         return self._record(body.migration_id).state()
 
 

@@ -15,7 +15,13 @@ from agent.daemon.migrations import MigrationRecord
 from agent.errors import InvalidInput
 from agent.libvirt_ops.domain_model import DomainPlacement
 from agent.libvirt_ops.instance_metadata import InstanceMetadata
-from agent.libvirt_ops.migration import MigrationOutcome, MigrationProgress, MigrationRunner, MigrationTarget
+from agent.libvirt_ops.migration import (
+    ForceCompleteAction,
+    MigrationOutcome,
+    MigrationProgress,
+    MigrationRunner,
+    MigrationTarget,
+)
 from agent.libvirt_ops.policy import MigrationPolicy
 from agent.numa.placement import Placement
 from agent.numa.request import InstanceRequest, parse_request
@@ -36,7 +42,7 @@ class Controls(Protocol):
 
     def abort(self) -> None: ...
 
-    def force_complete(self) -> str: ...
+    def force_complete(self) -> ForceCompleteAction: ...
 
 
 class Runner(Controls, Protocol):

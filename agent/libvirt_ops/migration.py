@@ -61,6 +61,7 @@ from agent.libvirt_ops.errors import (
 from agent.libvirt_ops.migration_job import (
     MAX_FORCE_COMPLETE_FAILURES,
     MAX_STALL_SWITCH_FAILURES,
+    ForceCompleteAction,
     JobControls,
     MigrationJob,
     PostCopyPhase,
@@ -80,6 +81,7 @@ __all__ = [
     "NOT_CONVERGING_MIN_SHRINK",
     "ConvergencePrediction",
     "ConvergenceTracker",
+    "ForceCompleteAction",
     "MigrationOutcome",
     "MigrationPolicy",
     "MigrationProgress",
@@ -249,10 +251,10 @@ class MigrationRunner:
                 )
             self._controls.abort(job, "aborted on request")
 
-    def force_complete(self) -> str:
+    def force_complete(self) -> ForceCompleteAction:
         """Make the running migration finish now: switch to post-copy when the policy armed it,
-        else pause the guest so pre-copy completes. Returns the action taken
-        ("postcopy", "paused", or "none" when already in post-copy / already paused).
+        else pause the guest so pre-copy completes. Returns the action taken: POSTCOPY, PAUSED, or
+        nothing done because the job is ALREADY_POSTCOPY / the guest ALREADY_PAUSED.
 
         Raises MigrationError when the switch to post-copy (or the pause) failed, or the abort of
         the migration was already accepted: nothing was done then."""

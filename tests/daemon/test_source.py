@@ -361,6 +361,20 @@ def test_abort_and_force_complete_in_postcopy_are_refused(tmp_path: Path, vm: tu
     wait_for(lambda: status(src)["status"] == "completed")
 
 
+def test_force_complete_of_a_paused_guest_is_no_refusal(tmp_path: Path, vm: tuple[str, str]) -> None:
+    """Without post-copy, force-complete pauses the guest; asked again, the guest is already paused and
+    pre-copy completes: the answer is the migration's state, not Refused (that is for post-copy only)."""
+    runner = FakeRunner([progress(5)], post_copy=False)
+    src = source_for(make_harness(tmp_path, [runner]))
+    src.live_migrate(migrate_body(vm[0]))
+    wait_for(lambda: status(src)["phase"] == "precopy")
+    first = src.force_complete(MigrationIdBody("m-1"))
+    again = src.force_complete(MigrationIdBody("m-1"))
+    assert runner.paused and first["status"] == again["status"] == "running"
+    runner.finish()
+    wait_for(lambda: status(src)["status"] == "completed")
+
+
 def test_force_complete_before_the_job_is_refused(tmp_path: Path, vm: tuple[str, str], vm2: tuple[str, str]) -> None:
     first = FakeRunner()
     src = source_for(make_harness(tmp_path, [first], limit=1))

@@ -17,7 +17,7 @@ from agent.config import AgentConfig, BusConfig, ClaimsConfig
 from agent.daemon.context import AgentContext, LibvirtConnections, LiveConfig, TopologyHolder
 from agent.daemon.metrics import AgentMetrics
 from agent.libvirt_ops.errors import MigrationAbortRefused, MigrationError, NoMigrationInProgress
-from agent.libvirt_ops.migration import MigrationOutcome, MigrationProgress, MigrationTarget
+from agent.libvirt_ops.migration import ForceCompleteAction, MigrationOutcome, MigrationProgress, MigrationTarget
 from agent.libvirt_ops.policy import MigrationPolicy
 from agent.numa.placement import Placement
 from agent.numa.request import InstanceRequest
@@ -60,11 +60,15 @@ def progress(
 
 class FakeRunner:
     """Plays `script` through on_progress, then waits until `finish()` or an abort; post-copy after
-    force_complete (when `post_copy`). Never touches libvirt."""
+    force_complete (the guest paused instead without `post_copy`). Never touches libvirt."""
 
-    def __init__(self, script: list[MigrationProgress] | None = None, *, status: str = "completed") -> None:
+    def __init__(
+        self, script: list[MigrationProgress] | None = None, *, status: str = "completed", post_copy: bool = True
+    ) -> None:
         self.script = list(script or [])
         self.status = status
+        self.post_copy = post_copy
+        self.paused = False
         self.calls: list[tuple[str, MigrationTarget, Placement | None, InstanceRequest]] = []
         self.started = threading.Event()
         self.release = threading.Event()
@@ -121,13 +125,18 @@ class FakeRunner:
         self.aborted = True
         self.release.set()
 
-    def force_complete(self) -> str:
+    def force_complete(self) -> ForceCompleteAction:
         if not self.job:
             raise NoMigrationInProgress("no job")
         if self.postcopy:
-            return "none"
+            return ForceCompleteAction.ALREADY_POSTCOPY
+        if self.paused:
+            return ForceCompleteAction.ALREADY_PAUSED
+        if not self.post_copy:
+            self.paused = True
+            return ForceCompleteAction.PAUSED
         self.postcopy = True
-        return "postcopy"
+        return ForceCompleteAction.POSTCOPY
 
 
 class FailingRunner(FakeRunner):

@@ -192,3 +192,24 @@ def test_the_runner_reports_them_in_every_progress() -> None:
     seen: list[mig.MigrationProgress] = []
     runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, None, make_request(), seen.append)
     assert seen and all((p.memory_bps, p.memory_page_size) == (7 * MiB, 8192) for p in seen)
+
+
+# --- force_complete: what it did, or why it did nothing ----------------------------------------------
+
+
+def test_force_complete_tells_already_postcopy_from_already_paused() -> None:
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(300)] * 4, "hang", postcopy_script=[job_stats(50)] * 2, clock=clock)
+    runner = runner_for(dom, cfg(), clock=clock)
+    actions: list[mig.ForceCompleteAction] = []
+    runner.run("vm1", TARGET, None, make_request(post_copy=True), lambda p: actions.append(runner.force_complete()))
+    assert actions[:2] == [mig.ForceCompleteAction.POSTCOPY, mig.ForceCompleteAction.ALREADY_POSTCOPY]
+    assert actions[0] == "postcopy"  # a str enum: the words of the logs and the older callers
+
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(300)] * 4, "hang", paused_script=[job_stats(50)] * 2, clock=clock)
+    runner = runner_for(dom, cfg(), clock=clock)
+    paused: list[mig.ForceCompleteAction] = []
+    runner.run("vm1", TARGET, None, make_request(), lambda p: paused.append(runner.force_complete()))
+    assert paused[:2] == [mig.ForceCompleteAction.PAUSED, mig.ForceCompleteAction.ALREADY_PAUSED]
+    assert dom.names().count("suspend") == 1
