@@ -76,7 +76,7 @@ from agent.libvirt_ops.errors import (
 )
 from agent.libvirt_ops.instance_metadata import InstanceMetadata, read_instance_metadata
 from agent.libvirt_ops.migration import ForceCompleteAction, MigrationProgress, MigrationTarget
-from agent.libvirt_ops.policy import decide_policy
+from agent.libvirt_ops.policy import MigrationPolicy, decide_policy
 from agent.log import log_context
 from agent.numa.placement import Placement
 from agent.numa.request import InstanceRequest
@@ -393,7 +393,12 @@ class Source:
                 return Ending("aborted", "aborted before it started", self.ctx.host)
             # placement None: the legacy move, the pinning copied as it is
             outcome = runner.run(
-                view.uuid, flight.target, flight.placement, request, lambda p: self.on_progress(flight, p)
+                view.uuid,
+                flight.target,
+                flight.placement,
+                request,
+                lambda p: self.on_progress(flight, p),
+                on_policy=lambda policy: self._policy_decided(flight, policy),
             )
         except AgentError as exc:  # refused before libvirt's job started: the VM never moved
             status = "aborted" if flight.abort_requested else "failed"
@@ -401,15 +406,20 @@ class Source:
         return ending_from_outcome(outcome, self.ctx.host, flight.target.host)
 
     def _prepare(self, flight: Flight, conn: Any) -> tuple[InstanceView, InstanceRequest, Runner]:
-        """The instance as it is now (it may have changed while queued), its policy, a runner."""
+        """The instance as it is now (it may have changed while queued), a runner (which decides the
+        policy: `_policy_decided`)."""
         view = self.instance(flight.instance_uuid, conn)
         request = view.request()
-        paused = view.state == libvirt.VIR_DOMAIN_PAUSED
-        flight.policy = decide_policy(request.migration, self.ctx.cfg.libvirt, domain_paused=paused)
         self._mark(flight, status="preparing", phase="preparing", started_at=self.ctx.clock())
         runner = self.new_runner(conn)
         flight.controls = runner
         return view, request, runner
+
+    def _policy_decided(self, flight: Flight, policy: MigrationPolicy) -> None:
+        """The runner decided the policy (before the job starts): recorded, so that `.done` and a
+        restart (recovery attaches with it) know it."""
+        flight.policy = policy
+        self._mark(flight)
 
     def new_runner(self, conn: Any) -> Runner:
         """A runner for one migration (started here, or attached after a restart) on `conn`."""

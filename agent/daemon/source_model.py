@@ -53,6 +53,7 @@ class Runner(Controls, Protocol):
         placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None = None,
+        on_policy: Callable[[MigrationPolicy], None] | None = None,
     ) -> MigrationOutcome: ...
 
     def attach(

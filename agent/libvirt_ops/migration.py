@@ -206,6 +206,7 @@ class MigrationRunner:
         placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None = None,
+        on_policy: Callable[[MigrationPolicy], None] | None = None,
     ) -> MigrationOutcome:
         """Migrate the domain to `target` with `placement`; blocks until the job ends.
 
@@ -216,6 +217,9 @@ class MigrationRunner:
         memory_mb, extra_specs, image_properties), parsed here first so that a contradictory
         request is refused before any libvirt call.
 
+        `on_policy` hears the decided policy (each part with the key or option that decided it, in
+        its `reason`) as soon as it is decided, before the job starts; the outcome carries it too.
+
         Raises (before any migration call): InvalidRequest (incl. policy conflicts and a request for
         another instance), DomainNotFound, LibvirtConnectionError, DomainXMLError, MigrationError.
         Once the job is started every problem is reported in the returned MigrationOutcome instead.
@@ -225,7 +229,7 @@ class MigrationRunner:
         with self._lock:
             self._preparing, self._prep_abort = True, ""
         try:
-            return self._run(domain_name_or_uuid, target, placement, request, on_progress)
+            return self._run(domain_name_or_uuid, target, placement, request, on_progress, on_policy)
         finally:
             with self._lock:
                 self._preparing = False
@@ -303,10 +307,11 @@ class MigrationRunner:
         placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None,
+        on_policy: Callable[[MigrationPolicy], None] | None,
     ) -> MigrationOutcome:
         if not isinstance(request, InstanceRequest):
             request = parse_request(request)  # InvalidRequest before any libvirt call
-        prep = self._prepare(domain, target, placement, request)
+        prep = self._prepare(domain, target, placement, request, on_policy)
         job = MigrationJob(
             dom=prep.dom, name=prep.name, uuid=prep.uuid, policy=prep.policy, domain_paused_at_start=prep.paused
         )
@@ -334,19 +339,16 @@ class MigrationRunner:
         return dom, name, uuid, state == libvirt.VIR_DOMAIN_PAUSED
 
     def _prepare(
-        self, domain: str, target: MigrationTarget, placement: Placement | None, request: InstanceRequest
+        self,
+        domain: str,
+        target: MigrationTarget,
+        placement: Placement | None,
+        request: InstanceRequest,
+        on_policy: Callable[[MigrationPolicy], None] | None = None,
     ) -> _Prepared:
         cfg = self._cfg
         dom, name, uuid, paused = self._read_domain(domain, request)
-        policy = decide_policy(request.migration, cfg, domain_paused=paused)
-        self._log.info(
-            "migration %s -> %s: policy auto_converge=%s post_copy=%s (%s)",
-            name,
-            target.host,
-            policy.auto_converge,
-            policy.post_copy,
-            policy.reason,
-        )
+        policy = self._decide_policy(request, name, target, paused, on_policy)
         live, persistent_src, memory_kib = self._read_xml(dom, name)
         dest_xml, persistent_xml = _destination_xml(live, persistent_src, placement)
         flags = migration_flags(policy)
@@ -361,6 +363,30 @@ class MigrationRunner:
             self._conn, dom, cfg, memory_bytes=int(memory_mb * 1024 * 1024), sleep=self._sleep, log=self._log
         )
         return _Prepared(dom, name, uuid, paused, policy, flags, params, plan, dest_preexisting, preflight)
+
+    def _decide_policy(
+        self,
+        request: InstanceRequest,
+        name: str,
+        target: MigrationTarget,
+        paused: bool,
+        on_policy: Callable[[MigrationPolicy], None] | None,
+    ) -> MigrationPolicy:
+        policy = decide_policy(request.migration, self._cfg, domain_paused=paused)
+        self._log.info(
+            "migration %s -> %s: policy auto_converge=%s post_copy=%s (%s)",
+            name,
+            target.host,
+            policy.auto_converge,
+            policy.post_copy,
+            policy.reason,
+        )
+        if on_policy is not None:
+            try:
+                on_policy(policy)
+            except Exception:  # noqa: BLE001 - a broken listener must not break the migration
+                self._log.exception("migration %s: policy callback failed", name)
+        return policy
 
     def _read_xml(self, dom: Any, name: str) -> tuple[str, str | None, int]:
         base_flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE

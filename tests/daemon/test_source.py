@@ -21,6 +21,7 @@ from agent.daemon import source as source_mod
 from agent.daemon.source import Source
 from agent.errors import InvalidRequest
 from agent.libvirt_ops.instance_metadata import InstanceMetadata, store_instance_metadata
+from agent.libvirt_ops.policy import MigrationPolicy
 from tests.daemon.test_source_fakes import (
     URI,
     FailingRunner,
@@ -521,3 +522,16 @@ def test_the_migration_thread_carries_the_journal_fields(tmp_path: Path, vm: tup
         "dest_host": "hv-02",
         "claim_id": "m-1",
     }
+
+
+def test_the_policy_recorded_is_the_one_the_runner_decided(tmp_path: Path, vm: tuple[str, str]) -> None:
+    runner = FakeRunner([progress(5)])
+    runner.policy = MigrationPolicy(True, False, "auto-converge on (runner's words); post-copy off (x)")
+    src = source_for(make_harness(tmp_path, [runner]))
+    src.live_migrate(migrate_body(vm[0]))
+    wait_for(lambda: status(src)["phase"] == "precopy")
+    record = src.store.get("m-1")
+    assert record is not None and (record.auto_converge, record.post_copy) == (True, False)
+    assert record.decided_by == runner.policy.reason
+    runner.finish()
+    wait_for(lambda: status(src)["status"] == "completed")

@@ -68,6 +68,7 @@ class FakeRunner:
         self.script = list(script or [])
         self.status = status
         self.post_copy = post_copy
+        self.policy = POLICY  # what it tells on_policy and puts in the outcome
         self.paused = False
         self.calls: list[tuple[str, MigrationTarget, Placement | None, InstanceRequest]] = []
         self.started = threading.Event()
@@ -85,8 +86,11 @@ class FakeRunner:
         placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None = None,
+        on_policy: Callable[[MigrationPolicy], None] | None = None,
     ) -> MigrationOutcome:
         assert isinstance(request, InstanceRequest)
+        if on_policy is not None:
+            on_policy(self.policy)
         self.calls.append((domain_name_or_uuid, target, placement, request))
         self.on_progress = on_progress
         self.job = True
@@ -101,7 +105,7 @@ class FakeRunner:
             status=status,  # type: ignore[arg-type]
             reason=f"fake {status}",
             final_stats={},
-            policy=POLICY,
+            policy=self.policy,
             elapsed_s=1.5,
             downtime_ms=42 if status == "completed" else None,
             switched_to_postcopy=self.postcopy,

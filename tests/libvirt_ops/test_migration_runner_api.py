@@ -213,3 +213,31 @@ def test_force_complete_tells_already_postcopy_from_already_paused() -> None:
     runner.run("vm1", TARGET, None, make_request(), lambda p: paused.append(runner.force_complete()))
     assert paused[:2] == [mig.ForceCompleteAction.PAUSED, mig.ForceCompleteAction.ALREADY_PAUSED]
     assert dom.names().count("suspend") == 1
+
+
+# --- the decided policy, reported before the job starts ----------------------------------------------
+
+
+def test_the_decided_policy_is_reported_before_the_job_starts_and_in_the_outcome() -> None:
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(100)], clock=clock)
+    heard: list[tuple[MigrationPolicy, list[str]]] = []
+    outcome = runner_for(dom, cfg(), clock=clock).run(
+        "vm1", TARGET, None, make_request(post_copy=True), on_policy=lambda p: heard.append((p, dom.names()))
+    )
+    ((policy, calls_then),) = heard
+    assert "migrateToURI3" not in calls_then  # heard before the job started
+    assert policy == outcome.policy and policy.post_copy and not policy.auto_converge
+    assert "compute:live_migration_post_copy=true" in policy.reason  # where the part came from
+
+
+def test_a_broken_policy_listener_does_not_stop_the_migration() -> None:
+    clock = FakeClock(0.0)
+    dom = FakeDomain([job_stats(100)], clock=clock)
+
+    def broken(_policy: MigrationPolicy) -> None:
+        raise RuntimeError("listener bug")
+
+    assert runner_for(dom, cfg(), clock=clock).run("vm1", TARGET, None, make_request(), on_policy=broken).status == (
+        "completed"
+    )
