@@ -30,7 +30,8 @@ from agent.daemon.source_model import Ending, Flight, ending_from_outcome
 from agent.errors import AgentError
 from agent.libvirt_ops.connection import close_quietly, open_connection
 from agent.libvirt_ops.errors import NoMigrationInProgress
-from agent.libvirt_ops.migration import MigrationTarget, outgoing_job_running
+from agent.libvirt_ops.migration import MigrationTarget
+from agent.libvirt_ops.migration_attach import outgoing_job_running
 from agent.libvirt_ops.migration_job import postcopy_phase_of_state
 from agent.libvirt_ops.policy import MigrationPolicy
 from agent.log import log_context

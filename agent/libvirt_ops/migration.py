@@ -16,8 +16,13 @@
    nothing of it is left defined on the destination, unless the job really was in post-copy
    (``migration_recovery``).
 
-``abort()`` and ``force_complete()`` may be called from another thread while ``run()`` is in
-progress. An abort during step 1 is kept and cancels the migration before it starts. Abort is
+``MigrationRunner.attach()`` follows an outgoing job that is already running (started before the
+agent's restart) with the same monitor, on the job's own clock (jobStats ``time_elapsed``); its end
+comes from libvirt (jobStats type NONE, the JOB_COMPLETED and lifecycle events) and its outcome
+from the completed statistics and a lookup on the destination (``migration_attach``).
+
+``abort()`` and ``force_complete()`` may be called from another thread while ``run()`` or
+``attach()`` is in progress. An abort during step 1 is kept and cancels the migration before it starts. Abort is
 refused (``MigrationAbortRefused``) once post-copy has been requested or is running: the guest
 already executes on the destination then. ``force_complete()`` is refused once an abort was
 accepted, and raises MigrationError when the switch to post-copy (or the pause) failed.
@@ -58,6 +63,7 @@ from agent.libvirt_ops.errors import (
     NoMigrationInProgress,
     libvirt_error_details,
 )
+from agent.libvirt_ops.migration_attach import AttachedEnd, read_attached
 from agent.libvirt_ops.migration_job import (
     MAX_FORCE_COMPLETE_FAILURES,
     MAX_STALL_SWITCH_FAILURES,
@@ -65,7 +71,6 @@ from agent.libvirt_ops.migration_job import (
     JobControls,
     MigrationJob,
     PostCopyPhase,
-    postcopy_phase_of_state,
     read_state,
 )
 from agent.libvirt_ops.migration_monitor import MigrationMonitor, MonitorPlan, MonitorResult, Sample
@@ -94,7 +99,6 @@ __all__ = [
     "StallDetector",
     "Watermark",
     "completion_timeout_s",
-    "outgoing_job_running",
     "downtime_for",
     "downtime_steps",
     "predict_precopy",
@@ -113,12 +117,7 @@ _POSTCOPY_SUSPEND_FAILED = libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY_FAILED
 _POSTCOPY_REQS = libvirt.VIR_DOMAIN_JOB_MEMORY_POSTCOPY_REQS
 # how long the JOB_COMPLETED event may trail migrateToURI3's return (seconds)
 _EVENT_TRAIL_S = 2.0
-# an attached job is over: how long the destination may take to report the guest running (seconds;
-# libvirt starts the guest there right after the job's end), asked every _ATTACH_END_POLL_S
-ATTACH_END_WAIT_S = 30.0
-_ATTACH_END_POLL_S = 0.5
-_ACTIVE_JOB_TYPES = (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
-_LIVE_STATES = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
+
 # the stall detector's window: a new low of remaining memory must be missing for this many polls
 # (never one sample)
 _STALL_WINDOW_POLLS = 5
@@ -280,7 +279,7 @@ class MigrationRunner:
         downtime steps, completion timeout and its action, post-copy switch rules; abort() and
         force_complete() act on it. Its end is seen from libvirt (jobStats type NONE, the
         JOB_COMPLETED and lifecycle events) and the outcome decided from the completed job's
-        statistics and a lookup on the destination (see ATTACH_END_WAIT_S).
+        statistics and a lookup on the destination (``migration_attach.AttachedEnd``).
 
         Raises (before following): NoMigrationInProgress when the domain has no outgoing job,
         DomainNotFound, LibvirtConnectionError, MigrationError."""
@@ -623,7 +622,7 @@ class MigrationRunner:
         policy: MigrationPolicy,
         on_progress: Callable[[MigrationProgress], None] | None,
     ) -> MigrationOutcome:
-        found = _read_attached(lookup_domain(self._conn, domain), domain)
+        found = read_attached(lookup_domain(self._conn, domain), domain)
         job = MigrationJob(
             dom=found.dom,
             name=found.name,
@@ -670,7 +669,7 @@ class MigrationRunner:
     ) -> MigrationOutcome:
         last_stats = _running_stats(result.last_stats)
         self._note_postcopy_requests(job, last_stats)
-        completed, why = self._attached_end(job, target)
+        completed, why = AttachedEnd(self._connect, self._sleep, self._log).decide(job, target)
         if completed:
             outcome = self._completed_outcome(job, target, result, last_stats, elapsed)
         else:
@@ -680,35 +679,6 @@ class MigrationRunner:
         outcome = replace(outcome, reason=f"{outcome.reason} (followed after a restart)")
         self._log_outcome(job, target, outcome)
         return outcome
-
-    def _attached_end(self, job: MigrationJob, target: MigrationTarget) -> tuple[bool, str]:
-        """(completed, why not) of an attached job that is over: completed when JOB_COMPLETED came,
-        or the guest runs on the destination and no longer here; failed when it still runs here.
-        The destination may need a moment to report the guest running: asked for ATTACH_END_WAIT_S."""
-        for _ in range(int(ATTACH_END_WAIT_S / _ATTACH_END_POLL_S)):
-            if job.event_seen.is_set():
-                return True, ""
-            state, _error = read_state(job.dom)
-            here = state is not None and state[0] in _LIVE_STATES and postcopy_phase_of_state(state) is None
-            if here:
-                return False, "the job ended and the guest still runs on the source"
-            if self._destination_active(job, target):
-                return True, ""
-            self._sleep(_ATTACH_END_POLL_S)
-        return False, f"the job ended and the guest runs on neither host after {ATTACH_END_WAIT_S:.0f}s"
-
-    def _destination_active(self, job: MigrationJob, target: MigrationTarget) -> bool:
-        try:
-            conn = self._connect(target.uri)
-        except AgentError as exc:
-            self._log.info("migration %s: cannot ask %s: %s", job.name, target.host, exc)
-            return False
-        try:
-            return bool(conn.lookupByUUIDString(job.uuid).isActive())
-        except libvirt.libvirtError:
-            return False
-        finally:
-            close_quietly(conn)
 
     # -- step 5: outcome -------------------------------------------------------------------------
 
@@ -874,38 +844,6 @@ def _lookup_or_none(conn: Any, uuid: str, what: str) -> Any:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return None
         raise MigrationError.from_libvirt(what, exc) from None
-
-
-@dataclass(frozen=True, slots=True)
-class _AttachedDomain:
-    """A domain found with an outgoing job, as attach() reads it."""
-
-    dom: Any
-    name: str
-    uuid: str
-    paused: bool
-    elapsed_ms: int  # jobStats time_elapsed: how long the job has run
-    memory_kib: int
-
-
-def outgoing_job_running(stats: Mapping[str, Any]) -> bool:
-    """jobStats(0) of a domain says an outgoing migration job runs (no "operation" before libvirt 3.3)."""
-    operation = stats.get("operation", libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT)
-    return stats.get("type") in _ACTIVE_JOB_TYPES and operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
-
-
-def _read_attached(dom: Any, domain: str) -> _AttachedDomain:
-    try:
-        name, uuid = dom.name(), dom.UUIDString()
-        stats = dom.jobStats(0) or {}
-        state, _reason = dom.state()
-        memory_kib = int(dom.maxMemory())
-    except libvirt.libvirtError as exc:
-        raise MigrationError.from_libvirt(f"reading domain {domain!r} and its job", exc) from None
-    if not outgoing_job_running(stats):
-        raise NoMigrationInProgress(f"attach: domain {name} has no outgoing migration job")
-    elapsed_ms = int(stats.get("time_elapsed", 0) or 0)
-    return _AttachedDomain(dom, name, uuid, state == libvirt.VIR_DOMAIN_PAUSED, elapsed_ms, memory_kib)
 
 
 def _migrate_worker(job: MigrationJob, dom: Any, dest_uri: str, params: dict, flags: int) -> None:
