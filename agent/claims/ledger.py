@@ -480,6 +480,28 @@ class Ledger:
     progress = start
 
     @_logged
+    def extend(
+        self, migration_id: str, ttl_s: float, reason: str = "the source extends the claim for its migration"
+    ) -> Claim:
+        """`progress` (held -> migrating, or a migrating claim's expiry refreshed) that keeps the
+        claim `ttl_s` from now instead of `migrating_timeout_s` when that is longer (a progress
+        report is never worth less than the plain one).
+
+        `ttl_s` is bounded by `max_ttl_s` (as a claim's: the hold after damage covers it); InvalidInput
+        beyond. The progress is one transaction (its expiry rules, ClaimEnded, ...), the longer
+        expiry a second one, only while the claim is still migrating."""
+        ttl = check_ttl(ttl_s)
+        if ttl > self.max_ttl_s:  # the bound that makes the hold after damage long enough
+            raise InvalidInput(f"ttl_s {ttl:g} is over this ledger's longest TTL ({self.max_ttl_s:g}s)")
+        claim = self._transition(migration_id, ClaimState.MIGRATING, reason)
+        with self._store.tx() as conn:
+            now = self._clock()
+            current = self._store.get(conn, migration_id)
+            if current is None or current.state is not ClaimState.MIGRATING or current.expires_at >= now + ttl:
+                return current or claim
+            return self._store.refresh_expiry(conn, current, now, now + ttl)
+
+    @_logged
     def confirm(self, migration_id: str, reason: str = "the domain runs here") -> Claim:
         """held/migrating -> confirmed (confirmed: no-op). A claim past its expiry is expired
         (recorded) and ClaimEnded raised: it was not holding anything any more."""

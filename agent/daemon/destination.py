@@ -9,7 +9,7 @@ arrives.
 A claim's life here, besides the calls:
 
 * `extend_claim` from the source (its migration makes progress) moves a held claim to migrating
-  and refreshes its expiry (`[claims] migrating_timeout_s`).
+  and refreshes its expiry (`[claims] migrating_timeout_s`, or the call's `ttl_s` when longer).
 * The watcher (a thread of its own, every `WATCH_INTERVAL_S` and at once on a lifecycle event of a
   claimed instance) looks at each live claim's domain here: the incoming copy (defined, not running
   yet, or running in post-copy) is progress; the domain running here with the claim's own placement
@@ -211,11 +211,15 @@ class Destination:
 
     @_answers_on_the_wire
     def extend_claim(self, body: schemas.ExtendClaimBody) -> dict[str, Any]:
-        # the ledger's progress refreshes a migrating claim to [claims] migrating_timeout_s; a ttl_s
-        # asked for is not honoured beyond that (the ledger has no per-call lifetime for progress)
+        # progress: [claims] migrating_timeout_s from now; with ttl_s, that long when it is longer
+        # (bounded by [claims] claim_ttl_max_s: InvalidRequest beyond)
         before = self.ctx.ledger.get(body.migration_id)
+        reason = "the source reports its migration makes progress"
         with _claim_fields(before):
-            claim = self.ctx.ledger.progress(body.migration_id, "the source reports its migration makes progress")
+            if body.ttl_s is None:
+                claim = self.ctx.ledger.progress(body.migration_id, reason)
+            else:
+                claim = self.ctx.ledger.extend(body.migration_id, body.ttl_s, reason)
         if claim.state is not before.state:
             self._announce(claim, "migration started")
         return claim.to_json()

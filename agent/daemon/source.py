@@ -49,7 +49,6 @@ from agent.bus.schemas import (
 from agent.daemon.metrics import RunningMigration
 from agent.daemon.migrations import MigrationRecord, MigrationStore
 from agent.daemon.source_model import (
-    GUEST_PAGE_BYTES,
     WIRE_PHASES,
     Ending,
     Flight,
@@ -59,7 +58,6 @@ from agent.daemon.source_model import (
     default_runner,
     ending_from_outcome,
     has_numa_topology,
-    legacy_placement,
     numa_workaround,
     policy_view,
     progress_body,
@@ -77,8 +75,8 @@ from agent.libvirt_ops.errors import (
     NoMigrationInProgress,
 )
 from agent.libvirt_ops.instance_metadata import InstanceMetadata, read_instance_metadata
-from agent.libvirt_ops.migration import MigrationProgress, MigrationTarget
-from agent.libvirt_ops.policy import decide_policy
+from agent.libvirt_ops.migration import ForceCompleteAction, MigrationProgress, MigrationTarget
+from agent.libvirt_ops.policy import MigrationPolicy, decide_policy
 from agent.log import log_context
 from agent.numa.placement import Placement
 from agent.numa.request import InstanceRequest
@@ -393,23 +391,39 @@ class Source:
             view, request, runner = self._prepare(flight, conn)
             if flight.abort_requested:
                 return Ending("aborted", "aborted before it started", self.ctx.host)
-            placement = flight.placement or legacy_placement(view, runner)
-            outcome = runner.run(view.uuid, flight.target, placement, request, lambda p: self.on_progress(flight, p))
+            # placement None: the legacy move, the pinning copied as it is
+            outcome = runner.run(
+                view.uuid,
+                flight.target,
+                flight.placement,
+                request,
+                lambda p: self.on_progress(flight, p),
+                on_policy=lambda policy: self._policy_decided(flight, policy),
+            )
         except AgentError as exc:  # refused before libvirt's job started: the VM never moved
             status = "aborted" if flight.abort_requested else "failed"
             return Ending(status, f"not started: {exc}", self.ctx.host)
         return ending_from_outcome(outcome, self.ctx.host, flight.target.host)
 
     def _prepare(self, flight: Flight, conn: Any) -> tuple[InstanceView, InstanceRequest, Runner]:
-        """The instance as it is now (it may have changed while queued), its policy, a runner."""
+        """The instance as it is now (it may have changed while queued), a runner (which decides the
+        policy: `_policy_decided`)."""
         view = self.instance(flight.instance_uuid, conn)
         request = view.request()
-        paused = view.state == libvirt.VIR_DOMAIN_PAUSED
-        flight.policy = decide_policy(request.migration, self.ctx.cfg.libvirt, domain_paused=paused)
         self._mark(flight, status="preparing", phase="preparing", started_at=self.ctx.clock())
-        runner = self._runner_factory(conn, self.ctx.cfg.libvirt)
+        runner = self.new_runner(conn)
         flight.controls = runner
         return view, request, runner
+
+    def _policy_decided(self, flight: Flight, policy: MigrationPolicy) -> None:
+        """The runner decided the policy (before the job starts): recorded, so that `.done` and a
+        restart (recovery attaches with it) know it."""
+        flight.policy = policy
+        self._mark(flight)
+
+    def new_runner(self, conn: Any) -> Runner:
+        """A runner for one migration (started here, or attached after a restart) on `conn`."""
+        return self._runner_factory(conn, self.ctx.cfg.libvirt)
 
     def _mark(self, flight: Flight, **changes: Any) -> MigrationRecord:
         if flight.policy is not None:
@@ -546,9 +560,7 @@ class Source:
         with self._lock:
             seen = [(f, f.last_progress) for f in self._flights.values() if f.last_progress is not None]
         snapshot = [
-            RunningMigration(
-                f.migration_id, "source", f.phase, p.memory_remaining, float(p.dirty_rate_pps * GUEST_PAGE_BYTES)
-            )
+            RunningMigration(f.migration_id, "source", f.phase, p.memory_remaining, float(p.dirty_rate_bps))
             for f, p in seen
         ]
         self.ctx.metrics.set_running_migrations(snapshot)
@@ -624,12 +636,13 @@ class Source:
             return self._record(body.migration_id).state()
         except MigrationError as exc:
             raise RemoteConflict(f"force-complete failed: {exc}", details={"code": exc.code}) from None
-        if action == "none":  # the runner found it in post-copy already (or the guest paused): nothing to force
+        if action is ForceCompleteAction.ALREADY_POSTCOPY:  # the runner found it there (someone else switched)
             raise RemoteRefused(
-                f"migration {record.migration_id} is already in post-copy or paused: nothing to force",
+                f"migration {record.migration_id} is already in post-copy: nothing to force",
                 details={"code": "postcopy"},
             )
-        log.info("migration %s: force-complete: %s", record.migration_id, action)
+        # ALREADY_PAUSED: the guest is paused, pre-copy completes: what force-complete asks is under way
+        log.info("migration %s: force-complete: %s", record.migration_id, action.value)
         return self._record(body.migration_id).state()
 
 

@@ -1,12 +1,11 @@
 """The source role's values and pure rules (agent.daemon.source is the role itself): the seams it
 drives libvirt through (`Runner`, `Controls`), what it knows of an instance (`InstanceView`), a
 migration in memory (`Flight`) and how one ended (`Ending`), and the pure pieces: the progress
-event's body, an outcome as an ending, whether an instance has a NUMA topology, the legacy move.
+event's body, an outcome as an ending, whether an instance has a NUMA topology.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -15,9 +14,14 @@ from typing import Any, Callable, Mapping, Protocol, cast
 from agent.daemon.migrations import MigrationRecord
 from agent.errors import InvalidInput
 from agent.libvirt_ops.domain_model import DomainPlacement
-from agent.libvirt_ops.errors import MigrationError
 from agent.libvirt_ops.instance_metadata import InstanceMetadata
-from agent.libvirt_ops.migration import MigrationOutcome, MigrationProgress, MigrationRunner, MigrationTarget
+from agent.libvirt_ops.migration import (
+    ForceCompleteAction,
+    MigrationOutcome,
+    MigrationProgress,
+    MigrationRunner,
+    MigrationTarget,
+)
 from agent.libvirt_ops.policy import MigrationPolicy
 from agent.numa.placement import Placement
 from agent.numa.request import InstanceRequest, parse_request
@@ -25,7 +29,6 @@ from agent.units import mib_from_kib
 
 log = logging.getLogger("compute_agent.source")
 
-GUEST_PAGE_BYTES = 4096  # QEMU counts dirty pages in target pages: 4 KiB on x86
 STATE_WORDS = ("nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "pmsuspended")
 WIRE_PHASES = {"paused-precopy": "paused"}  # the runner's phase names -> docs/protocol.md 6.2
 
@@ -34,12 +37,12 @@ WIRE_PHASES = {"paused-precopy": "paused"}  # the runner's phase names -> docs/p
 
 
 class Controls(Protocol):
-    """What abort_migration / force_complete act on: the runner of a job we started, or the
-    attached job after a restart (agent.daemon.source_recovery.AttachedJob)."""
+    """What abort_migration / force_complete act on: the runner of a job, started here or attached
+    after a restart."""
 
     def abort(self) -> None: ...
 
-    def force_complete(self) -> str: ...
+    def force_complete(self) -> ForceCompleteAction: ...
 
 
 class Runner(Controls, Protocol):
@@ -50,6 +53,15 @@ class Runner(Controls, Protocol):
         placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None = None,
+        on_policy: Callable[[MigrationPolicy], None] | None = None,
+    ) -> MigrationOutcome: ...
+
+    def attach(
+        self,
+        domain_name_or_uuid: str,
+        target: MigrationTarget,
+        policy: MigrationPolicy,
+        on_progress: Callable[[MigrationProgress], None] | None = None,
     ) -> MigrationOutcome: ...
 
 
@@ -57,16 +69,7 @@ RunnerFactory = Callable[[Any, Any], Runner]  # (libvirt connection, LibvirtConf
 
 
 def default_runner(conn: Any, cfg: Any) -> Runner:
-    return cast(Runner, MigrationRunner(conn, cfg))  # placement=None: see _legacy_placement
-
-
-def takes_no_placement(runner: Runner) -> bool:
-    """True when `runner.run` declares `placement: Placement | None` (the legacy move as libvirt does it)."""
-    try:
-        annotation = inspect.signature(runner.run).parameters["placement"].annotation
-    except (KeyError, TypeError, ValueError):
-        return False
-    return "None" in str(annotation)
+    return cast(Runner, MigrationRunner(conn, cfg))
 
 
 # --- values ---------------------------------------------------------------------------------------
@@ -131,7 +134,6 @@ class Flight:
     phase: str = "queued"
     started: bool = False  # libvirt's job was seen (first progress)
     last_published: float = float("-inf")
-    last_processed: tuple[float, int] | None = None  # (elapsed_s, bytes) at the last event
     last_progress: MigrationProgress | None = None
     done: threading.Event = field(default_factory=threading.Event)
     progress_lock: threading.Lock = field(default_factory=threading.Lock)  # events leave in order
@@ -159,14 +161,8 @@ def numa_workaround(cfg: Any) -> bool:
 def progress_body(
     flight: Flight, record: MigrationRecord, progress: MigrationProgress, source: str, now: float
 ) -> dict[str, Any]:
-    """The `migration.<id>.progress` body (docs/protocol.md 6.2). Bandwidth from the bytes sent
-    since the last event (the runner gives no rate), ETA = remaining / bandwidth."""
-    bandwidth = 0
-    if flight.last_processed is not None:
-        then, sent = flight.last_processed
-        if progress.elapsed_s > then:
-            bandwidth = max(int((progress.memory_processed - sent) / (progress.elapsed_s - then)), 0)
-    flight.last_processed = (progress.elapsed_s, progress.memory_processed)
+    """The `migration.<id>.progress` body (docs/protocol.md 6.2): the runner's numbers as they are
+    (rates: `bandwidth_bps`)."""
     return {
         "migration_id": flight.migration_id,
         "instance": record.instance,
@@ -174,16 +170,22 @@ def progress_body(
         "destination": flight.target.host,
         "phase": flight.phase,
         "percent": flight.percent,
-        "eta_s": round(progress.memory_remaining / bandwidth, 1) if bandwidth > 0 else None,
+        "eta_s": progress.eta_s,  # the runner's: remaining against transfer minus dirty rate
         "memory_total": progress.memory_total,
         "memory_remaining": progress.memory_remaining,
-        "dirty_rate_bps": progress.dirty_rate_pps * GUEST_PAGE_BYTES,
-        "bandwidth_bps": bandwidth,
+        "dirty_rate_bps": max(progress.dirty_rate_bps, 0),
+        "bandwidth_bps": bandwidth_bps(progress),
         "iteration": progress.iteration,
         "throttle_pct": min(max(progress.throttle_pct, 0), 100),
         "max_downtime_ms": progress.max_downtime_ms,
         "ts": now,
     }
+
+
+def bandwidth_bps(progress: MigrationProgress) -> int:
+    """The event's `bandwidth_bps` (bytes sent per second): the runner's smoothed transfer rate,
+    libvirt's own memory bandwidth until the runner has measured one (its first poll)."""
+    return max(progress.transfer_rate_bps or progress.memory_bps, 0)
 
 
 def ending_from_outcome(outcome: MigrationOutcome, source: str, destination: str) -> Ending:
@@ -196,17 +198,3 @@ def ending_from_outcome(outcome: MigrationOutcome, source: str, destination: str
         total_s=outcome.elapsed_s,
         in_postcopy=outcome.switched_to_postcopy and outcome.status != "completed",
     )
-
-
-def legacy_placement(view: InstanceView, runner: Runner) -> Placement | None:
-    """The legacy move copies the domain's pinning as it is: no placement for a runner that takes
-    none; else (MigrationRunner today) the identity rewrite with the placement the agent recorded."""
-    if takes_no_placement(runner):
-        return None
-    placement = view.placement()
-    if placement is None:
-        raise MigrationError(
-            f"legacy move of {view.name}: the domain has no placement record and this runner needs one "
-            "(MigrationRunner.run without a placement is not available yet)"
-        )
-    return placement

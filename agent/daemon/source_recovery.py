@@ -13,60 +13,37 @@ pure rule (`verdict`) decides:
 | preparing / running           | the instance runs here, no job               | failed / aborted (release)     |
 | any active                    | neither here nor there                       | failed, claim left to expire   |
 
-Attaching (`AttachedJob`) takes up what the runner did for its own job: progress events, the
-downtime steps and the completion timeout counted from the job's own start (jobStats
-`time_elapsed`), abort and force-complete, and at the end the outcome with the claim settled.
-
-The runner cannot attach to a job it did not start (MigrationRunner.run starts one); what it
-should offer so that this module shrinks to the verdict table is in the lead's report:
-`MigrationRunner.attach(domain, target, policy, on_progress) -> MigrationOutcome`.
+Attaching is the runner's (`MigrationRunner.attach`): the same monitor as for a job it started
+(progress, downtime steps and completion timeout on the job's own clock, abort and force-complete),
+and its outcome ends the migration as any other (the claim settled, `.done` published).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import libvirt
 
-from agent.daemon.source_model import Ending, Flight
+from agent.daemon.source_model import Ending, Flight, ending_from_outcome
 from agent.errors import AgentError
 from agent.libvirt_ops.connection import close_quietly, open_connection
-from agent.libvirt_ops.errors import MigrationAbortRefused, MigrationError, NoMigrationInProgress
-from agent.libvirt_ops.migration import (
-    MigrationProgress,
-    MigrationTarget,
-    Phase,
-    completion_timeout_s,
-    downtime_for,
-    downtime_steps,
-    progress_from_stats,
-)
+from agent.libvirt_ops.errors import NoMigrationInProgress
+from agent.libvirt_ops.migration import MigrationTarget
+from agent.libvirt_ops.migration_attach import outgoing_job_running
+from agent.libvirt_ops.migration_job import postcopy_phase_of_state
 from agent.libvirt_ops.policy import MigrationPolicy
 from agent.log import log_context
 from agent.numa.placement import Placement
 
 if TYPE_CHECKING:
-    from agent.config import LibvirtConfig
     from agent.daemon.migrations import MigrationRecord
     from agent.daemon.source import Source
 
 log = logging.getLogger("compute_agent.source")
 
 Verdict = Literal["settle", "attach", "completed", "requeue", "failed", "aborted", "lost"]
-_ACTIVE_JOBS = (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
-_POSTCOPY_REASONS = frozenset(
-    {
-        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY),
-        (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED),
-        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY),
-        (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_POSTCOPY_FAILED),
-    }
-)
-_END_WAIT_S = 30.0  # after the job ends, how long to wait for the destination to report the domain running
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +80,7 @@ def _job_active(dom: Any) -> bool:
         stats = dom.jobStats(0) or {}
     except libvirt.libvirtError:
         return False
-    operation = stats.get("operation", libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT)
-    return stats.get("type") in _ACTIVE_JOBS and operation == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
+    return outgoing_job_running(stats)
 
 
 def _source_side(conn: Any, uuid: str) -> tuple[bool, bool, bool]:
@@ -116,7 +92,7 @@ def _source_side(conn: Any, uuid: str) -> tuple[bool, bool, bool]:
         state = tuple(dom.state())
     except libvirt.libvirtError:
         return False, False, False
-    return True, _job_active(dom), state in _POSTCOPY_REASONS
+    return True, _job_active(dom), postcopy_phase_of_state((int(state[0]), int(state[1]))) is not None
 
 
 def destination_running(uri: str, uuid: str, connect: Callable[[str], Any] = open_connection) -> bool | None:
@@ -140,115 +116,6 @@ def probe(conn: Any, record: MigrationRecord, connect: Callable[[str], Any] = op
     return Probe(here=here, job_active=job, there=there, in_postcopy=postcopy)
 
 
-# --- attaching to a running job -------------------------------------------------------------------
-
-
-class AttachedJob:
-    """Controls and monitor for an outgoing job this process did not start (after a restart).
-
-    The same rules as the runner's own monitor, from the job's own clock (`time_elapsed`): the
-    downtime steps, the completion timeout with its action; abort refused in post-copy; force-
-    complete switches to post-copy when the job was started with it, else pauses the guest.
-    """
-
-    def __init__(self, dom: Any, cfg: LibvirtConfig, policy: MigrationPolicy, memory_mb: float) -> None:
-        self.dom, self.cfg, self.policy = dom, cfg, policy
-        self.steps = downtime_steps(cfg, memory_mb)
-        self.timeout = completion_timeout_s(cfg, memory_mb)
-        self._lock = threading.Lock()
-        self.in_postcopy = False
-        self.aborted = False
-        self.paused_by_us = False
-        self.timeout_fired = False
-        self.downtime_ms: int | None = None
-
-    # --- Controls -----------------------------------------------------------------------------------
-
-    def abort(self) -> None:
-        with self._lock:
-            self._note_state()
-            if self.in_postcopy:
-                raise MigrationAbortRefused("the migration is in post-copy: the guest runs on the destination")
-            try:
-                self.dom.abortJob()
-            except libvirt.libvirtError as exc:
-                if not _job_active(self.dom):
-                    raise NoMigrationInProgress("the job has ended") from None
-                raise MigrationError.from_libvirt("aborting the attached migration", exc) from None
-            self.aborted = True
-
-    def force_complete(self) -> str:
-        with self._lock:
-            return self._force_locked()
-
-    def _force_locked(self) -> str:
-        self._note_state()
-        if self.in_postcopy:
-            return "none"
-        try:
-            if self.policy.post_copy:
-                self.dom.migrateStartPostCopy(0)
-                return "postcopy"
-            self.dom.suspend()
-        except libvirt.libvirtError as exc:
-            raise MigrationError.from_libvirt("forcing the attached migration to complete", exc) from None
-        self.paused_by_us = True
-        return "paused"
-
-    def _note_state(self) -> None:
-        try:
-            self.in_postcopy = self.in_postcopy or tuple(self.dom.state()) in _POSTCOPY_REASONS
-        except libvirt.libvirtError:
-            pass
-
-    # --- monitor ------------------------------------------------------------------------------------
-
-    def follow(self, on_progress: Callable[[MigrationProgress], None], sleep: Callable[[float], None]) -> None:
-        """Poll until the job ends: progress, downtime steps, completion timeout."""
-        while True:
-            try:
-                stats = self.dom.jobStats(0) or {}
-            except libvirt.libvirtError:
-                return  # the domain is gone: the job ended (completed with the source undefined)
-            if stats.get("type") not in _ACTIVE_JOBS:
-                return
-            elapsed = float(stats.get("time_elapsed", 0) or 0) / 1000.0
-            with self._lock:
-                self._note_state()
-                self._act(elapsed)
-            phase: Phase = "postcopy" if self.in_postcopy else ("paused-precopy" if self.paused_by_us else "precopy")
-            on_progress(
-                progress_from_stats(stats, phase=phase, max_downtime_ms=self.downtime_ms or 0, elapsed_s=elapsed)
-            )
-            sleep(self.cfg.live_migration_poll_interval_s)
-
-    def _act(self, elapsed: float) -> None:
-        if self.in_postcopy or self.aborted:
-            return
-        wanted = downtime_for(self.steps, elapsed)
-        if wanted is not None and wanted != self.downtime_ms:
-            try:
-                self.dom.migrateSetMaxDowntime(wanted, 0)
-                self.downtime_ms = wanted
-            except libvirt.libvirtError as exc:
-                log.warning("attached migration: could not set max downtime %d ms: %s", wanted, exc)
-        if self.timeout is not None and elapsed > self.timeout and not self.timeout_fired:
-            self.timeout_fired = True
-            self._timeout_action(elapsed)
-
-    def _timeout_action(self, elapsed: float) -> None:
-        log.warning("attached migration: not completed after %.0f s (timeout %.0f s)", elapsed, self.timeout or 0)
-        try:
-            if self.cfg.live_migration_timeout_action == "force_complete":
-                self._force_locked()
-            else:
-                self.dom.abortJob()
-                self.aborted = True
-        except (libvirt.libvirtError, MigrationError) as exc:
-            self.timeout_fired = False  # retried on the next poll
-            log.error("attached migration: the completion-timeout action failed: %s", exc)
-
-
 # --- taking records up ----------------------------------------------------------------------------
 
 
@@ -266,63 +133,40 @@ def _flight(record: MigrationRecord) -> Flight:
     return flight
 
 
-def _ended_after_job(
-    source: Source, record: MigrationRecord, job: AttachedJob, conn: Any, sleep: Callable[[float], None]
-) -> Ending:
-    """The outcome of an attached job once libvirt's job is over."""
-    host = source.ctx.host
-    for _ in range(int(_END_WAIT_S / 0.5)):
-        there = destination_running(record.dest_libvirt_uri, record.instance_uuid)
-        here, _job, postcopy = _source_side(conn, record.instance_uuid)
-        if there:
-            return Ending("completed", f"migrated to {record.dest_host} (followed after a restart)", record.dest_host)
-        if here and not postcopy:
-            status = "aborted" if job.aborted or record.abort_requested else "failed"
-            return Ending(status, "the job ended and the instance still runs here (followed after a restart)", host)
-        sleep(0.5)
-    split = job.in_postcopy
-    return Ending(
-        "failed",
-        "the job ended; the instance runs on neither host",
-        record.dest_host if split else host,
-        in_postcopy=split,
-    )
-
-
-def _attach(source: Source, record: MigrationRecord, sleep: Callable[[float], None]) -> None:
+def _attach(source: Source, record: MigrationRecord) -> None:
+    """Follow the job with the runner (MigrationRunner.attach) on a thread of its own, as a
+    migration of this agent: same outbound slot, same progress, abort, force-complete and end.
+    An abort asked before the restart (the agent died before libvirt heard it) is applied on the
+    first progress (the flight is not `started` until then: Source.on_progress)."""
     flight = _flight(record)
-    stack = contextlib.ExitStack()
-    conn = stack.enter_context(source.own_connection())  # the monitor's own, closed when it ends
-    try:
-        dom = conn.lookupByUUIDString(record.instance_uuid)
-        memory_mb = float(dom.maxMemory()) / 1024.0
-    except BaseException:
-        stack.close()
-        raise
-    job = AttachedJob(dom, source.ctx.cfg.libvirt, flight.policy or _policy(record), memory_mb)
-    flight.controls, flight.started = job, record.status == "running"
-    if record.abort_requested:  # asked before the restart; the agent died before libvirt heard it
-        _abort_again(job, record)
+    policy = flight.policy or _policy(record)
 
     def monitor() -> Ending:
-        with stack:
-            job.follow(lambda p: source.on_progress(flight, p), sleep)
-            return _ended_after_job(source, record, job, conn, sleep)
+        with source.own_connection() as conn:  # the runner's own, closed when it ends
+            runner = source.new_runner(conn)
+            flight.controls = runner
+            try:
+                outcome = runner.attach(
+                    record.instance_uuid, flight.target, policy, lambda p: source.on_progress(flight, p)
+                )
+            except NoMigrationInProgress:  # it ended between the probe and the attach
+                return _ending_now(source, record)
+        return ending_from_outcome(outcome, source.ctx.host, record.dest_host)
 
     log.warning("migration %s: found its job running after a restart; following it again", record.migration_id)
     source.adopt(flight, monitor)
 
 
-def _abort_again(job: AttachedJob, record: MigrationRecord) -> None:
-    try:
-        job.abort()
-    except MigrationError as exc:  # refused in post-copy, or the job just ended: the monitor sees the end
-        log.warning("migration %s: the abort asked before the restart: %s", record.migration_id, exc)
+def _ending_now(source: Source, record: MigrationRecord) -> Ending:
+    found = probe(source.ctx.libvirt.get(), record)
+    decided = verdict(record, found)
+    if decided == "attach":  # a new job on the instance, started by someone else: ours is over
+        decided = "failed"
+    return _ending_for(source, record, decided, found)
 
 
-def _conclude(source: Source, record: MigrationRecord, status: str, reason: str, host_now: str, probe_: Probe) -> None:
-    ending = Ending(status, reason, host_now, in_postcopy=probe_.in_postcopy and status != "completed")
-    source.finish(_flight(record), ending)
+def _ending(status: str, reason: str, host_now: str, probe_: Probe) -> Ending:
+    return Ending(status, reason, host_now, in_postcopy=probe_.in_postcopy and status != "completed")
 
 
 def take_up(source: Source, record: MigrationRecord, sleep: Callable[[float], None]) -> Verdict:
@@ -334,7 +178,7 @@ def take_up(source: Source, record: MigrationRecord, sleep: Callable[[float], No
         ending = Ending(record.status, record.reason or "", record.host_now or source.ctx.host)
         source.publish_done(source.settle_claim(record, ending))
     elif decided == "attach":
-        _attach(source, record, sleep)
+        _attach(source, record)
     elif decided == "requeue":
         source.enqueue(_flight(record))
     elif found is not None:
@@ -343,22 +187,17 @@ def take_up(source: Source, record: MigrationRecord, sleep: Callable[[float], No
 
 
 def _conclude_from(source: Source, record: MigrationRecord, decided: Verdict, found: Probe) -> None:
+    source.finish(_flight(record), _ending_for(source, record, decided, found))
+
+
+def _ending_for(source: Source, record: MigrationRecord, decided: Verdict, found: Probe) -> Ending:
+    """The ending a verdict on a job that is over means."""
     host = source.ctx.host
     if decided == "completed":
-        _conclude(
-            source,
-            record,
-            "completed",
-            f"migrated to {record.dest_host} (found after a restart)",
-            record.dest_host,
-            found,
-        )
-    elif decided == "lost":
-        _conclude(source, record, "failed", "after a restart the instance runs on neither host", host, found)
-    else:
-        _conclude(
-            source, record, decided, "the job ended while the agent was down; the instance still runs here", host, found
-        )
+        return _ending("completed", f"migrated to {record.dest_host} (found after a restart)", record.dest_host, found)
+    if decided == "lost":
+        return _ending("failed", "after a restart the instance runs on neither host", host, found)
+    return _ending(decided, "the job ended while the agent was down; the instance still runs here", host, found)
 
 
 def recover(source: Source, sleep: Callable[[float], None] | None = None) -> dict[str, Verdict]:

@@ -61,6 +61,8 @@ class MigrationProgress:
     verdict_why: str = ""
     next_action: str = ""  # e.g. "downtime step to 140 ms", "switch to post-copy", "timeout action abort"
     next_action_in_s: float | None = None  # 0 = now; None = nothing scheduled
+    memory_bps: int = 0  # libvirt's own memory transfer bandwidth (jobStats memory_bps; 0 = not reported)
+    memory_page_size: int = PAGE_SIZE  # bytes per page of dirty_rate_pps (jobStats memory_page_size)
 
 
 def _num(stats: Mapping[str, Any], key: str) -> int:
@@ -98,6 +100,8 @@ def progress_from_stats(
         throttle_pct=_num(stats, "auto_converge_throttle"),
         elapsed_s=round(elapsed_s, 3),
         dirty_rate_bps=dirty_rate_bps(stats),
+        memory_bps=_num(stats, "memory_bps"),
+        memory_page_size=_num(stats, "memory_page_size") or PAGE_SIZE,
     )
 
 

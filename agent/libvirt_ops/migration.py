@@ -16,8 +16,13 @@
    nothing of it is left defined on the destination, unless the job really was in post-copy
    (``migration_recovery``).
 
-``abort()`` and ``force_complete()`` may be called from another thread while ``run()`` is in
-progress. An abort during step 1 is kept and cancels the migration before it starts. Abort is
+``MigrationRunner.attach()`` follows an outgoing job that is already running (started before the
+agent's restart) with the same monitor, on the job's own clock (jobStats ``time_elapsed``); its end
+comes from libvirt (jobStats type NONE, the JOB_COMPLETED and lifecycle events) and its outcome
+from the completed statistics and a lookup on the destination (``migration_attach``).
+
+``abort()`` and ``force_complete()`` may be called from another thread while ``run()`` or
+``attach()`` is in progress. An abort during step 1 is kept and cancels the migration before it starts. Abort is
 refused (``MigrationAbortRefused``) once post-copy has been requested or is running: the guest
 already executes on the destination then. ``force_complete()`` is refused once an abort was
 accepted, and raises MigrationError when the switch to post-copy (or the pause) failed.
@@ -58,9 +63,11 @@ from agent.libvirt_ops.errors import (
     NoMigrationInProgress,
     libvirt_error_details,
 )
+from agent.libvirt_ops.migration_attach import AttachedEnd, read_attached
 from agent.libvirt_ops.migration_job import (
     MAX_FORCE_COMPLETE_FAILURES,
     MAX_STALL_SWITCH_FAILURES,
+    ForceCompleteAction,
     JobControls,
     MigrationJob,
     PostCopyPhase,
@@ -79,6 +86,7 @@ __all__ = [
     "NOT_CONVERGING_MIN_SHRINK",
     "ConvergencePrediction",
     "ConvergenceTracker",
+    "ForceCompleteAction",
     "MigrationOutcome",
     "MigrationPolicy",
     "MigrationProgress",
@@ -109,6 +117,7 @@ _POSTCOPY_SUSPEND_FAILED = libvirt.VIR_DOMAIN_EVENT_SUSPENDED_POSTCOPY_FAILED
 _POSTCOPY_REQS = libvirt.VIR_DOMAIN_JOB_MEMORY_POSTCOPY_REQS
 # how long the JOB_COMPLETED event may trail migrateToURI3's return (seconds)
 _EVENT_TRAIL_S = 2.0
+
 # the stall detector's window: a new low of remaining memory must be missing for this many polls
 # (never one sample)
 _STALL_WINDOW_POLLS = 5
@@ -193,15 +202,22 @@ class MigrationRunner:
         self,
         domain_name_or_uuid: str,
         target: MigrationTarget,
-        placement: Placement,
+        placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None = None,
+        on_policy: Callable[[MigrationPolicy], None] | None = None,
     ) -> MigrationOutcome:
         """Migrate the domain to `target` with `placement`; blocks until the job ends.
+
+        `placement` None is the 1.0 legacy move: the live and persistent XML go to the destination
+        unchanged (the pinning copied as it is), as libvirt does without the agent.
 
         `request` is the parsed InstanceRequest, or the instance metadata document (uuid, vcpus,
         memory_mb, extra_specs, image_properties), parsed here first so that a contradictory
         request is refused before any libvirt call.
+
+        `on_policy` hears the decided policy (each part with the key or option that decided it, in
+        its `reason`) as soon as it is decided, before the job starts; the outcome carries it too.
 
         Raises (before any migration call): InvalidRequest (incl. policy conflicts and a request for
         another instance), DomainNotFound, LibvirtConnectionError, DomainXMLError, MigrationError.
@@ -212,7 +228,7 @@ class MigrationRunner:
         with self._lock:
             self._preparing, self._prep_abort = True, ""
         try:
-            return self._run(domain_name_or_uuid, target, placement, request, on_progress)
+            return self._run(domain_name_or_uuid, target, placement, request, on_progress, on_policy)
         finally:
             with self._lock:
                 self._preparing = False
@@ -238,16 +254,41 @@ class MigrationRunner:
                 )
             self._controls.abort(job, "aborted on request")
 
-    def force_complete(self) -> str:
+    def force_complete(self) -> ForceCompleteAction:
         """Make the running migration finish now: switch to post-copy when the policy armed it,
-        else pause the guest so pre-copy completes. Returns the action taken
-        ("postcopy", "paused", or "none" when already in post-copy / already paused).
+        else pause the guest so pre-copy completes. Returns the action taken: POSTCOPY, PAUSED, or
+        nothing done because the job is ALREADY_POSTCOPY / the guest ALREADY_PAUSED.
 
         Raises MigrationError when the switch to post-copy (or the pause) failed, or the abort of
         the migration was already accepted: nothing was done then."""
         with self._lock:
             job = self._require_job("force_complete")
             return self._controls.force_complete(job, "force-complete requested")
+
+    def attach(
+        self,
+        domain_name_or_uuid: str,
+        target: MigrationTarget,
+        policy: MigrationPolicy,
+        on_progress: Callable[[MigrationProgress], None] | None = None,
+    ) -> MigrationOutcome:
+        """Follow an outgoing migration job that is already running (started by this agent before
+        its restart); blocks until the job ends. `policy` is the one the job was started with.
+
+        The same monitor as run()'s, on the job's own clock (jobStats `time_elapsed`): progress,
+        downtime steps, completion timeout and its action, post-copy switch rules; abort() and
+        force_complete() act on it. Its end is seen from libvirt (jobStats type NONE, the
+        JOB_COMPLETED and lifecycle events) and the outcome decided from the completed job's
+        statistics and a lookup on the destination (``migration_attach.AttachedEnd``).
+
+        Raises (before following): NoMigrationInProgress when the domain has no outgoing job,
+        DomainNotFound, LibvirtConnectionError, MigrationError."""
+        if not self._run_lock.acquire(blocking=False):
+            raise MigrationError("a migration is already running on this runner")
+        try:
+            return self._attach(domain_name_or_uuid, target, policy, on_progress)
+        finally:
+            self._run_lock.release()
 
     def _require_job(self, what: str) -> MigrationJob:
         job = self._job
@@ -262,13 +303,14 @@ class MigrationRunner:
         self,
         domain: str,
         target: MigrationTarget,
-        placement: Placement,
+        placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None,
+        on_policy: Callable[[MigrationPolicy], None] | None,
     ) -> MigrationOutcome:
         if not isinstance(request, InstanceRequest):
             request = parse_request(request)  # InvalidRequest before any libvirt call
-        prep = self._prepare(domain, target, placement, request)
+        prep = self._prepare(domain, target, placement, request, on_policy)
         job = MigrationJob(
             dom=prep.dom, name=prep.name, uuid=prep.uuid, policy=prep.policy, domain_paused_at_start=prep.paused
         )
@@ -296,22 +338,18 @@ class MigrationRunner:
         return dom, name, uuid, state == libvirt.VIR_DOMAIN_PAUSED
 
     def _prepare(
-        self, domain: str, target: MigrationTarget, placement: Placement, request: InstanceRequest
+        self,
+        domain: str,
+        target: MigrationTarget,
+        placement: Placement | None,
+        request: InstanceRequest,
+        on_policy: Callable[[MigrationPolicy], None] | None = None,
     ) -> _Prepared:
         cfg = self._cfg
         dom, name, uuid, paused = self._read_domain(domain, request)
-        policy = decide_policy(request.migration, cfg, domain_paused=paused)
-        self._log.info(
-            "migration %s -> %s: policy auto_converge=%s post_copy=%s (%s)",
-            name,
-            target.host,
-            policy.auto_converge,
-            policy.post_copy,
-            policy.reason,
-        )
+        policy = self._decide_policy(request, name, target, paused, on_policy)
         live, persistent_src, memory_kib = self._read_xml(dom, name)
-        dest_xml = rewrite_for_placement(live, placement)
-        persistent_xml = rewrite_for_placement(persistent_src, placement) if persistent_src else dest_xml
+        dest_xml, persistent_xml = _destination_xml(live, persistent_src, placement)
         flags = migration_flags(policy)
         params = migration_params(
             policy, dest_xml=dest_xml, persistent_xml=persistent_xml, migrate_uri=target.migrate_uri, cfg=cfg
@@ -324,6 +362,30 @@ class MigrationRunner:
             self._conn, dom, cfg, memory_bytes=int(memory_mb * 1024 * 1024), sleep=self._sleep, log=self._log
         )
         return _Prepared(dom, name, uuid, paused, policy, flags, params, plan, dest_preexisting, preflight)
+
+    def _decide_policy(
+        self,
+        request: InstanceRequest,
+        name: str,
+        target: MigrationTarget,
+        paused: bool,
+        on_policy: Callable[[MigrationPolicy], None] | None,
+    ) -> MigrationPolicy:
+        policy = decide_policy(request.migration, self._cfg, domain_paused=paused)
+        self._log.info(
+            "migration %s -> %s: policy auto_converge=%s post_copy=%s (%s)",
+            name,
+            target.host,
+            policy.auto_converge,
+            policy.post_copy,
+            policy.reason,
+        )
+        if on_policy is not None:
+            try:
+                on_policy(policy)
+            except Exception:  # noqa: BLE001 - a broken listener must not break the migration
+                self._log.exception("migration %s: policy callback failed", name)
+        return policy
 
     def _read_xml(self, dom: Any, name: str) -> tuple[str, str | None, int]:
         base_flags = libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE
@@ -551,6 +613,73 @@ class MigrationRunner:
                 pass
         close_quietly(job_conn)
 
+    # -- attach: a job started before the agent's restart ---------------------------------------
+
+    def _attach(
+        self,
+        domain: str,
+        target: MigrationTarget,
+        policy: MigrationPolicy,
+        on_progress: Callable[[MigrationProgress], None] | None,
+    ) -> MigrationOutcome:
+        found = read_attached(lookup_domain(self._conn, domain), domain)
+        job = MigrationJob(
+            dom=found.dom,
+            name=found.name,
+            uuid=found.uuid,
+            policy=policy,
+            domain_paused_at_start=found.paused,
+            seen_active=True,
+            attached=True,
+        )
+        start = self._clock() - found.elapsed_ms / 1000.0  # the job's own start, not the attach
+        plan = self._plan(found.memory_kib / 1024.0)
+        self._log.warning(
+            "migration %s -> %s: following a job running for %.1f s (started before a restart); policy %s",
+            job.name,
+            target.host,
+            found.elapsed_ms / 1000.0,
+            policy.reason,
+        )
+        job_conn, _job_dom, event_ids = self._job_connection(job)  # for its events only
+        with self._lock:
+            self._job = job
+        try:
+            result = self._monitor(job, plan, on_progress, self._end_watch(job)).run(start)
+            elapsed = self._clock() - start
+        finally:
+            with self._lock:
+                self._job = None
+            self._close_job_connection(job_conn, event_ids)
+        return self._attached_outcome(job, target, result, elapsed)
+
+    def _end_watch(self, job: MigrationJob) -> Callable[[Sample], None]:
+        """The monitor's on_sample for an attached job: its end sets `done` (run()'s worker does it
+        for a job of ours): no job any more, the domain gone, or the JOB_COMPLETED event seen."""
+
+        def watch(sample: Sample) -> None:
+            ended = not sample.failed and not sample.active
+            if ended or job.event_seen.is_set() or (sample.failed and self._controls.no_job(job)):
+                job.done.set()
+
+        return watch
+
+    def _attached_outcome(
+        self, job: MigrationJob, target: MigrationTarget, result: MonitorResult, elapsed: float
+    ) -> MigrationOutcome:
+        last_stats = _running_stats(result.last_stats)
+        self._note_postcopy_requests(job, last_stats)
+        completed, why = AttachedEnd(self._connect, self._sleep, self._log).decide(job, target)
+        if completed:
+            outcome = self._completed_outcome(job, target, result, last_stats, elapsed)
+        else:
+            job.error = MigrationError(why)
+            # dest_preexisting True: after a restart nobody knows what the destination held before
+            outcome = self._failed_outcome(job, target, True, result, last_stats, elapsed)
+        outcome = replace(outcome, reason=f"{outcome.reason} (followed after a restart)")
+        self._log_outcome(job, target, outcome)
+        return outcome
+
     # -- step 5: outcome -------------------------------------------------------------------------
 
     def _outcome(
@@ -565,9 +694,9 @@ class MigrationRunner:
         last_stats = _running_stats(result.last_stats)
         self._note_postcopy_requests(job, last_stats)
         if job.error is None:
-            outcome = self._completed_outcome(job, target, prep, result, last_stats, elapsed)
+            outcome = self._completed_outcome(job, target, result, last_stats, elapsed)
         else:
-            outcome = self._failed_outcome(job, target, prep, result, last_stats, elapsed)
+            outcome = self._failed_outcome(job, target, prep.dest_preexisting, result, last_stats, elapsed)
             if recoveries and not recoveries[-1].recovered:
                 outcome = replace(outcome, reason=f"{outcome.reason}; {recoveries[-1].summary()}")
         outcome = _with_extras(outcome, prep.preflight, recoveries)
@@ -578,7 +707,6 @@ class MigrationRunner:
         self,
         job: MigrationJob,
         target: MigrationTarget,
-        prep: _Prepared,
         result: MonitorResult,
         last_stats: dict[str, Any],
         elapsed: float,
@@ -596,7 +724,7 @@ class MigrationRunner:
             status="completed",
             reason=f"migrated to {target.host}{note}",
             final_stats=final,
-            policy=prep.policy,
+            policy=job.policy,
             elapsed_s=round(elapsed, 3),
             downtime_ms=int(downtime) if downtime is not None else None,
             switched_to_postcopy=switched,
@@ -607,7 +735,7 @@ class MigrationRunner:
         self,
         job: MigrationJob,
         target: MigrationTarget,
-        prep: _Prepared,
+        dest_preexisting: bool,
         result: MonitorResult,
         last_stats: dict[str, Any],
         elapsed: float,
@@ -623,14 +751,12 @@ class MigrationRunner:
         else:
             status = "failed"
             reason = f"migration failed: {detail}"
-        notes = FailureRecovery(self._connect, self._log).recover(
-            job, target, prep.dest_preexisting, state, state_error
-        )
+        notes = FailureRecovery(self._connect, self._log).recover(job, target, dest_preexisting, state, state_error)
         return MigrationOutcome(
             status=status,
             reason=f"{reason}; {notes}" if notes else reason,
             final_stats=last_stats,
-            policy=prep.policy,
+            policy=job.policy,
             elapsed_s=round(elapsed, 3),
             downtime_ms=None,
             switched_to_postcopy=job.in_postcopy,
@@ -702,6 +828,15 @@ def _check_instance_uuid(request: InstanceRequest, name: str, uuid: str) -> None
         )
 
 
+def _destination_xml(live: str, persistent: str | None, placement: Placement | None) -> tuple[str, str]:
+    """(live, persistent) XML for the destination: rewritten for `placement`, or unchanged for the
+    legacy move (placement None); a transient domain's persistent definition is its live one."""
+    if placement is None:
+        return live, persistent or live
+    dest_xml = rewrite_for_placement(live, placement)
+    return dest_xml, rewrite_for_placement(persistent, placement) if persistent else dest_xml
+
+
 def _lookup_or_none(conn: Any, uuid: str, what: str) -> Any:
     try:
         return conn.lookupByUUIDString(uuid)
@@ -723,10 +858,14 @@ def _migrate_worker(job: MigrationJob, dom: Any, dest_uri: str, params: dict, fl
 def _on_job_completed(_conn: Any, _dom: Any, params: Any, opaque: MigrationJob) -> None:
     opaque.event_stats = dict(params or {})
     opaque.event_seen.set()
+    if opaque.attached:
+        opaque.done.set()
 
 
 def _on_lifecycle(_conn: Any, _dom: Any, event: int, detail: int, opaque: MigrationJob) -> None:
     """Event loop thread; one-way phase changes, no lock needed."""
+    if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and opaque.attached:
+        opaque.done.set()  # the source domain stopped: the job we follow is over
     if event != libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
         return
     if detail == _POSTCOPY_SUSPEND:
@@ -745,7 +884,9 @@ def _running_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
 
 def _error_detail(error: BaseException) -> str:
     code, message = libvirt_error_details(error)
-    if not isinstance(error, libvirt.libvirtError):
+    if isinstance(error, AgentError):  # our own words (an attached job's end), no class name needed
+        message = str(error)
+    elif not isinstance(error, libvirt.libvirtError):
         message = f"{type(error).__name__}: {error}"
     return f"{message} (libvirt error {code})" if code is not None else message
 

@@ -51,6 +51,15 @@ POSTCOPY_FAILED_STATES = frozenset(
 UNREAD: Any = object()  # "the caller did not read the domain state"
 
 
+class ForceCompleteAction(str, enum.Enum):
+    """What force_complete() did (a str: "postcopy" == ForceCompleteAction.POSTCOPY)."""
+
+    POSTCOPY = "postcopy"  # the switch to post-copy was requested
+    PAUSED = "paused"  # the guest was paused so that pre-copy completes
+    ALREADY_POSTCOPY = "already-postcopy"  # nothing done: post-copy requested or running already
+    ALREADY_PAUSED = "already-paused"  # nothing done: the guest was paused already (pre-copy completes)
+
+
 class PostCopyPhase(enum.Enum):
     NONE = "none"
     REQUESTED = "requested"  # migrateStartPostCopy accepted, the switch not observed yet
@@ -83,6 +92,9 @@ class MigrationJob:
     event_stats: dict[str, Any] | None = None
     event_seen: threading.Event = field(default_factory=threading.Event)
     event_registered: bool = False
+    # followed after the agent's restart (MigrationRunner.attach): no migrateToURI3 call of ours
+    # returns at its end, so the end seen (no job, JOB_COMPLETED, the domain stopped) sets `done`
+    attached: bool = False
 
     @property
     def postcopy(self) -> bool:
@@ -224,7 +236,7 @@ class JobControls:
             job.postcopy_phase = PostCopyPhase.REQUESTED
         return True
 
-    def force_complete(self, job: MigrationJob, why: str, state: Any = UNREAD) -> str:
+    def force_complete(self, job: MigrationJob, why: str, state: Any = UNREAD) -> ForceCompleteAction:
         """Switch to post-copy (policy armed it) or pause the guest. `state`: the domain state the
         caller just read, if any. Raises MigrationError when the action failed or an abort was
         already accepted (pausing a guest whose migration is being cancelled helps nobody)."""
@@ -235,14 +247,14 @@ class JobControls:
         self.note_postcopy(job, state)
         if job.postcopy:
             self._log.info("migration %s: force-complete (%s): already in post-copy", job.name, why)
-            return "none"
+            return ForceCompleteAction.ALREADY_POSTCOPY
         if job.policy.post_copy:
             if self.switch_to_postcopy(job, why):
-                return "postcopy"
+                return ForceCompleteAction.POSTCOPY
             raise MigrationError(f"switching the migration of {job.name} to post-copy failed: {job.last_switch_error}")
         return self._pause(job, why, state)
 
-    def _pause(self, job: MigrationJob, why: str, state: tuple[int, int] | None) -> str:
+    def _pause(self, job: MigrationJob, why: str, state: tuple[int, int] | None) -> ForceCompleteAction:
         if state is None:
             try:
                 state = tuple(job.dom.state())
@@ -250,7 +262,7 @@ class JobControls:
                 raise MigrationError.from_libvirt(f"reading the state of {job.name}", exc) from None
         if state[0] == libvirt.VIR_DOMAIN_PAUSED:
             self._log.info("migration %s: force-complete (%s): guest already paused", job.name, why)
-            return "none"
+            return ForceCompleteAction.ALREADY_PAUSED
         self._log.warning(
             "migration %s: force-complete (%s): post-copy not armed, pausing the guest so pre-copy completes",
             job.name,
@@ -261,7 +273,7 @@ class JobControls:
         except libvirt.libvirtError as exc:
             raise MigrationError.from_libvirt(f"pausing {job.name} to force completion", exc) from None
         job.paused_by_us = True
-        return "paused"
+        return ForceCompleteAction.PAUSED
 
     def timeout_action(
         self, job: MigrationJob, timeout: float, elapsed: float, state: tuple[int, int] | None, action: str

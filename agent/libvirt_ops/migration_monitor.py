@@ -39,7 +39,7 @@ from agent.libvirt_ops.migration_job import MAX_STALL_SWITCH_FAILURES, JobContro
 
 # how long (real seconds) to wait for migrateToURI3 to return once the job is seen finished
 FINISH_WAIT_S = 30.0
-_ACTIVE_JOB_TYPES = (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
+ACTIVE_JOB_TYPES = (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +71,7 @@ class Sample:
 
     @property
     def active(self) -> bool:
-        return self.stats is not None and self.stats.get("type") in _ACTIVE_JOB_TYPES
+        return self.stats is not None and self.stats.get("type") in ACTIVE_JOB_TYPES
 
     @property
     def failed(self) -> bool:
@@ -135,7 +135,7 @@ class MigrationMonitor:
 
     @staticmethod
     def _active(stats: dict[str, Any]) -> bool:
-        return stats.get("type") in _ACTIVE_JOB_TYPES
+        return stats.get("type") in ACTIVE_JOB_TYPES
 
     def _job_stats(self) -> dict[str, Any] | None:
         try:

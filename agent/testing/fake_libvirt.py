@@ -71,9 +71,19 @@ def no_domain(key: str, value: str) -> FakeError:
     return FakeError(f"no domain with matching {key} '{value}'", libvirt.VIR_ERR_NO_DOMAIN)
 
 
-def job_stats(remaining_mib: int, iteration: int = 1, total_mib: int = 512, throttle: int = 0, dirty: int = 0) -> Stats:
-    """One `jobStats()` result of a running (unbounded) migration job, memory in MiB."""
-    return {
+def job_stats(
+    remaining_mib: int,
+    iteration: int = 1,
+    total_mib: int = 512,
+    throttle: int = 0,
+    dirty: int = 0,
+    *,
+    elapsed_ms: int | None = None,
+    **extra: Any,
+) -> Stats:
+    """One `jobStats()` result of a running (unbounded) migration job, memory in MiB; `elapsed_ms`
+    adds `time_elapsed` (the job's age, which attach() reads), `extra` any other keys."""
+    stats: Stats = {
         "type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
         "memory_total": total_mib * MiB,
         "memory_processed": (total_mib - remaining_mib) * MiB,
@@ -82,6 +92,9 @@ def job_stats(remaining_mib: int, iteration: int = 1, total_mib: int = 512, thro
         "memory_dirty_rate": dirty,
         "auto_converge_throttle": throttle,
     }
+    if elapsed_ms is not None:
+        stats["time_elapsed"] = elapsed_ms
+    return {**stats, **extra}
 
 
 _RUNNING = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
@@ -94,7 +107,9 @@ class FakeDomain:
     script: stats dicts returned by successive jobStats() polls; when exhausted, `end` happens:
     "complete", "fail" (migrateToURI3 raises) or "hang" (the last stats forever).
     After migrateStartPostCopy: `postcopy_script`, then `postcopy_end`. After suspend():
-    `paused_script`, then `paused_end`. `calls` records the calls that matter to the monitor
+    `paused_script`, then `paused_end`. A job completed that no migrateToURI3 call of the test
+    started (one followed with attach()) leaves the domain gone, as VIR_MIGRATE_UNDEFINE_SOURCE
+    does. `calls` records the calls that matter to the monitor
     (not state(), so that it stays readable); `downtimes` the (clock time, ms) of each
     migrateSetMaxDowntime.
 
@@ -184,6 +199,8 @@ class FakeDomain:
     def _finish(self, error: BaseException | None = None) -> None:
         self.finished = True
         self._error = error
+        if error is None and self.migrate_args is None:
+            self.gone = True  # a job not started here (attach): the source is undefined at its end
         self._release.set()
 
     def jobStats(self, flags: int = 0) -> Stats:
@@ -330,15 +347,16 @@ class DestDomain:
     isPersistent and state(), `undefined` records an undefine() (cleanup), jobStats() answers the
     completed job's statistics."""
 
-    def __init__(self, active: bool = False, persistent: bool = True) -> None:
+    def __init__(self, active: bool = False, persistent: bool = True, *, uuid: str = DOMAIN_UUID) -> None:
         self.active, self.persistent, self.undefined = active, persistent, False
+        self.uuid = uuid
         self.completed: Stats = {"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "downtime": 42, "memory_total": 512 * MiB}
 
     def name(self) -> str:
         return DOMAIN_NAME
 
     def UUIDString(self) -> str:
-        return DOMAIN_UUID
+        return self.uuid
 
     def isActive(self) -> bool:
         return self.active

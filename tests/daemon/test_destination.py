@@ -141,6 +141,21 @@ async def test_extend_confirm_release_and_not_found(running_daemon, client):
 
 
 @pytest.mark.asyncio
+async def test_extend_claim_with_ttl_s_keeps_the_claim_that_long_within_the_longest_ttl(running_daemon, client):
+    a = claim_body(instance_request(vcpus=1))
+    await call(client, HOST, "claim", a)
+    mid = a["migration_id"]
+    timeout_s, longest_s = running_daemon.ledger.migrating_timeout_s, running_daemon.ledger.max_ttl_s
+    asked = before = time.time()
+    extended = await call(client, HOST, "extend_claim", {"migration_id": mid, "ttl_s": longest_s})
+    assert extended["state"] == "migrating" and extended["expires_at"] >= asked + max(longest_s, timeout_s) - 1
+    plain = await call(client, HOST, "extend_claim", {"migration_id": mid})  # progress: migrating_timeout_s
+    assert plain["expires_at"] <= time.time() + timeout_s and plain["expires_at"] >= before + timeout_s - 1
+    with pytest.raises(RemoteInvalidRequest):  # beyond [claims] claim_ttl_max_s
+        await call(client, HOST, "extend_claim", {"migration_id": mid, "ttl_s": longest_s + 1})
+
+
+@pytest.mark.asyncio
 async def test_the_inbound_limit_answers_busy_but_never_refuses_a_repeat(broker, tmp_path, client_factory):
     files = make_agent_files(tmp_path, extra={"DEFAULT": {"max_concurrent_incoming_migrations": "1"}})
     async with serving(files):

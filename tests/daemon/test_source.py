@@ -21,6 +21,7 @@ from agent.daemon import source as source_mod
 from agent.daemon.source import Source
 from agent.errors import InvalidRequest
 from agent.libvirt_ops.instance_metadata import InstanceMetadata, store_instance_metadata
+from agent.libvirt_ops.policy import MigrationPolicy
 from tests.daemon.test_source_fakes import (
     URI,
     FailingRunner,
@@ -134,13 +135,19 @@ def test_describe_contradictory_metadata_names_the_keys(tmp_path: Path, vm: tupl
 
 
 def test_numa_aware_move_end_to_end(tmp_path: Path, vm: tuple[str, str]) -> None:
-    runner = FakeRunner([progress(10, elapsed=1, processed=100), progress(30, elapsed=2, processed=300), progress(20)])
+    runner = FakeRunner(
+        [
+            progress(10, elapsed=1, processed=100, memory_bps=150),  # libvirt's rate until the runner has one
+            progress(30, elapsed=2, processed=300, transfer=200, memory_bps=150),
+            progress(20),
+        ]
+    )
     h = make_harness(tmp_path, [runner])
     src = source_for(h)
     assert src.live_migrate(migrate_body(vm[0])) == {"migration_id": "m-1", "accepted": True}
     runner.started.wait(2)
     wait_for(lambda: len(h.events.bodies(".progress")) == 3)
-    runner.emit(progress(50, phase="postcopy", elapsed=3, processed=600))
+    runner.emit(progress(50, phase="postcopy", elapsed=3, processed=600, transfer=300, eta=12.5))
     runner.finish()
     wait_for(lambda: status(src)["status"] == "completed")
     domain, target, placement, request = runner.calls[0]
@@ -148,8 +155,9 @@ def test_numa_aware_move_end_to_end(tmp_path: Path, vm: tuple[str, str]) -> None
     assert request.uuid == vm[1]
     percents = [b["percent"] for b in h.events.bodies(".progress")]
     assert percents == sorted(percents) and percents[-1] == 50  # never goes down
-    assert [b["bandwidth_bps"] for b in h.events.bodies(".progress")] == [0, 200, 0, 300]
-    assert h.events.bodies(".progress")[-1]["eta_s"] == round((1 << 29) / 300, 1)
+    assert [b["bandwidth_bps"] for b in h.events.bodies(".progress")] == [150, 200, 0, 300]  # the runner's rates
+    assert h.events.bodies(".progress")[-1]["eta_s"] == 12.5  # the runner's ETA
+    assert h.events.bodies(".progress")[-1]["dirty_rate_bps"] == 10 * 4096
     assert h.events.bodies(".progress")[-1]["phase"] == "postcopy"
     wait_for(lambda: h.events.keys()[-1] == "migration.m-1.done")
     (done,) = h.events.bodies(".done")
@@ -354,6 +362,20 @@ def test_abort_and_force_complete_in_postcopy_are_refused(tmp_path: Path, vm: tu
     wait_for(lambda: status(src)["status"] == "completed")
 
 
+def test_force_complete_of_a_paused_guest_is_no_refusal(tmp_path: Path, vm: tuple[str, str]) -> None:
+    """Without post-copy, force-complete pauses the guest; asked again, the guest is already paused and
+    pre-copy completes: the answer is the migration's state, not Refused (that is for post-copy only)."""
+    runner = FakeRunner([progress(5)], post_copy=False)
+    src = source_for(make_harness(tmp_path, [runner]))
+    src.live_migrate(migrate_body(vm[0]))
+    wait_for(lambda: status(src)["phase"] == "precopy")
+    first = src.force_complete(MigrationIdBody("m-1"))
+    again = src.force_complete(MigrationIdBody("m-1"))
+    assert runner.paused and first["status"] == again["status"] == "running"
+    runner.finish()
+    wait_for(lambda: status(src)["status"] == "completed")
+
+
 def test_force_complete_before_the_job_is_refused(tmp_path: Path, vm: tuple[str, str], vm2: tuple[str, str]) -> None:
     first = FakeRunner()
     src = source_for(make_harness(tmp_path, [first], limit=1))
@@ -500,3 +522,16 @@ def test_the_migration_thread_carries_the_journal_fields(tmp_path: Path, vm: tup
         "dest_host": "hv-02",
         "claim_id": "m-1",
     }
+
+
+def test_the_policy_recorded_is_the_one_the_runner_decided(tmp_path: Path, vm: tuple[str, str]) -> None:
+    runner = FakeRunner([progress(5)])
+    runner.policy = MigrationPolicy(True, False, "auto-converge on (runner's words); post-copy off (x)")
+    src = source_for(make_harness(tmp_path, [runner]))
+    src.live_migrate(migrate_body(vm[0]))
+    wait_for(lambda: status(src)["phase"] == "precopy")
+    record = src.store.get("m-1")
+    assert record is not None and (record.auto_converge, record.post_copy) == (True, False)
+    assert record.decided_by == runner.policy.reason
+    runner.finish()
+    wait_for(lambda: status(src)["status"] == "completed")

@@ -17,7 +17,7 @@ from agent.config import AgentConfig, BusConfig, ClaimsConfig
 from agent.daemon.context import AgentContext, LibvirtConnections, LiveConfig, TopologyHolder
 from agent.daemon.metrics import AgentMetrics
 from agent.libvirt_ops.errors import MigrationAbortRefused, MigrationError, NoMigrationInProgress
-from agent.libvirt_ops.migration import MigrationOutcome, MigrationProgress, MigrationTarget
+from agent.libvirt_ops.migration import ForceCompleteAction, MigrationOutcome, MigrationProgress, MigrationTarget
 from agent.libvirt_ops.policy import MigrationPolicy
 from agent.numa.placement import Placement
 from agent.numa.request import InstanceRequest
@@ -28,7 +28,17 @@ _KEEPER = libvirt.open(URI)
 POLICY = MigrationPolicy(False, False, "auto-converge off (x); post-copy off (y)")
 
 
-def progress(percent: float, phase: str = "precopy", elapsed: float = 1.0, processed: int = 0) -> MigrationProgress:
+def progress(
+    percent: float,
+    phase: str = "precopy",
+    elapsed: float = 1.0,
+    processed: int = 0,
+    *,
+    transfer: int = 0,
+    memory_bps: int = 0,
+    eta: float | None = None,
+) -> MigrationProgress:
+    """A runner's progress; `transfer` its smoothed rate, `memory_bps` libvirt's, `eta` its ETA."""
     total = 1 << 30
     return MigrationProgress(
         phase=phase,  # type: ignore[arg-type]
@@ -41,16 +51,25 @@ def progress(percent: float, phase: str = "precopy", elapsed: float = 1.0, proce
         max_downtime_ms=50,
         throttle_pct=0,
         elapsed_s=elapsed,
+        dirty_rate_bps=10 * 4096,
+        transfer_rate_bps=transfer,
+        memory_bps=memory_bps,
+        eta_s=eta,
     )
 
 
 class FakeRunner:
     """Plays `script` through on_progress, then waits until `finish()` or an abort; post-copy after
-    force_complete (when `post_copy`). Never touches libvirt."""
+    force_complete (the guest paused instead without `post_copy`). Never touches libvirt."""
 
-    def __init__(self, script: list[MigrationProgress] | None = None, *, status: str = "completed") -> None:
+    def __init__(
+        self, script: list[MigrationProgress] | None = None, *, status: str = "completed", post_copy: bool = True
+    ) -> None:
         self.script = list(script or [])
         self.status = status
+        self.post_copy = post_copy
+        self.policy = POLICY  # what it tells on_policy and puts in the outcome
+        self.paused = False
         self.calls: list[tuple[str, MigrationTarget, Placement | None, InstanceRequest]] = []
         self.started = threading.Event()
         self.release = threading.Event()
@@ -67,8 +86,11 @@ class FakeRunner:
         placement: Placement | None,
         request: InstanceRequest | Mapping[str, Any],
         on_progress: Callable[[MigrationProgress], None] | None = None,
+        on_policy: Callable[[MigrationPolicy], None] | None = None,
     ) -> MigrationOutcome:
         assert isinstance(request, InstanceRequest)
+        if on_policy is not None:
+            on_policy(self.policy)
         self.calls.append((domain_name_or_uuid, target, placement, request))
         self.on_progress = on_progress
         self.job = True
@@ -83,7 +105,7 @@ class FakeRunner:
             status=status,  # type: ignore[arg-type]
             reason=f"fake {status}",
             final_stats={},
-            policy=POLICY,
+            policy=self.policy,
             elapsed_s=1.5,
             downtime_ms=42 if status == "completed" else None,
             switched_to_postcopy=self.postcopy,
@@ -107,13 +129,18 @@ class FakeRunner:
         self.aborted = True
         self.release.set()
 
-    def force_complete(self) -> str:
+    def force_complete(self) -> ForceCompleteAction:
         if not self.job:
             raise NoMigrationInProgress("no job")
         if self.postcopy:
-            return "none"
+            return ForceCompleteAction.ALREADY_POSTCOPY
+        if self.paused:
+            return ForceCompleteAction.ALREADY_PAUSED
+        if not self.post_copy:
+            self.paused = True
+            return ForceCompleteAction.PAUSED
         self.postcopy = True
-        return "postcopy"
+        return ForceCompleteAction.POSTCOPY
 
 
 class FailingRunner(FakeRunner):

@@ -13,16 +13,16 @@ from agent.bus.schemas import MigrationProgressEvent
 from agent.daemon.source import Source
 from agent.daemon.source_model import (
     Flight,
+    bandwidth_bps,
     ending_from_outcome,
     has_numa_topology,
     state_word,
-    takes_no_placement,
 )
 from agent.libvirt_ops.domain_model import DomainPlacement
-from agent.libvirt_ops.migration import MigrationOutcome, MigrationRunner, MigrationTarget
+from agent.libvirt_ops.migration import MigrationOutcome, MigrationTarget
 from agent.numa.request import parse_request
 from tests.daemon.test_migrations import record
-from tests.daemon.test_source_fakes import POLICY, FakeRunner, make_harness, progress
+from tests.daemon.test_source_fakes import POLICY, make_harness, progress
 
 
 def outcome(status: str, postcopy: bool = False) -> MigrationOutcome:
@@ -54,11 +54,6 @@ def test_state_words() -> None:
     assert [state_word(s) for s in (1, 3, 5, 99, -1)] == ["running", "paused", "shutoff", "unknown", "unknown"]
 
 
-def test_which_runners_take_no_placement() -> None:
-    assert takes_no_placement(FakeRunner())
-    assert not takes_no_placement(MigrationRunner(None, None))  # type: ignore[arg-type]  # until it does
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(percents=st.lists(st.floats(min_value=0, max_value=100), min_size=1, max_size=30))
 def test_published_percent_never_goes_down_and_bodies_match_the_schema(tmp_path: Path, percents: list[float]) -> None:
@@ -74,3 +69,9 @@ def test_published_percent_never_goes_down_and_bodies_match_the_schema(tmp_path:
     assert published == sorted(published) and published[-1] == max(percents)
     for body in bodies:
         msgspec.convert(body, MigrationProgressEvent)  # what a subscriber checks
+
+
+def test_the_events_bandwidth_is_the_runners_transfer_rate_else_libvirts() -> None:
+    assert bandwidth_bps(progress(10, transfer=300, memory_bps=150)) == 300
+    assert bandwidth_bps(progress(10, memory_bps=150)) == 150  # before the runner's first measured rate
+    assert bandwidth_bps(progress(10)) == 0

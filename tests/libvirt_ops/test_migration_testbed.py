@@ -64,6 +64,7 @@ UUIDS = {
     "s5": "5a0f3c6e-0b1d-4e0a-9a51-000000000005",
     "s6": "5a0f3c6e-0b1d-4e0a-9a51-000000000006",
     "s7": "5a0f3c6e-0b1d-4e0a-9a51-000000000007",
+    "s8": "5a0f3c6e-0b1d-4e0a-9a51-000000000008",
 }
 
 
@@ -190,6 +191,25 @@ def test_repin_to_the_cpu_the_destination_has_free(hosts, caplog):
     assert outcome.downtime_ms is not None and outcome.downtime_ms >= 0
     assert "policy auto_converge=False post_copy=False" in caplog.text
     print(f"\nscenario 1: {wall:.1f}s, downtime {outcome.downtime_ms} ms")
+
+
+def test_legacy_move_without_a_placement_copies_the_pinning_as_it_is(hosts):
+    """placement None (the 1.0 move) on a guest without the agent's placement record: its live and
+    persistent XML reach B unchanged, pinning included."""
+    a, b = hosts
+    start_guest(a, "mig-s8", uuid=UUIDS["s8"], vcpu_pins={0: [1]}, memory_mib=256, tick_s=1)
+    before = log_size(b, "mig-s8")
+    conn = open_connection(a.uri)
+    try:
+        runner = MigrationRunner(conn, LibvirtConfig(live_migration_poll_interval_s=0.2))
+        outcome = runner.run("mig-s8", target_of(b), None, parse_request(request_doc(UUIDS["s8"])))
+    finally:
+        conn.close()
+    assert outcome.status == "completed", outcome.reason
+    for xml in (tb.live_xml(b, "mig-s8"), tb.persistent_xml(b, "mig-s8")):
+        assert parse_domain(xml).vcpu_pins == {0: frozenset({1})}
+    assert domain_on(b, UUIDS["s8"]) == (True, True) and domain_on(a, UUIDS["s8"]) is None
+    tb.wait_console_line(b, "mig-s8", tb.TICK_LINE, timeout=30, after=before)
 
 
 # --- 2. no policy: the completion timeout aborts ------------------------------------------------------
