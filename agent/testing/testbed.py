@@ -331,15 +331,7 @@ def destroy_domain(host: TestbedHost, name: str) -> None:
             dom = conn.lookupByName(name)
         except libvirt.libvirtError:
             return
-        try:
-            if dom.isActive():
-                dom.destroy()
-        except libvirt.libvirtError:
-            pass
-        try:
-            dom.undefineFlags(0)
-        except libvirt.libvirtError:
-            pass
+        _destroy_and_undefine(dom)
     finally:
         conn.close()
 
@@ -348,24 +340,28 @@ def destroy_all(host: TestbedHost, prefix: Optional[str] = None) -> None:
     """Destroy and undefine every domain on `host` (test cleanup); with
     `prefix`, only domains whose name starts with it.  Without a prefix this
     also kills the guests of any other test run sharing the testbed."""
-    libvirt = _libvirt()
     conn = host.connect()
     try:
         for dom in conn.listAllDomains(0):
-            if prefix is not None and not dom.name().startswith(prefix):
-                continue
-            try:
-                if dom.isActive():
-                    dom.destroy()
-            except libvirt.libvirtError:
-                pass
-            try:
-                if dom.isPersistent():
-                    dom.undefineFlags(0)
-            except libvirt.libvirtError:
-                pass
+            if prefix is None or dom.name().startswith(prefix):
+                _destroy_and_undefine(dom)
     finally:
         conn.close()
+
+
+def _destroy_and_undefine(dom: Any) -> None:
+    """Each step on its own: a domain already stopped or already transient is fine."""
+    libvirt = _libvirt()
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError:
+        pass
+    try:
+        if dom.isPersistent():
+            dom.undefineFlags(0)
+    except libvirt.libvirtError:
+        pass
 
 
 # --- breaking a migration stream for real ------------------------------------------------------------
