@@ -288,6 +288,7 @@ def method_versions(method: str) -> tuple[MethodSpec, ...]:
     return tuple(sorted((m for m in METHODS if m.name == method), key=lambda m: parse_version(m.since)))
 
 
+@functools.lru_cache(maxsize=256)
 def best_version(method: str, cap: tuple[int, int]) -> str | None:
     """The newest version of `method` at or below `cap` (what a caller sends by default, as Nova's
     rpcapi does with can_send_version); None when even its first version is above the cap."""
