@@ -357,6 +357,7 @@ def delete_broker_objects(url: str, cfg: BusConfig, topic: str) -> None:
 
 def run(url: str, n: int, warmup: int, rounds: int) -> dict[str, Any]:
     _quiet_oslo()
+    load_before = os.getloadavg()[0]
     topic = f"bus-bench-{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bus-bench-", dir="/var/tmp")))
@@ -380,7 +381,8 @@ def run(url: str, n: int, warmup: int, rounds: int) -> dict[str, Any]:
         client = stack.enter_context(RpcClient(cfg, Keyring.from_file(key_file), sender="bench"))
         echo, claim = our_calls(client)
         res = measure({"floor": floor, "oslo": oslo, "empty": echo, "claim": claim}, n, warmup, rounds)
-    return {**summary(res, n), **handler_times.summary(warmup, max(1, n // rounds))}
+    load = {"load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2)}
+    return {**summary(res, n), **handler_times.summary(warmup, max(1, n // rounds)), **load}
 
 
 def summary(res: dict[str, dict[str, float]], n: int) -> dict[str, Any]:
@@ -415,7 +417,8 @@ def report(res: dict[str, Any]) -> str:
         (">= 400 claims/s", res["claims_per_s"] >= 400),
     ]
     lines = [
-        f"{res['calls']} calls each, payload {res['payload_bytes']} B, {CONCURRENCY} concurrent callers",
+        f"{res['calls']} calls each, payload {res['payload_bytes']} B, {CONCURRENCY} concurrent callers; "
+        f"load average (1 min) {res['load_avg_1m_before']} before, {res['load_avg_1m_after']} after",
         f"floor (bare py-amqp echo, no signature, no confirms): p50 {res['floor_amqp_p50_ms']} ms, "
         f"p99 {res['floor_amqp_p99_ms']} ms",
         f"oslo.messaging echo: p50 {res['oslo_echo_p50_ms']} ms, p99 {res['oslo_echo_p99_ms']} ms, "

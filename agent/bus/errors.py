@@ -6,6 +6,7 @@
     │   ├── CallTimeout                no reply before the call's timeout
     │   ├── PublishNotConfirmed        the broker nacked a message or did not confirm it in time
     │   ├── VersionCapError            a call asks a version above the client's cap
+    │   ├── VersionTooLow              a body field needs a newer version than the call is sent at
     │   └── KeyFileError               [bus] key_file missing, unreadable or malformed (names the line)
     └── RemoteError                    the other side answered {"ok": false, "error": {...}}
         ├── RemoteUnsupportedVersion   "UnsupportedVersion": major differs or minor too new (details: min, max)
@@ -51,6 +52,13 @@ class PublishNotConfirmed(BusError):
 
 class VersionCapError(BusError):
     code = "version_cap"
+
+
+class VersionTooLow(BusError):
+    """The body has a field the method gains only in a newer version than the call goes out at: the
+    agent would ignore it (e.g. live_migrate's placement at 1.0), so the call is refused here."""
+
+    code = "version_too_low"
 
 
 class KeyFileError(BusError):

@@ -14,6 +14,10 @@ Version history (the `v` a caller sends; see docs/protocol.md):
     1.0  describe_host, describe_instance, live_migrate (legacy move), abort_migration,
          force_complete, migration_status
     1.1  fit, claim, extend_claim, confirm_claim, release_claim; live_migrate with a placement
+
+A call without an explicit `version` goes out at the newest version of its method within the
+client's cap (live_migrate: 1.1 under a 1.1 cap, 1.0 under a 1.0 cap); a body field that the version
+sent lacks (live_migrate's `placement` at 1.0) is refused here with `VersionTooLow`, never dropped.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ from agent.bus.errors import (
     RemoteNoSuchMethod,
     RemoteUnsupportedVersion,
     VersionCapError,
+    VersionTooLow,
     remote_error_from_wire,
 )
 from agent.bus.keys import Keyring
-from agent.bus.schemas import decode_body, method_since, parse_version
+from agent.bus.schemas import best_version, decode_body, fields_needing_newer, method_versions, parse_version
 from agent.bus.transport import ConsumerThread, Names, Outgoing, PublisherThread
 from agent.config import BusConfig
 from agent.errors import AgentError, InvalidInput
@@ -107,7 +112,10 @@ class Workers:
 
     def __init__(self, max_workers: int, max_waiting: int, name: str) -> None:
         self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self._slots = threading.BoundedSemaphore(max_workers + max_waiting)
+        # free slots, counted under a plain lock: threading.BoundedSemaphore is a Condition in Python,
+        # ~10 us a call on the hot path; nobody ever waits for a slot (submit refuses instead)
+        self._free = max_workers + max_waiting
+        self._free_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(max_workers)
         ]
@@ -117,8 +125,10 @@ class Workers:
             thread.start()
 
     def submit(self, fn: Callable[..., None], *args: Any) -> bool:
-        if not self._slots.acquire(blocking=False):
-            return False
+        with self._free_lock:
+            if self._free <= 0:
+                return False
+            self._free -= 1
         self._queue.put((fn, args))
         return True
 
@@ -130,7 +140,8 @@ class Workers:
             except Exception:  # a task's own failures are handled inside it; this is a last resort
                 log.exception("bus: worker task failed")
             finally:
-                self._slots.release()
+                with self._free_lock:
+                    self._free += 1
 
     def stop(self, timeout: float = 10.0) -> None:
         """Let queued tasks finish, then end the threads."""
@@ -469,13 +480,14 @@ class RpcClient:
     ) -> None:
         """Send without a reply; returns once the broker confirmed it (persistent message)."""
         timeout = self._timeout(timeout)
-        version = self._version(method, version)
+        data_body = _builtins(body)
+        version = self._version(method, version, data_body)
         now = self.clock()
         _, data = seal(
             self.keyring,
             kind="cast",
             method=method,
-            body=_builtins(body),
+            body=data_body,
             version=version,
             sender=self.sender,
             now=now,
@@ -511,11 +523,22 @@ class RpcClient:
             raise InvalidInput(f"timeout {value!r} s must be in (0, {MAX_LIFETIME_S:.0f}]")
         return value
 
-    def _version(self, method: str, version: str | None) -> str:
-        version = version or method_since(method) or "1.0"
+    def _version(self, method: str, version: str | None, body: dict[str, Any]) -> str:
+        """The version a call goes out at: the one asked, else the newest the method has within the
+        cap (a method outside the protocol's table: 1.0). VersionCapError above the cap;
+        VersionTooLow when the body has a field that version lacks (the agent would drop it)."""
+        cap = "%d.%d" % self.version_cap
+        if version is None:
+            version = best_version(method, self.version_cap) if method_versions(method) else "1.0"
+            if version is None:
+                since = method_versions(method)[0].since
+                raise VersionCapError(f"{method} needs {since}, above this client's version cap {cap}")
         if not self.can_send(version):
-            cap = "%d.%d" % self.version_cap
             raise VersionCapError(f"{method} at {version} is above this client's version cap {cap}")
+        newer = fields_needing_newer(method, version, body)
+        if newer:
+            wants = ", ".join(f"{name} (from {since})" for name, since in sorted(newer.items()))
+            raise VersionTooLow(f"{method} sent at {version} (cap {cap}) would drop {wants}")
         return version
 
     def _send_call(
@@ -528,7 +551,8 @@ class RpcClient:
         version: str | None,
         pending: _Pending,
     ) -> None:
-        version = self._version(method, version)
+        data_body = _builtins(body)
+        version = self._version(method, version, data_body)
         if not self.consumer.ready.wait(timeout):
             raise BusUnavailable(
                 f"no reply queue: the broker was unreachable for {timeout} s ({self.consumer.why_down()})"
@@ -539,7 +563,7 @@ class RpcClient:
             self.keyring,
             kind="call",
             method=method,
-            body=_builtins(body),
+            body=data_body,
             version=version,
             sender=self.sender,
             now=now,

@@ -291,6 +291,41 @@ def method_since(method: str) -> str | None:
     return min(versions, key=parse_version) if versions else None
 
 
+@functools.lru_cache(maxsize=64)  # called per call with a handful of distinct methods
+def method_versions(method: str) -> tuple[MethodSpec, ...]:
+    """Every definition of `method`, oldest first (empty: not a method of this protocol)."""
+    return tuple(sorted((m for m in METHODS if m.name == method), key=lambda m: parse_version(m.since)))
+
+
+@functools.lru_cache(maxsize=256)
+def best_version(method: str, cap: tuple[int, int]) -> str | None:
+    """The newest version of `method` at or below `cap` (what a caller sends by default, as Nova's
+    rpcapi does with can_send_version); None when even its first version is above the cap."""
+    fitting = [m.since for m in method_versions(method) if parse_version(m.since) <= cap]
+    return fitting[-1] if fitting else None
+
+
+@functools.lru_cache(maxsize=64)
+def newer_fields(method: str, version: str) -> tuple[tuple[str, str], ...]:
+    """(field, the version that brings it) for each body field of `method` that its definition at
+    `version` lacks but a later definition has."""
+    asked = parse_version(version)
+    specs = method_versions(method)
+    known = {f.encode_name for m in specs if parse_version(m.since) <= asked for f in msgspec.structs.fields(m.body)}
+    newer: dict[str, str] = {}
+    for spec in (m for m in specs if parse_version(m.since) > asked):
+        for f in msgspec.structs.fields(spec.body):
+            if f.encode_name not in known:
+                newer.setdefault(f.encode_name, spec.since)
+    return tuple(newer.items())
+
+
+def fields_needing_newer(method: str, version: str, body: dict[str, Any]) -> dict[str, str]:
+    """{field: the version that brings it} for each field of `body` (not None) that `method` at
+    `version` does not have: sent at `version`, the agent would silently ignore it."""
+    return {name: since for name, since in newer_fields(method, version) if body.get(name) is not None}
+
+
 @functools.lru_cache(maxsize=64)  # called per message with a handful of distinct values
 def parse_version(text: str) -> tuple[int, int]:
     """ "1.1" -> (1, 1); ValueError for anything else."""

@@ -354,8 +354,59 @@ def _domains_of(
     return listed, frozenset(uuid_key(u) for u in active), unreadable
 
 
+USAGE_CACHE_ENTRIES = 4096  # claims' usages kept between host states; far above the live claims of a host
+
+
+class _ClaimUsageCache:
+    """The usage of each claim's placement, reused by the next host state instead of recomputed.
+
+    A claim's usage depends only on its (immutable) Placement, its name and uuid, and the topology's
+    layout (which cell each CPU is in, which cells have a 4 KiB page pool), so the entry is keyed by
+    all of them. The ledger hands out one Placement object per stored placement, so the object's
+    identity is the key; the entry keeps the object itself, so its id cannot be reused by another
+    while the entry lives. Thread-safe: a lost race computes the same value twice.
+    """
+
+    def __init__(self, max_entries: int = USAGE_CACHE_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[tuple[int, str, str], tuple[Placement, Layout, DomainUsage]] = {}
+
+    def usage(self, placement: Placement, topology: HostTopology, name: str, uuid: str, layout: Layout) -> DomainUsage:
+        key = (id(placement), name, uuid)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is placement and hit[1] == layout:
+            return hit[2]
+        usage = placement_usage(placement, topology, name=name, uuid=uuid, cpu_cell=dict(layout[0]))
+        if len(self._entries) >= self.max_entries:
+            self._entries.clear()
+        self._entries[key] = (placement, layout, usage)
+        return usage
+
+
+#: (cpu -> cell id pairs in topology order, ids of the cells with a 4 KiB page pool)
+Layout = tuple[tuple[tuple[int, int], ...], frozenset[int]]
+_claim_usages = _ClaimUsageCache()
+
+
+_last_layout: list[tuple[HostTopology, Layout]] = []  # the last topology's layout (topologies are immutable)
+
+
+def topology_layout(topology: HostTopology) -> Layout:
+    """What a placement's usage depends on in a topology (page counts are not part of it)."""
+    last = _last_layout[-1] if _last_layout else None
+    if last is not None and last[0] is topology:
+        return last[1]
+    cpus = tuple((cpu, cell.id) for cell in topology.cells for cpu in cell.cpus)
+    small = frozenset(cell.id for cell in topology.cells if cell.page_pool(SMALL_PAGE_KB) is not None)
+    layout = (cpus, small)
+    if last is not None and last[1] == layout:
+        layout = last[1]  # the same layout object again: the usage cache compares it by identity first
+    _last_layout[:] = [(topology, layout)]
+    return layout
+
+
 def _claim_holders(
-    claims: Iterable[Claim], topology: HostTopology, domain_uuids: set[str], cell_of: CpuCells
+    claims: Iterable[Claim], topology: HostTopology, domain_uuids: set[str], layout: Layout
 ) -> tuple[list[DomainUsage], dict[str, list[Claim]]]:
     """(usage of every claim that holds something, live claims by uuid_key of their instance)."""
     holders: list[DomainUsage] = []
@@ -368,7 +419,7 @@ def _claim_holders(
             name = f"claim {c.migration_id} (confirmed)"
         else:
             continue
-        holders.append(placement_usage(c.placement, topology, name=name, uuid=c.instance_uuid, cpu_cell=cell_of))
+        holders.append(_claim_usages.usage(c.placement, topology, name, c.instance_uuid, layout))
     return holders, live_claims
 
 
@@ -411,14 +462,18 @@ class _Totals:
 
     topology: HostTopology
     acc: dict[int, _CellAcc]
-    pinned_by: dict[int, list[str]] = field(default_factory=dict)  # CPU -> holder names
+    pinned: set[int] = field(default_factory=set)  # every CPU some holder pins
+    pins: list[tuple[str, frozenset[int]]] = field(default_factory=list)  # (holder name, CPUs) per cell use
+    overlapping: bool = False  # some CPU is pinned twice: `overlaps` names them
     unbound_small: int = 0  # MiB of small pages on no cell
     unbound_other: int = 0  # MiB of hugepages on no cell
     notes: list[str] = field(default_factory=list)
 
     def add(self, h: DomainUsage) -> None:
-        self.notes.extend(f"{h.name}: {n}" for n in h.notes)
-        self._add_unbound(h)
+        if h.notes:
+            self.notes.extend(f"{h.name}: {n}" for n in h.notes)
+        if h.unbound_by_size_mb:
+            self._add_unbound(h)
         for cid, u in h.cells.items():
             self._add_cell(h, cid, u)
 
@@ -441,8 +496,10 @@ class _Totals:
         if a is None:
             self.notes.append(f"{h.name}: uses host cell {cid}, which does not exist")
             return
-        for cpu in u.pinned_cpus:
-            self.pinned_by.setdefault(cpu, []).append(h.name or h.uuid)
+        if u.pinned_cpus:
+            self.overlapping = self.overlapping or not self.pinned.isdisjoint(u.pinned_cpus)
+            self.pinned |= u.pinned_cpus
+            self.pins.append((h.name or h.uuid, u.pinned_cpus))
         a.pinned |= u.pinned_cpus
         a.memory_mb += u.used_memory_mb
         a.floating += u.floating_vcpus
@@ -451,9 +508,15 @@ class _Totals:
 
     def overlaps(self) -> tuple[str, ...]:
         """One line per CPU pinned by more than one holder (each logged at WARNING)."""
+        if not self.overlapping:
+            return ()
+        pinned_by: dict[int, list[str]] = {}
+        for name, cpus in self.pins:
+            for cpu in cpus:
+                pinned_by.setdefault(cpu, []).append(name)
         lines = tuple(
             f"CPU {cpu} is pinned by {len(names)} holders: {', '.join(sorted(names))}"
-            for cpu, names in sorted(self.pinned_by.items())
+            for cpu, names in sorted(pinned_by.items())
             if len(names) > 1
         )
         for line in lines:
@@ -499,8 +562,9 @@ def compute_host_state(
     raises for unreadable domains (they are in the report); `host_state_fn` does.
     """
     listed, active, unreadable = _domains_of(domains, active_uuids)
-    cell_of = cpu_cells(topology)
-    holders, live_claims = _claim_holders(claims, topology, {uuid_key(d.uuid) for d in listed}, cell_of)
+    layout = topology_layout(topology)
+    cell_of = dict(layout[0])
+    holders, live_claims = _claim_holders(claims, topology, {uuid_key(d.uuid) for d in listed}, layout)
     holders += _domain_holders(listed, active, live_claims, topology, compute_cfg, cell_of)
     totals = _Totals(topology, {c.id: _CellAcc() for c in topology.cells})
     for h in holders:

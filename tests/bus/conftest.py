@@ -1,5 +1,6 @@
 """Fixtures for the bus tests: the machine's RabbitMQ (started when down), a key file, and a
-BusConfig whose exchange_prefix is unique per test so tests never see each other's traffic."""
+BusConfig whose exchange_prefix is unique per test so tests never see each other's traffic; what a
+test declares under its prefix is deleted after it (tests.broker_cleanup)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 
 from agent.bus.keys import Keyring
 from agent.config import BusConfig
+from tests import broker_cleanup
 
 BROKER = ("127.0.0.1", 5672)
 BROKER_START_S = 60.0  # a cold RabbitMQ boot takes 5-20 s on this machine
@@ -31,7 +34,9 @@ def broker_listening() -> bool:
 
 
 def ensure_broker() -> None:
-    """Start the machine's RabbitMQ when it is not listening (`rabbitmq-server -detached`) and wait."""
+    """Start the machine's RabbitMQ when it is not listening (`rabbitmq-server -detached`) and wait;
+    from now on this process's declarations on it are recorded, to be deleted (tests.broker_cleanup)."""
+    broker_cleanup.track()
     if broker_listening():
         return
     if shutil.which("rabbitmq-server") is None:
@@ -64,12 +69,16 @@ def keyring(key_file: Path) -> Keyring:
 
 
 @pytest.fixture
-def bus_cfg(broker: None, key_file: Path) -> BusConfig:
-    """The machine's broker with a prefix of its own; short timeouts so failing tests fail fast."""
-    return replace(
+def bus_cfg(broker: None, key_file: Path) -> Iterator[BusConfig]:
+    """The machine's broker with a prefix of its own; short timeouts so failing tests fail fast.
+    After the test (and after the servers and clients of fixtures that use this one stopped), its
+    exchanges and queues are deleted."""
+    cfg = replace(
         BusConfig(),
         exchange_prefix=f"test-{uuid.uuid4().hex[:12]}",
         key_file=key_file,
         call_timeout_s=5.0,
         heartbeat_s=10,
     )
+    yield cfg
+    broker_cleanup.delete_prefix(cfg.exchange_prefix)

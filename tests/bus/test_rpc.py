@@ -431,7 +431,47 @@ def test_a_method_answers_with_the_definition_of_the_version_asked(make_server, 
         "instance": UUID,
         "destination": {"host": "hv-02", "libvirt_uri": "qemu+tcp://hv-02/system", "migration_uri": "tcp://hv-02"},
     }
-    assert client.call("hv-01", "live_migrate", body) == {"via": "1.0", "has_placement": False}  # method_since: 1.0
+    assert client.call("hv-01", "live_migrate", body, version="1.0") == {"via": "1.0", "has_placement": False}
     assert client.call("hv-01", "live_migrate", body, version="1.1") == {"via": "1.1", "has_placement": False}
     with pytest.raises(e.RemoteInvalidRequest, match="body.placement"):
         client.call("hv-01", "live_migrate", {**body, "placement": {"fits": "yes"}}, version="1.1")
+
+
+PLACEMENT = {"cells": []}  # refused before it is sent: its content does not matter
+
+
+def test_calls_default_to_the_newest_version_within_the_cap(make_server, bus_cfg, keyring):
+    """live_migrate without a version: 1.1 (the NUMA-aware body) under a 1.1 cap, 1.0 under a 1.0
+    cap; a 1.1-only field at 1.0 is refused on the caller's side, never silently dropped."""
+    server = make_server()
+    seen: list[tuple[str, Any]] = []
+    server.register(
+        "live_migrate", lambda body: seen.append(("1.0", body)) or {}, since="1.0", body_type=LiveMigrateBodyV10
+    )
+    server.register(
+        "live_migrate", lambda body: seen.append(("1.1", body)) or {}, since="1.1", body_type=LiveMigrateBody
+    )
+    server.start()
+    body = {
+        "migration_id": "m-1",
+        "instance": UUID,
+        "destination": {"host": "hv-02", "libvirt_uri": "qemu+tcp://hv-02/system", "migration_uri": "tcp://hv-02"},
+    }
+    with RpcClient(bus_cfg, keyring, sender="orch") as current:
+        current.call("hv-01", "live_migrate", {**body, "claim_host": "hv-02"})
+        assert seen[-1][0] == "1.1" and seen[-1][1].claim_host == "hv-02"
+        with pytest.raises(e.VersionTooLow, match=r"claim_host \(from 1.1\)"):
+            current.call("hv-01", "live_migrate", {**body, "claim_host": "hv-02"}, version="1.0")
+        typed = msgspec.convert(body, LiveMigrateBody)  # placement and claim_host None
+        current.call("hv-01", "live_migrate", typed, version="1.0")  # its None 1.1 fields lose nothing
+        assert seen[-1][0] == "1.0"
+    with RpcClient(bus_cfg, keyring, sender="orch", version_cap="1.0") as old:
+        old.call("hv-01", "live_migrate", body)
+        assert seen[-1][0] == "1.0"
+        with pytest.raises(e.VersionTooLow, match=r"placement \(from 1.1\)"):
+            old.call("hv-01", "live_migrate", {**body, "placement": PLACEMENT})
+        with pytest.raises(e.VersionTooLow, match="placement"):
+            old.cast("hv-01", "live_migrate", {**body, "placement": PLACEMENT})
+        with pytest.raises(e.VersionCapError, match="claim needs 1.1"):
+            old.call("hv-01", "claim", {})
+    assert len(seen) == 3

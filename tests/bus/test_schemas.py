@@ -266,3 +266,19 @@ def test_any_body_decodes_or_names_a_field(doc):
         s.decode_body(doc, s.ClaimBody)
     except RemoteInvalidRequest as exc:
         assert exc.details["field"].startswith("body")
+
+
+def test_the_default_version_is_the_newest_within_the_cap():
+    from agent.bus.schemas import best_version, fields_needing_newer
+
+    assert best_version("live_migrate", (1, 1)) == "1.1"
+    assert best_version("live_migrate", (1, 0)) == "1.0"
+    assert best_version("live_migrate", (1, 9)) == "1.1"
+    assert best_version("claim", (1, 0)) is None
+    assert fields_needing_newer("live_migrate", "1.0", {"placement": {"cells": []}, "claim_host": "hv-2"}) == {
+        "placement": "1.1",
+        "claim_host": "1.1",
+    }
+    assert fields_needing_newer("live_migrate", "1.0", {"placement": None, "migration_id": "m"}) == {}
+    assert fields_needing_newer("live_migrate", "1.1", {"placement": {"cells": []}}) == {}
+    assert fields_needing_newer("echo", "1.0", {"anything": 1}) == {}
