@@ -58,7 +58,7 @@ from agent.claims.model import Claim, ClaimState, uuid_key
 from agent.config import ComputeConfig
 from agent.cpuset import format_cpu_set
 from agent.errors import InvalidInput
-from agent.libvirt_ops.domain_xml import DomainPlacement
+from agent.libvirt_ops.domain_model import DomainPlacement, guest_cell_page_kib
 from agent.libvirt_ops.inventory import DomainInventory
 from agent.numa.placement import Placement
 from agent.numa.state import CellUsage, HostState
@@ -283,18 +283,6 @@ def _thread_usage(
         acc.setdefault(cid, _CellAcc()).pinned.add(cpu)
 
 
-def _guest_page_kb(domain: DomainPlacement, guest_cell: int) -> int:
-    """Page size of a guest cell: its `<page nodeset>`, else a `<page>` without nodeset, else 4 KiB."""
-    if not domain.hugepages:
-        return SMALL_PAGE_KB
-    chosen = next((h for h in domain.hugepages if h.guest_nodeset is not None and guest_cell in h.guest_nodeset), None)
-    if chosen is None:
-        chosen = next((h for h in domain.hugepages if h.guest_nodeset is None), None)
-    if chosen is None:
-        return SMALL_PAGE_KB
-    return chosen.size_kib or DEFAULT_HUGEPAGE_KB
-
-
 def _memory_usage(
     domain: DomainPlacement, topology: HostTopology, acc: dict[int, _CellAcc], notes: list[str]
 ) -> dict[int, int]:
@@ -305,7 +293,7 @@ def _memory_usage(
         nodes = domain.memnodes.get(gid)
         if nodes is None and domain.numatune_nodeset is not None:
             nodes = domain.numatune_nodeset
-        size_kb = _guest_page_kb(domain, gid)
+        size_kb = guest_cell_page_kib(domain, gid, default_hugepage_kb=DEFAULT_HUGEPAGE_KB)
         host_cell = next(iter(nodes)) if nodes is not None and len(nodes) == 1 else None
         if host_cell is not None and host_cell not in topology.cell_ids:
             notes.append(f"guest cell {gid} memory bound to host node {host_cell}, which does not exist")

@@ -4,7 +4,7 @@ rewriter and host state consume (see DESIGN.md, host state). Pure data, no parsi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, overload
 
 from agent.units import SMALL_PAGE_KB
 
@@ -50,6 +50,14 @@ class DomainPlacement:
     hugepages: tuple[HugepageBacking, ...] = ()  # empty = small pages
     # Placement JSON the agent recorded in <metadata> when it placed this domain (None if absent).
     agent_placement: Mapping[str, object] | None = None
+
+
+@overload
+def guest_cell_page_kib(dom: DomainPlacement, guest_cell: int, *, default_hugepage_kb: int) -> int: ...
+
+
+@overload
+def guest_cell_page_kib(dom: DomainPlacement, guest_cell: int, *, default_hugepage_kb: None = None) -> int | None: ...
 
 
 def guest_cell_page_kib(dom: DomainPlacement, guest_cell: int, *, default_hugepage_kb: int | None = None) -> int | None:
