@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping
 import msgspec
 from kombu import Queue
 
-from agent.bus.envelope import MAX_LIFETIME_S, DropLog, Dropped, DropReason, Envelope, Opener, seal
+from agent.bus.envelope import MAX_LIFETIME_S, DropLog, Dropped, DropReason, Envelope, Kind, Opener, seal
 from agent.bus.errors import (
     BusUnavailable,
     CallTimeout,
@@ -482,17 +482,7 @@ class RpcClient:
         timeout = self._timeout(timeout)
         data_body = _builtins(body)
         version = self._version(method, version, data_body)
-        now = self.clock()
-        _, data = seal(
-            self.keyring,
-            kind="cast",
-            method=method,
-            body=data_body,
-            version=version,
-            sender=self.sender,
-            now=now,
-            ttl_s=timeout,
-        )
+        _, data, now = self._seal("cast", method, data_body, version, timeout)
         done: Future[None] = Future()
         out = Outgoing(self.names.rpc, Names.host_key(host), data, now + timeout, persistent=True, done=done)
         self.publisher.submit(out)
@@ -558,22 +548,22 @@ class RpcClient:
                 f"no reply queue: the broker was unreachable for {timeout} s ({self.consumer.why_down()})"
             )
         reply_to = self.consumer.queue_names[0]
-        now = self.clock()
-        msg_id, data = seal(
-            self.keyring,
-            kind="call",
-            method=method,
-            body=data_body,
-            version=version,
-            sender=self.sender,
-            now=now,
-            ttl_s=timeout,
-        )
+        msg_id, data, now = self._seal("call", method, data_body, version, timeout)
         pending.msg_id = msg_id
         with self._lock:
             self._pending[msg_id] = pending
         out = Outgoing(exchange, routing_key, data, now + timeout, msg_id, reply_to, on_failure=pending.fail)
         self.publisher.submit(out)
+
+    def _seal(
+        self, kind: str, method: str, body: dict[str, Any], version: str, ttl_s: float
+    ) -> tuple[str, bytes, float]:
+        """(message id, signed bytes, the time they were sealed at) of one outgoing call or cast."""
+        now = self.clock()
+        msg_id, data = seal(
+            self.keyring, kind=kind, method=method, body=body, version=version, sender=self.sender, now=now, ttl_s=ttl_s
+        )
+        return msg_id, data, now
 
     def _forget(self, pending: _Pending) -> None:
         with self._lock:
