@@ -556,7 +556,7 @@ class RpcClient:
         self.publisher.submit(out)
 
     def _seal(
-        self, kind: str, method: str, body: dict[str, Any], version: str, ttl_s: float
+        self, kind: Kind, method: str, body: dict[str, Any], version: str, ttl_s: float
     ) -> tuple[str, bytes, float]:
         """(message id, signed bytes, the time they were sealed at) of one outgoing call or cast."""
         now = self.clock()
