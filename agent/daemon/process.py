@@ -45,7 +45,14 @@ from agent.bus.keys import Keyring
 from agent.bus.rpc import RpcClient, RpcServer
 from agent.claims.ledger import Ledger
 from agent.config import AgentConfig, load_config
-from agent.daemon.capabilities import Announcer, HostFacts, host_state_now, read_host_facts, topology_changes
+from agent.daemon.capabilities import (
+    Announcer,
+    HostFacts,
+    host_state_now,
+    read_host_facts,
+    served_max,
+    topology_changes,
+)
 from agent.daemon.context import AgentContext, LibvirtConnections, LiveConfig, PeerCaller, Role, TopologyHolder
 from agent.daemon.destination import Destination
 from agent.daemon.destination_watch import reconcile_at_start
@@ -101,10 +108,12 @@ class Daemon:
     """One agent. `await start()` (to READY=1), `await serve()` (until `request_stop()`), which closes."""
 
     def __init__(self, cfg: AgentConfig, opts: DaemonOptions, roles: Sequence[RoleFactory] | None = None) -> None:
-        """Checks what can be checked before anything starts: NotifySocketError, KeyFileError."""
+        """Checks what can be checked before anything starts: NotifySocketError, KeyFileError,
+        ConfigError ([upgrade_levels] agent outside what this agent serves)."""
         self.opts = opts
         self.config = LiveConfig(cfg)
         self.host = cfg.host or socket.gethostname()
+        self.rpc_max = served_max(cfg)  # [upgrade_levels] agent: ConfigError when out of range
         self.notifier = Notifier.from_env(opts.environ)
         self.keyring = Keyring.from_file(cfg.bus.key_file)
         self.metrics = AgentMetrics()
@@ -159,7 +168,7 @@ class Daemon:
         self.announcer = Announcer(facts, self.events, ctx.clock, damage=lambda: ctx.ledger.damage)
         # the source first: STATUS reads "serving; 2 migrations out, 1 claim held"
         self.roles = [*(factory(ctx) for factory in self._role_factories), Destination(ctx, self.announcer)]
-        self.server = RpcServer(self.cfg.bus, self.host, self.keyring)
+        self.server = RpcServer(self.cfg.bus, self.host, self.keyring, max_version=self.rpc_max)
         for role in self.roles:
             role.register(self.server)
         await self._on_worker(self.server.start, START_WAIT_S)
