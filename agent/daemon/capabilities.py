@@ -28,7 +28,7 @@ from agent.config import AgentConfig
 from agent.daemon.context import AgentContext, EventSink
 from agent.errors import ConfigError
 from agent.libvirt_ops.host import host_traits
-from agent.libvirt_ops.inventory import read_domains
+from agent.libvirt_ops.inventory import DomainInventory, read_domains
 from agent.libvirt_ops.policy import version_tuple
 from agent.numa.state import HostState
 from agent.numa.topology import HostTopology, NumaCell
@@ -149,9 +149,31 @@ def capabilities_body(
 def host_state_now(ctx: AgentContext) -> HostStateReport:
     """The host's state now: the topology read again, every domain, the claims that hold something.
     Runs on the calling thread with that thread's own libvirt connection."""
+    return host_state_and_domains(ctx)[0]
+
+
+def host_state_and_domains(ctx: AgentContext) -> tuple[HostStateReport, DomainInventory]:
+    """`host_state_now` and the domains it counted (one reading of libvirt for both)."""
     inventory = read_domains(ctx.libvirt.get())
     claims = ctx.ledger.list_claims(COUNTED_CLAIM_STATES)
-    return compute_host_state(ctx.topology.fresh(), inventory, claims, ctx.cfg.compute)
+    return compute_host_state(ctx.topology.fresh(), inventory, claims, ctx.cfg.compute), inventory
+
+
+def running_instances(inventory: DomainInventory) -> list[dict[str, Any]]:
+    """describe_host's `instances`: every running (or paused) domain here, by name, with whether it
+    is pinned or has a guest NUMA topology (what a `drain` moves, and how carefully)."""
+    return [
+        {
+            "uuid": dom.uuid,
+            "name": dom.name,
+            "vcpus": dom.vcpus,
+            "memory_mb": dom.memory_kib // 1024,
+            "pinned": bool(dom.vcpu_pins or dom.emulator_pins),
+            "numa": bool(dom.guest_cells or dom.memnodes or dom.numatune_nodeset),
+        }
+        for dom in sorted(inventory.domains, key=lambda d: d.name)
+        if dom.uuid.lower() in inventory.active_uuids
+    ]
 
 
 class Announcer:

@@ -183,3 +183,16 @@ def test_workaround_ignored_only_when_everything_is_at_1_1() -> None:
     assert not workaround_ignored(V11, [host("a"), host("b", rpc_max="1.0")], True)
     assert not workaround_ignored(V10, [host("a")], True)
     assert not workaround_ignored(V11, [host("a")], False)
+
+
+def test_described_hosts_list_instances_as_objects_or_plain_ids() -> None:
+    import msgspec
+
+    from agent.orchestrator.model import DescribedHost
+    from tests.bus.test_schemas import CAPABILITIES
+
+    daemon = {**CAPABILITIES, "host_state": {}, "instances": [{"uuid": "u-1", "name": "vm1", "pinned": True}]}
+    assert msgspec.convert(daemon, DescribedHost).instance_ids() == ("u-1",)
+    simulated = {**CAPABILITIES, "host_state": {}, "instances": ["u-2", "vm3"]}
+    assert msgspec.convert(simulated, DescribedHost).instance_ids() == ("u-2", "vm3")
+    assert msgspec.convert({**CAPABILITIES, "host_state": {}}, DescribedHost).instance_ids() == ()
