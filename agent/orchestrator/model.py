@@ -95,4 +95,4 @@ class Rejection:
     retry_after: float | None = None  # Busy: when to ask again
 
     def __str__(self) -> str:
-        return f"{self.host}: {self.kind}: {self.reason}"
+        return f"{self.host}: {self.kind}: {'; '.join(self.reason.splitlines())}"  # one line per host
