@@ -193,6 +193,18 @@ def test_drain_three_vms_onto_the_two_others(fleet: dict[str, Any]) -> None:
             tb.destroy_domain(h, f"alt-drain{i}")
 
 
+def test_drain_without_an_instance_list_moves_what_the_agent_says_runs_there(fleet: dict[str, Any]) -> None:
+    a, b, c = fleet["hosts"]
+    uuid = start_guest(a, "alt-listed", cpu=None)
+    code, lines, out = command(fleet["conf"], "drain", a.name)  # no --instance: describe_host's instances
+    assert code == 0, out
+    items = lines[-1]["instances"]
+    assert [(i["result"], i["destination"] in (b.name, c.name)) for i in items] == [("migrated", True)], items
+    assert domain_pins(a, uuid) is None
+    for h in (b, c):
+        tb.destroy_domain(h, "alt-listed")
+
+
 def test_post_copy_from_the_flavor_completes_a_guest_that_does_not_converge(fleet: dict[str, Any]) -> None:
     a, b, c = fleet["hosts"]
     flavor = {"hw:cpu_policy": "dedicated", "compute:live_migration_post_copy": "true"}
