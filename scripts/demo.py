@@ -4,8 +4,8 @@ and ONE orchestrator command that live-migrates a pinned VM to the host that can
 
     scripts/demo            (sets everything up; run as root)
 
-1. tb-host1 (A) runs `demo-vm`: 1 dedicated vCPU pinned to CPU 0, its emulator thread isolated on
-   CPU 1 (`hw:emulator_threads_policy=isolate`), a flavor asking for post-copy, and a guest that
+1. tb-host1 (A) runs `demo-vm`: 1 dedicated vCPU pinned to CPU 1, its emulator thread isolated on
+   CPU 0 (`hw:emulator_threads_policy=isolate`), a flavor asking for post-copy, and a guest that
    keeps dirtying 64 MiB (it never converges by pre-copy alone over the capped link).
    tb-host2 (B) runs `demo-blocker`, which holds CPU 1: B has one free dedicated CPU, not two.
    tb-host3 (C) is empty.
@@ -69,13 +69,13 @@ FLAVOR = {
 PLACEMENT_ON_A = {
     "fits": True,
     "cells": [
-        {"guest_cell": 0, "host_cell": 0, "vcpus": [0], "cpu_pins": {"0": [0]}, "memory_mb": 256, "pagesize_kb": 4}
+        {"guest_cell": 0, "host_cell": 0, "vcpus": [0], "cpu_pins": {"0": [1]}, "memory_mb": 256, "pagesize_kb": 4}
     ],
-    "emulator_pins": [1],
+    "emulator_pins": [0],
     "reason": None,
 }
 
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 # a pipe is 80 columns to rich: give the commands' tables and progress lines room
 CHILD_ENV = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "120")}
 
@@ -110,7 +110,7 @@ def start_guest(host: TestbedHost, name: str, flavor: dict[str, str], placement:
 
 def boot(a: TestbedHost, b: TestbedHost) -> None:
     dirt = {k: v for k, v in HOT_GUEST.items() if k != "memory_mib"}
-    start_guest(a, VM, FLAVOR, PLACEMENT_ON_A, vcpu_pins={0: [0]}, emulator_pins=[1], **dirt)
+    start_guest(a, VM, FLAVOR, PLACEMENT_ON_A, vcpu_pins={0: [1]}, emulator_pins=[0], **dirt)
     start_guest(b, BLOCKER, {"hw:cpu_policy": "dedicated"}, None, vcpu_pins={0: [1]})
     wait_guest_ready(a, VM, timeout=90)
     wait_guest_ready(b, BLOCKER, timeout=90)
