@@ -31,6 +31,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import libvirt
 from rich.console import Console
@@ -93,9 +94,9 @@ def testbed_was_up() -> bool:
     return sum(f"tb-host{i} " in line and "state=alive" in line for line in status.splitlines() for i in (1, 2, 3)) == 3
 
 
-def start_guest(host: TestbedHost, name: str, flavor: dict[str, str], placement: dict | None, **xml: object) -> None:
+def start_guest(host: TestbedHost, name: str, flavor: dict[str, str], placement: dict | None, **xml: Any) -> None:
     destroy_domain(host, name)
-    define_and_start(host, guest_xml(name, vcpus=1, memory_mib=256, uuid=str(uuid.uuid4()), **xml))  # type: ignore[arg-type]
+    define_and_start(host, guest_xml(name, vcpus=1, memory_mib=256, uuid=str(uuid.uuid4()), **xml))
     conn = host.connect()
     try:  # the flavor lives with the domain, as `compute-agent instance set-metadata` writes it
         store_instance_metadata(conn, name, InstanceMetadata(flavor))

@@ -199,7 +199,10 @@ def test_described_hosts_list_instances_as_objects_or_plain_ids() -> None:
 
 
 def test_a_conflict_the_source_agent_refuses_is_bad_input_before_any_destination_is_asked() -> None:
+    from typing import cast
+
     from agent.bus.errors import RemoteInvalidRequest
+    from agent.orchestrator.agent_api import AgentAPI
     from agent.orchestrator.fleet import FleetView
     from agent.orchestrator.migrate import Orchestrator
     from agent.orchestrator.settings import Settings
@@ -210,6 +213,6 @@ def test_a_conflict_the_source_agent_refuses_is_bad_input_before_any_destination
 
     fleet = FleetView(clock=lambda: 0.0)
     fleet.put(host("hv-a"))
-    orch = Orchestrator(RefusingSource(), fleet, Settings())  # type: ignore[arg-type]
+    orch = Orchestrator(cast(AgentAPI, RefusingSource()), fleet, Settings())
     with pytest.raises(BadMigrationRequest, match="flavor and the image disagree"):
         orch.plan("vm1", "hv-a")
