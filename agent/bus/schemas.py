@@ -168,6 +168,34 @@ class MigrationStateResult(Struct, frozen=True):
     reason: Text | None = None
 
 
+HISTORY_LIMIT = 1000  # rows in one list_migrations answer: ~400 KiB, within [bus] max_message_bytes (1 MiB)
+
+
+class ListMigrationsBody(Struct, frozen=True):
+    """list_migrations: the migrations this agent ran as the source, newest first."""
+
+    limit: Annotated[int, msgspec.Meta(ge=1, le=HISTORY_LIMIT)] = HISTORY_LIMIT
+    active_only: bool = False  # only queued and running ones
+
+
+class MigrationHistoryRow(MigrationStateResult, frozen=True, kw_only=True):
+    """One migration of list_migrations: its migration_status, plus where, when and how it ended."""
+
+    source: Name
+    destination: Name
+    move: Literal["numa-aware", "legacy"]  # with a placement (a claim on the destination) or without
+    created_at: Seconds
+    updated_at: Seconds
+    ended_at: Seconds | None = None
+    downtime_ms: Count | None = None
+    total_s: Seconds | None = None
+    host_now: Name | None = None  # where the instance runs now (null while it runs)
+
+
+class ListMigrationsResult(Struct, frozen=True):
+    migrations: Annotated[list[MigrationHistoryRow], msgspec.Meta(max_length=HISTORY_LIMIT)]
+
+
 # --- 1.1 ---------------------------------------------------------------------------------------------
 
 
@@ -276,6 +304,7 @@ METHODS: tuple[MethodSpec, ...] = (
     MethodSpec("abort_migration", "1.0", MigrationIdBody, MigrationStateResult),
     MethodSpec("force_complete", "1.0", MigrationIdBody, MigrationStateResult),
     MethodSpec("migration_status", "1.0", MigrationIdBody, MigrationStateResult),
+    MethodSpec("list_migrations", "1.0", ListMigrationsBody, ListMigrationsResult),
     MethodSpec("fit", "1.1", FitBody, PlacementDoc),
     MethodSpec("claim", "1.1", ClaimBody, ClaimResult),
     MethodSpec("extend_claim", "1.1", ExtendClaimBody, ClaimView),

@@ -20,14 +20,15 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from agent import __version__
-from agent.bus.schemas import Capabilities, CellFree, LedgerDamageView, RpcVersions
+from agent.bus.schemas import Capabilities, CellFree, LedgerDamageView, RpcVersions, parse_version
 from agent.claims.damage import LedgerDamage
 from agent.claims.hoststate import HostStateReport, compute_host_state
 from agent.claims.model import ClaimState
 from agent.config import AgentConfig
 from agent.daemon.context import AgentContext, EventSink
+from agent.errors import ConfigError
 from agent.libvirt_ops.host import host_traits
-from agent.libvirt_ops.inventory import read_domains
+from agent.libvirt_ops.inventory import DomainInventory, read_domains
 from agent.libvirt_ops.policy import version_tuple
 from agent.numa.state import HostState
 from agent.numa.topology import HostTopology, NumaCell
@@ -49,6 +50,20 @@ class HostFacts:
     qemu_version: str
     migration_uri: str  # where QEMU streams memory to this host: tcp://<my_ip>
     libvirt_uri: str  # this host's libvirtd as a peer reaches it
+    rpc_max: str = RPC_MAX  # the highest version served and advertised ([upgrade_levels] agent)
+
+
+def served_max(cfg: AgentConfig) -> str:
+    """The highest RPC version this agent serves and advertises: RPC_MAX, or lower when
+    `[upgrade_levels] agent` pins it (a rolling upgrade: an upgraded agent that must still look like
+    the old release to the orchestrators). ConfigError when the pin is below what it can serve."""
+    pin = cfg.upgrade_levels.agent
+    if pin == "auto":
+        return RPC_MAX
+    pinned, lowest, highest = parse_version(pin), parse_version(RPC_MIN), parse_version(RPC_MAX)
+    if pinned[0] != highest[0] or pinned < lowest:
+        raise ConfigError(f"[upgrade_levels] agent = {pin}: this agent serves {RPC_MIN} to {RPC_MAX}")
+    return "%d.%d" % min(pinned, highest)
 
 
 def _version_text(version: int) -> str:
@@ -86,6 +101,7 @@ def read_host_facts(conn: Any, cfg: AgentConfig, host: str) -> HostFacts:
         qemu_version=_version_text(conn.getVersion()),
         migration_uri=f"tcp://{address}",
         libvirt_uri=peer_libvirt_uri(cfg.libvirt.connection_uri, address),
+        rpc_max=served_max(cfg),
     )
 
 
@@ -118,7 +134,7 @@ def capabilities_body(
         host=facts.host,
         seq=seq,
         agent_version=__version__,
-        rpc_versions=RpcVersions(min=RPC_MIN, max=RPC_MAX),
+        rpc_versions=RpcVersions(min=RPC_MIN, max=facts.rpc_max),
         traits=sorted(facts.traits),
         libvirt_version=facts.libvirt_version,
         qemu_version=facts.qemu_version,
@@ -133,9 +149,31 @@ def capabilities_body(
 def host_state_now(ctx: AgentContext) -> HostStateReport:
     """The host's state now: the topology read again, every domain, the claims that hold something.
     Runs on the calling thread with that thread's own libvirt connection."""
+    return host_state_and_domains(ctx)[0]
+
+
+def host_state_and_domains(ctx: AgentContext) -> tuple[HostStateReport, DomainInventory]:
+    """`host_state_now` and the domains it counted (one reading of libvirt for both)."""
     inventory = read_domains(ctx.libvirt.get())
     claims = ctx.ledger.list_claims(COUNTED_CLAIM_STATES)
-    return compute_host_state(ctx.topology.fresh(), inventory, claims, ctx.cfg.compute)
+    return compute_host_state(ctx.topology.fresh(), inventory, claims, ctx.cfg.compute), inventory
+
+
+def running_instances(inventory: DomainInventory) -> list[dict[str, Any]]:
+    """describe_host's `instances`: every running (or paused) domain here, by name, with whether it
+    is pinned or has a guest NUMA topology (what a `drain` moves, and how carefully)."""
+    return [
+        {
+            "uuid": dom.uuid,
+            "name": dom.name,
+            "vcpus": dom.vcpus,
+            "memory_mb": dom.memory_kib // 1024,
+            "pinned": bool(dom.vcpu_pins or dom.emulator_pins),
+            "numa": bool(dom.guest_cells or dom.memnodes or dom.numatune_nodeset),
+        }
+        for dom in sorted(inventory.domains, key=lambda d: d.name)
+        if dom.uuid.lower() in inventory.active_uuids
+    ]
 
 
 class Announcer:

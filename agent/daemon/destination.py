@@ -45,7 +45,7 @@ from agent.bus.errors import (
 from agent.claims.errors import ClaimConflict, IllegalTransition, NoFitError, UnknownClaim
 from agent.claims.hoststate import host_state_fn
 from agent.claims.model import LIVE_STATES, Claim, ClaimState
-from agent.daemon.capabilities import Announcer, host_state_now
+from agent.daemon.capabilities import Announcer, host_state_and_domains, host_state_now, running_instances
 from agent.daemon.context import AgentContext, DomainLifecycle
 from agent.daemon.destination_watch import ClaimWatcher
 from agent.errors import InvalidInput, InvalidRequest
@@ -172,10 +172,11 @@ class Destination:
     def describe_host(self, _: schemas.Empty) -> dict[str, Any]:
         if self.announcer is None:
             raise RemoteRefused("this agent has not read its host facts yet", details={"code": "starting"})
-        report = host_state_now(self.ctx)
+        report, domains = host_state_and_domains(self.ctx)
         doc = msgspec.to_builtins(self.announcer.current(report.state))
         doc["host_state"] = report.state.to_json()
         doc["host_state"]["problems"] = [*report.unreadable, *report.overlaps, *report.notes]
+        doc["instances"] = running_instances(domains)  # what `compute-agent drain` moves
         doc["host_load"] = _host_load_doc()
         doc["ledger"] = self._ledger_doc()
         return doc

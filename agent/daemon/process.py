@@ -6,7 +6,8 @@ Start (`Daemon.start`), each step named in systemd's STATUS while it runs:
     -> the bus's event publisher starts connecting (in the background, while the rest goes on)
     -> libvirt (its event loop running) -> the claim ledger -> the topology (sysfs, cross-checked
        with libvirt's capabilities) -> the ledger reconciled with the running domains -> traits
-    -> the roles (destination, source) register their methods -> the RPC server consumes
+    -> the roles (source, destination, the source's history) register their methods
+    -> the RPC server consumes
     -> lifecycle events, the hotplug watcher, the metrics endpoint -> capabilities published
     -> READY=1
 
@@ -45,13 +46,22 @@ from agent.bus.keys import Keyring
 from agent.bus.rpc import RpcClient, RpcServer
 from agent.claims.ledger import Ledger
 from agent.config import AgentConfig, load_config
-from agent.daemon.capabilities import Announcer, HostFacts, host_state_now, read_host_facts, topology_changes
+from agent.daemon.capabilities import (
+    Announcer,
+    HostFacts,
+    host_state_now,
+    read_host_facts,
+    served_max,
+    topology_changes,
+)
 from agent.daemon.context import AgentContext, LibvirtConnections, LiveConfig, PeerCaller, Role, TopologyHolder
 from agent.daemon.destination import Destination
 from agent.daemon.destination_watch import reconcile_at_start
 from agent.daemon.errors import HotplugWatchError, NotifySocketError
+from agent.daemon.history import History
 from agent.daemon.lifecycle import LifecycleEvents
 from agent.daemon.metrics import AgentMetrics, MetricsServer
+from agent.daemon.migrations import MigrationStore
 from agent.daemon.notify import Notifier
 from agent.daemon.reload import apply_reload
 from agent.daemon.source import Source
@@ -101,10 +111,12 @@ class Daemon:
     """One agent. `await start()` (to READY=1), `await serve()` (until `request_stop()`), which closes."""
 
     def __init__(self, cfg: AgentConfig, opts: DaemonOptions, roles: Sequence[RoleFactory] | None = None) -> None:
-        """Checks what can be checked before anything starts: NotifySocketError, KeyFileError."""
+        """Checks what can be checked before anything starts: NotifySocketError, KeyFileError,
+        ConfigError ([upgrade_levels] agent outside what this agent serves)."""
         self.opts = opts
         self.config = LiveConfig(cfg)
         self.host = cfg.host or socket.gethostname()
+        self.rpc_max = served_max(cfg)  # [upgrade_levels] agent: ConfigError when out of range
         self.notifier = Notifier.from_env(opts.environ)
         self.keyring = Keyring.from_file(cfg.bus.key_file)
         self.metrics = AgentMetrics()
@@ -159,7 +171,8 @@ class Daemon:
         self.announcer = Announcer(facts, self.events, ctx.clock, damage=lambda: ctx.ledger.damage)
         # the source first: STATUS reads "serving; 2 migrations out, 1 claim held"
         self.roles = [*(factory(ctx) for factory in self._role_factories), Destination(ctx, self.announcer)]
-        self.server = RpcServer(self.cfg.bus, self.host, self.keyring)
+        self.roles += history_roles(self.host, self.roles)
+        self.server = RpcServer(self.cfg.bus, self.host, self.keyring, max_version=self.rpc_max)
         for role in self.roles:
             role.register(self.server)
         await self._on_worker(self.server.start, START_WAIT_S)
@@ -468,6 +481,15 @@ class Daemon:
             _quietly(self.ledger.checkpoint)
             _quietly(self.ledger.close)
         self.libvirt.close_all()
+
+
+def history_roles(host: str, roles: Sequence[Role]) -> list[Role]:
+    """`list_migrations` over the migration record of each source role (none without one)."""
+    return [History(host, _store_of(role)) for role in roles if isinstance(role, Source)]
+
+
+def _store_of(source: Source) -> Callable[[], MigrationStore]:
+    return lambda: source.store
 
 
 def _role_status(role: Role) -> str:

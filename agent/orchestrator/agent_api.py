@@ -9,12 +9,12 @@ silently becoming the legacy move (the caller decides, see agent.orchestrator.ve
 Version history (docs/protocol.md, "Versions"):
 
     1.0 - describe_host, describe_instance, live_migrate (the legacy move: the domain XML's
-          pinning is copied as is), abort_migration, force_complete, migration_status
+          pinning is copied as is), abort_migration, force_complete, migration_status,
+          list_migrations (the source's history; added with the daemon)
     1.1 - fit, claim, extend_claim, confirm_claim, release_claim;
           live_migrate with `placement` and `claim_host` (the NUMA-aware move)
 
-``list_migrations`` is not a protocol method yet: an agent without it answers NoSuchMethod, which
-is passed on as is.
+An agent older than ``list_migrations`` answers NoSuchMethod, which is passed on as is.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class FleetView:
                     errors[host] = reply
                     continue
                 caps = msgspec.convert(msgspec.to_builtins(reply), s.Capabilities)
-                self._hosts[caps.host] = HostInfo(caps, now, "describe", tuple(reply.instances))
+                self._hosts[caps.host] = HostInfo(caps, now, "describe", reply.instance_ids())
         return errors
 
     def put(self, info: HostInfo) -> None:

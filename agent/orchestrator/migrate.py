@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from agent.bus import schemas as s
-from agent.bus.errors import BusError, CallTimeout, RemoteError, RemoteNotFound
+from agent.bus.errors import BusError, CallTimeout, RemoteError, RemoteInvalidRequest, RemoteNotFound
 from agent.orchestrator.agent_api import AgentAPI
 from agent.orchestrator.candidates import Candidates, attempts_allowed, choose
 from agent.orchestrator.errors import BadMigrationRequest, MigrationFailed, NoDestination, NumaMigrationRefused
@@ -107,6 +107,8 @@ class Orchestrator:
             info = self.api.describe_instance(source, instance)
         except RemoteNotFound as exc:
             raise BadMigrationRequest(f"instance {instance!r} is not on {source}: {exc.message}") from None
+        except RemoteInvalidRequest as exc:  # the source's own parser refused the instance's metadata
+            raise BadMigrationRequest(f"instance {instance!r} on {source}: {exc.message}") from None
         return plan_instance(info)  # InvalidRequest: a conflict, before any destination is asked
 
     def plan(self, instance: str, source: str, named: Sequence[str] = ()) -> Plan:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
+
+import msgspec
 
 from agent.bus import schemas as s
 from agent.bus.schemas import parse_version
@@ -12,11 +14,25 @@ Version = tuple[int, int]
 InfoSource = Literal["event", "describe"]
 
 
-class DescribedHost(s.DescribeHostResult, frozen=True):
-    """describe_host's result, plus `instances` (uuids or names) where the agent lists them: a
-    drain needs the list; an agent that does not send it is drained of the instances named."""
+class HostInstance(msgspec.Struct, frozen=True):
+    """One running domain of describe_host's `instances` (agent.daemon.capabilities.running_instances)."""
 
-    instances: list[s.Name] = []
+    uuid: s.Name
+    name: s.Name
+    pinned: bool = False
+    numa: bool = False
+
+
+class DescribedHost(s.DescribeHostResult, frozen=True):
+    """describe_host's result, plus `instances` where the agent lists them (the daemon: objects with
+    uuid and name; older or simulated agents: uuids or names): a drain needs the list; an agent that
+    does not send it is drained of the instances named."""
+
+    instances: Annotated[list[HostInstance | s.Name], msgspec.Meta(max_length=4096)] = []
+
+    def instance_ids(self) -> tuple[str, ...]:
+        """What `describe_instance` is asked with: each instance's UUID (or the name given)."""
+        return tuple(i.uuid if isinstance(i, HostInstance) else i for i in self.instances)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,4 +95,4 @@ class Rejection:
     retry_after: float | None = None  # Busy: when to ask again
 
     def __str__(self) -> str:
-        return f"{self.host}: {self.kind}: {self.reason}"
+        return f"{self.host}: {self.kind}: {'; '.join(self.reason.splitlines())}"  # one line per host

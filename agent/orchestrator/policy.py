@@ -121,6 +121,8 @@ def placement_summary(placement: s.PlacementDoc | dict[str, Any] | None) -> str:
     for c in doc.cells:
         pins = " ".join(f"{v}->{','.join(map(str, cpus))}" for v, cpus in sorted(c.cpu_pins.items(), key=_vcpu))
         parts.append(f"guest cell {c.guest_cell} -> host cell {c.host_cell}" + (f": vCPU {pins}" if pins else ""))
+    if doc.emulator_pins:
+        parts.append("emulator -> " + ",".join(map(str, doc.emulator_pins)))
     return "; ".join(parts) or "not pinned"
 
 

@@ -13,6 +13,9 @@ imports this package.
 - `agent.testing.builders`: host topologies (`topology`), host states (`state_cell`,
   `host_state`, `state_fn`), instance requests (`request`, `cells_request`) and the shared fit
   scenarios (`fit_scenarios`).
+- `agent.testing.daemons`: real `compute-agent daemon` processes on the testbed hosts (one per
+  host, own config and state, one bus prefix and key file), for the orchestrator's testbed tests
+  and scripts/demo.
 - `agent.testing.fleet`: a simulated fleet for the orchestrator's tests and bench/fleet_bench.py:
   real bus servers and claim ledgers per simulated host, the libvirt side modelled.
 - `agent.testing.ledger`: `fill_ledger`, a claim ledger with tens of thousands of claims in about
@@ -24,4 +27,4 @@ Import the module you need (`from agent.testing.fake_libvirt import FakeConn`); 
 imports none of them, so using the builders never loads libvirt.
 """
 
-MODULES = ("builders", "clock", "fake_libvirt", "fleet", "ledger", "testbed")
+MODULES = ("builders", "clock", "daemons", "fake_libvirt", "fleet", "ledger", "testbed")

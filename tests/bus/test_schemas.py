@@ -80,6 +80,7 @@ BODIES: dict[type, dict[str, Any]] = {
         "claim_host": "hv-02",
     },
     s.MigrationIdBody: {"migration_id": "m-1"},
+    s.ListMigrationsBody: {"limit": 10, "active_only": False},
     s.FitBody: {"instance": INSTANCE},
     s.ClaimBody: {"migration_id": "m-1", "instance": INSTANCE, "source_host": "hv-01", "ttl_s": 300},
     s.ExtendClaimBody: {"migration_id": "m-1", "ttl_s": 600},
@@ -107,6 +108,27 @@ RESULTS: dict[type, dict[str, Any]] = {
         "phase": "precopy",
         "percent": 42.5,
         "reason": None,
+    },
+    s.ListMigrationsResult: {
+        "migrations": [
+            {
+                "migration_id": "m-1",
+                "instance": UUID,
+                "status": "completed",
+                "phase": "done",
+                "percent": 100.0,
+                "reason": None,
+                "source": "hv-01",
+                "destination": "hv-02",
+                "move": "numa-aware",
+                "created_at": 1796131200.0,
+                "updated_at": 1796131260.5,
+                "ended_at": 1796131260.5,
+                "downtime_ms": 42,
+                "total_s": 60.5,
+                "host_now": "hv-02",
+            }
+        ]
     },
     s.PlacementDoc: PLACEMENT,
     s.ClaimResult: {"placement": PLACEMENT, "expires_at": 1796131560.0},
@@ -161,6 +183,7 @@ def test_every_method_has_an_example():
         "abort_migration",
         "force_complete",
         "migration_status",
+        "list_migrations",
     ]
     assert {m.name for m in s.METHODS if m.since == "1.1"} == {
         "fit",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import msgspec
+import pytest
 
 from agent.bus.schemas import Capabilities
-from agent.config import AgentConfig
+from agent.config import AgentConfig, UpgradeLevelsConfig
 from agent.daemon.capabilities import (
     Announcer,
     HostFacts,
@@ -15,8 +16,13 @@ from agent.daemon.capabilities import (
     cells_free,
     host_address,
     peer_libvirt_uri,
+    running_instances,
+    served_max,
     topology_changes,
 )
+from agent.errors import ConfigError
+from agent.libvirt_ops.domain_model import DomainPlacement
+from agent.libvirt_ops.inventory import DomainInventory
 from agent.numa.discovery import discover_sysfs
 from agent.numa.state import CellUsage, HostState
 from agent.numa.topology import PagePool
@@ -95,3 +101,38 @@ def test_topology_changes_name_what_moved_and_ignore_free_counts():
     assert "cell 1: CPUs 4,5,6,7 -> 4,5,6" in changes
     assert any(c.startswith("cell 1: hugepage totals") and "2048: 2048" in c for c in changes)
     assert topology_changes(old, dataclasses.replace(old, cells=(old.cell(0),))) == ["cells removed: 1"]
+
+
+def _pinned(version: str) -> AgentConfig:
+    return AgentConfig(upgrade_levels=UpgradeLevelsConfig(agent=version))
+
+
+def test_the_agent_pin_caps_what_the_agent_advertises():
+    assert served_max(AgentConfig()) == "1.1"  # auto: all it can
+    assert served_max(_pinned("1.0")) == "1.0"  # the rolling upgrade: looks like the old release
+    assert served_max(_pinned("1.1")) == "1.1"
+    assert served_max(_pinned("1.9")) == "1.1"  # a pin above what it serves changes nothing
+    pinned = dataclasses.replace(FACTS, rpc_max="1.0")
+    body = capabilities_body(pinned, HostState(topology()), seq=1, ts=1796131260.0)
+    assert (body.rpc_versions.min, body.rpc_versions.max) == ("1.0", "1.0")
+
+
+@pytest.mark.parametrize("version", ["0.9", "2.0"])
+def test_a_pin_the_agent_cannot_serve_is_a_config_error_naming_the_option(version):
+    with pytest.raises(ConfigError, match=r"\[upgrade_levels\] agent = " + version):
+        served_max(_pinned(version))
+
+
+def test_instances_are_the_running_domains_with_their_pinning_and_numa():
+    pinned = DomainPlacement("vm-b", "AAAA-1", 2, 2 << 20, vcpu_pins={0: frozenset({1}), 1: frozenset({2})})
+    numa = DomainPlacement("vm-a", "aaaa-2", 1, 1 << 20, numatune_nodeset=frozenset({0}))
+    plain = DomainPlacement("vm-c", "aaaa-3", 1, 1 << 20)
+    stopped = DomainPlacement("vm-off", "aaaa-4", 1, 1 << 20, vcpu_pins={0: frozenset({3})})
+    inventory = DomainInventory((pinned, numa, plain, stopped), frozenset({"aaaa-1", "aaaa-2", "aaaa-3"}))
+    rows = running_instances(inventory)
+    assert [(r["name"], r["pinned"], r["numa"]) for r in rows] == [
+        ("vm-a", False, True),
+        ("vm-b", True, False),
+        ("vm-c", False, False),
+    ]
+    assert rows[1] == {"uuid": "AAAA-1", "name": "vm-b", "vcpus": 2, "memory_mb": 2048, "pinned": True, "numa": False}

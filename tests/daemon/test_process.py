@@ -270,6 +270,48 @@ async def test_two_agents_in_one_process_share_nothing(broker, tmp_path):
         assert len(da.ledger.live_claims()) == 1 and db.ledger.live_claims() == []
 
 
+@pytest.mark.asyncio
+async def test_the_agent_pin_caps_what_it_serves_and_advertises(agent_files, client):
+    from agent.bus.errors import RemoteUnsupportedVersion
+
+    agent_files.rewrite({"upgrade_levels": {"agent": "1.0"}})
+    async with serving(agent_files) as daemon:
+        described = await call(client, daemon.host, "describe_host", {})
+        assert described["rpc_versions"] == {"min": "1.0", "max": "1.0"}
+        with pytest.raises(RemoteUnsupportedVersion) as refused:
+            await call(client, daemon.host, "fit", {"instance": instance_request()})
+    assert refused.value.details["max"] == "1.0"
+
+
+@pytest.mark.asyncio
+async def test_describe_host_lists_the_running_instances_for_a_drain(running_daemon, client, test_domains):
+    import msgspec
+
+    from agent.orchestrator.model import DescribedHost
+
+    vm_uuid = str(uuid.uuid4())
+    test_domains.start("drain-me", vm_uuid, None)
+    described = await call(client, running_daemon.host, "describe_host", {})
+    rows = {row["name"]: row for row in described["instances"]}
+    assert rows["drain-me"] == {
+        "uuid": vm_uuid,
+        "name": "drain-me",
+        "vcpus": 2,
+        "memory_mb": 1024,
+        "pinned": False,
+        "numa": False,
+    }
+    assert vm_uuid in msgspec.convert(described, DescribedHost).instance_ids()  # what `drain HOST` moves
+
+
+def test_a_pin_the_agent_cannot_serve_exits_2_naming_the_option(agent_files, notify):
+    agent_files.rewrite({"upgrade_levels": {"agent": "0.9"}})
+    proc = spawn_daemon(agent_files, notify)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "[upgrade_levels] agent" in err.decode()
+    assert not agent_files.state_dir.exists()
+
+
 def test_sighup_with_a_broken_config_keeps_the_running_one(agent_files, notify, client):
     proc = spawn_daemon(agent_files, notify)
     try:

@@ -2,22 +2,21 @@
 no room for the pinned VM, host C has; `compute-agent migrate` from A ends on C with C's pinning,
 B's refusal reason shown, no claim left on B); the rolling-upgrade pin on the orchestrator
 (`[upgrade_levels] agent = 1.0`: the NUMA VM refused and untouched; with the workaround, the legacy
-move and its warning); a drain of three VMs onto the two other hosts.
+move and its warning) and the same with the pin on the source agent only; the policy (a flavor asking
+for post-copy on a guest that does not converge completes through post-copy; a flavor/image conflict
+is refused before any claim); a drain of three VMs onto the two other hosts.
 
-Three `compute-agent daemon` processes (one per testbed host, each on its own libvirtd, all on the
-machine's RabbitMQ under a prefix of this test's own); the orchestrator command runs as a process
-too, with `--json`. B is made full by its config (`cpu_dedicated_set = 1`) and a dedicated guest
-pinned to CPU 1.
+Three `compute-agent daemon` processes (agent.testing.daemons: one per testbed host, each on its own
+libvirtd, all on the machine's RabbitMQ under a prefix of this test's own, the capped migration link
+of agent.testing.testbed.HOT_MIGRATION); the orchestrator command runs as a process too, with
+`--json`. B is made full by its config (`cpu_dedicated_set = 1`) and a dedicated guest pinned to CPU 1.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 import uuid as uuidlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,42 +40,35 @@ libvirt = pytest.importorskip("libvirt")
 pytest.importorskip("agent.daemon.process", reason="the daemon (issue 9) is not in this tree")
 instance_metadata = pytest.importorskip("agent.libvirt_ops.instance_metadata")
 
-from agent.bus.errors import CallTimeout, RemoteError  # noqa: E402
-from agent.bus.keys import Keyring  # noqa: E402
-from agent.bus.rpc import RpcClient  # noqa: E402
 from agent.claims.ledger import Ledger  # noqa: E402
-from agent.config import load_config  # noqa: E402
 from agent.libvirt_ops.domain_read import parse_domain  # noqa: E402
-from tests.bus.conftest import SECRET_A, ensure_broker  # noqa: E402
+from agent.testing.daemons import AgentFleet, hot_migration  # noqa: E402
+from tests.bus.conftest import ensure_broker  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-READY_S = 90.0  # three daemons starting on two shared cores
+PIN_1_0 = {"upgrade_levels": {"agent": "1.0"}}
+WORKAROUND = {"workarounds": {"enable_numa_live_migration": "true"}}
 
 
-def write_config(path: Path, host: Any, prefix: str, key_file: Path, state: Path, compute: dict[str, str]) -> None:
-    sections = {
-        "DEFAULT": {"host": host.name, "my_ip": host.address, "log_level": "INFO"},
-        "compute": compute,
-        "libvirt": {"connection_uri": host.uri},
-        "claims": {"state_dir": str(state)},
-        "bus": {"exchange_prefix": prefix, "key_file": str(key_file), "call_timeout_s": "15"},
-        # the agents allow the legacy move when asked for it; whether to ask is the orchestrator's option
-        "workarounds": {"enable_numa_live_migration": "true"},
-    }
-    text = "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in o.items()) for s, o in sections.items() if o)
-    path.write_text(text)
-
-
-def start_guest(host: Any, name: str, cpu: int | None) -> str:
-    """A 1-vCPU guest: dedicated and pinned to `cpu`, or shared (None)."""
+def start_guest(
+    host: Any,
+    name: str,
+    cpu: int | None,
+    *,
+    flavor: dict[str, str] | None = None,
+    image: dict[str, str] | None = None,
+    **xml: Any,
+) -> str:
+    """A 1-vCPU guest: dedicated and pinned to `cpu` (or shared: None), with its flavor and image."""
     uuid = str(uuidlib.uuid4())
     pins = {"vcpu_pins": {0: [cpu]}} if cpu is not None else {}
-    tb.define_and_start(host, tb.guest_xml(name, vcpus=1, memory_mib=256, uuid=uuid, **pins))
+    tb.define_and_start(host, tb.guest_xml(name, vcpus=1, memory_mib=256, uuid=uuid, **pins, **xml))
     tb.wait_guest_ready(host, name, timeout=90)
+    if flavor is None:
+        flavor = {"hw:cpu_policy": "dedicated"} if cpu is not None else {}
     conn = host.connect()
-    try:
-        meta = instance_metadata.InstanceMetadata({"hw:cpu_policy": "dedicated"} if cpu is not None else {})
-        instance_metadata.store_instance_metadata(conn, name, meta)
+    try:  # written as is: `instance set-metadata` would refuse a conflict, an old tool may not have
+        instance_metadata.store_instance_metadata(conn, name, instance_metadata.InstanceMetadata(flavor, image or {}))
     finally:
         conn.close()
     return uuid
@@ -89,53 +81,30 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     for h in hosts:
         tb.destroy_all(h)
     base = tmp_path_factory.mktemp("alternates")
-    key_file = base / "bus.keys"
-    key_file.write_text(f"k1 {SECRET_A.hex()}\n")
-    prefix = f"test-alt-{uuidlib.uuid4().hex[:8]}"
-    procs: list[subprocess.Popen[bytes]] = []
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
-    for h in hosts:
-        compute = {"cpu_dedicated_set": "1"} if h.index == 2 else {}
-        conf = base / f"{h.name}.conf"
-        write_config(conf, h, prefix, key_file, base / h.name, compute)
-        log = open(base / f"{h.name}.log", "ab")  # noqa: SIM115 - the process owns it
-        argv = [sys.executable, "-m", "agent.cli", "daemon", "--config", str(conf)]
-        procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-    orch_conf = base / "orchestrator.conf"
-    bus = f"[bus]\nexchange_prefix = {prefix}\nkey_file = {key_file}\ncall_timeout_s = 15\n"
-    orch_conf.write_text(bus + "[orchestrator]\ndiscovery_timeout_s = 3\n")
-    (base / "pinned-1.0.conf").write_text(
-        bus + "[orchestrator]\ndiscovery_timeout_s = 3\n[upgrade_levels]\nagent = 1.0\n"
+    daemons = AgentFleet(
+        hosts,
+        base,
+        prefix=f"test-alt-{uuidlib.uuid4().hex[:8]}",
+        # the agents allow the legacy move when asked for it; whether to ask is the orchestrator's option
+        common={"libvirt": hot_migration(), **WORKAROUND},
+        extra={hosts[1].name: {"compute": {"cpu_dedicated_set": "1"}}},
     )
-    (base / "pinned-1.0-workaround.conf").write_text(
-        bus + "[orchestrator]\ndiscovery_timeout_s = 3\n[upgrade_levels]\nagent = 1.0\n"
-        "[workarounds]\nenable_numa_live_migration = true\n"
-    )
-    client = RpcClient(load_config(orch_conf).bus, Keyring.from_file(key_file), sender="orchestrator@alt")
+    pinned = {"upgrade_levels": {"agent": "1.0"}}
     try:
-        for h, p in zip(hosts, procs, strict=True):
-            wait_ready(client, h.name, p, base / f"{h.name}.log")
-        yield {"hosts": hosts, "base": base, "conf": orch_conf, "client": client}
+        with daemons:
+            yield {
+                "hosts": hosts,
+                "base": base,
+                "daemons": daemons,
+                "conf": daemons.orchestrator_config(),
+                "pinned": daemons.orchestrator_config(pinned, name="pinned-1.0"),
+                "pinned_workaround": daemons.orchestrator_config({**pinned, **WORKAROUND}, name="pinned-1.0-wa"),
+                "workaround": daemons.orchestrator_config(WORKAROUND, name="workaround"),
+            }
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(20)
-        client.close()
         for h in hosts:
             tb.destroy_all(h)
-
-
-def wait_ready(client: RpcClient, host: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + READY_S
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-        try:
-            client.call(host, "describe_host", {}, timeout=3.0)
-            return
-        except (CallTimeout, RemoteError):
-            time.sleep(0.5)
-    raise AssertionError(f"{host} not serving after {READY_S} s:\n{log.read_text(errors='replace')[-3000:]}")
+        daemons.forget_bus()
 
 
 def command(conf: Path, *args: str) -> tuple[int, list[dict[str, Any]], str]:
@@ -187,12 +156,12 @@ def test_rolling_upgrade_pin_refuses_then_the_workaround_moves_the_legacy_way(fl
     a, b, c = fleet["hosts"]
     uuid = start_guest(a, "alt-legacy", cpu=0)
     before = {h.name: len(claims(fleet, h)) for h in (b, c)}
-    code, lines, out = command(fleet["base"] / "pinned-1.0.conf", "migrate", "alt-legacy", "--from", a.name)
+    code, lines, out = command(fleet["pinned"], "migrate", "alt-legacy", "--from", a.name)
     assert code == 3, out
     assert "enable_numa_live_migration" in lines[-1]["reason"] and "cap 1.0" in lines[-1]["reason"]
     assert domain_pins(a, uuid) == {0: [0]}  # untouched
     assert {h.name: len(claims(fleet, h)) for h in (b, c)} == before  # nothing claimed
-    conf = fleet["base"] / "pinned-1.0-workaround.conf"
+    conf = fleet["pinned_workaround"]
     code, lines, out = command(conf, "migrate", "alt-legacy", "--from", a.name, "--to", c.name)
     started = next(x for x in lines if x["event"] == "started")
     assert (started["move"], started["version"]) == ("legacy", "1.0")
@@ -222,3 +191,90 @@ def test_drain_three_vms_onto_the_two_others(fleet: dict[str, Any]) -> None:
     for i in range(3):
         for h in (b, c):
             tb.destroy_domain(h, f"alt-drain{i}")
+
+
+def test_drain_without_an_instance_list_moves_what_the_agent_says_runs_there(fleet: dict[str, Any]) -> None:
+    a, b, c = fleet["hosts"]
+    uuid = start_guest(a, "alt-listed", cpu=None)
+    code, lines, out = command(fleet["conf"], "drain", a.name)  # no --instance: describe_host's instances
+    assert code == 0, out
+    items = lines[-1]["instances"]
+    assert [(i["result"], i["destination"] in (b.name, c.name)) for i in items] == [("migrated", True)], items
+    assert domain_pins(a, uuid) is None
+    for h in (b, c):
+        tb.destroy_domain(h, "alt-listed")
+
+
+def test_post_copy_from_the_flavor_completes_a_guest_that_does_not_converge(fleet: dict[str, Any]) -> None:
+    a, b, c = fleet["hosts"]
+    flavor = {"hw:cpu_policy": "dedicated", "compute:live_migration_post_copy": "true"}
+    # HOT_GUEST, unpaced: paced at 20 MB/s it sometimes converges at the 1 s max downtime when the
+    # machine is busy (the dirtier slows down with it); unpaced (~32 MB/s) over 16 MiB/s it never does
+    hot = {**{k: v for k, v in tb.HOT_GUEST.items() if k != "memory_mib"}, "dirty_rate_mbps": -1}
+    uuid = start_guest(a, "alt-hot", 0, flavor=flavor, **hot)
+    code, lines, out = command(fleet["conf"], "migrate", "alt-hot", "--from", a.name, "--to", c.name)
+    assert code == 0, out
+    planned = lines[0]
+    assert "post-copy: true (flavor compute:live_migration_post_copy)" in planned["policy"], planned
+    percents = [x["percent"] for x in lines if x["event"] == "progress"]
+    assert percents and percents == sorted(percents)
+    result = lines[-1]
+    assert (result["status"], result["host_now"]) == ("completed", c.name), result
+    # pre-copy alone did not converge: it went through post-copy. The switch to the end can be shorter
+    # than one progress interval and the done event does not say it: the source agent's log does
+    phases = [x["phase"] for x in lines if x["event"] == "progress"]
+    source_log = fleet["daemons"].agent(a.name).log_path.read_text(errors="replace").splitlines()
+    switched = [x for x in source_log if result["migration_id"] in x and "switching to post-copy" in x]
+    assert "postcopy" in phases or switched, (phases[-3:], source_log[-20:])
+    assert domain_pins(c, uuid) == {0: result["pinning_after"]["cells"][0]["cpu_pins"]["0"]}
+    assert [cl.state.value for cl in claims(fleet, c) if cl.instance_uuid == uuid] == ["confirmed"]
+    tb.destroy_domain(c, "alt-hot")
+
+
+def test_a_policy_conflict_is_refused_before_any_claim(fleet: dict[str, Any]) -> None:
+    a, b, c = fleet["hosts"]
+    flavor = {"hw:cpu_policy": "dedicated", "compute:live_migration_post_copy": "true"}
+    image = {"compute_live_migration_post_copy": "false"}
+    uuid = start_guest(a, "alt-conflict", 0, flavor=flavor, image=image)
+    before = {h.name: len(claims(fleet, h)) for h in (b, c)}
+    code, _, out = command(fleet["conf"], "migrate", "alt-conflict", "--from", a.name)
+    assert code == 2, out  # bad input: the instance's own metadata contradicts itself
+    assert "compute" in out and "post_copy" in out, out
+    assert {h.name: len(claims(fleet, h)) for h in (b, c)} == before  # no host was asked for anything
+    assert domain_pins(a, uuid) == {0: [0]}
+    tb.destroy_domain(a, "alt-conflict")
+
+
+def test_rolling_upgrade_with_the_pin_on_the_source_agent_only(fleet: dict[str, Any]) -> None:
+    """Last in this module: it restarts A's daemon pinned at 1.0, and restores it at the end."""
+    a, b, c = fleet["hosts"]
+    daemons: AgentFleet = fleet["daemons"]
+    agent_a = daemons.agent(a.name)
+    daemons.restart(agent_a, {"libvirt": hot_migration(), **WORKAROUND, **PIN_1_0})
+    try:
+        argv = [sys.executable, "-m", "agent.orchestrator.cli", "--config", str(fleet["conf"]), "hosts", "--json"]
+        shown = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout
+        versions = {h["host"]: h["rpc_versions"]["max"] for h in json.loads(shown)["hosts"]}
+        assert versions == {a.name: "1.0", b.name: "1.1", c.name: "1.1"}, shown  # only A is pinned
+        uuid = start_guest(a, "alt-srcpin", cpu=0)
+        before = {h.name: len(claims(fleet, h)) for h in (b, c)}
+        code, lines, out = command(fleet["conf"], "migrate", "alt-srcpin", "--from", a.name)
+        assert code == 3, out  # the orchestrator has no pin: the source's own 1.0 refuses the NUMA move
+        assert "enable_numa_live_migration" in lines[-1]["reason"] and "source 1.0" in lines[-1]["reason"]
+        assert domain_pins(a, uuid) == {0: [0]}  # untouched
+        assert {h.name: len(claims(fleet, h)) for h in (b, c)} == before  # nothing claimed
+        code, lines, out = command(fleet["workaround"], "migrate", "alt-srcpin", "--from", a.name, "--to", c.name)
+        started = next(x for x in lines if x["event"] == "started")
+        assert (started["move"], started["version"]) == ("legacy", "1.0")
+        assert "copied as is" in started["warning"]  # the risk, named
+        if code == 4 and "not available yet" in (lines[-1]["reason"] or ""):
+            assert domain_pins(a, uuid) == {0: [0]}  # failed to start: still on the source, as exit 4 says
+            pytest.xfail("the agent's runner has no legacy move yet: " + lines[-1]["reason"])
+        assert code == 0, out
+        assert lines[-1]["host_now"] == c.name
+        assert domain_pins(c, uuid) == {0: [0]}  # the pinning copied as is
+        assert {h.name: len(claims(fleet, h)) for h in (b, c)} == before  # still nothing claimed
+    finally:
+        for h in (a, c):
+            tb.destroy_domain(h, "alt-srcpin")
+        daemons.restart(agent_a, {"libvirt": hot_migration(), **WORKAROUND})

@@ -183,3 +183,36 @@ def test_workaround_ignored_only_when_everything_is_at_1_1() -> None:
     assert not workaround_ignored(V11, [host("a"), host("b", rpc_max="1.0")], True)
     assert not workaround_ignored(V10, [host("a")], True)
     assert not workaround_ignored(V11, [host("a")], False)
+
+
+def test_described_hosts_list_instances_as_objects_or_plain_ids() -> None:
+    import msgspec
+
+    from agent.orchestrator.model import DescribedHost
+    from tests.bus.test_schemas import CAPABILITIES
+
+    daemon = {**CAPABILITIES, "host_state": {}, "instances": [{"uuid": "u-1", "name": "vm1", "pinned": True}]}
+    assert msgspec.convert(daemon, DescribedHost).instance_ids() == ("u-1",)
+    simulated = {**CAPABILITIES, "host_state": {}, "instances": ["u-2", "vm3"]}
+    assert msgspec.convert(simulated, DescribedHost).instance_ids() == ("u-2", "vm3")
+    assert msgspec.convert({**CAPABILITIES, "host_state": {}}, DescribedHost).instance_ids() == ()
+
+
+def test_a_conflict_the_source_agent_refuses_is_bad_input_before_any_destination_is_asked() -> None:
+    from typing import cast
+
+    from agent.bus.errors import RemoteInvalidRequest
+    from agent.orchestrator.agent_api import AgentAPI
+    from agent.orchestrator.fleet import FleetView
+    from agent.orchestrator.migrate import Orchestrator
+    from agent.orchestrator.settings import Settings
+
+    class RefusingSource:  # the daemon's describe_instance parses the metadata: a conflict is InvalidRequest
+        def describe_instance(self, host: str, instance: str) -> None:
+            raise RemoteInvalidRequest("compute:live_migration_post_copy: the flavor and the image disagree")
+
+    fleet = FleetView(clock=lambda: 0.0)
+    fleet.put(host("hv-a"))
+    orch = Orchestrator(cast(AgentAPI, RefusingSource()), fleet, Settings())
+    with pytest.raises(BadMigrationRequest, match="flavor and the image disagree"):
+        orch.plan("vm1", "hv-a")
