@@ -30,7 +30,10 @@ RUNTIME_OPTIONS: dict[str, frozenset[str]] = {
     "claims": frozenset({"claim_ttl_s", "reconcile_interval_s"}),
     "bus": frozenset({"progress_interval_s", "capabilities_interval_s", "call_timeout_s"}),
 }
-_SECTIONS = ("compute", "libvirt", "claims", "bus")
+# every [section] of the file is a dataclass field of AgentConfig; the other fields are [DEFAULT]'s
+_SECTIONS = tuple(
+    f.name for f in dataclasses.fields(AgentConfig) if dataclasses.is_dataclass(getattr(AgentConfig(), f.name))
+)
 
 
 @dataclass(frozen=True, slots=True)

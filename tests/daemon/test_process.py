@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, LibvirtConfig
+from agent.config import AgentConfig, LibvirtConfig, load_config
 from agent.daemon.process import Daemon
 from agent.daemon.reload import apply_reload
 from tests.daemon.agent_support import (
@@ -156,6 +156,13 @@ def test_reload_rules():
     assert r.config.libvirt.live_migration_downtime_ms == 900 and r.config.libvirt.connection_uri == "qemu:///system"
     assert r.config.host is None and r.config.max_concurrent_live_migrations == 3
     assert apply_reload(old, old).changed == ()
+
+
+def test_reload_names_an_option_of_every_section_by_its_section():
+    old = load_config(text="[DEFAULT]\nlog_level = INFO\n")
+    new = load_config(text="[upgrade_levels]\nagent = 1.0\n[workarounds]\nenable_numa_live_migration = true\n")
+    r = apply_reload(old, new)
+    assert r.needs_restart == ("[upgrade_levels] agent", "[workarounds] enable_numa_live_migration")
 
 
 # --- in the test's loop ----------------------------------------------------------------------------------
