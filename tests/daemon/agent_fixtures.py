@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from agent.bus.keys import Keyring
 from agent.bus.rpc import RpcClient
-from agent.daemon.process import Daemon
+from agent.daemon.process import Daemon, optional_roles
 from tests.bus.conftest import ensure_broker
 from tests.daemon.agent_support import AgentFiles, EventLog, TestDomains, make_agent_files, serving
 
@@ -32,6 +32,19 @@ def agent_files(broker: None, tmp_path: Path) -> AgentFiles:
 async def running_daemon(agent_files: AgentFiles) -> AsyncIterator[Daemon]:
     """The daemon with the destination role only, in the test's loop."""
     async with serving(agent_files) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def source_files(broker: None, tmp_path: Path) -> AgentFiles:
+    """The files of an agent named hv-src (the source side's tests)."""
+    return make_agent_files(tmp_path, host="hv-src")
+
+
+@pytest_asyncio.fixture
+async def source_daemon(source_files: AgentFiles) -> AsyncIterator[Daemon]:
+    """The daemon with every role (the source's too), in the test's loop."""
+    async with serving(source_files, roles=optional_roles()) as daemon:
         yield daemon
 
 

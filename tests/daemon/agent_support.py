@@ -103,8 +103,8 @@ def make_agent_files(
 class serving:
     """`async with serving(files) as daemon:` starts a daemon in this loop and stops it after."""
 
-    def __init__(self, files: AgentFiles, **options: Any) -> None:
-        self.daemon = Daemon(files.config(), files.options(**options), roles=[])
+    def __init__(self, files: AgentFiles, *, roles: list[Any] | None = None, **options: Any) -> None:
+        self.daemon = Daemon(files.config(), files.options(**options), roles=roles or [])
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Daemon:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import AsyncIterator
 
 import msgspec
 import pytest
-import pytest_asyncio
 
 from agent.bus import schemas as s
 from agent.bus.errors import RemoteRefused
@@ -16,10 +14,10 @@ from agent.bus.keys import Keyring
 from agent.bus.rpc import RpcClient
 from agent.daemon.history import History, history_row
 from agent.daemon.migrations import MigrationStore
-from agent.daemon.process import Daemon, history_roles, optional_roles
+from agent.daemon.process import Daemon, history_roles
 from agent.daemon.source import Source
 from agent.orchestrator.agent_api import AgentAPI
-from tests.daemon.agent_support import AgentFiles, make_agent_files
+from tests.daemon.agent_support import AgentFiles
 from tests.daemon.test_migrations import record
 
 
@@ -85,31 +83,16 @@ def test_only_a_source_role_has_a_history() -> None:
 # --- served by the daemon, read by the orchestrator's stub ---------------------------------------------
 
 
-@pytest.fixture
-def files(tmp_path: Path) -> AgentFiles:
-    from tests.bus.conftest import ensure_broker
-
-    ensure_broker()
-    return make_agent_files(tmp_path, host="hv-src")
-
-
-@pytest_asyncio.fixture
-async def daemon(files: AgentFiles) -> AsyncIterator[Daemon]:
-    d = Daemon(files.config(), files.options(), roles=optional_roles())
-    await d.start()
-    task = asyncio.create_task(d.serve())
-    try:
-        yield d
-    finally:
-        d.request_stop("test over")
-        await asyncio.wait_for(task, 15)
+pytest_plugins = ["tests.daemon.agent_fixtures"]  # source_files, source_daemon
 
 
 @pytest.mark.asyncio
-async def test_the_daemon_serves_its_source_history_to_migration_list(daemon: Daemon, files: AgentFiles) -> None:
-    source = next(r for r in daemon.roles if isinstance(r, Source))
+async def test_the_daemon_serves_its_source_history_to_migration_list(
+    source_daemon: Daemon, source_files: AgentFiles
+) -> None:
+    source = next(r for r in source_daemon.roles if isinstance(r, Source))
     source.store.add(record("m-daemon", created_at=5.0))
-    cfg = files.config().bus
-    with RpcClient(cfg, Keyring.from_file(files.key_file), sender="orchestrator@test") as client:
+    cfg = source_files.config().bus
+    with RpcClient(cfg, Keyring.from_file(source_files.key_file), sender="orchestrator@test") as client:
         rows = await asyncio.to_thread(AgentAPI(client).list_migrations, "hv-src")
     assert [(r["migration_id"], r["source"], r["destination"]) for r in rows] == [("m-daemon", "hv-src", "hv-02")]
