@@ -212,6 +212,9 @@ class _ConnectionThread(threading.Thread):
         self._close()
 
     def _after_error(self, exc: BaseException) -> None:
+        # not ready from the moment the session broke, not only after the backoff: a caller that
+        # waits for `ready` must not take this session's reply queue for one on the next node
+        self.ready.clear()
         if self.stopping.is_set():
             return
         delay = self.backoff.next()

@@ -9,6 +9,7 @@ The machine's shared broker is never touched.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -137,7 +138,8 @@ def _port(thread) -> int:
     return int(thread.conn.as_uri().rsplit(":", 1)[1].split("/", 1)[0])
 
 
-def test_failover_to_the_second_url_when_the_first_node_dies(nodes, key_file, keyring):
+def test_failover_to_the_second_url_when_the_first_node_dies(nodes, key_file, keyring, caplog):
+    caplog.set_level(logging.INFO, logger="agent.bus")  # each thread's "ready on <node>", should it fail
     first, second = nodes
     _running(first, second)
     cfg = bus_config(f"{first.url};{second.url}", key_file)
@@ -156,7 +158,11 @@ def test_failover_to_the_second_url_when_the_first_node_dies(nodes, key_file, ke
         on_second = lambda: all(t.ready.is_set() and _port(t) == second.amqp_port for t in threads)  # noqa: E731
         assert wait_for(on_second, RECOVERY_S, step=0.01), [(_port(t), t.ready.is_set()) for t in threads]
         reconnected = time.monotonic() - t_kill
-        assert client.call(HOST, "work", {"op": "after-failover"}, timeout=5.0) == {"op": "after-failover"}
+        try:
+            answer = client.call(HOST, "work", {"op": "after-failover"}, timeout=5.0)
+        except CallTimeout as exc:  # say where the call stopped: CI saw this once and the log was too thin
+            raise AssertionError(f"{exc}; {_where(threads, server, client, executions)}") from exc
+        assert answer == {"op": "after-failover"}
         answered = time.monotonic() - t_kill
         assert wait_for(lambda: traffic[0].first_ok_started_after(t_kill), RECOVERY_S)
         time.sleep(0.5)
@@ -170,6 +176,23 @@ def test_failover_to_the_second_url_when_the_first_node_dies(nodes, key_file, ke
         f"\nfailover: all four connections ready on the second node {reconnected:.2f} s after the SIGKILL, "
         f"a new call answered through it at {answered:.2f} s"
     )
+
+
+def _where(threads, server: RpcServer, client: RpcClient, executions: Executions) -> str:
+    """The bus's state after a lost call: each thread's node, sessions and last error, what the
+    publishers still hold, what the server dropped and served."""
+    parts = []
+    for t in threads:
+        held = f", inbox {t.inbox.qsize()}, in flight {t._current!r:.120}" if hasattr(t, "inbox") else ""
+        parts.append(
+            f"{t.name}: port {_port(t)}, ready {t.ready.is_set()}, alive {t.is_alive()}, sessions {t.sessions}, "
+            f"reconnects {t.reconnects}, {t.why_down()}{held}"
+        )
+    parts.append(f"server drops {dict(server.drops)}, served {dict(server.served)}")
+    parts.append(f"replies returned unroutable {server.publisher.returned}")
+    parts.append(f"client pending {len(client._pending)}, reply queue {client.consumer.queue_names}")
+    parts.append(f"after-failover executed {executions['after-failover']} time(s)")
+    return "; ".join(parts)
 
 
 def test_nodes_are_private(nodes):

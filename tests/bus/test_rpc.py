@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from agent.bus.envelope import DropReason, seal
 from agent.bus.keys import Keyring
 from agent.bus.rpc import RpcClient, RpcServer
 from agent.bus.schemas import ClaimBody, Empty, LiveMigrateBody, LiveMigrateBodyV10, MigrationIdBody
-from agent.bus.transport import ConsumerThread, Names
+from agent.bus.transport import Backoff, ConsumerThread, Names
 from agent.config import BusConfig
 from agent.errors import AgentError, InvalidInput
 
@@ -388,6 +389,22 @@ def test_a_failing_callback_does_not_kill_the_consumer(bus_cfg):
         assert consumer.is_alive() and consumer.reconnects == 0
     finally:
         consumer.stop()
+
+
+def test_a_broken_session_is_not_ready_while_the_thread_backs_off(client):
+    """`ready` falls as soon as the session breaks, not after the backoff: a caller that waited on
+    it would otherwise send its call with the dead session's reply queue (seen in a failover) and
+    wait out its whole timeout for a reply the broker cannot route."""
+    consumer = client.consumer
+    assert consumer.ready.wait(10)
+    old_queue = consumer.queue_names[0]
+    consumer.backoff = Backoff(start=3.0, cap=3.0)  # a long, sure backoff to look into
+    consumer.conn.connection.sock.shutdown(socket.SHUT_RDWR)  # the session breaks (as on a reset)
+    assert wait_for(lambda: consumer.reconnects == 1, 5)
+    assert not consumer.ready.is_set()
+    with pytest.raises(e.BusUnavailable):  # no call goes out with the dead reply queue
+        client.call("hv-01", "echo", {}, timeout=0.5)
+    assert consumer.ready.wait(10) and consumer.queue_names[0] != old_queue
 
 
 def test_nacked_casts_fail_typed_and_the_publisher_goes_on(make_server, client, bus_cfg):
