@@ -39,6 +39,7 @@ log = logging.getLogger("compute_agent.claims")
 
 LEDGER_FILE = "ledger.db"
 _PLACEMENT_CACHE_MAX = 4096  # parsed placements kept per open ledger: a few MiB at most
+_ROW_CACHE_MAX = 1024  # whole stored rows already verified and decoded: ~3 KiB each, a few MiB at most
 
 # --- schema -------------------------------------------------------------------------------------
 
@@ -207,6 +208,9 @@ class ClaimStore:
         self.bad_rows: list[BadRow] = []  # damaged rows met since open (not used as data)
         self._on_close = on_close
         self._placements: dict[str, Placement] = {}  # stored placement JSON -> parsed (immutable)
+        # a whole stored row (every column and its checksum) -> the Claim it decoded to: the same
+        # bytes decode the same way, so a live claim is verified once, not at every later claim
+        self._rows: dict[tuple[Any, ...], Claim] = {}
 
     def close(self) -> None:
         with self.lock:
@@ -328,7 +332,19 @@ class ClaimStore:
 
     def _decode(self, row: Sequence[Any]) -> Claim | BadRow:
         """A stored row (claim columns, then row_sum) as a Claim, or why it cannot be one."""
-        values, stored = tuple(row[:-1]), row[-1]
+        whole = tuple(row)
+        known = self._rows.get(whole)
+        if known is not None:
+            return known
+        got = self._decode_row(whole)
+        if isinstance(got, Claim):  # a bad row is never remembered: it is reported at every read
+            if len(self._rows) >= _ROW_CACHE_MAX:
+                self._rows.clear()
+            self._rows[whole] = got
+        return got
+
+    def _decode_row(self, row: tuple[Any, ...]) -> Claim | BadRow:
+        values, stored = row[:-1], row[-1]
         key = repr(values[0])[:80]
         if stored != row_sum(values):
             return BadRow("claims", key, "checksum mismatch (the row changed on disk)")
