@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import amqp
+from amqp import spec
 from amqp.exceptions import MessageNacked
 from kombu import Connection, Exchange, Queue
 from kombu.message import Message
@@ -82,14 +83,14 @@ class Names:
 
 
 def make_connection(cfg: BusConfig) -> Connection:
-    """A kombu connection (not yet connected) with heartbeats, confirms, failover and TLS."""
+    """A kombu connection (not yet connected) with heartbeats, failover and TLS (a publisher puts
+    its own channel in confirm mode)."""
     return Connection(
         cfg.transport_url,
         heartbeat=cfg.heartbeat_s,
         ssl=ssl_options(cfg),
         connect_timeout=CONNECT_TIMEOUT_S,
         failover_strategy="round-robin",
-        transport_options={"confirm_publish": True},
     )
 
 
@@ -404,6 +405,7 @@ class PublisherThread(_ConnectionThread):
 
     def _open_channel(self) -> None:
         channel = self.conn.channel()
+        channel.confirm_select()  # every publish on it is confirmed (see _send)
         for exchange in self.names.exchanges():
             exchange(channel).declare()
         channel.events["basic_return"].add(self.on_return)
@@ -462,14 +464,14 @@ class PublisherThread(_ConnectionThread):
             props["correlation_id"] = out.correlation_id
         if out.reply_to is not None:
             props["reply_to"] = out.reply_to
+        channel = self._channel
         try:
-            # kombu's Producer adds headers, priority and serializer checks we do not need on this path
-            self._channel.basic_publish(
-                amqp.Message(out.body, **props),
-                exchange=out.exchange,
-                routing_key=out.routing_key,
-                mandatory=out.mandatory,
-            )
+            # Not kombu's Producer (headers, priority and serializer checks we do not need) nor
+            # py-amqp's basic_publish, which polls the socket before every publish to see a
+            # connection.blocked early: we read after every publish anyway, for its confirm.
+            args = (0, out.exchange, out.routing_key, out.mandatory, False)
+            channel.send_method(spec.Basic.Publish, "Bssbb", args, amqp.Message(out.body, **props))
+            channel.wait(_CONFIRMS, callback=_raise_on_nack)
         except MessageNacked as exc:
             raise PublishNotConfirmed(f"broker nacked the message for {out.routing_key!r}: {exc}") from None
         except socket.timeout:
@@ -499,6 +501,14 @@ class PublisherThread(_ConnectionThread):
         if self.ready.is_set() and self.is_alive():
             self.join(min(timeout, FLUSH_S))
         super().stop(timeout)
+
+
+_CONFIRMS = [spec.Basic.Ack, spec.Basic.Nack]
+
+
+def _raise_on_nack(method: Any, *args: Any) -> None:
+    if method == spec.Basic.Nack:
+        raise MessageNacked()
 
 
 def _fail(out: Outgoing, exc: BaseException) -> None:
