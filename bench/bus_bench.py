@@ -43,12 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import amqp  # type: ignore[import-untyped]  # noqa: E402  # py-amqp ships no type hints
 import msgspec  # noqa: E402
+from broker_objects import delete_bus_objects  # noqa: E402
 from kombu import Connection  # noqa: E402
 
 from agent.bus.keys import Keyring  # noqa: E402
 from agent.bus.rpc import RpcClient, RpcServer  # noqa: E402
 from agent.bus.schemas import ClaimBody, ReleaseClaimBody  # noqa: E402
-from agent.bus.transport import Names  # noqa: E402
 from agent.config import BusConfig  # noqa: E402
 
 PAYLOAD = "x" * 1024  # ~1 KiB, the issue's payload
@@ -343,18 +343,6 @@ def our_calls(client: RpcClient) -> tuple[Call, Call]:
     return echo, claim_cycle
 
 
-def delete_broker_objects(url: str, cfg: BusConfig, topic: str) -> None:
-    """What the run declared on the (shared) broker and would outlive it: our durable per-host
-    queue and exchanges, oslo's two topic queues."""
-    names = Names(cfg.exchange_prefix)
-    with Connection(url) as conn:
-        channel = conn.channel()
-        for queue in (names.host_queue(HOST), topic, f"{topic}.bench"):
-            channel.queue_delete(queue)
-        for exchange in names.exchanges():
-            channel.exchange_delete(exchange.name)
-
-
 def run(url: str, n: int, warmup: int, rounds: int) -> dict[str, Any]:
     _quiet_oslo()
     load_before = os.getloadavg()[0]
@@ -364,7 +352,8 @@ def run(url: str, n: int, warmup: int, rounds: int) -> dict[str, Any]:
         key_file = tmp / "bus.keys"
         key_file.write_text(f"bench {os.urandom(32).hex()}\n")
         cfg = replace(BusConfig(), transport_url=url, exchange_prefix=f"bus-bench-{uuid.uuid4().hex[:8]}")
-        stack.callback(delete_broker_objects, url, cfg, topic)  # after every server and client stopped
+        # after every server and client stopped: our per-host queue and exchanges, oslo's two topic queues
+        stack.callback(delete_bus_objects, url, cfg.exchange_prefix, [HOST], [topic, f"{topic}.bench"])
         stack.enter_context(Served(serve_oslo, url, topic))
         handler_times = HandlerTimes()
         # registered before the server: runs after it stopped and wrote its times

@@ -29,14 +29,23 @@ import time
 import uuid
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from broker_objects import delete_bus_objects  # noqa: E402
+
+from agent.config import BusConfig  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SYSFS_FIXTURE = REPO / "tests" / "fixtures" / "sysfs" / "hugepages_mixed"
 READY_TIMEOUT_S = 30.0
 EXTRA_ENV: dict[str, str] = {}
 _READY_IN = re.compile(r"ready in (\d+) ms")
+HOST = "bench-host"
+BROKER_URL = BusConfig().transport_url  # the daemon's config leaves [bus] transport_url at its default
 
 
-def write_files(base: Path, uri: str, sysfs_root: Path | None) -> tuple[Path, Path]:
+def write_files(base: Path, uri: str, sysfs_root: Path | None, prefix: str) -> tuple[Path, Path]:
     """(config file, sysfs root) for one run."""
     key_file = base / "bus.keys"
     key_file.write_text(f"k1 {bytes(range(32)).hex()}\n")
@@ -45,10 +54,10 @@ def write_files(base: Path, uri: str, sysfs_root: Path | None) -> tuple[Path, Pa
         shutil.copytree(SYSFS_FIXTURE, sysfs)
     config = base / "agent.conf"
     config.write_text(
-        "[DEFAULT]\nhost = bench-host\nlog_level = INFO\nmy_ip = 127.0.0.1\n"
+        f"[DEFAULT]\nhost = {HOST}\nlog_level = INFO\nmy_ip = 127.0.0.1\n"
         f"[libvirt]\nconnection_uri = {uri}\n"
         f"[claims]\nstate_dir = {base / 'state'}\n"
-        f"[bus]\nexchange_prefix = bench-{uuid.uuid4().hex[:10]}\nkey_file = {key_file}\n"
+        f"[bus]\nexchange_prefix = {prefix}\nkey_file = {key_file}\n"
     )
     return config, sysfs
 
@@ -75,7 +84,8 @@ def wait_ready(sock: socket.socket, deadline: float) -> bool:
 def one_run(uri: str, sysfs_root: Path | None) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="daemon-bench-") as tmp:
         base = Path(tmp)
-        config, sysfs = write_files(base, uri, sysfs_root)
+        prefix = f"bench-{uuid.uuid4().hex[:10]}"
+        config, sysfs = write_files(base, uri, sysfs_root, prefix)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(base / "notify"))
         env = {**os.environ, "NOTIFY_SOCKET": str(base / "notify"), **EXTRA_ENV}
@@ -91,6 +101,7 @@ def one_run(uri: str, sysfs_root: Path | None) -> dict[str, float]:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=15)
             sock.close()
+            delete_bus_objects(BROKER_URL, prefix, [HOST])  # the daemon's durable queue and exchanges
         if proc.returncode != 0:
             raise RuntimeError(f"daemon exited {proc.returncode}: {err.decode()[-2000:]}")
         own = _READY_IN.search(err.decode())

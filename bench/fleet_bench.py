@@ -58,6 +58,10 @@ from agent.orchestrator.session import Session
 from agent.testing.builders import topology
 from agent.testing.fleet import SimInstance, SimWorld
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from broker_objects import delete_bus_objects  # noqa: E402
+
 CONCURRENCY = int(os.environ.get("FLEET_BENCH_CONCURRENCY", "8"))  # migrations decided at once
 MODEL_BASE_S = 0.05  # setup + switch-over of a modelled migration
 MODEL_BANDWIDTH_MB_S = 20_000.0  # 2 GiB of guest memory in 0.1 s: keeps the run short
@@ -141,6 +145,7 @@ def run_one(n: int, m: int, seed: int, old: float, base_cfg: BusConfig, key_file
             return result
         finally:
             world.stop()
+            delete_bus_objects(cfg.transport_url, cfg.exchange_prefix, world.agents)  # n durable host queues
 
 
 def drive(cfg: BusConfig, key_file: Path, n: int, chosen: list[str], m: int, old: float) -> dict[str, Any]:
