@@ -24,7 +24,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -44,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import amqp  # type: ignore[import-untyped]  # noqa: E402  # py-amqp ships no type hints
 import msgspec  # noqa: E402
 from broker_objects import delete_bus_objects  # noqa: E402
+from bus_features_bench import Features  # noqa: E402
+from bus_features_bench import serve as serve_echo  # noqa: E402
 from kombu import Connection  # noqa: E402
 
 from agent.bus.keys import Keyring  # noqa: E402
@@ -169,25 +170,6 @@ def serve_ours(cfg: BusConfig, key_file: str, ledger_dir: str, ready: Any, stop:
         stop.wait()
         server.stop()
     (Path(ledger_dir) / "handler-times.json").write_text(json.dumps(vars(times)))
-
-
-def serve_floor(url: str, queue: str, ready: Any, stop: Any) -> None:
-    """The floor: a bare py-amqp echo, one thread, no signature, no confirms, no checks."""
-    with Connection(url) as conn:
-        channel = conn.channel()
-        channel.queue_declare(queue, auto_delete=True)
-
-        def echo(msg: Any) -> None:
-            reply = amqp.Message(msg.body, correlation_id=msg.properties.get("correlation_id"))
-            channel.basic_publish(reply, exchange="", routing_key=msg.properties["reply_to"])
-
-        channel.basic_consume(queue, callback=echo, no_ack=True)
-        ready.set()
-        while not stop.is_set():
-            try:
-                conn.drain_events(timeout=0.2)
-            except socket.timeout:
-                pass
 
 
 class Served:
@@ -362,7 +344,7 @@ def run(url: str, n: int, warmup: int, rounds: int) -> dict[str, Any]:
         )
         stack.enter_context(Served(serve_ours, cfg, str(key_file), str(tmp / "ledger")))
         floor_queue = f"bus-bench-floor-{uuid.uuid4().hex[:8]}"
-        stack.enter_context(Served(serve_floor, url, floor_queue))
+        stack.enter_context(Served(serve_echo, url, floor_queue, "", Features()))  # no broker feature
         floor, floor_cleanup = floor_echo(url, floor_queue)
         stack.callback(floor_cleanup)
         oslo, oslo_cleanup = oslo_echo(url, topic)

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import amqp  # type: ignore[import-untyped]  # py-amqp ships no type hints
+from kombu import Connection
 
-HOST, PORT = "127.0.0.1", 5672
+URL = "amqp://guest:guest@127.0.0.1:5672//"
 BODY = b"x" * 1300
 ROUTING_KEY = "agent.bench"
 TTL_MS = "30000"
@@ -55,12 +56,6 @@ CASES = {
 _CONFIRMS = [amqp.spec.Basic.Ack, amqp.spec.Basic.Nack]
 
 
-def _connect(url: str) -> amqp.Connection:
-    conn = amqp.Connection(url)
-    conn.connect()
-    return conn
-
-
 def _publish(channel: Any, features: Features, body: bytes, exchange: str, key: str, **props: Any) -> None:
     if features.ttl:
         props["expiration"] = TTL_MS
@@ -70,7 +65,8 @@ def _publish(channel: Any, features: Features, body: bytes, exchange: str, key: 
 
 
 def serve(url: str, queue: str, exchange: str, features: Features, ready: Any, stop: Any) -> None:
-    conn = _connect(url)
+    """The echo server (also bus_bench.py's floor, with no features): one thread, in its own process."""
+    conn = Connection(url)
     channel = conn.channel()
     if features.confirms:
         channel.confirm_select()
@@ -94,7 +90,7 @@ def serve(url: str, queue: str, exchange: str, features: Features, ready: Any, s
             conn.drain_events(timeout=0.2)
         except socket.timeout:
             pass
-    conn.close()
+    conn.release()
 
 
 def measure(url: str, features: Features, calls: int) -> float:
@@ -108,7 +104,7 @@ def measure(url: str, features: Features, calls: int) -> float:
     try:
         if not ready.wait(30):
             raise RuntimeError("the echo server did not start")
-        conn = _connect(url)
+        conn = Connection(url)
         channel = conn.channel()
         if features.confirms:
             channel.confirm_select()
@@ -125,7 +121,7 @@ def measure(url: str, features: Features, calls: int) -> float:
                 conn.drain_events(timeout=5)
             lat.append(time.perf_counter() - t0)
             time.sleep(0.0003)  # as a caller between calls: the other side goes idle
-        conn.close()
+        conn.release()
         return statistics.median(lat[WARMUP:]) * 1000
     finally:
         stop.set()
@@ -136,7 +132,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--url", default=f"{HOST}:{PORT}", help="host:port of the broker (guest/guest)")
+    ap.add_argument("--url", default=URL, help=f"the broker (default {URL})")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     runs: dict[str, list[float]] = {name: [] for name in CASES}
