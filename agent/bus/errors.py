@@ -46,6 +46,14 @@ class CallTimeout(BusError):
     code = "call_timeout"
 
 
+class ReplyLost(CallTimeout):
+    """The call went out, but the reply queue it named was lost when the bus reconnected (an
+    exclusive queue dies with its connection): no reply can come, so the caller learns it now
+    instead of at its timeout. As with any CallTimeout, the call may have run."""
+
+    code = "reply_lost"
+
+
 class PublishNotConfirmed(BusError):
     code = "publish_not_confirmed"
 

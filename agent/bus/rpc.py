@@ -45,13 +45,14 @@ from agent.bus.errors import (
     RemoteInvalidRequest,
     RemoteNoSuchMethod,
     RemoteUnsupportedVersion,
+    ReplyLost,
     VersionCapError,
     VersionTooLow,
     remote_error_from_wire,
 )
 from agent.bus.keys import Keyring
 from agent.bus.schemas import best_version, decode_body, fields_needing_newer, method_versions, parse_version
-from agent.bus.transport import ConsumerThread, Names, Outgoing, PublisherThread
+from agent.bus.transport import ConsumerThread, Declare, Names, OnMessage, Outgoing, PublisherThread
 from agent.config import BusConfig
 from agent.errors import AgentError, InvalidInput
 
@@ -360,12 +361,13 @@ def _busy() -> RemoteError:
 class _Pending:
     """One call waiting for its reply (or a broadcast collecting replies) by message id."""
 
-    __slots__ = ("host", "expect", "msg_id", "replies", "failure", "_done")
+    __slots__ = ("host", "expect", "msg_id", "reply_to", "replies", "failure", "_done")
 
     def __init__(self, host: str | None, expect: frozenset[str] = frozenset()) -> None:
         self.host = host  # None: a broadcast (any sender)
         self.expect = expect  # a broadcast may end early once all of these answered
         self.msg_id = ""
+        self.reply_to = ""  # the reply queue the call named
         self.replies: list[Envelope] = []
         self.failure: BaseException | None = None
         self._done = threading.Lock()  # held until woken: lighter than an Event on the hot path
@@ -388,6 +390,24 @@ class _Pending:
         self.replies.append(env)
         if self.host is not None or (self.expect and self.expect <= {r.sender for r in self.replies}):
             self.wake()
+
+
+class _ReplyConsumer(ConsumerThread):
+    """A client's reply queue (auto-ack), which tells the client each time a new one is up."""
+
+    def __init__(
+        self,
+        cfg: BusConfig,
+        name: str,
+        declare: Declare,
+        on_message: OnMessage,
+        renewed: Callable[[list[Queue]], None],
+    ) -> None:
+        super().__init__(cfg, name, declare, on_message, auto_ack=True)
+        self._renewed = renewed
+
+    def on_consume_ready(self, queues: list[Queue]) -> None:
+        self._renewed(queues)
 
 
 class RpcClient:
@@ -417,8 +437,8 @@ class RpcClient:
             clock=clock,
         )
         self.publisher = PublisherThread(cfg, f"rpc-client-pub-{sender}", clock)
-        self.consumer = ConsumerThread(
-            cfg, f"rpc-client-replies-{sender}", self._declare, self._on_reply, auto_ack=True
+        self.consumer = _ReplyConsumer(
+            cfg, f"rpc-client-replies-{sender}", self._declare, self._on_reply, self._reply_queue_renewed
         )
         self.publisher.start()
         self.consumer.start()
@@ -547,10 +567,10 @@ class RpcClient:
             raise BusUnavailable(
                 f"no reply queue: the broker was unreachable for {timeout} s ({self.consumer.why_down()})"
             )
-        reply_to = self.consumer.queue_names[0]
         msg_id, data, now = self._seal("call", method, data_body, version, timeout)
         pending.msg_id = msg_id
-        with self._lock:
+        with self._lock:  # the lock _reply_queue_renewed takes: a call never names a queue it missed
+            reply_to = pending.reply_to = self.consumer.queue_names[0]
             self._pending[msg_id] = pending
         out = Outgoing(exchange, routing_key, data, now + timeout, msg_id, reply_to, on_failure=pending.fail)
         self.publisher.submit(out)
@@ -573,6 +593,25 @@ class RpcClient:
         q = Queue(self.names.private_queue("reply"), exclusive=True, auto_delete=True)(channel)
         q.declare()
         return [q]
+
+    def _reply_queue_renewed(self, queues: list[Queue]) -> None:
+        """After a reconnection: the calls that named the lost reply queue can get no reply (it died
+        with its connection). A call fails now with ReplyLost; a broadcast returns what it has."""
+        current = queues[0].name
+        with self._lock:
+            lost = [p for p in self._pending.values() if p.reply_to != current]
+        for pending in lost:
+            if pending.host is None:
+                pending.wake()
+            else:
+                pending.fail(
+                    ReplyLost(
+                        f"the reply queue of call {pending.msg_id} to {pending.host} was lost when the bus "
+                        "reconnected; the call may have run: retry it (methods are idempotent)"
+                    )
+                )
+        if lost:
+            log.warning("bus: %d call(s) lost their reply queue in a reconnection", len(lost))
 
     def _on_reply(self, body: bytes, props: Mapping[str, Any], routing_key: str) -> None:
         try:

@@ -407,6 +407,29 @@ def test_a_broken_session_is_not_ready_while_the_thread_backs_off(client):
     assert consumer.ready.wait(10) and consumer.queue_names[0] != old_queue
 
 
+def test_calls_whose_reply_queue_died_fail_at_once_with_reply_lost(make_server, client):
+    """A reply queue is exclusive: it dies with its connection. A call waiting on it when the
+    client reconnects can get no reply, so it fails at once (ReplyLost, a CallTimeout: it may have
+    run), not at its timeout; a broadcast returns what it gathered; later calls work."""
+    release = threading.Event()
+    server = make_server()
+    server.register("slow", lambda body: release.wait(30) and {}, since="1.0", body_type=Empty)
+    server.start()
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(client.call, "hv-01", "slow", {}, timeout=30)
+        gather = pool.submit(client.broadcast_call, "slow", {}, timeout=30)
+        assert wait_for(lambda: len(client._pending) == 2)
+        broke = time.monotonic()
+        client.consumer.conn.connection.sock.shutdown(socket.SHUT_RDWR)  # the reply connection breaks
+        with pytest.raises(e.ReplyLost, match="may have run"):
+            slow.result(15)
+        assert gather.result(15) == {}
+        assert time.monotonic() - broke < 10  # the backoff and a reconnection, not the 30 s timeout
+        release.set()
+    assert isinstance(e.ReplyLost("x"), e.CallTimeout)  # callers that treat "maybe ran" alike
+    assert client.call("hv-01", "echo", {"text": "after"})["text"] == "after"
+
+
 def test_nacked_casts_fail_typed_and_the_publisher_goes_on(make_server, client, bus_cfg):
     make_server().start()
     names = Names(bus_cfg.exchange_prefix)
