@@ -101,7 +101,10 @@ def one_run(uri: str, sysfs_root: Path | None) -> dict[str, float]:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=15)
             sock.close()
-            delete_bus_objects(BROKER_URL, prefix, [HOST])  # the daemon's durable queue and exchanges
+            try:  # the daemon's durable queue and exchanges; a failure here must not hide the run's own
+                delete_bus_objects(BROKER_URL, prefix, [HOST])
+            except Exception as exc:  # noqa: BLE001 - any broker trouble: say it, keep the run's outcome
+                print(f"daemon_bench: could not delete {prefix}'s broker objects: {exc}", file=sys.stderr)
         if proc.returncode != 0:
             raise RuntimeError(f"daemon exited {proc.returncode}: {err.decode()[-2000:]}")
         own = _READY_IN.search(err.decode())

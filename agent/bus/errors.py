@@ -4,6 +4,7 @@
     ├── BusError                       something went wrong on this side of the wire
     │   ├── BusUnavailable             no broker reachable within the time allowed
     │   ├── CallTimeout                no reply before the call's timeout
+    │   │   └── ReplyLost              no reply can come: its reply queue died in a reconnection
     │   ├── PublishNotConfirmed        the broker nacked a message or did not confirm it in time
     │   ├── VersionCapError            a call asks a version above the client's cap
     │   ├── VersionTooLow              a body field needs a newer version than the call is sent at
@@ -49,7 +50,9 @@ class CallTimeout(BusError):
 class ReplyLost(CallTimeout):
     """The call went out, but the reply queue it named was lost when the bus reconnected (an
     exclusive queue dies with its connection): no reply can come, so the caller learns it now
-    instead of at its timeout. As with any CallTimeout, the call may have run."""
+    instead of at its timeout. Unlike a timeout, the call may still be waiting to run (in the
+    publisher or in the agent's queue): retry it (same operation id) to learn its outcome; never
+    act as if it had not run."""
 
     code = "reply_lost"
 

@@ -596,10 +596,11 @@ class RpcClient:
 
     def _reply_queue_renewed(self, queues: list[Queue]) -> None:
         """After a reconnection: the calls that named the lost reply queue can get no reply (it died
-        with its connection). A call fails now with ReplyLost; a broadcast returns what it has."""
+        with its connection). A call fails now with ReplyLost; a broadcast returns what it has. A
+        call whose reply came before is left alone (replies are added on this same thread)."""
         current = queues[0].name
         with self._lock:
-            lost = [p for p in self._pending.values() if p.reply_to != current]
+            lost = [p for p in self._pending.values() if p.reply_to != current and not (p.host and p.replies)]
         for pending in lost:
             if pending.host is None:
                 pending.wake()
@@ -607,7 +608,8 @@ class RpcClient:
                 pending.fail(
                     ReplyLost(
                         f"the reply queue of call {pending.msg_id} to {pending.host} was lost when the bus "
-                        "reconnected; the call may have run: retry it (methods are idempotent)"
+                        "reconnected; the call may have run or may still run: retry it to learn its outcome "
+                        "(methods are idempotent)"
                     )
                 )
         if lost:

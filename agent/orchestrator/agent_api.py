@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol, TypeVar
 import msgspec
 
 from agent.bus import schemas as s
-from agent.bus.errors import RemoteError, RemoteInternal, VersionCapError
+from agent.bus.errors import RemoteError, RemoteInternal, ReplyLost, VersionCapError
 from agent.bus.schemas import parse_version
 from agent.orchestrator.model import DescribedHost
 
@@ -83,7 +83,13 @@ class AgentAPI:
 
     def _call(self, host: str, method: str, body: Any, kind: type[T], version: str, **kw: Any) -> T:
         wire = msgspec.to_builtins(body)  # nested Structs (destination, placement) as JSON values
-        return _typed(self.client.call(host, method, wire, version=version, **kw), kind, host, method)
+        try:
+            result = self.client.call(host, method, wire, version=version, **kw)
+        except ReplyLost:
+            # the call may still run (queued in the publisher or on the agent): ask again, which
+            # every method answers idempotently by its operation id, rather than act on a guess
+            result = self.client.call(host, method, wire, version=version, **kw)
+        return _typed(result, kind, host, method)
 
     # --- 1.0 --------------------------------------------------------------------------------------
 

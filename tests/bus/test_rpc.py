@@ -16,7 +16,7 @@ from kombu import Connection, Producer, Queue
 from agent.bus import errors as e
 from agent.bus.envelope import DropReason, seal
 from agent.bus.keys import Keyring
-from agent.bus.rpc import RpcClient, RpcServer
+from agent.bus.rpc import RpcClient, RpcServer, _Pending
 from agent.bus.schemas import ClaimBody, Empty, LiveMigrateBody, LiveMigrateBodyV10, MigrationIdBody
 from agent.bus.transport import Backoff, ConsumerThread, Names
 from agent.config import BusConfig
@@ -428,6 +428,19 @@ def test_calls_whose_reply_queue_died_fail_at_once_with_reply_lost(make_server, 
         release.set()
     assert isinstance(e.ReplyLost("x"), e.CallTimeout)  # callers that treat "maybe ran" alike
     assert client.call("hv-01", "echo", {"text": "after"})["text"] == "after"
+
+
+def test_a_call_whose_reply_came_before_the_reconnection_keeps_it(client):
+    """The reply consumer adds replies and renews the queue on one thread: a call that got its
+    reply on the old queue, its caller not yet awake, is not turned into a ReplyLost."""
+    answered, waiting = _Pending("hv-01"), _Pending("hv-01")
+    for p, msg_id in ((answered, "a"), (waiting, "b")):
+        p.msg_id, p.reply_to = msg_id, "old-reply-queue"
+        client._pending[msg_id] = p
+    answered.replies.append(object())  # its reply came (any envelope)
+    client._reply_queue_renewed([Queue("new-reply-queue")])
+    assert answered.failure is None and isinstance(waiting.failure, e.ReplyLost)
+    client._pending.clear()
 
 
 def test_nacked_casts_fail_typed_and_the_publisher_goes_on(make_server, client, bus_cfg):

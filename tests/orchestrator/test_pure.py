@@ -216,3 +216,40 @@ def test_a_conflict_the_source_agent_refuses_is_bad_input_before_any_destination
     orch = Orchestrator(cast(AgentAPI, RefusingSource()), fleet, Settings())
     with pytest.raises(BadMigrationRequest, match="flavor and the image disagree"):
         orch.plan("vm1", "hv-a")
+
+
+class _LosingOnce:
+    """A client whose first call of each method loses its reply queue (a broker failover), as
+    RpcClient raises ReplyLost; `calls` records what was sent."""
+
+    def __init__(self, answers: dict[str, dict], lose: int = 1) -> None:
+        self.answers, self.lose, self.calls = answers, lose, []
+
+    def can_send(self, version: str) -> bool:
+        return True
+
+    def call(self, host, method, body, *, timeout=None, version=None):
+        from agent.bus.errors import ReplyLost
+
+        self.calls.append((host, method, body))
+        if sum(1 for c in self.calls if c[1] == method) <= self.lose:
+            raise ReplyLost(f"the reply queue of {method} was lost")
+        return self.answers[method]
+
+
+def test_the_stub_asks_again_once_when_a_reply_queue_was_lost():
+    """ReplyLost means the call may still run: the stub repeats it (idempotent by its operation id)
+    and acts on the answer, instead of taking it for 'not run' or 'failed'."""
+    from agent.bus.errors import ReplyLost
+    from agent.orchestrator.agent_api import AgentAPI
+
+    status = {"migration_id": "m1", "instance": "vm1", "status": "running", "phase": "precopy", "percent": 40.0}
+    client = _LosingOnce({"migration_status": status})
+    api = AgentAPI(client)
+    assert api.migration_status("hv-a", "m1").status == "running"
+    assert client.calls == [("hv-a", "migration_status", {"migration_id": "m1"})] * 2  # the same call twice
+
+    twice = _LosingOnce({"migration_status": status}, lose=2)
+    with pytest.raises(ReplyLost):  # a second loss is the caller's to judge, like a timeout
+        AgentAPI(twice).migration_status("hv-a", "m1")
+    assert len(twice.calls) == 2
